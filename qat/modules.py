@@ -1,0 +1,370 @@
+"""Quantized layers: a torch layer plus its quantizers; each implements only its forward.
+
+Every quantized layer fake-quantizes its weight (when it has one) and its *output*
+(``output_quant``), so each tensor flowing between layers lives on one integer grid, as in the
+integer runtimes. Grid-preserving ops between them (ReLU, max-pool, flatten, dropout in eval)
+need no quantizer; ops that leave the grid (average pooling, residual add, concat, non-ReLU
+activations) get one here.
+
+``QConv2d`` / ``QLinear`` / ``QConvBn2d`` subclass their float layer, so parameter names and
+``isinstance`` checks stay the same.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.fold import bn_fold_factor, fold_bn_params
+from qat.ops import Add, Cat
+from qat.quantizers import FakeQuantizer
+from qat.spec import QuantSpec, default_activation_spec, default_weight_spec
+
+
+def _weight_quantizer(spec: QuantSpec | None, channels: int, axis: int = 0) -> FakeQuantizer:
+    return FakeQuantizer(spec or default_weight_spec(), role="weight", channels=channels, axis=axis)
+
+
+def _output_quantizer(spec: QuantSpec | None) -> FakeQuantizer:
+    return FakeQuantizer(spec or default_activation_spec(), role="activation")
+
+
+def _conv_kwargs(conv: nn.Conv2d) -> dict:
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
+def _like(new: nn.Module, ref: nn.Module) -> nn.Module:
+    p = next(ref.parameters(), None)
+    return new.to(device=p.device, dtype=p.dtype) if p is not None else new
+
+
+class QConv2d(nn.Conv2d):
+    """``Conv2d`` (grouped / depthwise too) → optional ReLU → output quantizer.
+
+    Weights are quantized per output channel (axis 0) when the spec is per-channel.
+    """
+
+    def __init__(
+        self,
+        *args,
+        relu: bool = False,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+        self.weight_quant = _weight_quantizer(weight_spec, self.out_channels, axis=0)
+        self.output_quant = _output_quantizer(activation_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        return self.output_quant(y, relu=self.relu)
+
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+        relu: bool = False,
+    ) -> QConv2d:
+        q = cls(
+            **_conv_kwargs(conv),
+            relu=relu,
+            weight_spec=weight_spec,
+            activation_spec=activation_spec,
+        )
+        q = _like(q, conv)
+        with torch.no_grad():
+            q.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                q.bias.copy_(conv.bias)
+        return q
+
+    def to_float(self) -> nn.Module:
+        conv = _like(nn.Conv2d(**_conv_kwargs(self)), self)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return nn.Sequential(conv, nn.ReLU()) if self.relu else conv
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
+
+
+class QLinear(nn.Linear):
+    """``Linear`` → optional ReLU → output quantizer; weights per output row (axis 0)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        relu: bool = False,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.relu = relu
+        self.weight_quant = _weight_quantizer(weight_spec, out_features, axis=0)
+        self.output_quant = _output_quantizer(activation_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight_quant(self.weight), self.bias)
+        return self.output_quant(y, relu=self.relu)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+        relu: bool = False,
+    ) -> QLinear:
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            relu=relu,
+            weight_spec=weight_spec,
+            activation_spec=activation_spec,
+        )
+        q = _like(q, linear)
+        with torch.no_grad():
+            q.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias)
+        return q
+
+    def to_float(self) -> nn.Module:
+        lin = _like(
+            nn.Linear(self.in_features, self.out_features, bias=self.bias is not None), self
+        )
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return nn.Sequential(lin, nn.ReLU()) if self.relu else lin
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
+
+
+class QConvBn2d(nn.Conv2d):
+    """Conv2d → BatchNorm2d (→ ReLU) with BN folding simulated during training.
+
+    Training with live BN statistics follows Jacob et al. (2018) as torch.ao does: the weight
+    is scaled by ``f = γ/σ_running`` before fake quantization, the result is scaled back by
+    ``1/f`` and batch-normalised with the batch statistics (the batch-statistics correction),
+    so the quantizer sees the folded weight the integer model will hold. The ``1/f`` is
+    applied to the quantized weight, not to the conv output (the same by linearity, and much
+    cheaper). In eval mode, and once
+    :meth:`freeze_bn_stats` has been called, the forward *is* the folded integer graph:
+    ``conv(x, fq(W·f)) + b_folded`` with the running statistics, computed by
+    :func:`qat.fold.fold_bn_params` exactly as the exporters compute it.
+    """
+
+    def __init__(
+        self,
+        *args,
+        relu: bool = False,
+        bn_eps: float = 1e-5,
+        bn_momentum: float | None = 0.1,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = relu
+        self.bn = nn.BatchNorm2d(self.out_channels, eps=bn_eps, momentum=bn_momentum)
+        self.weight_quant = _weight_quantizer(weight_spec, self.out_channels, axis=0)
+        self.output_quant = _output_quantizer(activation_spec)
+        self.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
+
+    # Channels whose γ/σ is ~0 would divide by zero in the training path's un-scaling.
+    _MIN_FACTOR = 1e-6
+
+    def freeze_bn_stats(self, frozen: bool = True) -> None:
+        """Stop updating BN running statistics and train on the folded graph from now on."""
+        self.bn_frozen.fill_(int(frozen))
+
+    @property
+    def is_bn_frozen(self) -> bool:
+        return bool(self.bn_frozen)
+
+    def folded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact float ``(weight, bias)`` of conv+BN with running statistics."""
+        return fold_bn_params(self.weight, self.bias, self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.bn_frozen:
+            f = bn_fold_factor(self.bn)
+            f = torch.where(f.abs() < self._MIN_FACTOR, torch.full_like(f, self._MIN_FACTOR), f)
+            f = f.reshape(-1, 1, 1, 1)
+            # conv(x, fq(W·f)) / f == conv(x, fq(W·f) / f): un-scale the (small) weight rather
+            # than the activation, which saves a full pass over the output forward and backward.
+            y = self._conv_forward(x, self.weight_quant(self.weight * f) / f, self.bias)
+            y = self.bn(y)
+        else:
+            w, b = self.folded_params()
+            y = self._conv_forward(x, self.weight_quant(w), b)
+        return self.output_quant(y, relu=self.relu)
+
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+        relu: bool = False,
+    ) -> QConvBn2d:
+        if conv.out_channels != bn.num_features:
+            raise ValueError(
+                f"cannot fuse conv with {conv.out_channels} output channels and BatchNorm2d "
+                f"with {bn.num_features} features"
+            )
+        if not bn.track_running_stats:
+            raise ValueError("cannot fuse a BatchNorm2d without running statistics")
+        q = cls(
+            **_conv_kwargs(conv),
+            relu=relu,
+            bn_eps=bn.eps,
+            bn_momentum=bn.momentum,
+            weight_spec=weight_spec,
+            activation_spec=activation_spec,
+        )
+        q = _like(q, conv)
+        with torch.no_grad():
+            q.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                q.bias.copy_(conv.bias)
+        q.bn.load_state_dict(bn.state_dict(), strict=bn.affine)
+        if not bn.affine:
+            with torch.no_grad():
+                q.bn.weight.fill_(1.0)
+                q.bn.bias.zero_()
+            q.bn.weight.requires_grad_(False)
+            q.bn.bias.requires_grad_(False)
+        return q
+
+    def to_float(self) -> nn.Sequential:
+        conv = _like(nn.Conv2d(**_conv_kwargs(self)), self)
+        bn = _like(
+            nn.BatchNorm2d(self.out_channels, eps=self.bn.eps, momentum=self.bn.momentum), self
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        bn.load_state_dict(self.bn.state_dict())
+        layers: list[nn.Module] = [conv, bn] + ([nn.ReLU()] if self.relu else [])
+        return nn.Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
+
+
+class QAdd(nn.Module):
+    """``a + b`` (→ ReLU) with its own output quantizer: requantize after add."""
+
+    def __init__(self, relu: bool = False, activation_spec: QuantSpec | None = None) -> None:
+        super().__init__()
+        self.relu = relu
+        self.output_quant = _output_quantizer(activation_spec)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = a + b
+        return self.output_quant(y, relu=self.relu)
+
+    @classmethod
+    def from_float(cls, add: Add, activation_spec: QuantSpec | None = None) -> QAdd:
+        return cls(relu=add.relu, activation_spec=activation_spec)
+
+    def to_float(self) -> Add:
+        return Add(relu=self.relu)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+class QCat(nn.Module):
+    """``torch.cat`` with its own output quantizer (inputs on different grids are requantized)."""
+
+    def __init__(self, dim: int = 1, activation_spec: QuantSpec | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.output_quant = _output_quantizer(activation_spec)
+
+    def forward(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.output_quant(torch.cat(list(tensors), dim=self.dim))
+
+    @classmethod
+    def from_float(cls, cat: Cat, activation_spec: QuantSpec | None = None) -> QCat:
+        return cls(dim=cat.dim, activation_spec=activation_spec)
+
+    def to_float(self) -> Cat:
+        return Cat(dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class QAct(nn.Module):
+    """Any activation / pooling module followed by an output quantizer.
+
+    Used for ops whose output leaves the integer grid of their input (average pooling,
+    sigmoid, hardswish, GELU, ...). ReLU and max-pool keep the grid and are left alone.
+    """
+
+    def __init__(self, act: nn.Module, activation_spec: QuantSpec | None = None) -> None:
+        super().__init__()
+        self.act = act
+        self.output_quant = _output_quantizer(activation_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self.act(x))
+
+    @classmethod
+    def from_float(cls, act: nn.Module, activation_spec: QuantSpec | None = None) -> QAct:
+        return cls(act, activation_spec=activation_spec)
+
+    def to_float(self) -> nn.Module:
+        return self.act
+
+
+class FloatLayer(nn.Module):
+    """A layer left in float (an override with ``skip: true``) between quantized neighbours.
+
+    It computes in float but re-quantizes its output, so the next quantized layer still reads
+    a tensor on an integer grid; the exporters dequantize before it and quantize after it. Give
+    the override ``activation: {bits: 32}`` to keep its output in float too (e.g. the logits).
+    """
+
+    def __init__(self, module: nn.Module, activation_spec: QuantSpec | None = None) -> None:
+        super().__init__()
+        self.module = module
+        self.output_quant = _output_quantizer(activation_spec)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.output_quant(self.module(*args, **kwargs))
+
+    def to_float(self) -> nn.Module:
+        return self.module
+
+
+#: Quantized layer types, for walkers that need to tell them apart from float ones.
+QUANT_MODULES = (QConv2d, QLinear, QConvBn2d, QAdd, QCat, QAct, FloatLayer)

@@ -1,0 +1,341 @@
+"""Turn a float model into a fake-quant model: module swap, no tracing.
+
+:func:`prepare` walks ``named_modules()``, fuses Conv2d→BatchNorm2d(→ReLU) (and Conv/Linear→ReLU)
+where they are adjacent children of an ``nn.Sequential`` or named in ``recipe.fuse``, and swaps
+every module whose exact type is in the type map for its quantized counterpart, applying the
+recipe's per-layer overrides by name pattern. The model's own ``forward`` is untouched, so
+control flow, several inputs and keyword arguments keep working. Residual adds and concats are
+quantized when the model writes them through :class:`qat.ops.Add` / :class:`qat.ops.Cat`.
+
+The model's input gets an activation quantizer (``input_quant``) through a forward pre-hook:
+the first positional tensor argument, or else the first floating tensor keyword argument.
+
+:func:`calibrate` initialises every range from a few batches: post-training quantization.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.modules import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.ops import Add, Cat
+from qat.quantizers import (
+    FakeQuantizer,
+    iter_quantizers,
+    set_fake_quant,
+    set_observers,
+    uninitialized_quantizers,
+)
+from qat.spec import QuantSpec, Recipe
+
+INPUT_QUANT = "input_quant"
+
+#: Float type → quantized type. ``QAct`` wraps ops whose output leaves the input's grid.
+DEFAULT_TYPE_MAP: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: QConv2d,
+    nn.Linear: QLinear,
+    Add: QAdd,
+    Cat: QCat,
+    nn.AdaptiveAvgPool2d: QAct,
+    nn.AvgPool2d: QAct,
+    nn.ReLU6: QAct,
+    nn.Hardtanh: QAct,
+    nn.Hardswish: QAct,
+    nn.Hardsigmoid: QAct,
+    nn.Sigmoid: QAct,
+    nn.SiLU: QAct,
+    nn.GELU: QAct,
+    nn.Tanh: QAct,
+    nn.LeakyReLU: QAct,
+}
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """True when ``model`` already holds fake quantizers."""
+    return any(isinstance(m, FakeQuantizer) for m in model.modules())
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _fusion_groups(model: nn.Module, recipe: Recipe) -> list[tuple[str, ...]]:
+    """Conv→BN(→ReLU), Conv→ReLU and Linear→ReLU runs: adjacent Sequential children + recipe.fuse."""
+    groups: list[tuple[str, ...]] = []
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        items = list(seq.named_children())
+        i = 0
+        while i < len(items):
+            name, mod = items[i]
+            nxt = [type(m) for _, m in items[i + 1 : i + 3]]
+            prefix = f"{seq_name}." if seq_name else ""
+            group: tuple[str, ...] = ()
+            if type(mod) is nn.Conv2d and recipe.fuse_bn and nxt[:1] == [nn.BatchNorm2d]:
+                group = tuple(n for n, _ in items[i : i + (3 if nxt[1:2] == [nn.ReLU] else 2)])
+            elif type(mod) in (nn.Conv2d, nn.Linear) and nxt[:1] == [nn.ReLU]:
+                group = (name, items[i + 1][0])
+            if group:
+                groups.append(tuple(prefix + n for n in group))
+                i += len(group)
+            else:
+                i += 1
+    modules = dict(model.named_modules())
+    taken = {n for g in groups for n in g}
+    for group in recipe.fuse:
+        missing = [n for n in group if n not in modules]
+        if missing:
+            raise ValueError(f"Recipe.fuse group {list(group)}: no module named {missing}")
+        types = [type(modules[n]) for n in group]
+        ok = (
+            types[0] is nn.Conv2d
+            and (types[1:] in ([nn.BatchNorm2d], [nn.BatchNorm2d, nn.ReLU], [nn.ReLU]))
+        ) or types == [nn.Linear, nn.ReLU]
+        if not ok:
+            raise ValueError(
+                f"Recipe.fuse group {list(group)} has types {[t.__name__ for t in types]}; "
+                "allowed: [Conv2d, BatchNorm2d], [Conv2d, BatchNorm2d, ReLU], [Conv2d, ReLU], "
+                "[Linear, ReLU]"
+            )
+        if not taken.isdisjoint(group):
+            continue  # already fused by adjacency
+        groups.append(tuple(group))
+        taken.update(group)
+    return groups
+
+
+def _specs_for(name: str, recipe: Recipe) -> tuple[QuantSpec, QuantSpec, bool]:
+    weight, activation, skip = recipe.weight, recipe.activation, False
+    for ov in recipe.overrides:
+        if fnmatch.fnmatchcase(name, ov.pattern):
+            if ov.weight:
+                weight = QuantSpec.from_dict(ov.weight, base=weight)
+            if ov.activation:
+                activation = QuantSpec.from_dict(ov.activation, base=activation)
+            skip = skip or ov.skip
+    return weight, activation, skip
+
+
+def _quantize_input_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    quant = getattr(module, INPUT_QUANT)
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        return (quant(args[0]), *args[1:]), kwargs
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return args, {**kwargs, key: quant(value)}
+    return None
+
+
+def prepare(
+    model: nn.Module,
+    recipe: Recipe | Mapping[str, Any] | None = None,
+    *,
+    inplace: bool = False,
+    type_map: Mapping[type[nn.Module], type[nn.Module]] | None = None,
+) -> nn.Module:
+    """Return ``model`` with fake-quant layers, as described by ``recipe``.
+
+    Args:
+        model: a float model. Residual adds / concats must go through ``qat.ops.Add`` / ``Cat``
+            to be quantized.
+        recipe: a :class:`Recipe` or a mapping for :meth:`Recipe.from_dict` (None: W8A8).
+        inplace: modify ``model`` itself instead of a deep copy.
+        type_map: extra or replacement ``float type → quantized type`` entries; the quantized
+            type needs a ``from_float(module, weight_spec, activation_spec)`` classmethod
+            (or ``from_float(module, activation_spec)`` for weightless ops).
+
+    Raises:
+        ValueError: the recipe is invalid, an override pattern matches no layer, a fuse group
+            is wrong, or the model is already prepared.
+
+    Example:
+        >>> qmodel = prepare(model, {"weight": {"bits": 4}, "activation": {"bits": 4},
+        ...                          "overrides": [{"pattern": "fc", "weight": {"bits": 8}}]})
+        >>> calibrate(qmodel, [x for x, _ in loader], num_batches=8)
+    """
+    recipe = Recipe.from_dict(recipe)
+    if is_prepared(model):
+        raise ValueError("model already holds fake quantizers: prepare() it only once")
+    mapping = {**DEFAULT_TYPE_MAP, **(type_map or {})}
+    groups = _fusion_groups(model, recipe)
+    fused_members = {n for g in groups for n in g[1:]}
+    candidates = [
+        name
+        for name, m in model.named_modules()
+        if name and type(m) in mapping and name not in fused_members
+    ]
+    names = candidates + ([INPUT_QUANT] if recipe.quantize_input else [])
+    for ov in recipe.overrides:
+        if not any(fnmatch.fnmatchcase(n, ov.pattern) for n in names):
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(
+                f"override pattern {ov.pattern!r} matches no quantizable layer; "
+                f"layer names are: {shown}"
+            )
+
+    model = model if inplace else copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for group in groups:
+        head = modules[group[0]]
+        kinds = [type(modules[n]) for n in group]
+        weight, activation, skip = _specs_for(group[0], recipe)
+        relu = kinds[-1] is nn.ReLU
+        if skip:
+            float_mods = [modules[n] for n in group]
+            _set_module(model, group[0], FloatLayer(nn.Sequential(*float_mods), activation))
+        elif nn.BatchNorm2d in kinds:
+            bn = modules[group[1]]
+            _set_module(
+                model, group[0], QConvBn2d.from_float(head, bn, weight, activation, relu=relu)
+            )
+        else:
+            qcls = QConv2d if isinstance(head, nn.Conv2d) else QLinear
+            _set_module(model, group[0], qcls.from_float(head, weight, activation, relu=relu))
+        for member in group[1:]:
+            _set_module(model, member, nn.Identity())
+
+    fused_heads = {g[0] for g in groups}
+    for name in candidates:
+        if name in fused_heads:
+            continue
+        module = modules[name]
+        weight, activation, skip = _specs_for(name, recipe)
+        if skip:
+            new: nn.Module = FloatLayer(module, activation)
+        else:
+            qcls = mapping[type(module)]
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                new = qcls.from_float(module, weight, activation)
+            else:
+                new = qcls.from_float(module, activation)
+        _set_module(model, name, new)
+
+    if recipe.quantize_input:
+        _, activation, skip = _specs_for(INPUT_QUANT, recipe)
+        if not skip:
+            param = next(model.parameters(), None)
+            quant = FakeQuantizer(activation, role="activation")
+            if param is not None:
+                quant = quant.to(param.device)
+            setattr(model, INPUT_QUANT, quant)
+            model.register_forward_pre_hook(_quantize_input_hook, with_kwargs=True)
+    # Plain data so checkpoints and the exporters can tell how the model was prepared.
+    model.qat_recipe = recipe.to_dict()
+    return model
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, list | tuple):
+        return model(batch[0])
+    return model(batch)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> list[str]:
+    """Initialise every quantizer's range from data (post-training quantization).
+
+    Runs the model in eval mode with observers on and fake quantization off, then leaves it
+    with fake quantization on and observers off: the calibrated PTQ model. Re-enable observers
+    (``qat.quantizers.set_observers``) for QAT with live ranges.
+
+    Args:
+        model: a prepared model.
+        batches: tensors, ``(x, y, ...)`` tuples (``x`` is fed) or dicts (fed as keyword args).
+        num_batches: stop after this many batches.
+        forward_fn: ``forward_fn(model, batch)`` for models with other call signatures.
+
+    Returns:
+        The names of quantizers that saw no data (a branch the batches never reached); they
+        stay in float until they do, and export refuses them.
+    """
+    if not is_prepared(model):
+        raise ValueError(
+            "calibrate() needs a prepared model: call qat.prepare(model, recipe) first"
+        )
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"calibrate num_batches={num_batches} is invalid: expected ≥ 1 or None")
+    was_training = model.training
+    device = _model_device(model)
+    forward = forward_fn or _default_forward
+    model.eval()
+    # BN uses running statistics, but the quantizers observe (they only do in train mode).
+    for _, q in iter_quantizers(model):
+        q.train()
+    set_observers(model, True)
+    set_fake_quant(model, False)
+    seen = 0
+    try:
+        for batch in batches:
+            if num_batches is not None and seen >= num_batches:
+                break
+            forward(model, _to_device(batch, device))
+            seen += 1
+    finally:
+        set_observers(model, False)
+        set_fake_quant(model, True)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibrate() got no batches: pass an iterable with at least one batch")
+    missing = uninitialized_quantizers(model)
+    if missing:
+        warnings.warn(
+            f"{len(missing)} quantizer(s) saw no calibration data and stay in float: "
+            + ", ".join(missing[:10]),
+            stacklevel=2,
+        )
+    return missing
+
+
+def quantizer_summary(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per quantizer: name, role, bits, mode flags, per-tensor scale summary."""
+    rows = []
+    for name, q in iter_quantizers(model):
+        scale, zp = q.qparams()
+        rows.append(
+            {
+                "name": name,
+                "role": q.role,
+                "bits": q.bits,
+                "observer": bool(q.observer_enabled),
+                "fake_quant": bool(q.fake_quant_enabled),
+                "initialized": q.is_initialized,
+                "scale_min": float(scale.min()),
+                "scale_max": float(scale.max()),
+                "zero_point": int(zp[0]) if zp.numel() == 1 else None,
+            }
+        )
+    return rows
