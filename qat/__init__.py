@@ -10,6 +10,7 @@ from qat.ops import Add, Cat
 from qat.prepare import calibrate, is_prepared, prepare, quantizer_summary
 from qat.quantizers import (
     FakeQuantizer,
+    NonFiniteError,
     anneal_bits,
     iter_quantizers,
     set_fake_quant,
@@ -26,6 +27,7 @@ __all__ = [
     "FakeQuantizer",
     "FloatLayer",
     "LayerOverride",
+    "NonFiniteError",
     "QAct",
     "QAdd",
     "QCat",

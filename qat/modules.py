@@ -49,6 +49,16 @@ def _like(new: nn.Module, ref: nn.Module) -> nn.Module:
     return new.to(device=p.device, dtype=p.dtype) if p is not None else new
 
 
+def _copy_weight_bias(dst: nn.Module, src: nn.Module) -> nn.Module:
+    """``dst`` (moved to ``src``'s device/dtype) holding ``src``'s weight and bias."""
+    dst = _like(dst, src)
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if src.bias is not None:
+            dst.bias.copy_(src.bias)
+    return dst
+
+
 class QConv2d(nn.Conv2d):
     """``Conv2d`` (grouped / depthwise too) → optional ReLU → output quantizer.
 
@@ -86,19 +96,11 @@ class QConv2d(nn.Conv2d):
             weight_spec=weight_spec,
             activation_spec=activation_spec,
         )
-        q = _like(q, conv)
-        with torch.no_grad():
-            q.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                q.bias.copy_(conv.bias)
+        q = _copy_weight_bias(q, conv)
         return q
 
     def to_float(self) -> nn.Module:
-        conv = _like(nn.Conv2d(**_conv_kwargs(self)), self)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
+        conv = _copy_weight_bias(nn.Conv2d(**_conv_kwargs(self)), self)
         return nn.Sequential(conv, nn.ReLU()) if self.relu else conv
 
     def extra_repr(self) -> str:
@@ -142,21 +144,12 @@ class QLinear(nn.Linear):
             weight_spec=weight_spec,
             activation_spec=activation_spec,
         )
-        q = _like(q, linear)
-        with torch.no_grad():
-            q.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                q.bias.copy_(linear.bias)
+        q = _copy_weight_bias(q, linear)
         return q
 
     def to_float(self) -> nn.Module:
-        lin = _like(
-            nn.Linear(self.in_features, self.out_features, bias=self.bias is not None), self
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.weight)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin = _copy_weight_bias(lin, self)
         return nn.Sequential(lin, nn.ReLU()) if self.relu else lin
 
     def extra_repr(self) -> str:
@@ -247,11 +240,7 @@ class QConvBn2d(nn.Conv2d):
             weight_spec=weight_spec,
             activation_spec=activation_spec,
         )
-        q = _like(q, conv)
-        with torch.no_grad():
-            q.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                q.bias.copy_(conv.bias)
+        q = _copy_weight_bias(q, conv)
         q.bn.load_state_dict(bn.state_dict(), strict=bn.affine)
         if not bn.affine:
             with torch.no_grad():
@@ -262,14 +251,10 @@ class QConvBn2d(nn.Conv2d):
         return q
 
     def to_float(self) -> nn.Sequential:
-        conv = _like(nn.Conv2d(**_conv_kwargs(self)), self)
+        conv = _copy_weight_bias(nn.Conv2d(**_conv_kwargs(self)), self)
         bn = _like(
             nn.BatchNorm2d(self.out_channels, eps=self.bn.eps, momentum=self.bn.momentum), self
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
         bn.load_state_dict(self.bn.state_dict())
         layers: list[nn.Module] = [conv, bn] + ([nn.ReLU()] if self.relu else [])
         return nn.Sequential(*layers)

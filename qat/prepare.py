@@ -231,6 +231,8 @@ def prepare(
                 quant = quant.to(param.device)
             setattr(model, INPUT_QUANT, quant)
             model.register_forward_pre_hook(_quantize_input_hook, with_kwargs=True)
+    for qname, quant in iter_quantizers(model):
+        quant.name = qname
     # Plain data so checkpoints and the exporters can tell how the model was prepared.
     model.qat_recipe = recipe.to_dict()
     return model

@@ -67,6 +67,10 @@ def qparams_from_range(
     return scale, zero_point
 
 
+class NonFiniteError(FloatingPointError):
+    """NaN or inf reached a quantizer: training has diverged at (or before) the named layer."""
+
+
 def _reduce_across_ranks(min_val: torch.Tensor, max_val: torch.Tensor) -> None:
     """Under DDP, make every rank observe the same range (elementwise min / max over ranks)."""
     dist = torch.distributed
@@ -106,6 +110,8 @@ class FakeQuantizer(nn.Module):
         self.spec = spec
         self.role = role
         self.axis = axis
+        #: Qualified name in the model, set by qat.prepare (for error messages; not state).
+        self.name = ""
         n = channels if spec.per_channel else 1
         self.register_buffer("bit_width", torch.tensor(spec.bits, dtype=torch.int64))
         self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
@@ -223,6 +229,13 @@ class FakeQuantizer(nn.Module):
         if relu and self.spec.range_method in ("percentile", "mse"):
             x = torch.relu(x)
         lo, hi = self._batch_range(x)
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            where = self.name or repr(self)
+            raise NonFiniteError(
+                f"NaN or inf in the {self.role} observed by quantizer '{where}': training has "
+                "diverged at or before this layer (lower the learning rate, check the input "
+                "data, or resume from the last good checkpoint)"
+            )
         if relu:
             # min/max of relu(x) are those of x clamped at 0: no pass over relu(x) needed.
             lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)

@@ -201,3 +201,15 @@ def test_prepared_model_state_dict_round_trip() -> None:
     a.eval()
     b.eval()
     assert torch.equal(a(x), b(x))
+
+
+def test_nan_activation_stops_with_the_layer_name() -> None:
+    model = qat.prepare(Net())
+    qat.calibrate(model, [torch.randn(4, 1, 8, 8)])
+    qat.set_observers(model, True)
+    model.train()
+    with torch.no_grad():
+        model.body[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(qat.NonFiniteError, match=r"'body\.3\.(weight|output)_quant'"):
+        model(torch.randn(4, 1, 8, 8))
+    assert model.body[3].weight_quant.name == "body.3.weight_quant"
