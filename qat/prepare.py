@@ -62,7 +62,8 @@ def is_prepared(model: nn.Module) -> bool:
     return any(isinstance(m, FakeQuantizer) for m in model.modules())
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (``"layer1.0.conv1"``) by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -126,9 +127,29 @@ def _specs_for(name: str, recipe: Recipe) -> tuple[QuantSpec, QuantSpec, bool]:
     return weight, activation, skip
 
 
-def _quantize_input_hook(
+class _SequentialWithInputQuant(nn.Sequential):
+    """An ``nn.Sequential`` root whose ``input_quant`` child is applied by the pre-hook only.
+
+    ``nn.Sequential.forward`` runs every child, so registering the input quantizer on a
+    Sequential root would also run it on the output; prepare() switches such a root to this
+    subclass (same children, same names, same state_dict).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        for name, module in self._modules.items():
+            if name != INPUT_QUANT:
+                input = module(input)
+        return input
+
+
+def quantize_input_hook(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The forward pre-hook that feeds a prepared model's input through ``input_quant``.
+
+    Public so that deploy-time rewrites (the exporters) can find and replace it in
+    ``model._forward_pre_hooks``.
+    """
     quant = getattr(module, INPUT_QUANT)
     if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
         return (quant(args[0]), *args[1:]), kwargs
@@ -136,6 +157,16 @@ def _quantize_input_hook(
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return args, {**kwargs, key: quant(value)}
     return None
+
+
+def remove_input_quant_hook(model: nn.Module) -> nn.Module:
+    """Drop the input-quantizer pre-hook from ``model`` (for deploy-time rewrites that quantize
+    the input themselves); ``model.input_quant`` stays, with its trained qparams."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is quantize_input_hook:
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    return model
 
 
 def prepare(
@@ -194,17 +225,17 @@ def prepare(
         relu = kinds[-1] is nn.ReLU
         if skip:
             float_mods = [modules[n] for n in group]
-            _set_module(model, group[0], FloatLayer(nn.Sequential(*float_mods), activation))
+            set_module(model, group[0], FloatLayer(nn.Sequential(*float_mods), activation))
         elif nn.BatchNorm2d in kinds:
             bn = modules[group[1]]
-            _set_module(
+            set_module(
                 model, group[0], QConvBn2d.from_float(head, bn, weight, activation, relu=relu)
             )
         else:
             qcls = QConv2d if isinstance(head, nn.Conv2d) else QLinear
-            _set_module(model, group[0], qcls.from_float(head, weight, activation, relu=relu))
+            set_module(model, group[0], qcls.from_float(head, weight, activation, relu=relu))
         for member in group[1:]:
-            _set_module(model, member, nn.Identity())
+            set_module(model, member, nn.Identity())
 
     fused_heads = {g[0] for g in groups}
     for name in candidates:
@@ -220,7 +251,7 @@ def prepare(
                 new = qcls.from_float(module, weight, activation)
             else:
                 new = qcls.from_float(module, activation)
-        _set_module(model, name, new)
+        set_module(model, name, new)
 
     if recipe.quantize_input:
         _, activation, skip = _specs_for(INPUT_QUANT, recipe)
@@ -230,7 +261,9 @@ def prepare(
             if param is not None:
                 quant = quant.to(param.device)
             setattr(model, INPUT_QUANT, quant)
-            model.register_forward_pre_hook(_quantize_input_hook, with_kwargs=True)
+            if type(model) is nn.Sequential:
+                model.__class__ = _SequentialWithInputQuant
+            model.register_forward_pre_hook(quantize_input_hook, with_kwargs=True)
     for qname, quant in iter_quantizers(model):
         quant.name = qname
     # Plain data so checkpoints and the exporters can tell how the model was prepared.

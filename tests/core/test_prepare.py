@@ -213,3 +213,17 @@ def test_nan_activation_stops_with_the_layer_name() -> None:
     with pytest.raises(qat.NonFiniteError, match=r"'body\.3\.(weight|output)_quant'"):
         model(torch.randn(4, 1, 8, 8))
     assert model.body[3].weight_quant.name == "body.3.weight_quant"
+
+
+def test_sequential_root_runs_input_quant_once() -> None:
+    seq = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)
+    )
+    model = qat.prepare(seq)
+    x = torch.randn(2, 1, 8, 8)
+    qat.calibrate(model, [x])
+    calls = []
+    model.input_quant.register_forward_hook(lambda *_: calls.append(1))
+    out = model(x)
+    assert out.shape == (2, 3) and len(calls) == 1
+    assert isinstance(model, nn.Sequential) and "input_quant" in dict(model.named_children())

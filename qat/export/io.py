@@ -1,0 +1,115 @@
+"""Atomic file writes: a reader sees the old file or the new one, never a torn one.
+
+Each write goes to a temporary file in the destination's own directory (``os.replace`` is atomic
+only within one file system), is flushed and fsynced, and then replaces the destination. If
+anything fails before the replace (the writer raises, a smoke test of the new file fails, the
+process is interrupted), the temporary file is removed and the previous file is untouched.
+
+Example:
+    >>> with atomic_path("export/model.onnx") as tmp:
+    ...     tmp.write_bytes(data)
+    ...     check(tmp)            # raise here and export/model.onnx stays as it was
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_bytes", "commit", "staged_path", "write_staged"]
+
+_CHUNK = 1 << 20
+
+
+def staged_path(path: str | os.PathLike[str]) -> Path:
+    """A new, empty temporary file next to ``path`` (same directory, same suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes 0600 files: give the artifact the mode an ordinary file would get
+        # (or the mode of the file it replaces).
+        os.fchmod(fd, _target_mode(path))
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Persist the rename itself; not every platform / file system allows opening a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def commit(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """fsync ``tmp`` and atomically move it onto ``path``."""
+    tmp, path = Path(tmp), Path(path)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path``, on error it vanishes."""
+    path = Path(path)
+    tmp = staged_path(path)
+    try:
+        yield tmp
+        commit(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_all(f, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        f.write(view[start : start + _CHUNK])
+
+
+def write_staged(path: str | os.PathLike[str], data: bytes) -> Path:
+    r"""Write ``data`` to a new temporary file next to ``path`` and return it (not committed).
+
+    The caller tests the staged file, then :func:`commit`\ s it (or deletes it). A failed write
+    removes the temporary file and re-raises.
+    """
+    tmp = staged_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            _write_all(f, data)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _write_all(f, data)
+    return Path(path)

@@ -1,0 +1,358 @@
+"""TorchScript export: an integer model on PyTorch's quantized CPU kernels (x86 / fbgemm / onednn).
+
+This is the only module of qat that depends on torch's quantized tensor ops
+(``torch.ops.quantized.*``, ``torch.ao.nn.quantized``), which are deprecated upstream: the day
+they go, this file goes, and nothing else changes.
+
+How the integer model is built: a deep copy of the fake-quant model keeps its own ``forward``
+(arbitrary Python), and each quantized layer is swapped for a module that runs the integer kernel
+on quantized tensors (u8 activations with a zero point, s8 per-channel weights):
+
+- conv / conv+BN(+ReLU) → ``quantized::conv2d`` / ``conv2d_relu`` with prepacked weights
+  (folded, integer levels from :mod:`qat.export.convert`) and the trained float bias (see
+  below);
+- linear(+ReLU) → ``quantized::linear`` / ``linear_relu``;
+- residual add(+ReLU) → ``quantized::add`` / ``add_relu``; concat → ``quantized::cat``;
+- other layers (pooling, activations, skipped layers) → float islands: dequantize → float op →
+  ``quantize_per_tensor`` (exactly the fake-quant arithmetic);
+- sub-8-bit grids live in u8 at their own levels: an integer clamp to the grid follows each
+  requantization;
+- the model input is quantized with ``quantize_per_tensor``; the output is dequantized.
+
+Bias: these kernels take a float bias and add it in their float requantization epilogue as
+``b / (s_in · s_w)`` without rounding it to an integer (fbgemm's ``ReQuantizeOutput`` with a
+float bias), which is what the fake-quant forward computes. Rounding it to the int32 grid first
+(as ONNX's ``QLinearConv`` must) moves outputs that lie within ``s_in·s_w/2`` of a rounding
+boundary by one level: ~0.05% of conv outputs at W8A8 and ~1.5% at W4A4 in our tests, against
+~0.005% (float ties) with the float bias. So the TorchScript model keeps the float bias.
+
+Grid-preserving ops in the forward (ReLU, max-pool, flatten, view, dropout) run on the quantized
+tensors as they are. The result is traced with ``torch.jit.trace`` and loads with
+``torch.jit.load`` in a process that never imports qat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+from torch import nn
+
+from qat.export.convert import (
+    ActGrid,
+    ConvertedModel,
+    LayerDesc,
+    convert,
+    explicit_padding,
+    float_forward,
+    run_model,
+)
+from qat.prepare import remove_input_quant_hook, set_module
+
+__all__ = [
+    "IntegerModel",
+    "build_integer_model",
+    "export_torchscript",
+    "integer_ops",
+    "load_torchscript",
+    "run_torchscript",
+    "save_torchscript",
+    "trace_integer_model",
+]
+
+#: The quantized ops an exported graph is expected to contain (for graph inspection).
+QUANTIZED_OPS = (
+    "quantized::conv2d",
+    "quantized::conv2d_relu",
+    "quantized::linear",
+    "quantized::linear_relu",
+    "quantized::add",
+    "quantized::add_relu",
+    "quantized::cat",
+    "aten::quantize_per_tensor",
+)
+
+
+@contextlib.contextmanager
+def _deprecations_silenced() -> Iterator[None]:
+    """This file targets torch's deprecated quantized tensors and tracer on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.(trace|save|load).* is deprecated.*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+def _quantize(x: torch.Tensor, grid: ActGrid, relu: bool = False) -> torch.Tensor:
+    q = torch.quantize_per_tensor(x, grid.scale, grid.zero_point, torch.quint8)
+    return _clamp(q, grid, relu)
+
+
+def _clamp(q: torch.Tensor, grid: ActGrid, relu: bool = False) -> torch.Tensor:
+    """Integer clamp of a quint8 tensor to its grid's levels (sub-8-bit, ReLU), if needed.
+
+    ``torch.clamp`` on a quantized tensor quantizes its bounds with the tensor's own qparams,
+    so real bounds ``(level − z) · s`` give back the exact levels.
+    """
+    if not grid.needs_clamp(relu):
+        return q
+    lo, hi = grid.real_range(relu)
+    return torch.clamp(q, lo, hi)
+
+
+def _dequant(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.dequantize() if obj.is_quantized else obj
+    if isinstance(obj, list | tuple):
+        return type(obj)(_dequant(o) for o in obj)
+    return obj
+
+
+def _qweight(desc: LayerDesc) -> torch.Tensor:
+    wd = desc.weight
+    assert wd is not None
+    if wd.per_channel:
+        zeros = torch.zeros(wd.scale.numel(), dtype=torch.long)
+        return torch._make_per_channel_quantized_tensor(
+            wd.int_weight, wd.scale.double(), zeros, wd.axis
+        )
+    return torch._make_per_tensor_quantized_tensor(wd.int_weight, float(wd.scale[0]), 0)
+
+
+class _IntConv(nn.Module):
+    """Integer conv (+ReLU) on quint8 input, requantized to the layer's output grid.
+
+    fbgemm computes in NHWC and returns channels-last tensors; passing them on as they are
+    saves two layout changes per conv (~45% of ResNet-20's int8 time). ``contiguous=True``
+    returns NCHW-contiguous outputs instead, for forwards that ``view`` conv outputs.
+    """
+
+    def __init__(self, desc: LayerDesc, contiguous: bool = False) -> None:
+        super().__init__()
+        assert desc.conv is not None and desc.output is not None
+        c = desc.conv
+        w = desc.weight.int_weight  # type: ignore[union-attr]
+        pad = explicit_padding(desc)
+        assert pad is not None and pad[:2] == pad[2:]
+        cls = nniq.ConvReLU2d if desc.relu else nnq.Conv2d
+        self.conv = cls(
+            w.shape[1] * c["groups"],
+            w.shape[0],
+            c["kernel_size"],
+            stride=c["stride"],
+            padding=pad[:2],
+            dilation=c["dilation"],
+            groups=c["groups"],
+            bias=desc.bias_int is not None,
+        )
+        self.conv.set_weight_bias(_qweight(desc), desc.float_bias)
+        self.conv.scale = desc.output.scale
+        self.conv.zero_point = desc.output.zero_point
+        self.grid, self.relu = desc.output, desc.relu
+        self.contiguous = contiguous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _clamp(self.conv(x), self.grid, self.relu)
+        return y.contiguous() if self.contiguous else y
+
+
+class _IntLinear(nn.Module):
+    """Integer linear (+ReLU) on quint8 input, requantized to the layer's output grid."""
+
+    def __init__(self, desc: LayerDesc) -> None:
+        super().__init__()
+        assert desc.output is not None
+        w = desc.weight.int_weight  # type: ignore[union-attr]
+        cls = nniq.LinearReLU if desc.relu else nnq.Linear
+        self.linear = cls(w.shape[1], w.shape[0], desc.bias_int is not None)
+        self.linear.set_weight_bias(_qweight(desc), desc.float_bias)
+        self.linear.scale = desc.output.scale
+        self.linear.zero_point = desc.output.zero_point
+        self.grid, self.relu = desc.output, desc.relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _clamp(self.linear(x), self.grid, self.relu)
+
+
+class _IntAdd(nn.Module):
+    """``quantized::add`` (``add_relu``): requantize after add."""
+
+    def __init__(self, desc: LayerDesc) -> None:
+        super().__init__()
+        assert desc.output is not None
+        self.grid, self.relu = desc.output, desc.relu
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
+        return _clamp(op(a, b, self.grid.scale, self.grid.zero_point), self.grid, self.relu)
+
+
+class _IntCat(nn.Module):
+    """``quantized::cat``: inputs on different grids are requantized to the output grid."""
+
+    def __init__(self, desc: LayerDesc) -> None:
+        super().__init__()
+        assert desc.output is not None
+        self.grid, self.dim = desc.output, desc.dim
+
+    def forward(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        y = torch.ops.quantized.cat(list(tensors), self.dim, self.grid.scale, self.grid.zero_point)
+        return _clamp(y, self.grid)
+
+
+class _FloatIsland(nn.Module):
+    """Dequantize → the layer's float computation → quantize to its output grid (or stay float).
+
+    Used for pooling / activations (``QAct``), skipped layers (``FloatLayer``) and conv /
+    linear layers whose weights are kept in float. Bitwise the fake-quant arithmetic.
+    """
+
+    def __init__(self, desc: LayerDesc) -> None:
+        super().__init__()
+        self.desc = desc
+        self.module = desc.module  # registered, so its parameters travel with the model
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = float_forward(self.desc, *_dequant(args), **_dequant(kwargs))
+        if self.desc.output is None:
+            return y
+        return _quantize(y, self.desc.output)
+
+
+def _integer_layer(desc: LayerDesc, contiguous: bool) -> nn.Module:
+    if desc.kind in ("conv", "linear") and desc.integer and desc.output is not None:
+        if desc.kind == "linear":
+            return _IntLinear(desc)
+        pad = explicit_padding(desc)
+        if pad is not None and pad[:2] == pad[2:]:
+            return _IntConv(desc, contiguous)
+    if desc.kind == "add":
+        return _IntAdd(desc)
+    if desc.kind == "cat":
+        return _IntCat(desc)
+    # Conv / linear with a float output or float weights, non-zero / asymmetric padding,
+    # pooling, activations, skipped layers: exact float islands.
+    return _FloatIsland(desc)
+
+
+class IntegerModel(nn.Module):
+    """Quantize the input → the integer body → dequantize the output(s)."""
+
+    def __init__(self, body: nn.Module, input_grid: ActGrid | None) -> None:
+        super().__init__()
+        self.body = body
+        self.input_grid = input_grid
+
+    def forward(self, *args: Any) -> Any:
+        if self.input_grid is not None and args and isinstance(args[0], torch.Tensor):
+            args = (_quantize(args[0], self.input_grid), *args[1:])
+        return _dequant(self.body(*args))
+
+
+def build_integer_model(
+    model: nn.Module, example_input: Any, converted: ConvertedModel | None = None
+) -> IntegerModel:
+    """An eager integer model on torch's quantized kernels, equal to ``model`` within one step.
+
+    Conv outputs stay channels-last (fbgemm's layout) unless the model's forward cannot take
+    that (a ``view`` of a conv output): then they are made contiguous.
+
+    Args:
+        model: a prepared, calibrated / trained fake-quant model (left untouched).
+        example_input: one batch (a tensor or a tuple of positional arguments).
+        converted: the result of :func:`qat.export.convert.convert` for the same model and
+            input, if already computed.
+    """
+    if converted is None:
+        converted = convert(model, example_input)
+    fast = _build(model, converted, contiguous=False)
+    try:
+        with torch.no_grad():
+            fast(*_example_args(example_input))
+        return fast
+    except RuntimeError as err:
+        if "view" not in str(err):
+            raise
+    return _build(model, converted, contiguous=True)
+
+
+def _build(model: nn.Module, converted: ConvertedModel, contiguous: bool) -> IntegerModel:
+    if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
+        raise RuntimeError(
+            f"torch.backends.quantized.engine is {torch.backends.quantized.engine!r}; the "
+            "TorchScript export targets x86 (u8 activations × s8 weights): set it to 'x86'"
+        )
+    body = copy.deepcopy(model).cpu().eval()
+    remove_input_quant_hook(body)
+    modules = dict(body.named_modules())
+    with _deprecations_silenced():
+        for name, desc in converted.layers.items():
+            # The float islands compute with the copy's modules (never the caller's).
+            desc = copy.copy(desc)
+            desc.module = modules[name]
+            set_module(body, name, _integer_layer(desc, contiguous))
+    return IntegerModel(body, converted.input).eval()
+
+
+def _example_args(example_input: Any) -> tuple[Any, ...]:
+    if isinstance(example_input, dict):
+        raise ValueError("TorchScript export takes positional inputs (a tensor or a tuple)")
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+@torch.no_grad()
+def trace_integer_model(integer_model: IntegerModel, example_input: Any) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of an :class:`IntegerModel` (frozen control flow, fixed layers)."""
+    args = _example_args(example_input)
+    with _deprecations_silenced():
+        return torch.jit.trace(integer_model, args, check_trace=False)
+
+
+@torch.no_grad()
+def export_torchscript(
+    model: nn.Module,
+    path: str | Path,
+    example_input: Any,
+    converted: ConvertedModel | None = None,
+) -> Path:
+    """Build, trace and save the integer TorchScript model of ``model`` to ``path``.
+
+    The caller (``qat.export.export_model``) writes to a temporary path and replaces the real
+    file only after a smoke test.
+    """
+    integer_model = build_integer_model(model, example_input, converted)
+    traced = trace_integer_model(integer_model, example_input)
+    path = Path(path)
+    save_torchscript(traced, path)
+    return path
+
+
+def save_torchscript(module: torch.jit.ScriptModule, target: str | Path | BinaryIO) -> None:
+    """``torch.jit.save`` (a path or a binary file object)."""
+    with _deprecations_silenced():
+        torch.jit.save(module, target if not isinstance(target, Path) else str(target))
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """Load an exported model (``torch.jit.load``; needs no qat import)."""
+    with _deprecations_silenced():
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def integer_ops(module: torch.jit.ScriptModule) -> list[str]:
+    """Kinds of the ``quantized::*`` (and quantize) nodes in a traced model's inlined graph."""
+    graph = module.inlined_graph
+    return sorted({n.kind() for n in graph.nodes() if n.kind() in QUANTIZED_OPS})
+
+
+def run_torchscript(module: torch.jit.ScriptModule, example_input: Any) -> Any:
+    """Run a loaded TorchScript model on one batch (no grad)."""
+    with torch.no_grad():
+        return run_model(module, example_input)
