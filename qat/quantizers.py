@@ -28,8 +28,12 @@ SCALE_EPS = torch.finfo(torch.float32).eps
 ROLES = ("weight", "activation")
 
 
-def qrange(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int, int]:
-    """Integer grid ``(qmin, qmax)`` for a bit width."""
+def qrange(
+    bits: int, signed: bool, narrow_range: bool = False, reduce_range: bool = False
+) -> tuple[int, int]:
+    """Integer grid ``(qmin, qmax)`` for a bit width (at most 7 bits with ``reduce_range``)."""
+    if reduce_range:
+        bits = min(bits, 7)
     if signed:
         qmax = 2 ** (bits - 1) - 1
         return (-qmax if narrow_range else -qmax - 1), qmax
@@ -156,7 +160,7 @@ class FakeQuantizer(nn.Module):
 
     @property
     def quant_range(self) -> tuple[int, int]:
-        return qrange(self.bits, self.spec.signed, self.spec.narrow_range)
+        return qrange(self.bits, self.spec.signed, self.spec.narrow_range, self.spec.reduce_range)
 
     @property
     def is_initialized(self) -> bool:
@@ -178,6 +182,7 @@ class FakeQuantizer(nn.Module):
         return (
             f"{self.role}, bits={self.bits}, {sign}, {sym}, {kind}, "
             f"range={s.range_method}, learned={s.learned}"
+            + (", reduce_range" if s.reduce_range and self.bits >= 8 else "")
         )
 
     # ------------------------------------------------------------------ mode switches
@@ -212,7 +217,9 @@ class FakeQuantizer(nn.Module):
             return
         with torch.no_grad():
             if self.learned == "lsq":
-                oqmin, oqmax = qrange(old, self.spec.signed, self.spec.narrow_range)
+                oqmin, oqmax = qrange(
+                    old, self.spec.signed, self.spec.narrow_range, self.spec.reduce_range
+                )
                 nqmin, nqmax = self.quant_range
                 ratio = (oqmax - oqmin) / (nqmax - nqmin)
                 self.scale.mul_(ratio)

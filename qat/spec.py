@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,25 @@ LEARNED_RANGES = ("none", "lsq", "pact")
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{owner}.{name}={value!r} is invalid: {allowed}")
+
+
+def check_keys(owner: str, keys: Iterable[Any], allowed: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming ``owner``, the unknown keys and the allowed ones."""
+    allowed = list(allowed)
+    unknown = sorted(str(k) for k in set(keys) - set(allowed))
+    if unknown:
+        raise ValueError(f"{owner} has no key(s) {unknown}; allowed: {', '.join(allowed)}")
+
+
+def to_plain(data: Any) -> Any:
+    """OmegaConf containers → plain dicts/lists, without importing omegaconf eagerly."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return data
+    if isinstance(data, DictConfig | ListConfig):
+        return OmegaConf.to_container(data, resolve=True)
+    return data
 
 
 def _check_bool(owner: str, name: str, value: Any) -> None:
@@ -50,6 +69,13 @@ class QuantSpec:
         per_channel: one scale per output channel; the axis comes from the layer type
             (Conv/Linear 0, ConvTranspose 1), so it is not part of the spec.
         narrow_range: signed grid without its most negative value (``-127..127`` at 8 bits).
+        reduce_range: cap the integer grid at 7 bits (8-bit weights use ``[-64, 63]``); no
+            effect below 8 bits. x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) run
+            u8×s8 kernels (PyTorch's fbgemm / oneDNN, ONNX Runtime's MLAS) that add pairs of
+            products in int16 with saturation: with full-range 8-bit weights and u8 activations
+            a sum can exceed 32767 and the integer model silently disagrees with the trained
+            one. With weights in ``[-64, 64]`` no pair can (255·128 < 32768). On by default
+            for weights; set it false for a VNNI or GPU target to get the full 8-bit grid.
         range_method: how ranges are observed: ``minmax`` (current tensor), ``ema`` (moving
             average of per-batch min/max), ``percentile`` or ``mse`` (clip searched per batch).
         learned: ``none``, ``lsq`` (learned step size) or ``pact`` (learned clip for
@@ -63,6 +89,7 @@ class QuantSpec:
     symmetric: bool = True
     per_channel: bool = False
     narrow_range: bool = False
+    reduce_range: bool = False
     range_method: str = "minmax"
     learned: str = "none"
     ema_decay: float = 0.9
@@ -74,7 +101,7 @@ class QuantSpec:
             _fail(owner, "bits", self.bits, "expected an integer 2–8, or 16/32 for float")
         if self.bits not in QUANT_BITS + FLOAT_BITS:
             _fail(owner, "bits", self.bits, "allowed: 2–8 (quantize) or 16/32 (keep float)")
-        for name in ("signed", "symmetric", "per_channel", "narrow_range"):
+        for name in ("signed", "symmetric", "per_channel", "narrow_range", "reduce_range"):
             _check_bool(owner, name, getattr(self, name))
         if self.range_method not in RANGE_METHODS:
             _fail(owner, "range_method", self.range_method, f"allowed: {', '.join(RANGE_METHODS)}")
@@ -101,12 +128,7 @@ class QuantSpec:
 
     def replace(self, **changes: Any) -> QuantSpec:
         """A copy with ``changes`` applied (validated like the original)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(
-                f"QuantSpec has no field(s) {sorted(unknown)}; "
-                f"allowed: {', '.join(f.name for f in dataclasses.fields(self))}"
-            )
+        check_keys("QuantSpec", changes, (f.name for f in dataclasses.fields(self)))
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -125,8 +147,19 @@ class QuantSpec:
 
 
 def default_weight_spec() -> QuantSpec:
-    """Signed symmetric per-channel 8-bit weights (s8 weights for the integer kernels)."""
-    return QuantSpec(bits=8, signed=True, symmetric=True, per_channel=True, range_method="minmax")
+    """Signed symmetric per-channel 8-bit weights (s8 weights for the integer kernels).
+
+    ``reduce_range`` is on, so exported models agree with the trained one on every x86 CPU
+    (see :class:`QuantSpec`).
+    """
+    return QuantSpec(
+        bits=8,
+        signed=True,
+        symmetric=True,
+        per_channel=True,
+        reduce_range=True,
+        range_method="minmax",
+    )
 
 
 def default_activation_spec() -> QuantSpec:
@@ -236,15 +269,10 @@ class Recipe:
             return cls()
         if isinstance(data, Recipe):
             return data
-        data = _to_plain(data)
+        data = to_plain(data)
         if not isinstance(data, Mapping):
             raise ValueError(f"Recipe expects a mapping, got {type(data).__name__}")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ValueError(
-                f"Recipe has no field(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
-            )
+        check_keys("Recipe", data, (f.name for f in dataclasses.fields(cls)))
         kwargs: dict[str, Any] = dict(data)
         kwargs["weight"] = QuantSpec.from_dict(data.get("weight") or {}, base=default_weight_spec())
         kwargs["activation"] = QuantSpec.from_dict(
@@ -257,12 +285,7 @@ class Recipe:
                 continue
             if not isinstance(ov, Mapping):
                 raise ValueError(f"Recipe.overrides[{i}] must be a mapping, got {ov!r}")
-            extra = set(ov) - {"pattern", "weight", "activation", "skip"}
-            if extra:
-                raise ValueError(
-                    f"Recipe.overrides[{i}] has unknown key(s) {sorted(extra)}; "
-                    "allowed: pattern, weight, activation, skip"
-                )
+            check_keys(f"Recipe.overrides[{i}]", ov, ("pattern", "weight", "activation", "skip"))
             if "pattern" not in ov:
                 raise ValueError(f"Recipe.overrides[{i}] needs a 'pattern' (module-name glob)")
             overrides.append(LayerOverride(**ov))
@@ -286,14 +309,3 @@ class Recipe:
             "fuse_bn": self.fuse_bn,
             "fuse": [list(g) for g in self.fuse],
         }
-
-
-def _to_plain(data: Any) -> Any:
-    """OmegaConf containers → plain dicts/lists, without importing omegaconf eagerly."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return data
-    if isinstance(data, DictConfig | ListConfig):
-        return OmegaConf.to_container(data, resolve=True)
-    return data

@@ -307,6 +307,16 @@ def check_exportable(model: nn.Module) -> None:
                     f"weight quantizer {name} has a non-zero zero point; the integer kernels "
                     "need symmetric weights (weight.symmetric=true)"
                 )
+    wide = [n for n, q in iter_quantizers(model, "weight") if q.enabled and q.quant_range[1] > 64]
+    if wide:
+        warnings.warn(
+            f"{len(wide)} layer(s) have full-range 8-bit weights ({', '.join(wide[:4])}"
+            f"{', ...' if len(wide) > 4 else ''}): on x86 CPUs without VNNI the u8×s8 kernels "
+            "add pairs of products in int16 and can saturate, so the integer model may disagree "
+            "with the trained one there. Train with weight.reduce_range=true (the default) for "
+            "exact agreement on every x86 CPU",
+            stacklevel=2,
+        )
 
 
 # ---------------------------------------------------------------------------- grids

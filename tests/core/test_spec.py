@@ -119,3 +119,22 @@ def test_random_specs_either_valid_or_clear_error(fields: dict) -> None:
     )
     assert not (spec.narrow_range and not spec.signed)
     assert 0 <= spec.ema_decay < 1 and 50 < spec.percentile <= 100
+
+
+def test_weights_default_to_a_7_bit_grid_at_8_bits_only() -> None:
+    # x86 u8×s8 kernels without VNNI add product pairs in int16: |w| ≤ 64 keeps 255·128 < 2^15.
+    from qat.quantizers import qrange
+    from qat.spec import default_weight_spec
+
+    spec = default_weight_spec()
+    assert spec.reduce_range is True
+    assert qrange(8, True, reduce_range=True) == (-64, 63)
+    assert qrange(8, True, narrow_range=True, reduce_range=True) == (-63, 63)
+    assert qrange(8, True) == (-128, 127)
+    for bits in range(2, 8):
+        assert qrange(bits, True, reduce_range=True) == qrange(bits, True)
+    recipe = Recipe.from_dict({"weight": {"bits": 8}})
+    assert recipe.weight.reduce_range is True
+    assert Recipe.from_dict({"weight": {"reduce_range": False}}).weight.reduce_range is False
+    with pytest.raises(ValueError, match="reduce_range"):
+        QuantSpec(reduce_range="yes")

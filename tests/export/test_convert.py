@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from export_helpers import max_steps, quantize, recipe
 from torch import nn
 
+import qat
 from qat.export import snap_bias
 from qat.export.convert import ActGrid, convert
 from qat.export.onnx import build_onnx_model
@@ -185,3 +186,41 @@ def test_sequential_root_converts() -> None:
     """prepare() keeps input_quant out of an nn.Sequential root's forward: one call, converts."""
     q = quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), recipe(8), _batch, steps=0)
     assert convert(q, _batch()).layers
+
+
+class _Saturating(nn.Module):
+    """A conv whose u8×s8 pair sums reach 2·255·|w|max: int16 overflow at full 8-bit weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)  # every weight at the top of its per-channel grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _saturating_model(reduce_range: bool) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    rec = {"weight": {"bits": 8, "reduce_range": reduce_range}, "activation": {"bits": 8}}
+    # Inputs near the top of the u8 input grid (zero point 0): every product is maximal.
+    x = torch.rand(4, 4, 3, 3) * 0.05 + 0.95
+    x[:, :, 0, 0] = 0.0  # the input grid starts at 0: zero point 0, so q(x) ≈ 255
+    q = qat.prepare(_Saturating(), rec)
+    qat.calibrate(q, [x])
+    return q.eval(), x
+
+
+def test_default_weights_cannot_saturate_x86_int16_pair_sums() -> None:
+    # With the default weight.reduce_range, |w| ≤ 64: the worst case still matches exactly on
+    # every x86 CPU (VNNI or not).
+    q, x = _saturating_model(reduce_range=True)
+    assert q.conv.weight_quant.quant_range == (-64, 63)
+    _runtimes_match(q, x)
+
+
+def test_full_range_8_bit_weights_warn_about_saturation() -> None:
+    q, x = _saturating_model(reduce_range=False)
+    with pytest.warns(UserWarning, match="without VNNI"):
+        convert(q, x[:1])
