@@ -16,6 +16,7 @@ the first positional tensor argument, or else the first floating tensor keyword 
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -208,11 +209,13 @@ def prepare(
         if name and type(m) in mapping and name not in fused_members
     ]
     names = candidates + ([INPUT_QUANT] if recipe.quantize_input else [])
-    for ov in recipe.overrides:
+    for i, ov in enumerate(recipe.overrides):
         if not any(fnmatch.fnmatchcase(n, ov.pattern) for n in names):
             shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            close = difflib.get_close_matches(ov.pattern, names, n=3)
+            hint = f" (closest: {', '.join(close)})" if close else ""
             raise ValueError(
-                f"override pattern {ov.pattern!r} matches no quantizable layer; "
+                f"overrides[{i}].pattern={ov.pattern!r} matches no quantizable layer{hint}; "
                 f"layer names are: {shown}"
             )
 

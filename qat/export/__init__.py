@@ -30,8 +30,8 @@ from torch import nn
 
 from qat.export.bench import benchmark_artifacts
 from qat.export.convert import ConvertedModel, check_exportable, convert, snap_bias
-from qat.export.io import atomic_write_bytes, commit, write_staged
 from qat.export.verify import ParityError, check_parity, verify_artifacts
+from qat.io import atomic_write_bytes, commit, write_staged
 
 __all__ = [
     "FILENAMES",

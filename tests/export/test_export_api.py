@@ -13,11 +13,11 @@ from export_helpers import quantize, recipe
 from torch import nn
 
 import qat
-import qat.export.io as export_io
+import qat.io as export_io
 from qat.export import FILENAMES, export_model
-from qat.export.io import atomic_write_bytes
 from qat.export.onnx import default_providers, make_session, optimized_op_types, run_session
 from qat.export.torchscript import load_torchscript
+from qat.io import atomic_write_bytes
 from qat.ops import Add
 
 

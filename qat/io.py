@@ -3,7 +3,13 @@
 Each write goes to a temporary file in the destination's own directory (``os.replace`` is atomic
 only within one file system), is flushed and fsynced, and then replaces the destination. If
 anything fails before the replace (the writer raises, a smoke test of the new file fails, the
-process is interrupted), the temporary file is removed and the previous file is untouched.
+process is interrupted), the temporary file is removed and the previous file is untouched. (A
+``SIGKILL`` cannot be cleaned up after: it may leave a hidden ``.<name>.*.tmp`` file beside the
+destination, never a torn destination.)
+
+Used for everything a run leaves behind: exported models, ``results.json`` /
+``export_report.json`` and Lightning checkpoints (:class:`qat.checkpoint.AtomicCheckpointIO`).
+Standard library only, so it is cheap to import anywhere.
 
 Example:
     >>> with atomic_path("export/model.onnx") as tmp:
@@ -19,7 +25,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "commit", "staged_path", "write_staged"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "commit",
+    "staged_path",
+    "write_staged",
+]
 
 _CHUNK = 1 << 20
 
@@ -113,3 +126,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         _write_all(f, data)
     return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see the module docstring)."""
+    return atomic_write_bytes(path, text.encode(encoding))

@@ -1,0 +1,556 @@
+"""Lightning callbacks: :class:`QATCallback` (quantization-aware training) and :class:`EpochSeed`.
+
+``QATCallback`` does everything quantization needs around an ordinary ``LightningModule``:
+
+- ``setup()`` swaps ``pl_module.model``'s layers for fake-quant layers (:func:`qat.prepare`).
+  Lightning calls ``Callback.setup`` before ``configure_optimizers`` and before a checkpoint is
+  restored into the model, so learned ranges (LSQ / PACT parameters) reach the optimizer and a
+  checkpoint's quantizer buffers load into quantizers that exist. It runs for every stage and
+  is idempotent (the second call sees a prepared model and checks it has the same recipe).
+- at each training epoch start it applies the :class:`qat.schedule.Schedule`: float warm-up,
+  calibration when quantization starts, weights then activations on, bit-width annealing, BN
+  statistics and observer freezing. Nothing changes during Lightning's sanity check (the hooks
+  used are training hooks) and observers never move in validation (they only update in training
+  mode).
+- it logs the bit widths (``quant/weight_bits``, ``quant/act_bits``) every epoch and, on one
+  batch per epoch, per-layer scale, clipping rate and SQNR (``quant/<layer>/act_sqnr_db`` ...).
+- a non-finite training loss stops the run with a :class:`qat.NonFiniteError` naming where the
+  NaN / inf first appears (input batch, a parameter or quantizer scale, or the first layer whose
+  output is non-finite): observers catch it as it happens while they are on; this catches it
+  once they are frozen, and in learned (LSQ / PACT) ranges.
+- its ``state_dict`` (saved in every checkpoint) holds the recipe and the schedule position, so
+  ``trainer.fit(..., ckpt_path=...)`` resumes with the same bits, phase and BN-freeze state (the
+  quantizers' own state is in the model's state_dict already).
+
+Under DDP every rank runs the same schedule on the same epoch numbers; observer statistics are
+all-reduced inside the quantizers and calibration uses the same batches on every rank, so the
+quantizer state is identical across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qat.modules import QConvBn2d
+from qat.prepare import calibrate, is_prepared, prepare
+from qat.quantizers import (
+    FakeQuantizer,
+    NonFiniteError,
+    anneal_bits,
+    iter_quantizers,
+    uninitialized_quantizers,
+)
+from qat.schedule import ROLES, Phase, Schedule
+from qat.spec import Recipe
+
+__all__ = ["EpochSeed", "QATCallback", "locate_non_finite", "quantization_stats"]
+
+#: Float width reported for a role whose fake quantization is off.
+FLOAT_BITS = 32
+_STATE_VERSION = 1
+
+
+class QATCallback(Callback):
+    """Quantization-aware training for ``pl_module.<attr>`` (see the module docstring).
+
+    Args:
+        recipe: a :class:`qat.Recipe` or a mapping for ``Recipe.from_dict``.
+        schedule: a :class:`qat.schedule.Schedule` or a mapping for ``Schedule.from_dict``.
+        attr: name of the LightningModule attribute holding the network.
+        layer_stats: log per-layer scale / clipping rate / SQNR once per epoch.
+        stats_samples: samples of the epoch's first training batch used for those statistics.
+        calibration_seed: seed of the calibration batches' shuffle (same batches on every rank).
+
+    Attributes:
+        history: one row per finished training epoch (phase, bit widths, val metrics).
+        layer_stats: the last per-layer statistics, ``{quantizer name: {sqnr_db, ...}}``.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe | Mapping[str, Any],
+        schedule: Schedule | Mapping[str, Any] | None = None,
+        attr: str = "model",
+        layer_stats: bool = True,
+        stats_samples: int = 64,
+        calibration_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.recipe = Recipe.from_dict(recipe)
+        self.schedule = Schedule.from_dict(schedule)
+        self.attr = attr
+        self.log_layer_stats = layer_stats
+        self.stats_samples = stats_samples
+        self.calibration_seed = calibration_seed
+        self.calibrated = False
+        self.history: list[dict[str, Any]] = []
+        self.layer_stats: dict[str, dict[str, float]] = {}
+        self._bits: dict[str, int | None] = {}
+        self._phase: Phase | None = None
+        self._epoch: int | None = None
+        self._targets: dict[str, int | None] = {}
+        self._stats_batch: torch.Tensor | None = None
+        self._batch: tuple[int, int, torch.Tensor | None] | None = None
+        self._restored: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _model(self, pl_module: LightningModule) -> nn.Module:
+        model = getattr(pl_module, self.attr, None)
+        if not isinstance(model, nn.Module):
+            raise AttributeError(
+                f"QATCallback(attr={self.attr!r}): the LightningModule has no nn.Module "
+                f"attribute {self.attr!r}; pass the attribute that holds the network"
+            )
+        return model
+
+    @staticmethod
+    def _lowest_target(model: nn.Module, role: str) -> int | None:
+        bits = [q.spec.bits for _, q in iter_quantizers(model, role) if q.spec.enabled]
+        return min(bits) if bits else None
+
+    def current_bits(self, role: str) -> int:
+        """Bit width the schedule has set for ``role`` (32 while its fake quantization is off)."""
+        on = self._phase is not None and (
+            self._phase.weights_on if role == "weight" else self._phase.acts_on
+        )
+        bits = self._bits.get(role)
+        return bits if on and bits is not None else FLOAT_BITS
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        model = self._model(pl_module)
+        if is_prepared(model):
+            if getattr(model, "qat_recipe", None) not in (None, self.recipe.to_dict()):
+                raise ValueError(
+                    "the model is already prepared with another recipe than QATCallback's: "
+                    f"{model.qat_recipe} vs {self.recipe.to_dict()}"
+                )
+        else:
+            prepare(model, self.recipe, inplace=True)
+            # Float until the schedule says otherwise: nothing has a range yet. A checkpoint
+            # restored after this hook brings back its own flags (they are buffers).
+            for _, q in iter_quantizers(model):
+                q.enable_fake_quant(False)
+                q.enable_observer(False)
+        self._targets = {role: self._lowest_target(model, role) for role in ROLES}
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        self._bits = {}  # re-read the quantizers: a checkpoint may have set them
+        self.apply_schedule(trainer, pl_module, epoch)
+        if self._restored is not None:
+            self._check_restored(epoch)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        # A reference only: it is what locate_non_finite() replays if this step's loss is NaN.
+        self._batch = (trainer.current_epoch, batch_idx, x if isinstance(x, torch.Tensor) else None)
+        if batch_idx == 0 and self.log_layer_stats and isinstance(x, torch.Tensor):
+            self._stats_batch = x[: self.stats_samples].detach()
+        if self._phase is None or not self._phase.quantized:
+            return
+        if self.schedule.steps_within_epoch():
+            total = trainer.num_training_batches
+            fraction = batch_idx / total if isinstance(total, int) and total > 0 else 0.0
+            self._set_bits(self._model(pl_module), trainer.current_epoch, fraction)
+
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
+    ) -> None:
+        # Before backward and the optimizer step: a NaN loss would otherwise spread NaN through
+        # every parameter, and the layer where it started could no longer be told apart.
+        if not trainer.training or bool(torch.isfinite(loss.detach()).all()):
+            return
+        epoch, batch_idx, x = self._batch or (trainer.current_epoch, None, None)
+        where = locate_non_finite(self._model(pl_module), x)
+        phase = self._phase.name if self._phase else "float"
+        raise NonFiniteError(
+            f"non-finite training loss at epoch {epoch}, batch {batch_idx} (phase {phase}): "
+            f"{where}; lower the learning rate, check the input data, or resume from the last "
+            "good checkpoint"
+        )
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        wbits, abits = self.current_bits("weight"), self.current_bits("activation")
+        # Same value on every rank; sync_dist only keeps Lightning's DDP epoch-logging contract.
+        for key, value in (("quant/weight_bits", wbits), ("quant/act_bits", abits)):
+            pl_module.log(key, float(value), on_step=False, on_epoch=True, sync_dist=True)
+        row: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "phase": self._phase.name if self._phase else "float",
+            "weight_bits": wbits,
+            "act_bits": abits,
+        }
+        for key in ("val/acc", "val/loss", "train/acc"):
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                row[key] = float(value)
+        self.history.append(row)
+        quantized = self._phase is not None and self._phase.quantized
+        if self.log_layer_stats and quantized and self._stats_batch is not None:
+            model = self._model(pl_module)
+            x = self._stats_batch
+            if getattr(pl_module, "channels_last", False) and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with isolate_rng():
+                self.layer_stats = quantization_stats(model, x)
+            # Computed on rank 0 only would work too; every rank has the same model, and
+            # rank_zero_only keeps DDP from expecting a synced value.
+            pl_module.log_dict(
+                _flatten_stats(self.layer_stats), on_step=False, on_epoch=True, rank_zero_only=True
+            )
+        self._stats_batch = None
+        self._batch = None
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "recipe": self.recipe.to_dict(),
+            "schedule": self.schedule.to_dict(),
+            "calibrated": self.calibrated,
+            "epoch": self._epoch,
+            "phase": self._phase.name if self._phase else None,
+            "weight_bits": self.current_bits("weight"),
+            "act_bits": self.current_bits("activation"),
+            "bn_frozen": bool(self._phase and self._phase.bn_frozen),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        recipe = state_dict.get("recipe")
+        if recipe is not None and recipe != self.recipe.to_dict():
+            raise ValueError(
+                "the checkpoint was trained with another quantization recipe than the config's; "
+                f"checkpoint: {recipe}; config: {self.recipe.to_dict()}. Resume with the run's "
+                "own config (its .hydra/config.yaml)."
+            )
+        schedule = state_dict.get("schedule")
+        if schedule is not None and schedule != self.schedule.to_dict():
+            rank_zero_warn(
+                "resuming with a different QAT schedule than the checkpoint's; the schedule "
+                "continues from the current epoch with the new settings"
+            )
+        self.calibrated = bool(state_dict.get("calibrated", False))
+        self.history = list(state_dict.get("history", []))
+        self._restored = dict(state_dict)
+
+    def _check_restored(self, epoch: int) -> None:
+        state, self._restored = self._restored, None
+        assert state is not None
+        if state.get("epoch") is not None and epoch > state["epoch"]:
+            rank_zero_info(
+                f"QAT resumed at epoch {epoch} (checkpoint: epoch {state['epoch']}, phase "
+                f"{state['phase']}, bits w{state['weight_bits']}/a{state['act_bits']}); "
+                f"now: phase {self._phase.name if self._phase else None}, bits "
+                f"w{self.current_bits('weight')}/a{self.current_bits('activation')}"
+            )
+
+    # ------------------------------------------------------------------ the schedule
+    def apply_schedule(
+        self, trainer: Trainer | None, pl_module: LightningModule, epoch: int, fraction: float = 0.0
+    ) -> Phase:
+        """Put the model in the state the schedule gives for ``epoch`` (+ ``fraction``).
+
+        Idempotent: applying the same epoch twice changes nothing; calibration runs once, when
+        quantization first starts (not again after a resume: the ranges are in the checkpoint).
+        """
+        model = self._model(pl_module)
+        phase = self.schedule.phase(epoch)
+        self._phase, self._epoch = phase, epoch
+        if phase.quantized:
+            # Bits first, so calibrated scales are computed on the grid they will be used with.
+            self._set_bits(model, epoch, fraction)
+            if not self.calibrated:
+                if uninitialized_quantizers(model):
+                    self._calibrate(trainer, model)
+                self.calibrated = True
+        for _, q in iter_quantizers(model):
+            role_on = phase.weights_on if q.role == "weight" else phase.acts_on
+            q.enable_fake_quant(role_on)
+            if not phase.quantized or phase.observers_frozen:
+                observe = False
+            elif q.learned != "none":
+                # Learned ranges are trained, not observed; until the role is switched on they
+                # keep tracking the data so they start from a current range.
+                observe = not role_on
+            else:
+                observe = True
+            q.enable_observer(observe)
+        for m in model.modules():
+            if isinstance(m, QConvBn2d):
+                m.freeze_bn_stats(phase.bn_frozen)
+        return phase
+
+    def _set_bits(self, model: nn.Module, epoch: int, fraction: float) -> None:
+        for role in ROLES:
+            target = self._targets.get(role)
+            if target is None:
+                continue
+            bits = self.schedule.bits(role, target, epoch, fraction)
+            if self._bits.get(role) != bits:
+                anneal_bits(model, bits, role)
+                self._bits[role] = bits
+
+    def _calibrate(self, trainer: Trainer | None, model: nn.Module) -> None:
+        loader = _calibration_loader(trainer, self.calibration_seed)
+        if loader is None:
+            rank_zero_warn("QATCallback: no training data to calibrate on; ranges start on data")
+            return
+        n = self.schedule.calibration_batches
+        # Calibration must not consume the global RNG (augmentations draw from it): a run
+        # resumed after this point does not calibrate again and must see the same stream.
+        with isolate_rng():
+            missing = calibrate(model, loader, num_batches=n)
+        rank_zero_info(
+            f"QAT: calibrated {sum(1 for _ in iter_quantizers(model))} quantizers on {n} batches"
+            + (f"; {len(missing)} saw no data" if missing else "")
+        )
+
+
+def _calibration_loader(trainer: Trainer | None, seed: int) -> DataLoader | None:
+    """A main-process loader over the training set, shuffled with its own generator.
+
+    Not the Trainer's own loader: iterating that one here would reset its (persistent)
+    iterator mid-epoch, and its DistributedSampler would give every rank other batches.
+    """
+    if trainer is None:
+        return None
+    source = trainer.train_dataloader
+    if source is None and trainer.datamodule is not None:
+        source = trainer.datamodule.train_dataloader()
+    if isinstance(source, Mapping):
+        source = next(iter(source.values()), None)
+    elif isinstance(source, list | tuple):
+        source = source[0] if source else None
+    if not isinstance(source, DataLoader):
+        return None
+    return DataLoader(
+        source.dataset,
+        batch_size=source.batch_size or 1,
+        shuffle=True,
+        num_workers=0,
+        collate_fn=source.collate_fn,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# ---------------------------------------------------------------------- non-finite values
+def _non_finite(t: Any) -> bool:
+    return (
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    )
+
+
+@torch.no_grad()
+def locate_non_finite(model: nn.Module, x: torch.Tensor | None = None) -> str:
+    """Where NaN / inf first appears in ``model`` (run on ``x``), as a phrase for an error.
+
+    Checked in order: the input batch; quantizer scales / zero points / clips; the other
+    parameters and buffers; then one forward pass in eval mode (no observer moves, nothing is
+    trained) with hooks that name the first module whose output is non-finite.
+    """
+    if _non_finite(x):
+        return "the input batch holds NaN or inf"
+    for name, q in iter_quantizers(model):
+        for key, value in (*q.named_parameters(recurse=False), *q.named_buffers(recurse=False)):
+            if _non_finite(value):
+                return f"quantizer '{name}' has a non-finite {key}"
+    for key, value in (*model.named_parameters(), *model.named_buffers()):
+        if _non_finite(value):
+            layer, _, attr = key.rpartition(".")
+            return f"layer '{layer}' has a non-finite {attr}"
+    if x is None:
+        return "no parameter or quantizer state is non-finite (no input batch to trace)"
+    first: list[str] = []
+
+    def hook(module: nn.Module, args: Any, output: Any, name: str) -> None:
+        outs = output if isinstance(output, tuple | list) else (output,)
+        if not first and any(_non_finite(o) for o in outs):
+            first.append(name)
+
+    handles = [
+        m.register_forward_hook(partial(hook, name=name))
+        for name, m in model.named_modules()
+        if name and not any(True for _ in m.children())
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    except Exception as err:  # a diagnosis: report what stopped it rather than mask the NaN
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return f"the diagnostic forward pass failed ({type(err).__name__}: {first_line})"
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if first:
+        return f"the first non-finite output is layer '{first[0]}'s"
+    return "every layer's output is finite in eval mode (the loss itself overflowed)"
+
+
+# ---------------------------------------------------------------------- per-layer statistics
+def _layer_key(name: str) -> tuple[str, str]:
+    """``layer1.0.conv1.0.weight_quant`` → (``layer1.0.conv1.0``, ``weight``)."""
+    for suffix, kind in ((".weight_quant", "weight"), (".output_quant", "act")):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind
+    if name.endswith("input_quant"):
+        return "input", "act"
+    return name, "act"
+
+
+def _stats_hook(
+    module: FakeQuantizer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    name: str,
+    out: dict[str, dict[str, float]],
+) -> None:
+    x = args[0]
+    relu = bool(kwargs.get("relu", args[1] if len(args) > 1 else False))
+    ref = (torch.relu(x) if relu else x).detach().float()
+    scale, zero_point = module.qparams()
+    qmin, qmax = module.quant_range
+    if module.per_channel:
+        shape = [1] * ref.dim()
+        shape[module.axis] = -1
+        s, z = scale.reshape(shape), zero_point.float().reshape(shape)
+    else:
+        s, z = scale.reshape(()), zero_point.float().reshape(())
+    # Same arithmetic as the fake quantizer (multiply by the reciprocal, round half to even).
+    q = torch.round(ref * (1.0 / s)) + z
+    clipped = (q < qmin) | (q > qmax)
+    deq = (q.clamp(qmin, qmax) - z) * s
+    signal = float(ref.pow(2).sum())
+    noise = float((ref - deq).pow(2).sum())
+    if noise > 0 and signal > 0:
+        sqnr = 10.0 * math.log10(signal / noise)
+    else:
+        sqnr = 0.0 if signal == 0 else 200.0  # exact reconstruction: cap instead of inf
+    out[name] = {
+        "sqnr_db": min(sqnr, 200.0),
+        "clip_rate": float(clipped.float().mean()),
+        "scale": float(scale.float().mean()),
+        "bits": float(module.bits),
+    }
+
+
+@torch.no_grad()
+def quantization_stats(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per-quantizer SQNR (dB), clipping rate and mean scale on one input batch.
+
+    Runs ``model`` once in eval mode (observers never update there) with forward pre-hooks on
+    every initialized quantizer, and measures what that quantizer does (or would do, when its
+    fake quantization is off) to the tensor it receives.
+    """
+    out: dict[str, dict[str, float]] = {}
+    handles = []
+    for name, q in iter_quantizers(model):
+        if q.enabled and q.is_initialized:
+            hook = partial(_stats_hook, name=name, out=out)
+            handles.append(q.register_forward_pre_hook(hook, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def _flatten_stats(stats: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for name, values in stats.items():
+        layer, kind = _layer_key(name)
+        for key in ("sqnr_db", "clip_rate", "scale"):
+            flat[f"quant/{layer}/{kind}_{key}"] = values[key]
+    return flat
+
+
+# ---------------------------------------------------------------------- deterministic epochs
+class EpochSeed(Callback):
+    """Reseed torch / numpy / random at every epoch, so a resumed run replays the same epochs.
+
+    Lightning does not checkpoint the global RNG, so after a ``ckpt_path=`` resume the sampler
+    shuffle, augmentations and dropout would differ from the uninterrupted run. Seeding with
+    ``seed + epoch`` right before each epoch's data iterator is created makes epoch ``k`` the
+    same whether or not the run was interrupted. Exact with ``num_workers=0``; persistent loader
+    workers keep their own RNG across epochs.
+
+    Where: Lightning creates the first epoch's iterator early (in ``configure_optimizers`` when
+    a scheduler asks for ``estimated_stepping_batches``, else at fit-loop start), after
+    ``setup()`` and after a checkpoint's callback state is loaded, and later epochs' iterators
+    right after ``on_train_epoch_start``. So the first epoch of a ``fit`` is seeded in
+    ``setup()`` (fresh) or ``load_state_dict()`` (resumed), the others in
+    ``on_train_epoch_start``.
+
+    Args:
+        seed: base seed (the run's ``seed``).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self._first_epoch: int | None = None
+        self._trainer: Trainer | None = None
+
+    def _reseed(self, epoch: int) -> None:
+        value = (self.seed + 1_000_003 * epoch) % 2**32
+        torch.manual_seed(value)
+        np.random.seed(value)
+        random.seed(value)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if stage == "fit":
+            self._first_epoch = 0
+            self._reseed(0)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Called while the checkpoint is restored: after setup(), before the iterator exists.
+        self._first_epoch = int(state_dict.get("resume_epoch", 0))
+        self._reseed(self._first_epoch)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._first_epoch is not None:
+            first, self._first_epoch = self._first_epoch, None
+            if trainer.current_epoch != first:
+                rank_zero_warn(
+                    f"EpochSeed: training started at epoch {trainer.current_epoch}, expected "
+                    f"{first}; this epoch will not replay the uninterrupted run"
+                )
+            return
+        self._reseed(trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "resume_epoch": self._next_epoch(self._trainer)}
+
+    @staticmethod
+    def _next_epoch(trainer: Trainer | None) -> int:
+        """Epoch a run resumed from a checkpoint saved now starts at."""
+        if trainer is None:
+            return 0
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        # Saved after the epoch's last batch (epoch end / end-of-epoch validation): the next
+        # epoch. Saved mid-epoch: Lightning resumes inside this one.
+        return trainer.current_epoch + (1 if progress.is_last_batch else 0)
