@@ -1,0 +1,89 @@
+"""scripts/results.py: the table, the goal checks and the plots from the runs' results.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "results.py"
+
+
+@pytest.fixture(scope="module")
+def results_script():
+    spec = importlib.util.spec_from_file_location("results_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(path: Path, acc: float, export: bool = True, agree: float = 1.0) -> None:
+    runtime = {"accuracy": acc, "agreement": agree, "max_diff_steps": 1.0}
+    bench = {
+        name: {"size_bytes": size, "latency_ms": {"1": 1.0, "64": ms}}
+        for name, size, ms in (
+            ("onnx", 300 * 1024, 10.0),
+            ("torchscript", 500 * 1024, 12.0),
+            ("ort_fp32", 1100 * 1024, 25.0),
+            ("torch_fp32", 1100 * 1024, 50.0),
+        )
+    }
+    results = {
+        "metrics": {"test_acc": acc},
+        "config": {"epochs_run": 2, "global_step": 160},
+        "wall_time_s": 123.0,
+        "status": "ok" if agree >= 0.999 else "parity_failed",
+        "export": {
+            "parity": {"num_samples": 10000, "runtimes": {"onnx": runtime, "torchscript": runtime}},
+            "bench": {"runtimes": bench},
+        }
+        if export
+        else {"skipped": "float run"},
+    }
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def test_table_rows_goals_and_plots(results_script, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    accs = {
+        "float": 0.9100,
+        "ptq_w8a8": 0.9080,
+        "ptq_w4a4": 0.8000,
+        "qat_w8a8": 0.9090,
+        "qat_w4a8": 0.9050,
+        "qat_w4a4": 0.9020,
+        "qat_w4a4_anneal": 0.9000,  # worse than direct: the check must say so
+        "qat_w3a3_anneal": 0.8900,
+    }  # qat_w2a2_anneal missing: "not run"
+    for row, acc in accs.items():
+        _fake_run(results_script._row_dir(root, "resnet20", row), acc, export=row != "float")
+    items = results_script.collect(root, ["resnet20"])
+    assert [i["row"] for i in items] == [r[0] for r in results_script.ROWS]
+    md = results_script.render(items, tmp_path / "docs", {"float_epochs": 4}).read_text()
+
+    assert "| resnet20 | QAT | W4A4 | 90.20 | 90.20 | 90.20 | 100.00 | 1 | 300 | 500 |" in md
+    # The float row shows the float model's own runtimes (from the quantized rows' benchmark).
+    assert "| resnet20 | float | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
+    assert "| resnet20 | QAT annealed (LSQ) | W2A2 | not run |" in md
+    assert "✓ qat_w8a8: 0.10 pt below float (goal ≤ 0.2)" in md
+    assert "✓ qat_w4a4: 0.80 pt below float (goal ≤ 1.0)" in md
+    assert "✗ annealed W4A4 90.00% vs direct W4A4 90.20%" in md
+    assert "✓ QAT W4A4 90.20% vs PTQ W4A4 80.00%" in md
+    assert "– qat_w2a2_anneal" in md
+    for png in ("results_accuracy.png", "results_size_latency.png"):
+        assert (tmp_path / "docs" / png).stat().st_size > 1000
+        assert f"]({png})" in md
+
+
+def test_a_parity_failure_is_a_row_not_a_crash(results_script, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    _fake_run(results_script._row_dir(root, "resnet20", "float"), 0.91, export=False)
+    _fake_run(results_script._row_dir(root, "resnet20", "qat_w8a8"), 0.90, agree=0.99)
+    md = results_script.render(
+        results_script.collect(root, ["resnet20"]), tmp_path / "docs", {"float_epochs": 4}
+    ).read_text()
+    assert "| resnet20 | QAT (parity_failed) | W8A8 |" in md
+    assert "✗ exported accuracy within 0.1 pt" in md and "lowest agreement 99.00%" in md
