@@ -5,7 +5,16 @@ train it in any loop (or with ``qat.callbacks.QATCallback`` under Lightning), th
 """
 
 from qat.fold import fold_bn, fold_bn_params
-from qat.modules import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.modules import (
+    FloatLayer,
+    QAct,
+    QAdd,
+    QCat,
+    QConv2d,
+    QConvBn2d,
+    QLinear,
+    exact_accumulation,
+)
 from qat.ops import Add, Cat
 from qat.prepare import calibrate, is_prepared, prepare, quantizer_summary
 from qat.quantizers import (
@@ -39,6 +48,7 @@ __all__ = [
     "__version__",
     "anneal_bits",
     "calibrate",
+    "exact_accumulation",
     "fold_bn",
     "fold_bn_params",
     "is_prepared",

@@ -26,6 +26,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from qat.modules import exact_accumulation
 from qat.quantizers import FakeQuantizer
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -118,7 +119,10 @@ class ClassifierModule(LightningModule):
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        loss, preds, y = self._step(batch)
+        # The test metrics are the ones the exported integer models are held to: float64 sums,
+        # as exact as the runtimes' int32 ones (see qat.modules.exact_accumulation).
+        with exact_accumulation():
+            loss, preds, y = self._step(batch)
         self.test_acc(preds, y)
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True, prog_bar=True)

@@ -267,7 +267,9 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         f"Float: {budget['float_epochs']} epochs from scratch (SGD, lr 0.1, cosine). "
         "QAT rows: fine-tune the float checkpoint for 2 epochs of 80 batches of 128 "
         "(20,480 images, lr 0.01, cosine): epoch 0 quantized (annealed rows: 8 → target bits "
-        "linearly over the epoch), epoch 1 with BN statistics and observers frozen. PTQ rows: "
+        "linearly over the epoch), epoch 1 with observers frozen (BN statistics stay live: "
+        "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
+        "PTQ rows: "
         "calibration on 32 batches, no training. The first conv's weights, the input and the "
         "classifier stay at 8 bits below W8A8. MobileNetV2 at width 0.5. Every accuracy is on "
         "the full test set; the exported models ran on the same 10,000 images.",

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from qat.export.convert import check_exportable, trace_grids
+from qat.modules import exact_accumulation
 
 __all__ = ["ParityError", "check_parity", "load_runtime", "verify_artifacts"]
 
@@ -125,11 +126,13 @@ def verify_artifacts(
             break
         x, y = _split(batch)
         x = x.cpu().float()
-        if i == 0:
-            _, _, out_grid, ref = trace_grids(ref_model, x)
-            output_scale = None if out_grid is None else out_grid.scale
-        else:
-            ref = ref_model(x)
+        # float64 sums, like the runtimes' exact int32 ones (qat.modules.exact_accumulation).
+        with exact_accumulation():
+            if i == 0:
+                _, _, out_grid, ref = trace_grids(ref_model, x)
+                output_scale = None if out_grid is None else out_grid.scale
+            else:
+                ref = ref_model(x)
         ref = (ref[0] if isinstance(ref, tuple | list) else ref).float()
         ref_top = ref.argmax(dim=1)
         n += len(x)

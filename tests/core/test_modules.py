@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import qat
 from qat.fold import fold_bn
 from qat.modules import QAdd, QConv2d, QConvBn2d, QLinear
 from qat.ops import Add
@@ -127,3 +129,24 @@ def test_module_state_dict_round_trip() -> None:
     assert torch.equal(a(x), b(x))
     assert b.is_bn_frozen
     assert [n for n, _ in iter_quantizers(b)] == ["weight_quant", "output_quant"]
+
+
+def test_exact_accumulation_sums_in_float64_in_eval_only() -> None:
+    from qat.modules import exact_accumulation
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 8, 3)
+    q = qat.prepare(nn.Sequential(conv), {"weight": {"bits": 8}, "activation": {"bits": 8}})
+    x = torch.randn(2, 64, 6, 6)
+    qat.calibrate(q, [x])
+    q.eval()
+    layer = q[0]
+    xq = q.input_quant(x)
+    w = layer.weight_quant(layer.weight)
+    exact = F.conv2d(xq.double(), w.double(), layer.bias.double()).float()
+    with torch.no_grad(), exact_accumulation():
+        y = layer.output_quant(exact)
+        assert torch.equal(q(x), y)
+    # Outside the context, and in training mode, the float32 path runs.
+    with torch.no_grad():
+        assert torch.equal(q(x), layer.output_quant(F.conv2d(xq, w, layer.bias)))
