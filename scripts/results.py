@@ -153,7 +153,7 @@ def collect(root: Path, models: Sequence[str]) -> list[dict[str, Any]]:
                 p = parity.get(rt) or {}
                 item[f"{key}_acc"] = p.get("accuracy")
                 item[f"{key}_agree"] = p.get("agreement")
-                item[f"{key}_steps"] = p.get("max_diff_steps")
+                item[f"{key}_maxdiff"] = p.get("max_abs_diff")
             item["n_test"] = (exp.get("parity") or {}).get("num_samples")
             bench = (exp.get("bench") or {}).get("runtimes") or {}
             for rt, key in (("onnx", "ort"), ("torchscript", "ts")):
@@ -283,18 +283,18 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
         "PTQ rows: "
         "calibration on 32 batches, no training. The first conv's weights, the input and the "
-        "classifier stay at 8 bits below W8A8. MobileNetV2 at width 0.5. Every accuracy is on "
+        "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. MobileNetV2 at width 0.5. Every accuracy is on "
         "the full test set; the exported models ran on the same 10,000 images.",
         "",
         "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
         "(ONNX Runtime CPU, integer kernels) and TorchScript (PyTorch INT8 kernels) models; "
-        "agree = top-1 agreement with fake-quant (the lower of the two); Δ steps = largest "
-        "logit difference in output quantization steps; sizes in KiB (int8 weights; sub-8-bit "
+        "agree = top-1 agreement with fake-quant (the lower of the two); max Δ logit = largest absolute "
+        "logit difference (logits are float in every row); sizes in KiB (int8 weights; sub-8-bit "
         "values in int8 containers); latency in ms per batch, medians of interleaved rounds on "
         "a shared 2-core machine (compare within a column). Float rows: the FP32 ONNX model in "
         "ONNX Runtime and eager PyTorch.",
         "",
-        "| model | method | bits | fake-quant % | ORT % | TS % | agree % | Δ steps "
+        "| model | method | bits | fake-quant % | ORT % | TS % | agree % | max Δ logit "
         "| ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -306,13 +306,13 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             )
             continue
         agree = [i.get(k) for k in ("ort_agree", "ts_agree") if i.get(k) is not None]
-        steps = [i.get(k) for k in ("ort_steps", "ts_steps") if i.get(k) is not None]
+        diffs = [i.get(k) for k in ("ort_maxdiff", "ts_maxdiff") if i.get(k) is not None]
         status = "" if i.get("status") in (None, "ok") else f" ({i['status']})"
         lines.append(
             f"| {i['model']} | {i['method']}{status} | {_bits(i['w_bits'], i['a_bits'])} "
             f"| {_pct(i['acc'])} | {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
             f"| {_pct(min(agree)) if agree else '–'} "
-            f"| {f'{max(steps):.0f}' if steps else '–'} "
+            f"| {f'{max(diffs):.3f}' if diffs else '–'} "
             f"| {_kib(i.get('ort_size'))} | {_kib(i.get('ts_size'))} "
             f"| {_ms(i.get('ort_ms1'))} | {_ms(i.get('ort_ms64'))} | {_ms(i.get('ts_ms64'))} "
             f"| {i.get('wall_time_s') or 0:.0f} |"
