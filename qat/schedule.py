@@ -6,7 +6,8 @@ A run goes through these phases (each boundary is an epoch number; any may coinc
     warmup_epochs                    ranges calibrated on a few batches; weights fake-quantized
     act_start_epoch                  activations fake-quantized too
     weight_anneal / act_anneal       bit width goes from ``start_bits`` (8) to each layer's target
-    freeze_bn_epoch                  BN statistics frozen (training on the folded graph)
+    freeze_bn_epoch                  BN statistics frozen (training on the folded graph);
+                                     at least one epoch after the anneal reaches the target
     freeze_observer_epoch            observed ranges frozen (learned ranges keep learning)
 
 Everything here is a pure function of ``(epoch, fraction of the epoch done)``, so a run resumed
@@ -174,6 +175,28 @@ class Schedule:
             or self.calibration_batches < 1
         ):
             _fail("calibration_batches", self.calibration_batches, "expected an integer >= 1")
+        self._check_bn_freeze_after_anneal()
+
+    def _check_bn_freeze_after_anneal(self) -> None:
+        # Frozen BN statistics are the running averages of the batches just before the freeze.
+        # Right after an anneal those batches ran at wider bit widths; freezing then made
+        # ResNet-20 (W4A4, annealed 8 → 4 over one epoch) go from loss 0.2 to 12 in three
+        # steps and never recover, while one more epoch with live statistics trained fine.
+        if self.freeze_bn_epoch is None:
+            return
+        for role, name in zip(ROLES, ("weight_anneal", "act_anneal"), strict=True):
+            if self.anneal_for(role).epochs == 0:
+                continue
+            settled = self.settled_epoch(role)
+            if self.freeze_bn_epoch <= settled:
+                _fail(
+                    "freeze_bn_epoch",
+                    self.freeze_bn_epoch,
+                    f"BN statistics must stay live for a whole epoch at the final bit width "
+                    f"after {name} ends (its first epoch entirely at the target is {settled}); "
+                    f"freezing them right after annealing diverges. Use a value >= "
+                    f"{settled + 1} or null",
+                )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -240,6 +263,16 @@ class Schedule:
         """
         start = self.start_of(role)
         return self.anneal_for(role).bits(target, epoch, fraction, start=start)
+
+    def settled_epoch(self, role: str) -> int:
+        """First epoch ``role`` spends entirely at its target bit width."""
+        a = self.anneal_for(role)
+        first = self.start_of(role) if a.start_epoch is None else a.start_epoch
+        if a.epochs == 0:
+            return first
+        # ``step`` reaches the target in the window's last epoch; ``linear`` / ``cosine`` at
+        # the window's end.
+        return first + a.epochs - 1 if a.mode == "step" else first + a.epochs
 
     def steps_within_epoch(self) -> bool:
         """True when a bit width can change inside an epoch (linear / cosine annealing)."""

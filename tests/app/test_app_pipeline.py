@@ -177,9 +177,9 @@ RESUME = [
     "quant=w4a4",
     "data.augment=true",
     "schedule.warmup_epochs=1",
-    "schedule.weight_anneal.epochs=3",
-    "schedule.act_anneal.epochs=3",
-    "schedule.freeze_bn_epoch=2",
+    "schedule.weight_anneal.epochs=2",
+    "schedule.act_anneal.epochs=2",
+    "schedule.freeze_bn_epoch=3",
     "schedule.freeze_observer_epoch=3",
     "trainer.limit_train_batches=6",
     "trainer.limit_val_batches=3",
@@ -201,7 +201,7 @@ def test_resume_from_mid_qat_checkpoint_matches_uninterrupted_run(tmp_path: Path
     assert part_state["epoch"] == 1
     qat_state = next(v for k, v in part_state["callbacks"].items() if "QATCallback" in k)
     # The checkpoint is mid-QAT: annealing under way, BN statistics not yet frozen.
-    assert qat_state["phase"] == "w+a" and qat_state["weight_bits"] == 7
+    assert qat_state["phase"] == "w+a" and qat_state["weight_bits"] == 6
     resumed = tmp_path / "resumed"
     ckpt = part / "checkpoints" / "last.ckpt"
     train(compose_train([*RESUME, "trainer.max_epochs=4", f"ckpt_path={ckpt}"], resumed))
@@ -223,7 +223,7 @@ def test_resume_from_mid_qat_checkpoint_matches_uninterrupted_run(tmp_path: Path
 
 def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
     part = tmp_path / "part"
-    # max_epochs=4: the schedule anneals until epoch 3 (a shorter run is a ConfigError).
+    # max_epochs=4: the schedule's last change is at epoch 3 (a shorter run is a ConfigError).
     stop = ["+callbacks.stop._target_=app_helpers.StopAfterEpoch", "+callbacks.stop.epoch=1"]
     train(compose_train([*RESUME, "trainer.max_epochs=4", *stop], part))
     ckpt = part / "checkpoints" / "last.ckpt"

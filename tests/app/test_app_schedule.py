@@ -80,11 +80,30 @@ def test_freeze_epochs_and_end_epoch() -> None:
         ({"weight_anneal": {"epoch": 3}}, "no key"),
         ({"calibration_batches": 0}, "calibration_batches"),
         ({"freeze_bn": 3}, "no key"),
+        # BN statistics frozen before a whole epoch at the final bit width.
+        ({"weight_anneal": {"mode": "linear", "epochs": 1}, "freeze_bn_epoch": 1}, ">= 2"),
+        ({"weight_anneal": {"epochs": 2}, "freeze_bn_epoch": 1}, "freeze_bn_epoch=1"),
+        ({"act_start_epoch": 1, "act_anneal": {"epochs": 2}, "freeze_bn_epoch": 2}, ">= 3"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Schedule.from_dict(data)
+
+
+def test_bn_freezes_only_after_a_whole_epoch_at_the_target_bits() -> None:
+    linear = Schedule.from_dict({"weight_anneal": {"mode": "linear", "epochs": 1}})
+    step = Schedule.from_dict({"warmup_epochs": 1, "weight_anneal": {"epochs": 3}})
+    # linear reaches 4 bits at the end of epoch 0; step in epoch 3, the window's last.
+    assert [linear.bits("weight", 4, 0, f) for f in (0.0, 0.5, 0.99)] == [8, 6, 4]
+    assert linear.settled_epoch("weight") == 1 and step.settled_epoch("weight") == 3
+    assert step.bits("weight", 4, 3) == 4 and step.bits("weight", 4, 2) == 5
+    for data in (
+        {"weight_anneal": {"mode": "linear", "epochs": 1}, "freeze_bn_epoch": 2},
+        {"warmup_epochs": 1, "weight_anneal": {"epochs": 3}, "freeze_bn_epoch": 4},
+        {"freeze_bn_epoch": 0},  # no annealing: the bits are final from the start
+    ):
+        assert Schedule.from_dict(data).freeze_bn_epoch == data["freeze_bn_epoch"]
 
 
 def test_round_trip() -> None:

@@ -62,7 +62,12 @@ ANNEAL = ["schedule=anneal", "quant=w4a4"]  # warm-up 1, weights 8 → 4 over ep
             r"6-bit weights, above the target 4; set trainer\.max_epochs>=5",
         ),
         (
-            [*ANNEAL, "trainer.max_epochs=5", "schedule.act_anneal.mode=linear"],
+            [
+                *ANNEAL,
+                "trainer.max_epochs=5",
+                "schedule.act_anneal.mode=linear",
+                "schedule.freeze_bn_epoch=null",
+            ],
             r"^schedule\.act_anneal .* trainer\.max_epochs=5: .* 5-bit activations",
         ),
         (
