@@ -3,9 +3,10 @@
 Each write goes to a temporary file in the destination's own directory (``os.replace`` is atomic
 only within one file system), is flushed and fsynced, and then replaces the destination. If
 anything fails before the replace (the writer raises, a smoke test of the new file fails, the
-process is interrupted), the temporary file is removed and the previous file is untouched. (A
-``SIGKILL`` cannot be cleaned up after: it may leave a hidden ``.<name>.*.tmp`` file beside the
-destination, never a torn destination.)
+process is interrupted), the temporary file is removed and the previous file is untouched. A
+``SIGKILL`` cannot be cleaned up after: it may leave a hidden ``.<name>.<host>-<pid>-*.tmp``
+file beside the destination (never a torn destination); the next write of that destination
+removes it once that process is gone.
 
 Used for everything a run leaves behind: exported models, ``results.json`` /
 ``export_report.json`` and Lightning checkpoints (:class:`qat.checkpoint.AtomicCheckpointIO`).
@@ -20,7 +21,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +34,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "commit",
+    "remove_stale",
     "staged_path",
     "write_staged",
 ]
@@ -37,11 +42,54 @@ __all__ = [
 _CHUNK = 1 << 20
 
 
+# After ".<name>.": "<host>-<pid>-<mkstemp's random letters>.tmp".
+_TMP_NAME = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-\w+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files that killed writers left beside ``path``; return them.
+
+    Only files written on this host by a process that no longer exists are removed: a live
+    writer's file, or one from another host sharing the file system, is left alone.
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    host = socket.gethostname()
+    removed = []
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        m = _TMP_NAME.match(tmp.name[len(prefix) :])
+        if m is None or m["host"] != host:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def staged_path(path: str | os.PathLike[str]) -> Path:
-    """A new, empty temporary file next to ``path`` (same directory, same suffix)."""
+    """A new, empty temporary file next to ``path`` (same directory, so the rename is atomic).
+
+    Its name carries this host and process id, so a later write can tell a killed writer's
+    leftovers from a live writer's file (:func:`remove_stale`, run here first).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path)
+    owner = f"{socket.gethostname()}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes 0600 files: give the artifact the mode an ordinary file would get
         # (or the mode of the file it replaces).

@@ -10,6 +10,10 @@ run directories are unique per run (tests/app/test_app_config.py).
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,33 @@ def test_results_json_crash_mid_write_keeps_the_old_file(
         write_json_atomic(path, {"status": "export_failed", "big": list(range(10_000))})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 1}, path)
+    # A writer SIGKILLed mid-save leaves its staged file; its pid no longer exists.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    host = socket.gethostname()
+    stale = path.parent / f".last.ckpt.{host}-{int(dead.stdout)}-abc123_x.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    # Files a live writer (this process's parent) or another host is writing are not touched.
+    live = path.parent / f".last.ckpt.{host}-{os.getppid()}-def456.tmp"
+    other_host = path.parent / f".last.ckpt.not-{host}-{int(dead.stdout)}-ghi789.tmp"
+    for f in (live, other_host):
+        f.write_bytes(b"in progress")
+    io.save_checkpoint({"epoch": 2}, path)
+    assert not stale.exists() and live.exists() and other_host.exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        ["last.ckpt", live.name, other_host.name]
+    )
+    assert io.load_checkpoint(path)["epoch"] == 2
 
 
 def test_checkpoint_crash_mid_save_keeps_the_previous_checkpoint(
