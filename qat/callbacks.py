@@ -49,7 +49,9 @@ from qat.quantizers import (
     FakeQuantizer,
     NonFiniteError,
     anneal_bits,
+    first_bad_rank,
     iter_quantizers,
+    rank_phrase,
     uninitialized_quantizers,
 )
 from qat.schedule import ROLES, Phase, Schedule
@@ -173,15 +175,23 @@ class QATCallback(Callback):
     ) -> None:
         # Before backward and the optimizer step: a NaN loss would otherwise spread NaN through
         # every parameter, and the layer where it started could no longer be told apart.
-        if not trainer.training or bool(torch.isfinite(loss.detach()).all()):
+        if not trainer.training:
+            return
+        # Collective under DDP: every rank stops at the same step, none is left waiting in the
+        # gradient all-reduce for a rank that has raised.
+        bad_rank = first_bad_rank(not bool(torch.isfinite(loss.detach()).all()))
+        if bad_rank is None:
             return
         epoch, batch_idx, x = self._batch or (trainer.current_epoch, None, None)
-        where = locate_non_finite(self._model(pl_module), x)
+        if bad_rank == trainer.global_rank:
+            where = locate_non_finite(self._model(pl_module), x)
+        else:
+            where = "see that rank's error for where it started"
         phase = self._phase.name if self._phase else "float"
         raise NonFiniteError(
-            f"non-finite training loss at epoch {epoch}, batch {batch_idx} (phase {phase}): "
-            f"{where}; lower the learning rate, check the input data, or resume from the last "
-            "good checkpoint"
+            f"non-finite training loss{rank_phrase(bad_rank)} at epoch {epoch}, batch "
+            f"{batch_idx} (phase {phase}): {where}; lower the learning rate, check the input "
+            "data, or resume from the last good checkpoint"
         )
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

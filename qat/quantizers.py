@@ -75,12 +75,46 @@ class NonFiniteError(FloatingPointError):
     """NaN or inf reached a quantizer: training has diverged at (or before) the named layer."""
 
 
-def _reduce_across_ranks(min_val: torch.Tensor, max_val: torch.Tensor) -> None:
-    """Under DDP, make every rank observe the same range (elementwise min / max over ranks)."""
+def _distributed() -> bool:
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(min_val, op=dist.ReduceOp.MIN)
-        dist.all_reduce(max_val, op=dist.ReduceOp.MAX)
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _reduce_across_ranks(min_val: torch.Tensor, max_val: torch.Tensor, bad: bool) -> int | None:
+    """Under DDP, make every rank observe the same range (elementwise min / max over ranks).
+
+    ``bad`` says this rank's range is not finite (pass zeros then). Returns the highest rank
+    whose range was not finite, or None: every rank learns of it in the same collective, so
+    all of them stop together instead of one waiting for a rank that has left.
+    """
+    if not _distributed():
+        return 0 if bad else None
+    # One MAX all-reduce carries -min, max and the flag (rank + 1 where bad).
+    flag = torch.tensor([_rank() + 1.0 if bad else 0.0], device=min_val.device)
+    packed = torch.cat([-min_val.flatten(), max_val.flatten(), flag])
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+    n = min_val.numel()
+    min_val.copy_(-packed[:n].view_as(min_val))
+    max_val.copy_(packed[n : 2 * n].view_as(max_val))
+    return int(packed[-1]) - 1 if packed[-1] > 0 else None
+
+
+def first_bad_rank(bad: bool) -> int | None:
+    """Collective under DDP: the highest rank where ``bad`` holds (this one included), or None."""
+    if not _distributed():
+        return 0 if bad else None
+    flag = torch.tensor([_rank() + 1 if bad else 0], dtype=torch.int64)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag) - 1 if flag > 0 else None
+
+
+def rank_phrase(rank: int) -> str:
+    """``" on rank 1"`` under DDP, ``""`` in a single process (for error messages)."""
+    return f" on rank {rank}" if _distributed() else ""
 
 
 class FakeQuantizer(nn.Module):
@@ -236,17 +270,21 @@ class FakeQuantizer(nn.Module):
         if relu and self.spec.range_method in ("percentile", "mse"):
             x = torch.relu(x)
         lo, hi = self._batch_range(x)
-        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
-            where = self.name or repr(self)
-            raise NonFiniteError(
-                f"NaN or inf in the {self.role} observed by quantizer '{where}': training has "
-                "diverged at or before this layer (lower the learning rate, check the input "
-                "data, or resume from the last good checkpoint)"
-            )
+        bad = not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        if bad:
+            lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)  # keep NaN out of the reduction
         if relu:
             # min/max of relu(x) are those of x clamped at 0: no pass over relu(x) needed.
             lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
-        _reduce_across_ranks(lo, hi)
+        bad_rank = _reduce_across_ranks(lo, hi, bad)
+        if bad_rank is not None:
+            where = self.name or repr(self)
+            raise NonFiniteError(
+                f"NaN or inf in the {self.role} observed by quantizer '{where}'"
+                f"{rank_phrase(bad_rank)}: training has diverged at or before this layer "
+                "(lower the learning rate, check the input data, or resume from the last good "
+                "checkpoint)"
+            )
         keep_history = self.role == "activation" and self.is_initialized
         if keep_history and self.spec.range_method == "minmax":
             lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)

@@ -121,3 +121,16 @@ class StopAfterEpoch(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.current_epoch >= self.epoch:
             trainer.should_stop = True
+
+
+class NaNBatchOnRank(Callback):
+    """Fills the input batch of training step ``step`` with NaN, on rank ``rank`` only."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))

@@ -133,6 +133,45 @@ def test_ddp_cpu_keeps_quantizer_state_identical_across_ranks(tmp_path: Path) ->
     assert results["config"]["devices"] == 2 and results["config"]["strategy"] == "DDPStrategy"
 
 
+@pytest.mark.parametrize(
+    ("observers", "message"),
+    [
+        # Live observers meet the NaN first, in the forward pass.
+        ("live", "NaN or inf in the activation observed by quantizer 'input_quant' on rank 1"),
+        # Frozen observers let it through to the loss, checked before backward.
+        ("frozen", "non-finite training loss on rank 1 at epoch 1, batch 1 (phase w+a,obs_"),
+    ],
+)
+def test_ddp_cpu_nan_on_one_rank_stops_both_ranks(
+    observers: str, message: str, tmp_path: Path
+) -> None:
+    # Rank 1 alone sees a NaN batch. Both ranks must stop at that step with an error naming
+    # rank 1, instead of rank 0 failing later on a closed connection (gloo) or hanging (NCCL).
+    freeze = ["schedule.freeze_observer_epoch=1"] if observers == "frozen" else []
+    proc = run(
+        [
+            TRAIN,
+            "trainer=ddp_cpu",
+            *TINY,
+            *freeze,
+            "+callbacks.nan._target_=app_helpers.NaNBatchOnRank",
+            "+callbacks.nan.rank=1",
+            "+callbacks.nan.step=5",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    for rank in (0, 1):  # the same error on both ranks
+        assert f"[rank{rank}]: qat.quantizers.NonFiniteError: {message}" in out, _show(proc)
+    assert "Connection closed by peer" not in out, _show(proc)
+    if observers == "frozen":
+        assert "the input batch holds NaN or inf" in out, _show(proc)  # rank 1 located it
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_wandb_offline_run_writes_its_files(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run([TRAIN, *TINY, "logger=wandb", f"hydra.run.dir={run_dir}"], tmp_path)
