@@ -299,8 +299,8 @@ class Recipe:
             "overrides": [
                 {
                     "pattern": o.pattern,
-                    "weight": dict(o.weight) if o.weight else None,
-                    "activation": dict(o.activation) if o.activation else None,
+                    "weight": None if o.weight is None else dict(o.weight),
+                    "activation": None if o.activation is None else dict(o.activation),
                     "skip": o.skip,
                 }
                 for o in self.overrides

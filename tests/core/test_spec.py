@@ -71,7 +71,10 @@ def test_recipe_round_trips_through_dict_and_omegaconf() -> None:
     data = {
         "weight": {"bits": 4, "learned": "lsq"},
         "activation": {"bits": 4, "learned": "pact"},
-        "overrides": [{"pattern": "stem.*", "weight": {"bits": 8}, "activation": {"bits": 8}}],
+        "overrides": [
+            {"pattern": "stem.*", "weight": {"bits": 8}, "activation": {"bits": 8}},
+            {"pattern": "fc", "weight": {}},  # an empty spec (no change) survives the trip
+        ],
     }
     recipe = Recipe.from_dict(OmegaConf.create(data))
     assert recipe.weight.bits == 4 and recipe.weight.per_channel  # defaults kept
