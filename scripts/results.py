@@ -137,6 +137,9 @@ def collect(root: Path, models: Sequence[str]) -> list[dict[str, Any]]:
             item: dict[str, Any] = {"model": model, "row": row, "method": method}
             item.update(w_bits=wb, a_bits=ab, done=res is not None)
             if res is None:
+                # A run directory without results.json: the run started and died (it is
+                # set aside and run again by the next `scripts/results.py`).
+                item["failed"] = _row_dir(root, model, row).is_dir()
                 out.append(item)
                 continue
             acc = res["metrics"]["test_acc"]
@@ -238,7 +241,7 @@ def _checks(items: list[dict[str, Any]]) -> list[str]:
         for row, limit in (("qat_w8a8", 0.2), ("qat_w4a4", 1.0), ("qat_w2a2_anneal", 4.0)):
             a = acc(m, row)
             gap = None if a is None else 100 * (f - a)
-            text = "not run" if gap is None else f"{gap:.2f} pt below float"
+            text = "no result" if gap is None else f"{gap:.2f} pt below float"
             if gap is not None and gap < 0:
                 text = f"{-gap:.2f} pt above float"
             check(f"{row}: {text} (goal ≤ {limit})", None if gap is None else gap <= limit)
@@ -302,7 +305,8 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         if not i["done"]:
             lines.append(
                 f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
-                "| not run | | | | | | | | | | |"
+                f"| {'failed (no results.json)' if i.get('failed') else 'not run'} "
+                "| | | | | | | | | | |"
             )
             continue
         agree = [i.get(k) for k in ("ort_agree", "ts_agree") if i.get(k) is not None]
