@@ -179,7 +179,7 @@ class QATCallback(Callback):
             return
         # Collective under DDP: every rank stops at the same step, none is left waiting in the
         # gradient all-reduce for a rank that has raised.
-        bad_rank = first_bad_rank(not bool(torch.isfinite(loss.detach()).all()))
+        bad_rank = first_bad_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device)
         if bad_rank is None:
             return
         epoch, batch_idx, x = self._batch or (trainer.current_epoch, None, None)

@@ -103,11 +103,14 @@ def _reduce_across_ranks(min_val: torch.Tensor, max_val: torch.Tensor, bad: bool
     return int(packed[-1]) - 1 if packed[-1] > 0 else None
 
 
-def first_bad_rank(bad: bool) -> int | None:
-    """Collective under DDP: the highest rank where ``bad`` holds (this one included), or None."""
+def first_bad_rank(bad: bool, device: torch.device | str = "cpu") -> int | None:
+    """Collective under DDP: the highest rank where ``bad`` holds (this one included), or None.
+
+    ``device``: where the process group's backend reduces (CUDA for NCCL).
+    """
     if not _distributed():
         return 0 if bad else None
-    flag = torch.tensor([_rank() + 1 if bad else 0], dtype=torch.int64)
+    flag = torch.tensor([_rank() + 1 if bad else 0], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag) - 1 if flag > 0 else None
 
