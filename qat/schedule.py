@@ -75,6 +75,10 @@ class Anneal:
         ):
             _fail("anneal.start_bits", self.start_bits, "expected an integer 2–8")
 
+    def first_epoch(self, start: int) -> int:
+        """The window's first epoch; ``start`` stands in when ``start_epoch`` is None."""
+        return start if self.start_epoch is None else self.start_epoch
+
     def progress(self, epoch: int, fraction: float = 0.0, start: int = 0) -> float:
         """Fraction of the window done (0 before it, 1 after it) at ``epoch + fraction``.
 
@@ -83,7 +87,7 @@ class Anneal:
             fraction: part of the current epoch done, in [0, 1) (ignored by ``step``).
             start: the window's start when ``start_epoch`` is None.
         """
-        first = start if self.start_epoch is None else self.start_epoch
+        first = self.first_epoch(start)
         if self.epochs == 0:
             return 1.0 if epoch >= first else 0.0
         if self.mode == "step":
@@ -267,7 +271,7 @@ class Schedule:
     def settled_epoch(self, role: str) -> int:
         """First epoch ``role`` spends entirely at its target bit width."""
         a = self.anneal_for(role)
-        first = self.start_of(role) if a.start_epoch is None else a.start_epoch
+        first = a.first_epoch(self.start_of(role))
         if a.epochs == 0:
             return first
         # ``step`` reaches the target in the window's last epoch; ``linear`` / ``cosine`` at
@@ -283,7 +287,6 @@ class Schedule:
         ends = [self.warmup_epochs, self.act_start]
         for role in ROLES:
             a = self.anneal_for(role)
-            first = self.start_of(role) if a.start_epoch is None else a.start_epoch
-            ends.append(first + a.epochs)
+            ends.append(a.first_epoch(self.start_of(role)) + a.epochs)
         ends += [e for e in (self.freeze_bn_epoch, self.freeze_observer_epoch) if e is not None]
         return max(ends)

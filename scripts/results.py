@@ -286,16 +286,17 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
         "PTQ rows: "
         "calibration on 32 batches, no training. The first conv's weights, the input and the "
-        "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. MobileNetV2 at width 0.5. Every accuracy is on "
-        "the full test set; the exported models ran on the same 10,000 images.",
+        "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. "
+        "MobileNetV2 at width 0.5. Every accuracy is on the full test set; the exported models "
+        "ran on the same 10,000 images.",
         "",
         "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
         "(ONNX Runtime CPU, integer kernels) and TorchScript (PyTorch INT8 kernels) models; "
-        "agree = top-1 agreement with fake-quant (the lower of the two); max Δ logit = largest absolute "
-        "logit difference (logits are float in every row); sizes in KiB (int8 weights; sub-8-bit "
-        "values in int8 containers); latency in ms per batch, medians of interleaved rounds on "
-        "a shared 2-core machine (compare within a column). Float rows: the FP32 ONNX model in "
-        "ONNX Runtime and eager PyTorch.",
+        "agree = top-1 agreement with fake-quant (the lower of the two); max Δ logit = largest "
+        "absolute logit difference (logits are float in every row); sizes in KiB (int8 weights; "
+        "sub-8-bit values in int8 containers); latency in ms per batch, medians of interleaved "
+        "rounds on a shared 2-core machine (compare within a column). Float rows: the FP32 ONNX "
+        "model in ONNX Runtime and eager PyTorch.",
         "",
         "| model | method | bits | fake-quant % | ORT % | TS % | agree % | max Δ logit "
         "| ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s |",
