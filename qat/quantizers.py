@@ -172,6 +172,9 @@ class FakeQuantizer(nn.Module):
             self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
         if spec.learned == "pact":
             self.alpha = nn.Parameter(torch.ones(1))
+        # Set when the bit width of an initialised LSQ scale changes: the next training forward
+        # re-initialises it from that batch (not state: a resume re-sets the bits anyway).
+        self._reinit_pending = False
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -234,8 +237,11 @@ class FakeQuantizer(nn.Module):
     def set_bits(self, bits: int) -> None:
         """Change the bit width in place, keeping every parameter object (and optimizer state).
 
-        Observed ranges are re-expressed on the new grid; learned LSQ scales keep their clip
-        range (scale × old levels / new levels); PACT's clip is bit-width free.
+        Observed ranges are re-expressed on the new grid; PACT's clip is bit-width free. A
+        learned LSQ scale keeps its clip range (scale × old levels / new levels) until the next
+        training forward, which re-initialises it from that batch with the spec's range method:
+        the clip range that suits 8 bits rounds most values to zero at 2 or 3 bits (ResNet-20
+        annealed 8 → 2 that way fell to chance accuracy).
         """
         if (
             isinstance(bits, bool)
@@ -262,6 +268,7 @@ class FakeQuantizer(nn.Module):
                 self.scale.mul_(ratio)
                 if isinstance(self.zero_point, nn.Parameter):
                     self.zero_point.sub_(oqmin).div_(ratio).add_(nqmin)
+                self._reinit_pending = True
             elif self.learned == "none":
                 self._update_qparams_from_stats()
 
@@ -397,8 +404,13 @@ class FakeQuantizer(nn.Module):
         if not self.enabled:
             return torch.relu(x) if relu else x
         # Ranges move only in training mode: evaluation and export see a fixed model.
-        if self.observer_enabled and self.training:
+        if self.training and (self.observer_enabled or self._reinit_pending):
+            if not self.observer_enabled:
+                # A learned scale after a bit-width change: start afresh from this batch, not
+                # from statistics gathered on the wider grid.
+                self.reset_observer()
             self.observe(x, relu=relu)
+            self._reinit_pending = False
         if not self.fake_quant_enabled or not self.initialized:
             return torch.relu(x) if relu else x
         qmin, qmax = self.quant_range

@@ -107,6 +107,32 @@ def test_set_bits_keeps_lsq_clip_range_and_parameter() -> None:
     assert float(q.scale.detach()) * 15 == pytest.approx(clip)
 
 
+def test_lsq_scale_reinitialised_from_next_training_batch_after_bit_change() -> None:
+    """At 2 bits the 8-bit clip range rounds most weights to zero: the scale starts afresh."""
+    spec = QuantSpec(bits=8, signed=True, symmetric=True, range_method="mse", learned="lsq")
+    q = FakeQuantizer(spec, role="weight")
+    w = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    q.enable_observer(True).observe(w)
+    q.enable_observer(False)
+    param = q.scale
+    q.set_bits(2)
+    kept = float(q.scale.detach())  # the 8-bit clip range re-expressed on the 2-bit grid
+    q.eval()
+    q(w)  # evaluation never moves a range
+    assert float(q.scale.detach()) == kept
+    q.train()
+    q(w)
+    assert q.scale is param and float(q.scale.detach()) < kept / 2
+    fresh = FakeQuantizer(QuantSpec(bits=2, signed=True, symmetric=True, range_method="mse"))
+    fresh.observe(w)
+    assert float(q.scale.detach()) == pytest.approx(float(fresh.scale))
+    zeros = float((torch.round(w / q.scale.detach()) == 0).float().mean())
+    assert zeros < 0.6
+    q.scale.data.mul_(1.5)  # as training would move it: no second re-initialisation
+    q(w)
+    assert float(q.scale.detach()) == pytest.approx(1.5 * float(fresh.scale))
+
+
 def test_float_bits_pass_through() -> None:
     q = FakeQuantizer(QuantSpec(bits=8, signed=False, symmetric=False))
     x = torch.rand(10)
@@ -125,6 +151,7 @@ def test_state_dict_round_trip(learned: str) -> None:
     a.observe(torch.randn(4, 9))
     a.set_bits(3)
     a.enable_observer(False)
+    a(torch.randn(4, 9))  # an LSQ scale re-initialises on the first training batch at 3 bits
     b = FakeQuantizer(spec, role=a.role, channels=4)
     b.load_state_dict(a.state_dict())
     assert b.bits == 3 and b.is_initialized and not bool(b.observer_enabled)
