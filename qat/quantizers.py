@@ -320,18 +320,21 @@ class FakeQuantizer(nn.Module):
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         method = self.spec.range_method
-        if method in ("minmax", "ema") and not self.spec.per_channel:
-            # A full reduction is ~40x faster than aminmax(dim=1) over a (1, N) view.
-            lo, hi = torch.aminmax(x)
-            return lo.float().reshape(1), hi.float().reshape(1)
-        flat = self._channels_first(x).float()
         if method in ("minmax", "ema"):
-            lo, hi = torch.aminmax(flat, dim=1)
-        elif method == "percentile":
+            return self._minmax(x)
+        flat = self._channels_first(x).float()
+        if method == "percentile":
             lo, hi = self._percentile_range(flat)
         else:
             lo, hi = self._mse_range(flat)
         return lo, hi
+
+    def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.spec.per_channel:
+            # A full reduction is ~40x faster than aminmax(dim=1) over a (1, N) view.
+            lo, hi = torch.aminmax(x)
+            return lo.float().reshape(1), hi.float().reshape(1)
+        return torch.aminmax(self._channels_first(x).float(), dim=1)
 
     def _sample(self, flat: torch.Tensor, limit: int = 1 << 18) -> torch.Tensor:
         # Deterministic strided subsample: percentile / MSE search on a few 100k values is
@@ -418,6 +421,8 @@ class FakeQuantizer(nn.Module):
             x = torch.relu(x)
         learned = self.spec.learned
         if learned == "lsq":
+            if self.training:
+                self._cap_lsq_scale(x, qmin, qmax, relu)
             return self._lsq(x, qmin, qmax)
         if learned == "pact":
             return self._pact(x, qmin, qmax)
@@ -437,6 +442,29 @@ class FakeQuantizer(nn.Module):
         _, qmax = self.quant_range
         n = x.numel() // (x.shape[self.axis] if self.spec.per_channel else 1)
         return 1.0 / math.sqrt(max(n, 1) * qmax)
+
+    @torch.no_grad()
+    def _cap_lsq_scale(self, x: torch.Tensor, qmin: int, qmax: int, relu: bool) -> None:
+        """Keep a learned scale at or below the min/max scale of this batch (a projection).
+
+        A larger step only leaves levels unused, and past twice it every value rounds to zero:
+        BN then normalises a constant channel, its gradient is amplified by ``1/√eps`` and the
+        scale runs away (MobileNetV2 annealed to W2A2: weight scales 1e6 within 20 steps).
+        """
+        lo, hi = self._minmax(x)
+        if relu:
+            lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
+        finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        if self.role == "activation":
+            # Every rank must cap with the same bound, or the replicas' scales drift apart. A
+            # non-finite batch is the loss check's to report; here it only skips the cap.
+            if not finite:
+                lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)
+            finite = _reduce_across_ranks(lo, hi, not finite) is None
+        if not finite:
+            return
+        cap, _ = qparams_from_range(lo, hi, qmin, qmax, self.spec.symmetric, self.spec.signed)
+        self.scale.copy_(torch.minimum(self.scale, cap))
 
     def _lsq(self, x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
         scale = self.scale.clamp_min(SCALE_EPS)

@@ -284,6 +284,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "(20,480 images, lr 0.01, cosine): epoch 0 quantized (annealed rows: 8 → target bits "
         "linearly over the epoch), epoch 1 with observers frozen (BN statistics stay live: "
         "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
+        "The LSQ rows (W3A3, W2A2) train 4 such epochs: the anneal, then 3 at the target. "
         "PTQ rows: "
         "calibration on 32 batches, no training. The first conv's weights, the input and the "
         "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. "

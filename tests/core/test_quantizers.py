@@ -172,3 +172,29 @@ def test_relu_fusion_is_exact() -> None:
 def test_lsq_grad_factor() -> None:
     q = FakeQuantizer(QuantSpec(bits=4, per_channel=True, learned="lsq"), role="weight", channels=8)
     assert q.lsq_grad_factor(torch.zeros(8, 3, 3, 3)) == pytest.approx(1 / math.sqrt(27 * 7))
+
+
+@pytest.mark.parametrize("role", ["weight", "activation"])
+def test_lsq_scale_capped_at_min_max_step_in_training(role: str) -> None:
+    """A learned step above the min/max step would let every value round to zero."""
+    per_channel = role == "weight"
+    spec = QuantSpec(
+        bits=2, signed=per_channel, symmetric=per_channel, per_channel=per_channel, learned="lsq"
+    )
+    q = FakeQuantizer(spec, role=role, channels=3)
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    q.enable_observer(True).observe(x)
+    q.enable_observer(False)
+    minmax = q.scale.detach().clone()
+    expected = minmax.clone()
+    with torch.no_grad():
+        q.scale.mul_(1e6)
+        if per_channel:
+            q.scale[0] = expected[0] = minmax[0] / 2  # below the cap: left alone
+    q.eval()
+    q(x)
+    assert float(q.scale.detach().max()) > 1.0  # evaluation changes nothing
+    q.train()
+    out = q(x)
+    assert torch.allclose(q.scale.detach(), expected)
+    assert bool((out != 0).any())
