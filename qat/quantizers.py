@@ -133,7 +133,9 @@ class FakeQuantizer(nn.Module):
     trained with LSQ's gradient (scale gradient multiplied by ``1/sqrt(N·qmax)``); ``pact``
     learns a clip ``alpha`` (``[0, α]`` unsigned, ``[−α, α]`` signed) with scale ``α/qmax``.
     While the observer is on, learned ranges are (re)initialised from the observed range, so
-    calibration sets their start value; switch observers off before training them.
+    calibration sets their start value; switch observers off before training them. An LSQ
+    scale is also re-initialised from data after :meth:`set_bits` lowers or raises its width,
+    and in training it never exceeds the batch's min/max scale.
 
     Args:
         spec: what to quantize and how.
@@ -449,7 +451,8 @@ class FakeQuantizer(nn.Module):
 
         A larger step only leaves levels unused, and past twice it every value rounds to zero:
         BN then normalises a constant channel, its gradient is amplified by ``1/√eps`` and the
-        scale runs away (MobileNetV2 annealed to W2A2: weight scales 1e6 within 20 steps).
+        scale runs away (ResNet-20 annealed to W2A2 with its 8-bit clip ranges kept: a weight
+        scale of 1e15 within 40 steps at 2 bits).
         """
         lo, hi = self._minmax(x)
         if relu:
