@@ -4,6 +4,7 @@ Python API (see README): ``prepare`` a float model with a ``Recipe``, ``calibrat
 train it in any loop (or with ``qat.callbacks.QATCallback`` under Lightning), then export.
 """
 
+from qat.bn_reestimate import reestimate_bn
 from qat.fold import fold_bn, fold_bn_params
 from qat.modules import (
     FloatLayer,
@@ -55,6 +56,7 @@ __all__ = [
     "iter_quantizers",
     "prepare",
     "quantizer_summary",
+    "reestimate_bn",
     "set_fake_quant",
     "set_observers",
     "uninitialized_quantizers",

@@ -12,6 +12,10 @@
   statistics and observer freezing. Nothing changes during Lightning's sanity check (the hooks
   used are training hooks) and observers never move in validation (they only update in training
   mode).
+- while quantized with live BN, before each validation of ``fit`` and before the BN freeze, it
+  re-estimates the BN statistics on ``schedule.bn_reestimate_batches`` training batches
+  (:func:`qat.reestimate_bn`; the folded integer weights stay the same), so validation,
+  checkpoints and export see population statistics, not averages over oscillating weights.
 - it logs the bit widths (``quant/weight_bits``, ``quant/act_bits``) every epoch and, on one
   batch per epoch, per-layer scale, clipping rate and SQNR (``quant/<layer>/act_sqnr_db`` ...).
 - a non-finite training loss stops the run with a :class:`qat.NonFiniteError` naming where the
@@ -43,6 +47,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader
 
+from qat.bn_reestimate import reestimate_bn
 from qat.modules import QConvBn2d
 from qat.prepare import calibrate, is_prepared, prepare
 from qat.quantizers import (
@@ -106,6 +111,7 @@ class QATCallback(Callback):
         self._stats_batch: torch.Tensor | None = None
         self._batch: tuple[int, int, torch.Tensor | None] | None = None
         self._restored: dict[str, Any] | None = None
+        self._bn_reestimated_at: int | None = None  # global step of the last re-estimation
 
     # ------------------------------------------------------------------ helpers
     def _model(self, pl_module: LightningModule) -> nn.Module:
@@ -154,6 +160,14 @@ class QATCallback(Callback):
         self.apply_schedule(trainer, pl_module, epoch)
         if self._restored is not None:
             self._check_restored(epoch)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Only fit's own validations: sanity checks, trainer.validate() and trainer.test()
+        # evaluate the model as it is.
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self._phase is not None and self._phase.quantized:
+            self._reestimate_bn(trainer, self._model(pl_module))
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -302,6 +316,9 @@ class QATCallback(Callback):
             else:
                 observe = True
             q.enable_observer(observe)
+        if phase.bn_frozen and phase.quantized:
+            # Frozen statistics are used from now on: make them the current network's.
+            self._reestimate_bn(trainer, model)
         for m in model.modules():
             if isinstance(m, QConvBn2d):
                 m.freeze_bn_stats(phase.bn_frozen)
@@ -330,6 +347,26 @@ class QATCallback(Callback):
         rank_zero_info(
             f"QAT: calibrated {sum(1 for _ in iter_quantizers(model))} quantizers on {n} batches"
             + (f"; {len(missing)} saw no data" if missing else "")
+        )
+
+    def _reestimate_bn(self, trainer: Trainer | None, model: nn.Module) -> None:
+        n = self.schedule.bn_reestimate_batches
+        step = trainer.global_step if trainer is not None else None
+        if n == 0 or (step is not None and step == self._bn_reestimated_at):
+            return  # off, or done already since the last optimizer step
+        if not any(isinstance(m, QConvBn2d) and not m.is_bn_frozen for m in model.modules()):
+            return
+        # Other batches each time (a fixed function of the step, so a resume draws the same);
+        # the same on every rank, so the replicas keep equal statistics.
+        loader = _calibration_loader(trainer, self.calibration_seed + 1 + (step or 0))
+        if loader is None:
+            rank_zero_warn("QATCallback: no training data to re-estimate BN statistics on")
+            return
+        with isolate_rng():
+            layers = reestimate_bn(model, loader, num_batches=n)
+        self._bn_reestimated_at = step
+        rank_zero_info(
+            f"QAT: re-estimated the BN statistics of {len(layers)} layers on {n} batches"
         )
 
 

@@ -10,6 +10,11 @@ A run goes through these phases (each boundary is an epoch number; any may coinc
                                      at least one epoch after the anneal reaches the target
     freeze_observer_epoch            observed ranges frozen (learned ranges keep learning)
 
+While quantized with live BN, the BN running statistics are re-estimated on
+``bn_reestimate_batches`` training batches before every validation and before the BN freeze
+(:func:`qat.reestimate_bn`): at 2–3 bits the running averages of oscillating weights no longer
+match the network they belong to.
+
 Everything here is a pure function of ``(epoch, fraction of the epoch done)``, so a run resumed
 from a checkpoint computes exactly the state the uninterrupted run had at that point.
 
@@ -148,6 +153,8 @@ class Schedule:
         freeze_bn_epoch: epoch BN statistics freeze from (None: never).
         freeze_observer_epoch: epoch observed ranges freeze from (None: never).
         calibration_batches: training batches used to calibrate ranges when quantization starts.
+        bn_reestimate_batches: training batches BN statistics are re-estimated on before each
+            validation and the BN freeze, while quantized (0: never; keep the running averages).
     """
 
     warmup_epochs: int = 0
@@ -157,6 +164,7 @@ class Schedule:
     freeze_bn_epoch: int | None = None
     freeze_observer_epoch: int | None = None
     calibration_batches: int = 16
+    bn_reestimate_batches: int = 32
 
     def __post_init__(self) -> None:
         _check_epoch("warmup_epochs", self.warmup_epochs)
@@ -179,6 +187,16 @@ class Schedule:
             or self.calibration_batches < 1
         ):
             _fail("calibration_batches", self.calibration_batches, "expected an integer >= 1")
+        if (
+            isinstance(self.bn_reestimate_batches, bool)
+            or not isinstance(self.bn_reestimate_batches, int)
+            or self.bn_reestimate_batches < 0
+        ):
+            _fail(
+                "bn_reestimate_batches",
+                self.bn_reestimate_batches,
+                "expected an integer >= 0 (0: keep the running averages)",
+            )
         self._check_bn_freeze_after_anneal()
 
     def _check_bn_freeze_after_anneal(self) -> None:
