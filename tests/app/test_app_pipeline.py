@@ -15,6 +15,7 @@ import qat
 from qat.callbacks import QATCallback
 from qat.config import ConfigError, validate_config
 from qat.lit_module import ClassifierModule
+from qat.modules import QConvBn2d
 from qat.pipeline import build_module, train
 from qat.schedule import Anneal
 
@@ -158,6 +159,68 @@ def test_validation_and_sanity_check_never_move_quantizers(tmp_path: Path) -> No
     trainer.validate(module, datamodule=dm, verbose=False)
     after = quant_state(module.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bn_statistics_are_re_estimated_before_fit_validations_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, bool, int]] = []
+    real = qat.callbacks.reestimate_bn
+
+    def spy(model: torch.nn.Module, batches, num_batches=None):
+        layers = real(model, batches, num_batches=num_batches)
+        calls.append((trainer.current_epoch, trainer.validating, len(layers)))
+        return layers
+
+    monkeypatch.setattr(qat.callbacks, "reestimate_bn", spy)
+    probe = ValidationProbe()
+    trainer, module, dm, _ = _tiny_trainer(
+        tmp_path,
+        [
+            "quant=w4a4",
+            "trainer.max_epochs=4",
+            "schedule.warmup_epochs=1",
+            "schedule.freeze_bn_epoch=3",
+            "schedule.bn_reestimate_batches=2",
+        ],
+        [probe],
+    )
+    trainer.fit(module, datamodule=dm)
+    # Not in the sanity check nor the float epoch 0; before the validations of the quantized
+    # epochs 1 and 2; not again when epoch 3 freezes BN right after epoch 2's validation; and
+    # not at all once BN is frozen.
+    assert calls == [(1, True, 2), (2, True, 2)]
+    assert probe.checked == 5  # quantizers still never move *during* validation
+    assert all(m.is_bn_frozen for m in module.model.modules() if isinstance(m, QConvBn2d))
+    trainer.validate(module, datamodule=dm, verbose=False)
+    assert len(calls) == 2
+
+
+def test_bn_freeze_re_estimates_when_no_validation_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = qat.callbacks.reestimate_bn
+
+    def spy(model: torch.nn.Module, batches, num_batches=None):
+        calls.append(trainer.current_epoch)
+        return real(model, batches, num_batches=num_batches)
+
+    monkeypatch.setattr(qat.callbacks, "reestimate_bn", spy)
+    overrides = ["quant=w4a4", "trainer.max_epochs=3", "schedule.warmup_epochs=1"]
+    trainer, module, dm, _ = _tiny_trainer(
+        tmp_path, [*overrides, "schedule.freeze_bn_epoch=2", "schedule.bn_reestimate_batches=3"], []
+    )
+    trainer.limit_val_batches = 0
+    trainer.fit(module, datamodule=dm)
+    assert calls == [2]
+    # Off: the running averages are kept.
+    calls.clear()
+    trainer, module, dm, _ = _tiny_trainer(
+        tmp_path, [*overrides, "schedule.freeze_bn_epoch=2", "schedule.bn_reestimate_batches=0"], []
+    )
+    trainer.fit(module, datamodule=dm)
+    assert calls == []
 
 
 def test_setup_is_idempotent_and_checks_the_recipe(tmp_path: Path) -> None:

@@ -79,6 +79,8 @@ def test_freeze_epochs_and_end_epoch() -> None:
         ({"weight_anneal": {"start_bits": 9}}, "start_bits"),
         ({"weight_anneal": {"epoch": 3}}, "no key"),
         ({"calibration_batches": 0}, "calibration_batches"),
+        ({"bn_reestimate_batches": -1}, "bn_reestimate_batches=-1"),
+        ({"bn_reestimate_batches": True}, "bn_reestimate_batches"),
         ({"freeze_bn": 3}, "no key"),
         # BN statistics frozen before a whole epoch at the final bit width.
         ({"weight_anneal": {"mode": "linear", "epochs": 1}, "freeze_bn_epoch": 1}, ">= 2"),
