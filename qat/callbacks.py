@@ -253,6 +253,8 @@ class QATCallback(Callback):
             "weight_bits": self.current_bits("weight"),
             "act_bits": self.current_bits("activation"),
             "bn_frozen": bool(self._phase and self._phase.bn_frozen),
+            # A resume at a BN freeze must not re-estimate what this step already did.
+            "bn_reestimated_at": self._bn_reestimated_at,
             "history": list(self.history),
         }
 
@@ -272,6 +274,7 @@ class QATCallback(Callback):
             )
         self.calibrated = bool(state_dict.get("calibrated", False))
         self.history = list(state_dict.get("history", []))
+        self._bn_reestimated_at = state_dict.get("bn_reestimated_at")
         self._restored = dict(state_dict)
 
     def _check_restored(self, epoch: int) -> None:

@@ -253,18 +253,25 @@ def _last_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-def test_resume_from_mid_qat_checkpoint_matches_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_epoch", [1, 2])
+def test_resume_from_mid_qat_checkpoint_matches_uninterrupted_run(
+    tmp_path: Path, stop_epoch: int
+) -> None:
     full = tmp_path / "full"
     train(compose_train([*RESUME, "trainer.max_epochs=4"], full))
     part = tmp_path / "part"
-    # Same config, stopped after epoch 1 as a preemption would stop it.
-    stop = ["+callbacks.stop._target_=app_helpers.StopAfterEpoch", "+callbacks.stop.epoch=1"]
+    # Same config, stopped as a preemption would stop it: mid-anneal (after epoch 1), or right
+    # before the BN freeze (after epoch 2, whose validation re-estimated the BN statistics).
+    stop = [
+        "+callbacks.stop._target_=app_helpers.StopAfterEpoch",
+        f"+callbacks.stop.epoch={stop_epoch}",
+    ]
     train(compose_train([*RESUME, "trainer.max_epochs=4", *stop], part))
     part_state = _last_state(part)
-    assert part_state["epoch"] == 1
+    assert part_state["epoch"] == stop_epoch
     qat_state = next(v for k, v in part_state["callbacks"].items() if "QATCallback" in k)
-    # The checkpoint is mid-QAT: annealing under way, BN statistics not yet frozen.
-    assert qat_state["phase"] == "w+a" and qat_state["weight_bits"] == 6
+    # The checkpoint is mid-QAT: annealing under way or just done, BN statistics not frozen.
+    assert qat_state["phase"] == "w+a" and qat_state["weight_bits"] == (6, 4)[stop_epoch - 1]
     resumed = tmp_path / "resumed"
     ckpt = part / "checkpoints" / "last.ckpt"
     train(compose_train([*RESUME, "trainer.max_epochs=4", f"ckpt_path={ckpt}"], resumed))
