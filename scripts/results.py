@@ -42,8 +42,8 @@ ROWS = [
     ("ptq_w4a4", "PTQ", 4, 4),
     ("qat_w8a8", "QAT", 8, 8),
     ("qat_w4a8", "QAT", 4, 8),
-    ("qat_w4a4", "QAT", 4, 4),
-    ("qat_w4a4_anneal", "QAT annealed", 4, 4),
+    ("qat_w4a4", "QAT (LSQ)", 4, 4),
+    ("qat_w4a4_anneal", "QAT annealed (LSQ)", 4, 4),
     ("qat_w3a3_anneal", "QAT annealed (LSQ)", 3, 3),
     ("qat_w2a2_anneal", "QAT annealed (LSQ)", 2, 2),
 ]
@@ -284,7 +284,10 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "(20,480 images, lr 0.01, cosine): epoch 0 quantized (annealed rows: 8 → target bits "
         "linearly over the epoch), epoch 1 with observers frozen (BN statistics stay live: "
         "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
-        "The LSQ rows (W3A3, W2A2) train 4 such epochs: the anneal, then 3 at the target. "
+        "The W4A4 QAT rows learn their step sizes (LSQ); so do W3A3 and W2A2, which train 4 "
+        "such epochs: the anneal, then 3 at the target. While quantized, BN statistics are "
+        "re-estimated on 32 batches before each validation (the folded integer weights stay "
+        "the same). "
         "PTQ rows: "
         "calibration on 32 batches, no training. The first conv's weights, the input and the "
         "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. "
