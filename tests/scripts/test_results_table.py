@@ -64,7 +64,9 @@ def test_table_rows_goals_and_plots(results_script, tmp_path: Path) -> None:
     assert [i["row"] for i in items] == [r[0] for r in results_script.ROWS]
     md = results_script.render(items, tmp_path / "docs", {"float_epochs": 4}).read_text()
 
-    assert "| resnet20 | QAT | W4A4 | 90.20 | 90.20 | 90.20 | 100.00 | 0.010 | 300 | 500 |" in md
+    assert (
+        "| resnet20 | QAT (LSQ) | W4A4 | 90.20 | 90.20 | 90.20 | 100.00 | 0.010 | 300 | 500 |" in md
+    )
     # The float row shows the float model's own runtimes (from the quantized rows' benchmark).
     assert "| resnet20 | float | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
     assert "| resnet20 | QAT annealed (LSQ) | W2A2 | not run |" in md
