@@ -360,17 +360,37 @@ class QATCallback(Callback):
         if not any(isinstance(m, QConvBn2d) and not m.is_bn_frozen for m in model.modules()):
             return
         # Other batches each time (a fixed function of the step, so a resume draws the same);
-        # the same on every rank, so the replicas keep equal statistics.
-        loader = _calibration_loader(trainer, self.calibration_seed + 1 + (step or 0))
+        # the same batches and augmentations on every rank, so the replicas keep equal
+        # statistics (nothing is all-reduced here).
+        seed = self.calibration_seed + 1 + (step or 0)
+        loader = _calibration_loader(trainer, seed)
         if loader is None:
             rank_zero_warn("QATCallback: no training data to re-estimate BN statistics on")
             return
+        _broadcast_bn_stats(model)
         with isolate_rng():
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
             layers = reestimate_bn(model, loader, num_batches=n)
         self._bn_reestimated_at = step
         rank_zero_info(
             f"QAT: re-estimated the BN statistics of {len(layers)} layers on {n} batches"
         )
+
+
+def _broadcast_bn_stats(model: nn.Module) -> None:
+    """Give every rank rank 0's BN running statistics (what DDP does at each forward).
+
+    After a training step each rank holds its own update of them; re-estimation rescales the
+    weight scales by old/new statistics, so the old ones must agree for the scales to.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for m in model.modules():
+        if isinstance(m, QConvBn2d) and not m.is_bn_frozen:
+            torch.distributed.broadcast(m.bn.running_mean, src=0)
+            torch.distributed.broadcast(m.bn.running_var, src=0)
 
 
 def _calibration_loader(trainer: Trainer | None, seed: int) -> DataLoader | None:
