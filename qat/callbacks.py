@@ -360,8 +360,8 @@ class QATCallback(Callback):
         if not any(isinstance(m, QConvBn2d) and not m.is_bn_frozen for m in model.modules()):
             return
         # Other batches each time (a fixed function of the step, so a resume draws the same);
-        # the same batches and augmentations on every rank, so the replicas keep equal
-        # statistics (nothing is all-reduced here).
+        # the same batches and augmentations on every rank, and rank 0's old statistics, so
+        # the replicas end with equal statistics and weight scales.
         seed = self.calibration_seed + 1 + (step or 0)
         loader = _calibration_loader(trainer, seed)
         if loader is None:
