@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qat.modules import QConvBn2d
-from qat.prepare import _default_forward, _model_device, _to_device
+from qat.prepare import _check_num_batches, _feed_batches
 from qat.quantizers import FakeQuantizer
 
 __all__ = ["reestimate_bn"]
@@ -93,8 +93,7 @@ def reestimate_bn(
         ValueError: ``num_batches`` < 1, no batches, or a live layer no batch reached (its
             statistics would be left stale; nothing is changed then).
     """
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"reestimate_bn num_batches={num_batches} is invalid: expected ≥ 1")
+    _check_num_batches("reestimate_bn", num_batches)
     layers = {
         name: m for name, m in model.named_modules() if isinstance(m, QConvBn2d) and not m.bn_frozen
     }
@@ -105,9 +104,6 @@ def reestimate_bn(
     momentum = {name: m.bn.momentum for name, m in layers.items()}
     tracked = {name: m.bn.num_batches_tracked.clone() for name, m in layers.items()}
     hooks = [m.bn.register_forward_pre_hook(moments[name]) for name, m in layers.items()]
-    device = _model_device(model)
-    forward = forward_fn or _default_forward
-    seen = 0
     try:
         model.eval()
         for m in layers.values():
@@ -116,11 +112,7 @@ def reestimate_bn(
         for q in model.modules():
             if isinstance(q, FakeQuantizer):
                 q.eval()  # no observation, no LSQ re-initialisation or cap
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
-            forward(model, _to_device(batch, device))
-            seen += 1
+        _feed_batches("reestimate_bn", model, batches, num_batches, forward_fn)
     finally:
         for h in hooks:
             h.remove()
@@ -129,8 +121,6 @@ def reestimate_bn(
             m.bn.num_batches_tracked.copy_(tracked[name])
         for m, training in was_training.items():
             m.training = training
-    if seen == 0:
-        raise ValueError("reestimate_bn() got no batches: pass an iterable with at least one")
     unseen = [name for name in layers if moments[name].batches == 0]
     if unseen:
         raise ValueError(

@@ -297,6 +297,31 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _check_num_batches(caller: str, num_batches: int | None) -> None:
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"{caller} num_batches={num_batches} is invalid: expected ≥ 1 or None")
+
+
+def _feed_batches(
+    caller: str,
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+) -> None:
+    """Run ``model`` on up to ``num_batches`` batches (moved to its device); none is an error."""
+    device = _model_device(model)
+    forward = forward_fn or _default_forward
+    seen = 0
+    for batch in batches:
+        if num_batches is not None and seen >= num_batches:
+            break
+        forward(model, _to_device(batch, device))
+        seen += 1
+    if seen == 0:
+        raise ValueError(f"{caller}() got no batches: pass an iterable with at least one batch")
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -324,30 +349,20 @@ def calibrate(
         raise ValueError(
             "calibrate() needs a prepared model: call qat.prepare(model, recipe) first"
         )
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"calibrate num_batches={num_batches} is invalid: expected ≥ 1 or None")
+    _check_num_batches("calibrate", num_batches)
     was_training = model.training
-    device = _model_device(model)
-    forward = forward_fn or _default_forward
     model.eval()
     # BN uses running statistics, but the quantizers observe (they only do in train mode).
     for _, q in iter_quantizers(model):
         q.train()
     set_observers(model, True)
     set_fake_quant(model, False)
-    seen = 0
     try:
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
-            forward(model, _to_device(batch, device))
-            seen += 1
+        _feed_batches("calibrate", model, batches, num_batches, forward_fn)
     finally:
         set_observers(model, False)
         set_fake_quant(model, True)
         model.train(was_training)
-    if seen == 0:
-        raise ValueError("calibrate() got no batches: pass an iterable with at least one batch")
     missing = uninitialized_quantizers(model)
     if missing:
         warnings.warn(

@@ -42,11 +42,17 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"schedule.{name}={value!r} is invalid: {allowed}")
 
 
+def _check_count(name: str, value: Any, minimum: int, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(name, value, allowed)
+
+
 def _check_epoch(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        _fail(name, value, "expected an epoch number >= 0" + (" or null" if allow_none else ""))
+    _check_count(
+        name, value, 0, "expected an epoch number >= 0" + (" or null" if allow_none else "")
+    )
 
 
 @dataclass(frozen=True)
@@ -181,22 +187,13 @@ class Schedule:
         for name in ("weight_anneal", "act_anneal"):
             if not isinstance(getattr(self, name), Anneal):
                 raise ValueError(f"Schedule.{name} must be an Anneal (use Schedule.from_dict)")
-        if (
-            isinstance(self.calibration_batches, bool)
-            or not isinstance(self.calibration_batches, int)
-            or self.calibration_batches < 1
-        ):
-            _fail("calibration_batches", self.calibration_batches, "expected an integer >= 1")
-        if (
-            isinstance(self.bn_reestimate_batches, bool)
-            or not isinstance(self.bn_reestimate_batches, int)
-            or self.bn_reestimate_batches < 0
-        ):
-            _fail(
-                "bn_reestimate_batches",
-                self.bn_reestimate_batches,
-                "expected an integer >= 0 (0: keep the running averages)",
-            )
+        _check_count("calibration_batches", self.calibration_batches, 1, "expected an integer >= 1")
+        _check_count(
+            "bn_reestimate_batches",
+            self.bn_reestimate_batches,
+            0,
+            "expected an integer >= 0 (0: keep the running averages)",
+        )
         self._check_bn_freeze_after_anneal()
 
     def _check_bn_freeze_after_anneal(self) -> None:
