@@ -9,7 +9,10 @@ and benchmarks them (the pipeline's ``results.json``). This script then writes
 
 Finished runs are kept: running the script again skips every row whose ``results.json``
 exists, so an interrupted table resumes where it stopped (``--render-only`` just rewrites the
-table from what is there).
+table from what is there). The figures of every row are also saved beside the table
+(``docs/results.json``); a row with no run directory under ``--root`` (a fresh clone, or
+``--rows`` re-running only some rows) is carried over from there and marked † with the date of
+the table it came from, so re-running a few rows never drops the others.
 
 Usage::
 
@@ -17,6 +20,7 @@ Usage::
     python scripts/results.py --models resnet20 --float-epochs 2
     python scripts/results.py -- logger=wandb              # also log every run (and the table)
     python scripts/results.py --render-only
+    python scripts/results.py --models resnet20 --rows qat_w4a4   # re-run one row, keep the rest
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ ROWS = [
     ("qat_w2a2_anneal", "QAT annealed (LSQ)", 2, 2),
 ]
 QUANT_ROWS = [r[0] for r in ROWS if r[0] != "float"]
+#: The float row's runtime columns (the FP32 model as the quantized rows' benchmarks ran it).
+FP32_KEYS = ("ort_size", "ort_ms1", "ort_ms64", "ts_size", "ts_ms1", "ts_ms64")
+#: The table's figures, saved beside it (rows missing under --root are carried over from it).
+SAVED = "results.json"
 MODELS = {"resnet20": [], "mobilenetv2": ["model.width_mult=0.5"]}
 
 
@@ -126,22 +134,50 @@ def _row_dir(root: Path, model: str, row: str) -> Path:
     return root / model / ("float" if row == "float" else f"table_{row}")
 
 
-def collect(root: Path, models: Sequence[str]) -> list[dict[str, Any]]:
-    """One dict per (model, row) with the figures the table shows (None where missing)."""
+def load_saved(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rows of the table saved in ``out`` by an earlier :func:`render` (empty if none)."""
+    saved = _load(out / SAVED)
+    if saved is None:
+        return {}
+    return {(i["model"], i["row"]): i for i in saved["items"] if i.get("done")}
+
+
+def collect(
+    root: Path,
+    models: Sequence[str],
+    saved: dict[tuple[str, str], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One dict per (model, row) with the figures the table shows (None where missing).
+
+    A row with no run directory under ``root`` is taken from ``saved`` (see :func:`load_saved`)
+    when it has it, marked ``carried``.
+    """
+    saved = saved or {}
     out = []
     for model in models:
         float_acc = None
         fp32: dict[str, Any] = {}
         for row, method, wb, ab in ROWS:
-            res = _load(_row_dir(root, model, row) / "results.json")
+            run_dir = _row_dir(root, model, row)
+            res = _load(run_dir / "results.json")
             item: dict[str, Any] = {"model": model, "row": row, "method": method}
             item.update(w_bits=wb, a_bits=ab, done=res is not None)
+            if res is None and not run_dir.exists() and (model, row) in saved:
+                item = {**saved[(model, row)], "carried": True}
+                if row == "float":
+                    float_acc = item["acc"]
+                out.append(item)
+                continue
             if res is None:
                 # A run directory without results.json: the run started and died (it is
                 # set aside and run again by the next `scripts/results.py`).
-                item["failed"] = _row_dir(root, model, row).is_dir()
+                item["failed"] = run_dir.is_dir()
                 out.append(item)
                 continue
+            item["date"] = time.strftime(
+                "%Y-%m-%d", time.localtime((run_dir / "results.json").stat().st_mtime)
+            )
+            item["machine"] = _machine()["cpu"]
             acc = res["metrics"]["test_acc"]
             item["acc"] = acc
             item["epochs"] = res["config"]["epochs_run"]
@@ -168,16 +204,21 @@ def collect(root: Path, models: Sequence[str]) -> list[dict[str, Any]]:
                 if rt in bench and rt not in fp32:
                     fp32[rt] = bench[rt]
             out.append(item)
-        # The float row's runtimes: the float model as the quantized rows' benchmarks ran it.
+        # The float row's runtimes: the float model as the quantized rows' benchmarks ran it
+        # (when every quantized row is carried over, as the saved table's float row has them).
         for item in out:
             if item["model"] == model:
                 item["float_acc"] = float_acc
-                if item["row"] == "float" and item["done"]:
-                    for rt, key in (("ort_fp32", "ort"), ("torch_fp32", "ts")):
-                        b = fp32.get(rt) or {}
-                        item[f"{key}_size"] = b.get("size_bytes")
-                        item[f"{key}_ms1"] = (b.get("latency_ms") or {}).get("1")
-                        item[f"{key}_ms64"] = (b.get("latency_ms") or {}).get("64")
+                if item["row"] != "float" or not item["done"] or item.get("carried"):
+                    continue
+                if not fp32 and (model, "float") in saved:
+                    item.update({k: saved[(model, "float")].get(k) for k in FP32_KEYS})
+                    continue
+                for rt, key in (("ort_fp32", "ort"), ("torch_fp32", "ts")):
+                    b = fp32.get(rt) or {}
+                    item[f"{key}_size"] = b.get("size_bytes")
+                    item[f"{key}_ms1"] = (b.get("latency_ms") or {}).get("1")
+                    item[f"{key}_ms64"] = (b.get("latency_ms") or {}).get("64")
     return out
 
 
@@ -240,7 +281,8 @@ def _checks(items: list[dict[str, Any]]) -> list[str]:
         lines.append(f"\n**{m}** (float {100 * f:.2f}%):\n")
         for row, limit in (("qat_w8a8", 0.2), ("qat_w4a4", 1.0), ("qat_w2a2_anneal", 4.0)):
             a = acc(m, row)
-            gap = None if a is None else 100 * (f - a)
+            # Rounded as shown: accuracies are counts over 10,000 images, so 2 decimals are exact.
+            gap = None if a is None else round(100 * (f - a), 2)
             text = "no result" if gap is None else f"{gap:.2f} pt below float"
             if gap is not None and gap < 0:
                 text = f"{-gap:.2f} pt above float"
@@ -317,6 +359,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         agree = [i.get(k) for k in ("ort_agree", "ts_agree") if i.get(k) is not None]
         diffs = [i.get(k) for k in ("ort_maxdiff", "ts_maxdiff") if i.get(k) is not None]
         status = "" if i.get("status") in (None, "ok") else f" ({i['status']})"
+        status += " †" if i.get("carried") else ""
         lines.append(
             f"| {i['model']} | {i['method']}{status} | {_bits(i['w_bits'], i['a_bits'])} "
             f"| {_pct(i['acc'])} | {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
@@ -326,16 +369,30 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             f"| {_ms(i.get('ort_ms1'))} | {_ms(i.get('ort_ms64'))} | {_ms(i.get('ts_ms64'))} "
             f"| {i.get('wall_time_s') or 0:.0f} |"
         )
+    carried = sorted(
+        {f"{i.get('date', '?')} on {i.get('machine', '?')}" for i in items if i.get("carried")}
+    )
+    if carried:
+        # Latencies of carried rows may come from another machine than the one below.
+        lines += [
+            "",
+            "† Not re-run by the invocation that wrote this page: carried over from the saved "
+            f"table ({SAVED} beside this page), run {'; '.join(carried)}.",
+        ]
     lines += ["", "## Goals", *_checks(items), "", "## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in _machine().items()]
     lines += [f"- generated: {time.strftime('%Y-%m-%d %H:%M')}", ""]
-    path = out / "results.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    saved = {"generated": time.strftime("%Y-%m-%d %H:%M"), "items": items}
+    for name, text in (
+        (SAVED, json.dumps(saved, indent=1) + "\n"),
+        ("results.md", "\n".join(lines)),
+    ):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return out / "results.md"
 
 
 def plot(items: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -433,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.render_only:
         for m in args.models:
             run_model(m, args.root.resolve(), args.float_epochs, args.overrides, args.rows)
-    items = collect(args.root.resolve(), args.models)
+    saved = load_saved(args.out)
+    # Models run earlier and not named by --models stay on the page (carried over).
+    models = [m for m in MODELS if m in args.models or any(k[0] == m for k in saved)]
+    items = collect(args.root.resolve(), models, saved)
     path = render(items, args.out, {"float_epochs": args.float_epochs})
     print(path.read_text())
     if any(o.startswith("logger=wandb") for o in args.overrides):

@@ -96,3 +96,50 @@ def test_a_parity_failure_is_a_row_not_a_crash(results_script, tmp_path: Path) -
     assert "| resnet20 | QAT annealed (LSQ) | W2A2 | failed (no results.json) |" in md
     assert "| resnet20 | QAT annealed (LSQ) | W3A3 | not run |" in md
     assert "✗ exported accuracy within 0.1 pt" in md and "lowest agreement 99.00%" in md
+
+
+def test_rows_not_under_root_are_carried_over_from_the_saved_table(
+    results_script, tmp_path: Path
+) -> None:
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    for model in ("resnet20", "mobilenetv2"):
+        _fake_run(results_script._row_dir(root, model, "float"), 0.91, export=False)
+        _fake_run(results_script._row_dir(root, model, "qat_w8a8"), 0.905)
+        _fake_run(results_script._row_dir(root, model, "qat_w4a4"), 0.90)
+    first = results_script.render(
+        results_script.collect(root, list(results_script.MODELS)), docs, {"float_epochs": 4}
+    ).read_text()
+    assert "†" not in first
+    saved = json.loads((docs / "results.json").read_text())
+    assert len(saved["items"]) == 2 * len(results_script.ROWS)
+
+    # A fresh clone (no run directories): every finished row comes back, marked †.
+    results_script.main(["--render-only", "--root", str(tmp_path / "none"), "--out", str(docs)])
+    md = (docs / "results.md").read_text()
+    assert "| resnet20 | QAT (LSQ) † | W4A4 | 90.00 | 90.00 | 90.00 | 100.00 | 0.010 | 300 |" in md
+    assert (
+        "| resnet20 | float † | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
+    )
+    assert "| resnet20 | QAT annealed (LSQ) | W2A2 | not run |" in md
+    assert "† Not re-run by the invocation that wrote this page" in md
+    assert "✓ qat_w4a4: 1.00 pt below float (goal ≤ 1.0)" in md
+
+    # Re-running one row of one model: that row is new, the rest (and the other model) carried.
+    fresh = tmp_path / "rerun"
+    _fake_run(results_script._row_dir(fresh, "resnet20", "qat_w4a4"), 0.9050)
+    results_script.main(
+        ["--render-only", "--models", "resnet20", "--root", str(fresh), "--out", str(docs)]
+    )
+    md = (docs / "results.md").read_text()
+    assert "| resnet20 | QAT (LSQ) | W4A4 | 90.50 |" in md
+    assert "| resnet20 | QAT | W8A8 † | 90.50 |" not in md  # method column, then the marker
+    assert "| resnet20 | QAT † | W8A8 | 90.50 |" in md
+    assert "| mobilenetv2 | QAT (LSQ) † | W4A4 | 90.00 |" in md
+    assert "✓ qat_w4a4: 0.50 pt below float (goal ≤ 1.0)" in md
+    # A re-run float row with no quantized row beside it keeps the saved FP32 runtimes.
+    _fake_run(results_script._row_dir(fresh, "mobilenetv2", "float"), 0.92, export=False)
+    items = results_script.collect(fresh, ["mobilenetv2"], results_script.load_saved(docs))
+    new_float = items[0]
+    assert not new_float.get("carried") and new_float["acc"] == 0.92
+    assert new_float["ort_size"] == 1100 * 1024 and new_float["ort_ms64"] == 25.0
+    assert all(i["float_acc"] == 0.92 for i in items)
