@@ -340,6 +340,13 @@ def validate_config(
             raise ConfigError(
                 f"export.targets={targets} is invalid: choose from {', '.join(EXPORT_TARGETS)}"
             )
+    distill = (cfg.get("module") or {}).get("distill_weight")
+    if distill and not cfg.get("init_from"):
+        raise ConfigError(
+            f"module.distill_weight={distill} distils from the float model given as "
+            "init_from=<float checkpoint>, and none is given: add init_from= or set "
+            "module.distill_weight=0"
+        )
     metric = cfg.get("optimized_metric")
     if metric is not None and not isinstance(metric, str):
         raise ConfigError(f"optimized_metric={metric!r} must be a metric name like val/acc")

@@ -51,6 +51,12 @@ class ClassifierModule(LightningModule):
         scheduler_interval: ``"step"`` or ``"epoch"``.
         label_smoothing: cross-entropy label smoothing.
         channels_last: run convolutions in channels-last memory format (faster on x86 CPUs).
+        teacher: a trained network to distil from (Hinton et al. 2015), typically the float
+            model QAT starts from. Kept in eval mode and out of the checkpoint, the optimizer
+            and the exported model.
+        distill_weight: weight ``w`` of the distillation term in the training loss
+            ``(1 - w) * CE + w * T² * KL(teacher ‖ student)`` at temperature ``T``; 0: off.
+        distill_temperature: ``T``, the softmax temperature of both networks in that term.
     """
 
     def __init__(
@@ -62,8 +68,25 @@ class ClassifierModule(LightningModule):
         scheduler_interval: str = "step",
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        teacher: nn.Module | None = None,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        if isinstance(distill_weight, bool) or not 0.0 <= float(distill_weight) <= 1.0:
+            raise ValueError(
+                f"distill_weight={distill_weight!r} is invalid: a weight in [0, 1] (0: no "
+                "distillation)"
+            )
+        if isinstance(distill_temperature, bool) or not float(distill_temperature) > 0.0:
+            raise ValueError(
+                f"distill_temperature={distill_temperature!r} is invalid: a temperature > 0"
+            )
+        if distill_weight > 0 and teacher is None:
+            raise ValueError(
+                f"distill_weight={distill_weight} needs a teacher network to distil from (in "
+                "train.py: init_from=<float checkpoint>, the teacher)"
+            )
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(
                 f"scheduler_interval={scheduler_interval!r} is invalid: allowed: step, epoch"
@@ -76,7 +99,7 @@ class ClassifierModule(LightningModule):
             )
         # The network and the factories are not hyperparameters: the run's Hydra config holds
         # them, and pickling a partial into every checkpoint would tie checkpoints to code.
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "teacher"])
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -84,6 +107,13 @@ class ClassifierModule(LightningModule):
         self.scheduler_interval = scheduler_interval
         self.label_smoothing = float(label_smoothing)
         self.channels_last = channels_last
+        self.distill_weight = float(distill_weight)
+        self.distill_temperature = float(distill_temperature)
+        # In a tuple, not an attribute: nn.Module would register it, putting its weights in
+        # every checkpoint, the optimizer, DDP's gradient sync and `.train()`.
+        self._teacher: tuple[nn.Module, ...] = ()
+        if teacher is not None and self.distill_weight > 0:
+            self._teacher = (teacher.eval().requires_grad_(False),)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -93,6 +123,12 @@ class ClassifierModule(LightningModule):
         # parameter identity, so it is safe either way.
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+            for teacher in self._teacher:
+                teacher.to(memory_format=torch.channels_last)
+
+    def on_fit_start(self) -> None:
+        for teacher in self._teacher:
+            teacher.to(self.device).eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -100,14 +136,42 @@ class ClassifierModule(LightningModule):
         return self.model(x)
 
     def _step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss, logits, y = self._loss(batch)
         return loss, logits.argmax(dim=1), y
 
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits, y
+
+    def distill_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``T² * KL(teacher ‖ student)`` at temperature ``T`` (T² keeps the gradient scale of
+        the soft targets independent of ``T``)."""
+        (teacher,) = self._teacher
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            target = teacher(x).float()
+        t = self.distill_temperature
+        return (
+            F.kl_div(
+                F.log_softmax(logits.float() / t, dim=1),
+                F.log_softmax(target / t, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * t
+            * t
+        )
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, preds, y = self._step(batch)
-        self.train_acc(preds, y)
+        loss, logits, y = self._loss(batch)
+        if self._teacher:
+            kd = self.distill_loss(logits, batch[0])
+            self.log("train/ce_loss", loss, on_step=False, on_epoch=True)
+            self.log("train/distill_loss", kd, on_step=False, on_epoch=True)
+            loss = (1.0 - self.distill_weight) * loss + self.distill_weight * kd
+        self.train_acc(logits.argmax(dim=1), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss

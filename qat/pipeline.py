@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -124,7 +125,11 @@ def _bits_tag(recipe: Recipe | None) -> str:
 
 
 # ---------------------------------------------------------------------- builders
-def build_module(cfg: DictConfig, model: nn.Module) -> ClassifierModule:
+def build_module(
+    cfg: DictConfig, model: nn.Module, teacher: nn.Module | None = None
+) -> ClassifierModule:
+    """The LightningModule from ``cfg.optimizer`` / ``cfg.scheduler`` / ``cfg.module``;
+    ``teacher`` is the network to distil from when ``module.distill_weight > 0``."""
     optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler_cfg = cfg.get("scheduler")
     scheduler = (
@@ -137,6 +142,7 @@ def build_module(cfg: DictConfig, model: nn.Module) -> ClassifierModule:
         optimizer=optimizer,
         scheduler=scheduler,
         num_classes=int(cfg.data.num_classes),
+        teacher=teacher,
         **options,
     )
 
@@ -334,6 +340,9 @@ def train(cfg: DictConfig) -> float | dict[str, float] | None:
         # Fine-tune (or, with trainer.max_epochs=0, post-training-quantize) a trained float
         # model: its weights go in before the QAT callback swaps the layers.
         load_float_weights(model, cfg.init_from)
+    # The float model, before the QAT callback swaps its layers, is the distillation teacher.
+    distill = float((cfg.get("module") or {}).get("distill_weight") or 0.0) > 0
+    teacher = copy.deepcopy(model) if distill else None
     max_epochs = cfg.trainer.get("max_epochs")
     if recipe is not None and max_epochs and schedule.end_epoch() >= int(max_epochs) + 1:
         log.warning(
@@ -343,7 +352,7 @@ def train(cfg: DictConfig) -> float | dict[str, float] | None:
             max_epochs,
         )
 
-    module = build_module(cfg, model)
+    module = build_module(cfg, model, teacher)
     loggers = build_loggers(cfg, recipe)
     callbacks = build_callbacks(cfg, recipe, schedule, have_logger=bool(loggers))
     trainer: Trainer = instantiate(

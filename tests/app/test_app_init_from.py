@@ -81,3 +81,40 @@ def test_init_from_errors_name_the_key_and_the_fix(float_ckpt: Path, tmp_path: P
     # Nothing was trained or written for the failed runs.
     for name in ("a", "c", "d"):
         assert not (tmp_path / name / "results.json").exists()
+
+
+def test_distillation_from_the_float_model(float_ckpt: Path, tmp_path: Path) -> None:
+    cfg = compose_train(
+        [
+            *FAST,
+            "model=lenet5",
+            "quant=w4a4",
+            "logger=csv",
+            "schedule.warmup_epochs=0",
+            f"init_from={float_ckpt}",
+            "module.distill_weight=0.5",
+            "module.distill_temperature=2.0",
+        ],
+        tmp_path,
+    )
+    train(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["metrics"]["test_acc"] > 0.3
+    # The teacher (a float copy) is logged, but kept out of the checkpoint.
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(k.startswith(("model.", "train_acc", "val_acc", "test_acc")) for k in state), [
+        k for k in state if not k.startswith("model.")
+    ]
+    (metrics,) = (tmp_path / "csv").rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "train/distill_loss" in header and "train/ce_loss" in header
+
+
+def test_distillation_needs_init_from(tmp_path: Path) -> None:
+    cfg = compose_train(
+        [*FAST, "model=lenet5", "logger=none", "module.distill_weight=0.5"], tmp_path
+    )
+    with pytest.raises(ConfigError, match=r"module.distill_weight=0.5 .* init_from="):
+        train(cfg)
+    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "checkpoints").exists()
