@@ -10,9 +10,11 @@ and benchmarks them (the pipeline's ``results.json``). This script then writes
 Finished runs are kept: running the script again skips every row whose ``results.json``
 exists, so an interrupted table resumes where it stopped (``--render-only`` just rewrites the
 table from what is there). The figures of every row are also saved beside the table
-(``docs/results.json``); a row with no run directory under ``--root`` (a fresh clone, or
-``--rows`` re-running only some rows) is carried over from there and marked † with the date of
-the table it came from, so re-running a few rows never drops the others.
+(``docs/results.json``); a row with no run directory under ``--root`` (a fresh clone) is
+carried over from there, marked † with when and where it ran, as long as it was fine-tuned from
+the same float model as the model's other rows: the float run's checkpoint (hashed), or, when
+the float run is carried over too, the one it saved. A new float run therefore means new rows:
+rows from another float model show as "not run" rather than being compared with this one.
 
 Usage::
 
@@ -20,12 +22,12 @@ Usage::
     python scripts/results.py --models resnet20 --float-epochs 2
     python scripts/results.py -- logger=wandb              # also log every run (and the table)
     python scripts/results.py --render-only
-    python scripts/results.py --models resnet20 --rows qat_w4a4   # re-run one row, keep the rest
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -52,8 +54,6 @@ ROWS = [
     ("qat_w2a2_anneal", "QAT annealed (LSQ)", 2, 2),
 ]
 QUANT_ROWS = [r[0] for r in ROWS if r[0] != "float"]
-#: The float row's runtime columns (the FP32 model as the quantized rows' benchmarks ran it).
-FP32_KEYS = ("ort_size", "ort_ms1", "ort_ms64", "ts_size", "ts_ms1", "ts_ms64")
 #: The table's figures, saved beside it (rows missing under --root are carried over from it).
 SAVED = "results.json"
 MODELS = {"resnet20": [], "mobilenetv2": ["model.width_mult=0.5"]}
@@ -134,6 +134,12 @@ def _row_dir(root: Path, model: str, row: str) -> Path:
     return root / model / ("float" if row == "float" else f"table_{row}")
 
 
+def _float_sha(root: Path, model: str) -> str | None:
+    """Short hash of the float checkpoint the model's rows under ``root`` start from."""
+    ckpt = _row_dir(root, model, "float") / "checkpoints" / "last.ckpt"
+    return hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] if ckpt.is_file() else None
+
+
 def load_saved(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The rows of the table saved in ``out`` by an earlier :func:`render` (empty if none)."""
     saved = _load(out / SAVED)
@@ -149,20 +155,27 @@ def collect(
 ) -> list[dict[str, Any]]:
     """One dict per (model, row) with the figures the table shows (None where missing).
 
-    A row with no run directory under ``root`` is taken from ``saved`` (see :func:`load_saved`)
-    when it has it, marked ``carried``.
+    A row with no run directory under ``root`` is taken from ``saved`` (see :func:`load_saved`),
+    marked ``carried``, when it started from the same float model as the rows under ``root``.
     """
     saved = saved or {}
     out = []
     for model in models:
         float_acc = None
         fp32: dict[str, Any] = {}
+        new_float = _row_dir(root, model, "float").exists()
+        if new_float:
+            sha = _float_sha(root, model)
+        else:
+            sha = saved.get((model, "float"), {}).get("float_sha")
         for row, method, wb, ab in ROWS:
             run_dir = _row_dir(root, model, row)
             res = _load(run_dir / "results.json")
             item: dict[str, Any] = {"model": model, "row": row, "method": method}
-            item.update(w_bits=wb, a_bits=ab, done=res is not None)
-            if res is None and not run_dir.exists() and (model, row) in saved:
+            item.update(w_bits=wb, a_bits=ab, done=res is not None, float_sha=sha)
+            prev = saved.get((model, row))
+            same_float = prev is not None and prev.get("float_sha") == sha
+            if res is None and not run_dir.exists() and same_float and (sha or not new_float):
                 item = {**saved[(model, row)], "carried": True}
                 if row == "float":
                     float_acc = item["acc"]
@@ -204,15 +217,11 @@ def collect(
                 if rt in bench and rt not in fp32:
                     fp32[rt] = bench[rt]
             out.append(item)
-        # The float row's runtimes: the float model as the quantized rows' benchmarks ran it
-        # (when every quantized row is carried over, as the saved table's float row has them).
+        # The float row's runtimes: the float model as the quantized rows' benchmarks ran it.
         for item in out:
             if item["model"] == model:
                 item["float_acc"] = float_acc
                 if item["row"] != "float" or not item["done"] or item.get("carried"):
-                    continue
-                if not fp32 and (model, "float") in saved:
-                    item.update({k: saved[(model, "float")].get(k) for k in FP32_KEYS})
                     continue
                 for rt, key in (("ort_fp32", "ort"), ("torch_fp32", "ts")):
                     b = fp32.get(rt) or {}

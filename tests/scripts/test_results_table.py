@@ -124,7 +124,7 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     assert "† Not re-run by the invocation that wrote this page" in md
     assert "✓ qat_w4a4: 1.00 pt below float (goal ≤ 1.0)" in md
 
-    # Re-running one row of one model: that row is new, the rest (and the other model) carried.
+    # Re-rendering from a root holding one model's runs: the other model stays, carried.
     fresh = tmp_path / "rerun"
     _fake_run(results_script._row_dir(fresh, "resnet20", "qat_w4a4"), 0.9050)
     results_script.main(
@@ -132,14 +132,44 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     )
     md = (docs / "results.md").read_text()
     assert "| resnet20 | QAT (LSQ) | W4A4 | 90.50 |" in md
-    assert "| resnet20 | QAT | W8A8 † | 90.50 |" not in md  # method column, then the marker
     assert "| resnet20 | QAT † | W8A8 | 90.50 |" in md
     assert "| mobilenetv2 | QAT (LSQ) † | W4A4 | 90.00 |" in md
     assert "✓ qat_w4a4: 0.50 pt below float (goal ≤ 1.0)" in md
-    # A re-run float row with no quantized row beside it keeps the saved FP32 runtimes.
-    _fake_run(results_script._row_dir(fresh, "mobilenetv2", "float"), 0.92, export=False)
-    items = results_script.collect(fresh, ["mobilenetv2"], results_script.load_saved(docs))
-    new_float = items[0]
-    assert not new_float.get("carried") and new_float["acc"] == 0.92
-    assert new_float["ort_size"] == 1100 * 1024 and new_float["ort_ms64"] == 25.0
-    assert all(i["float_acc"] == 0.92 for i in items)
+
+
+def test_rows_of_another_float_model_are_not_carried_over(results_script, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+
+    def run_float(root: Path, weights: bytes) -> None:
+        _fake_run(results_script._row_dir(root, "resnet20", "float"), 0.91, export=False)
+        ckpt = results_script._row_dir(root, "resnet20", "float") / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir()
+        ckpt.write_bytes(weights)
+
+    first = tmp_path / "first"
+    run_float(first, b"float model A")
+    for row in ("qat_w8a8", "qat_w4a4"):
+        _fake_run(results_script._row_dir(first, "resnet20", row), 0.905)
+    results_script.main(
+        ["--render-only", "--models", "resnet20", "--root", str(first), "--out", str(docs)]
+    )
+    # Same float checkpoint, one row's run directory gone: that row is carried over.
+    (results_script._row_dir(first, "resnet20", "qat_w4a4") / "results.json").unlink()
+    results_script._row_dir(first, "resnet20", "qat_w4a4").rmdir()
+    results_script.main(
+        ["--render-only", "--models", "resnet20", "--root", str(first), "--out", str(docs)]
+    )
+    md = (docs / "results.md").read_text()
+    assert "| resnet20 | QAT (LSQ) † | W4A4 | 90.50 |" in md
+    assert "| resnet20 | QAT | W8A8 | 90.50 |" in md
+    # A new float model: the saved rows came from another one, so they are not shown beside it.
+    second = tmp_path / "second"
+    run_float(second, b"float model B")
+    _fake_run(results_script._row_dir(second, "resnet20", "qat_w8a8"), 0.907)
+    results_script.main(
+        ["--render-only", "--models", "resnet20", "--root", str(second), "--out", str(docs)]
+    )
+    md = (docs / "results.md").read_text()
+    assert "| resnet20 | QAT | W8A8 | 90.70 |" in md
+    assert "| resnet20 | QAT (LSQ) | W4A4 | not run |" in md
+    assert "†" not in md
