@@ -15,13 +15,17 @@ carried over from there, marked † with when and where it ran, as long as it wa
 the same float model as the model's other rows: the float run's checkpoint (hashed), or, when
 the float run is carried over too, the one it saved. A new float run therefore means new rows:
 rows from another float model show as "not run" rather than being compared with this one.
+The float weights are saved beside the table too (``docs/results_float_<model>.pt``): without a
+float run under ``--root``, new rows start from them, beside the carried-over rows, instead of
+from a float model trained again.
 
 Usage::
 
-    python scripts/results.py                              # both models, ~1.5 h on 2 cores
+    python scripts/results.py                              # both models, ~5 h on 2 cores
     python scripts/results.py --models resnet20 --float-epochs 2
     python scripts/results.py -- logger=wandb              # also log every run (and the table)
     python scripts/results.py --render-only
+    python scripts/results.py --models resnet20 --rows qat_w2a2_anneal  # one row, same float
 """
 
 from __future__ import annotations
@@ -73,18 +77,71 @@ def _run(args: Sequence[str], log_file: Path) -> int:
         return subprocess.call(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
+def float_weights(path: Path) -> dict[str, Any]:
+    """The float model's weights in a Lightning checkpoint or a saved state_dict."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    if any(k.startswith("model.") for k in state):
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return state
+
+
+def weights_sha(path: Path) -> str | None:
+    """Short hash of the float weights in ``path`` (checkpoint or state_dict; None if absent)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    for key, value in sorted(float_weights(path).items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def keep_float(ckpt: Path, out: Path, model: str) -> Path:
+    """Save the float weights of ``ckpt`` beside the table (see :func:`saved_float`)."""
+    import torch
+
+    path = saved_float(out, model)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(float_weights(ckpt), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def saved_float(out: Path, model: str) -> Path:
+    """Where the page keeps the float weights its ``model`` rows were fine-tuned from."""
+    return out / f"results_float_{model}.pt"
+
+
 def run_model(
     name: str,
     root: Path,
     float_epochs: int,
     extra: Sequence[str],
     rows: Sequence[str] = tuple(QUANT_ROWS),
+    out: Path | None = None,
 ) -> None:
-    """Float run, then the multirun over the quantized ``rows`` that have no results yet."""
+    """Float run, then the multirun over the quantized ``rows`` that have no results yet.
+
+    Without a float run under ``root``, the rows start from the float weights saved beside the
+    table in ``out`` when they are the ones its float row was measured on (so they sit beside
+    the carried-over rows); otherwise the float model is trained first.
+    """
     model_args = [f"model={name}", *MODELS.get(name, []), "~callbacks.rich_progress_bar"]
     model_args += ["trainer.enable_progress_bar=false"]
     float_dir = root / name / "float"
-    if not (float_dir / "results.json").is_file():
+    ckpt = float_dir / "checkpoints" / "last.ckpt"
+    kept = saved_float(out, name) if out is not None else None
+    if not float_dir.exists() and kept is not None and kept.is_file():
+        row = load_saved(out).get((name, "float"), {})
+        if row.get("float_sha") and row["float_sha"] == weights_sha(kept):
+            print(f"{name}: starting from the float weights of the saved table ({kept})")
+            ckpt = kept
+    if ckpt != kept and not (float_dir / "results.json").is_file():
         rc = _run(
             [
                 "+experiment=table/float",
@@ -97,7 +154,6 @@ def run_model(
         )
         if rc != 0:
             raise SystemExit(f"the float run of {name} failed (exit {rc}): see {root / name}")
-    ckpt = float_dir / "checkpoints" / "last.ckpt"
     todo = [r for r in rows if not (_row_dir(root, name, r) / "results.json").is_file()]
     if not todo:
         return
@@ -134,12 +190,6 @@ def _row_dir(root: Path, model: str, row: str) -> Path:
     return root / model / ("float" if row == "float" else f"table_{row}")
 
 
-def _float_sha(root: Path, model: str) -> str | None:
-    """Short hash of the float checkpoint the model's rows under ``root`` start from."""
-    ckpt = _row_dir(root, model, "float") / "checkpoints" / "last.ckpt"
-    return hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] if ckpt.is_file() else None
-
-
 def load_saved(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The rows of the table saved in ``out`` by an earlier :func:`render` (empty if none)."""
     saved = _load(out / SAVED)
@@ -165,7 +215,7 @@ def collect(
         fp32: dict[str, Any] = {}
         new_float = _row_dir(root, model, "float").exists()
         if new_float:
-            sha = _float_sha(root, model)
+            sha = weights_sha(_row_dir(root, model, "float") / "checkpoints" / "last.ckpt")
         else:
             sha = saved.get((model, "float"), {}).get("float_sha")
         for row, method, wb, ab in ROWS:
@@ -499,12 +549,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"overrides must look like key=value, got {bad}")
     if not args.render_only:
         for m in args.models:
-            run_model(m, args.root.resolve(), args.float_epochs, args.overrides, args.rows)
+            run_model(
+                m, args.root.resolve(), args.float_epochs, args.overrides, args.rows, args.out
+            )
     saved = load_saved(args.out)
     # Models run earlier and not named by --models stay on the page (carried over).
     models = [m for m in MODELS if m in args.models or any(k[0] == m for k in saved)]
     items = collect(args.root.resolve(), models, saved)
     path = render(items, args.out, {"float_epochs": args.float_epochs})
+    for m in models:
+        # The page's float weights, so a later run can add rows beside these (run_model).
+        ckpt = _row_dir(args.root.resolve(), m, "float") / "checkpoints" / "last.ckpt"
+        if ckpt.is_file():
+            keep_float(ckpt, args.out, m)
     print(path.read_text())
     if any(o.startswith("logger=wandb") for o in args.overrides):
         log_wandb(items, [args.out / "results_accuracy.png", args.out / "results_size_latency.png"])

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "results.py"
 
@@ -140,14 +141,14 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
 def test_rows_of_another_float_model_are_not_carried_over(results_script, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
 
-    def run_float(root: Path, weights: bytes) -> None:
+    def run_float(root: Path, value: float) -> None:
         _fake_run(results_script._row_dir(root, "resnet20", "float"), 0.91, export=False)
         ckpt = results_script._row_dir(root, "resnet20", "float") / "checkpoints" / "last.ckpt"
         ckpt.parent.mkdir()
-        ckpt.write_bytes(weights)
+        torch.save({"state_dict": {"model.w": torch.full((3,), value)}}, ckpt)
 
     first = tmp_path / "first"
-    run_float(first, b"float model A")
+    run_float(first, 1.0)
     for row in ("qat_w8a8", "qat_w4a4"):
         _fake_run(results_script._row_dir(first, "resnet20", row), 0.905)
     results_script.main(
@@ -164,7 +165,7 @@ def test_rows_of_another_float_model_are_not_carried_over(results_script, tmp_pa
     assert "| resnet20 | QAT | W8A8 | 90.50 |" in md
     # A new float model: the saved rows came from another one, so they are not shown beside it.
     second = tmp_path / "second"
-    run_float(second, b"float model B")
+    run_float(second, 2.0)
     _fake_run(results_script._row_dir(second, "resnet20", "qat_w8a8"), 0.907)
     results_script.main(
         ["--render-only", "--models", "resnet20", "--root", str(second), "--out", str(docs)]
@@ -173,3 +174,37 @@ def test_rows_of_another_float_model_are_not_carried_over(results_script, tmp_pa
     assert "| resnet20 | QAT | W8A8 | 90.70 |" in md
     assert "| resnet20 | QAT (LSQ) | W4A4 | not run |" in md
     assert "†" not in md
+
+
+def test_new_rows_start_from_the_saved_float_weights(
+    results_script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    float_dir = results_script._row_dir(root, "resnet20", "float")
+    _fake_run(float_dir, 0.91, export=False)
+    (float_dir / "checkpoints").mkdir()
+    weights = {"conv.weight": torch.randn(4, 1, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
+    ckpt = float_dir / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()}, "epoch": 3}, ckpt)
+    _fake_run(results_script._row_dir(root, "resnet20", "qat_w8a8"), 0.905)
+    results_script.main(
+        ["--render-only", "--models", "resnet20", "--root", str(root), "--out", str(docs)]
+    )
+    kept = docs / "results_float_resnet20.pt"
+    assert results_script.weights_sha(kept) == results_script.weights_sha(ckpt) is not None
+    assert torch.equal(torch.load(kept, weights_only=True)["conv.weight"], weights["conv.weight"])
+
+    # A fresh clone: no runs. The next row starts from the kept weights; no float run.
+    calls = []
+    monkeypatch.setattr(results_script, "_run", lambda args, log: calls.append(list(args)) or 0)
+    fresh = tmp_path / "fresh"
+    results_script.run_model("resnet20", fresh, 4, [], ["qat_w4a4"], docs)
+    assert len(calls) == 1 and f"init_from={kept}" in calls[0]
+    assert "+experiment=table/qat_w4a4" in calls[0]
+    # Weights that are not the saved float row's: the float model is trained again first.
+    torch.save({"conv.weight": torch.zeros(4, 1, 3, 3)}, kept)
+    calls.clear()
+    results_script.run_model("resnet20", fresh, 4, [], ["qat_w4a4"], docs)
+    assert "+experiment=table/float" in calls[0]
+    float_ckpt = results_script._row_dir(fresh, "resnet20", "float") / "checkpoints" / "last.ckpt"
+    assert f"init_from={float_ckpt}" in calls[1]
