@@ -437,7 +437,9 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         lines += [
             "",
             "† Not re-run by the invocation that wrote this page: carried over from the saved "
-            f"table ({SAVED} beside this page), run {'; '.join(carried)}.",
+            f"table ({SAVED} beside this page), run {'; '.join(carried)}, with the row "
+            "configs of that date (the budget above may have changed since: see the history of "
+            "configs/experiment/table/).",
         ]
     lines += ["", "## Goals", *_checks(items), "", "## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
