@@ -55,7 +55,7 @@ ROWS = [
     ("qat_w4a4", "QAT (LSQ)", 4, 4),
     ("qat_w4a4_anneal", "QAT annealed (LSQ)", 4, 4),
     ("qat_w3a3_anneal", "QAT annealed (LSQ)", 3, 3),
-    ("qat_w2a2_anneal", "QAT annealed (LSQ)", 2, 2),
+    ("qat_w2a2_anneal", "QAT annealed (LSQ, distilled)", 2, 2),
 ]
 QUANT_ROWS = [r[0] for r in ROWS if r[0] != "float"]
 #: The table's figures, saved beside it (rows missing under --root are carried over from it).
@@ -387,7 +387,9 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
         "The W4A4 QAT rows learn their step sizes (LSQ) and train 3 such epochs, the last with "
         "BN statistics frozen (training on the folded graph); W3A3 and W2A2 also learn their "
-        "step sizes and train 4: the anneal, then 3 at the target. While quantized, BN "
+        "step sizes and train 4 and 8: the anneal, then the rest at the target, W2A2 also "
+        "learning from the float model (distillation: half the loss, temperature 2). While "
+        "quantized, BN "
         "statistics are re-estimated on 32 batches before each validation and the freeze (the "
         "folded integer weights stay the same). "
         "PTQ rows: "

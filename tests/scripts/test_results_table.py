@@ -70,7 +70,7 @@ def test_table_rows_goals_and_plots(results_script, tmp_path: Path) -> None:
     )
     # The float row shows the float model's own runtimes (from the quantized rows' benchmark).
     assert "| resnet20 | float | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
-    assert "| resnet20 | QAT annealed (LSQ) | W2A2 | not run |" in md
+    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | not run |" in md
     assert "✓ qat_w8a8: 0.10 pt below float (goal ≤ 0.2)" in md
     assert "✓ qat_w4a4: 0.80 pt below float (goal ≤ 1.0)" in md
     assert "✗ annealed W4A4 90.00% vs direct W4A4 90.20%" in md
@@ -94,7 +94,7 @@ def test_a_parity_failure_is_a_row_not_a_crash(results_script, tmp_path: Path) -
     md = results_script.render(
         results_script.collect(root, ["resnet20"]), tmp_path / "docs", {"float_epochs": 4}
     ).read_text()
-    assert "| resnet20 | QAT annealed (LSQ) | W2A2 | failed (no results.json) |" in md
+    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | failed (no results.json) |" in md
     assert "| resnet20 | QAT annealed (LSQ) | W3A3 | not run |" in md
     assert "✗ exported accuracy within 0.1 pt" in md and "lowest agreement 99.00%" in md
 
@@ -121,7 +121,7 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     assert (
         "| resnet20 | float † | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
     )
-    assert "| resnet20 | QAT annealed (LSQ) | W2A2 | not run |" in md
+    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | not run |" in md
     assert "† Not re-run by the invocation that wrote this page" in md
     assert "✓ qat_w4a4: 1.00 pt below float (goal ≤ 1.0)" in md
 
