@@ -134,7 +134,7 @@ def run_model(
     model_args = [f"model={name}", *MODELS.get(name, []), "~callbacks.rich_progress_bar"]
     model_args += ["trainer.enable_progress_bar=false"]
     float_dir = root / name / "float"
-    ckpt = float_dir / "checkpoints" / "last.ckpt"
+    ckpt = _float_ckpt(root, name)
     kept = saved_float(out, name) if out is not None else None
     if not float_dir.exists() and kept is not None and kept.is_file():
         row = load_saved(out).get((name, "float"), {})
@@ -190,6 +190,11 @@ def _row_dir(root: Path, model: str, row: str) -> Path:
     return root / model / ("float" if row == "float" else f"table_{row}")
 
 
+def _float_ckpt(root: Path, model: str) -> Path:
+    """The checkpoint of the float run under ``root`` that the model's rows start from."""
+    return _row_dir(root, model, "float") / "checkpoints" / "last.ckpt"
+
+
 def load_saved(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The rows of the table saved in ``out`` by an earlier :func:`render` (empty if none)."""
     saved = _load(out / SAVED)
@@ -209,13 +214,14 @@ def collect(
     marked ``carried``, when it started from the same float model as the rows under ``root``.
     """
     saved = saved or {}
+    machine = _machine()["cpu"]  # the rows under root ran here
     out = []
     for model in models:
         float_acc = None
         fp32: dict[str, Any] = {}
         new_float = _row_dir(root, model, "float").exists()
         if new_float:
-            sha = weights_sha(_row_dir(root, model, "float") / "checkpoints" / "last.ckpt")
+            sha = weights_sha(_float_ckpt(root, model))
         else:
             sha = saved.get((model, "float"), {}).get("float_sha")
         for row, method, wb, ab in ROWS:
@@ -240,7 +246,7 @@ def collect(
             item["date"] = time.strftime(
                 "%Y-%m-%d", time.localtime((run_dir / "results.json").stat().st_mtime)
             )
-            item["machine"] = _machine()["cpu"]
+            item["machine"] = machine
             acc = res["metrics"]["test_acc"]
             item["acc"] = acc
             item["epochs"] = res["config"]["epochs_run"]
@@ -563,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = render(items, args.out, {"float_epochs": args.float_epochs})
     for m in models:
         # The page's float weights, so a later run can add rows beside these (run_model).
-        ckpt = _row_dir(args.root.resolve(), m, "float") / "checkpoints" / "last.ckpt"
+        ckpt = _float_ckpt(args.root.resolve(), m)
         if ckpt.is_file():
             keep_float(ckpt, args.out, m)
     print(path.read_text())

@@ -47,6 +47,22 @@ def _fake_run(path: Path, acc: float, export: bool = True, agree: float = 1.0) -
     (path / "results.json").write_text(json.dumps(results))
 
 
+def _fake_float(results_script, root: Path, weights: dict[str, torch.Tensor]) -> Path:
+    """A finished float run under ``root`` whose checkpoint holds ``weights``; returns it."""
+    _fake_run(results_script._row_dir(root, "resnet20", "float"), 0.91, export=False)
+    ckpt = results_script._float_ckpt(root, "resnet20")
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()}, "epoch": 3}, ckpt)
+    return ckpt
+
+
+def _render_page(results_script, root: Path, docs: Path, *models: str) -> str:
+    """``scripts/results.py --render-only`` from ``root`` into ``docs``; the page's text."""
+    args = ["--render-only", "--root", str(root), "--out", str(docs)]
+    results_script.main([*args, "--models", *models] if models else args)
+    return (docs / "results.md").read_text()
+
+
 def test_table_rows_goals_and_plots(results_script, tmp_path: Path) -> None:
     root = tmp_path / "runs"
     accs = {
@@ -115,8 +131,7 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     assert len(saved["items"]) == 2 * len(results_script.ROWS)
 
     # A fresh clone (no run directories): every finished row comes back, marked †.
-    results_script.main(["--render-only", "--root", str(tmp_path / "none"), "--out", str(docs)])
-    md = (docs / "results.md").read_text()
+    md = _render_page(results_script, tmp_path / "none", docs)
     assert "| resnet20 | QAT (LSQ) † | W4A4 | 90.00 | 90.00 | 90.00 | 100.00 | 0.010 | 300 |" in md
     assert (
         "| resnet20 | float † | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
@@ -128,10 +143,7 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     # Re-rendering from a root holding one model's runs: the other model stays, carried.
     fresh = tmp_path / "rerun"
     _fake_run(results_script._row_dir(fresh, "resnet20", "qat_w4a4"), 0.9050)
-    results_script.main(
-        ["--render-only", "--models", "resnet20", "--root", str(fresh), "--out", str(docs)]
-    )
-    md = (docs / "results.md").read_text()
+    md = _render_page(results_script, fresh, docs, "resnet20")
     assert "| resnet20 | QAT (LSQ) | W4A4 | 90.50 |" in md
     assert "| resnet20 | QAT † | W8A8 | 90.50 |" in md
     assert "| mobilenetv2 | QAT (LSQ) † | W4A4 | 90.00 |" in md
@@ -140,37 +152,22 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
 
 def test_rows_of_another_float_model_are_not_carried_over(results_script, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
-
-    def run_float(root: Path, value: float) -> None:
-        _fake_run(results_script._row_dir(root, "resnet20", "float"), 0.91, export=False)
-        ckpt = results_script._row_dir(root, "resnet20", "float") / "checkpoints" / "last.ckpt"
-        ckpt.parent.mkdir()
-        torch.save({"state_dict": {"model.w": torch.full((3,), value)}}, ckpt)
-
     first = tmp_path / "first"
-    run_float(first, 1.0)
+    _fake_float(results_script, first, {"w": torch.full((3,), 1.0)})
     for row in ("qat_w8a8", "qat_w4a4"):
         _fake_run(results_script._row_dir(first, "resnet20", row), 0.905)
-    results_script.main(
-        ["--render-only", "--models", "resnet20", "--root", str(first), "--out", str(docs)]
-    )
+    _render_page(results_script, first, docs, "resnet20")
     # Same float checkpoint, one row's run directory gone: that row is carried over.
     (results_script._row_dir(first, "resnet20", "qat_w4a4") / "results.json").unlink()
     results_script._row_dir(first, "resnet20", "qat_w4a4").rmdir()
-    results_script.main(
-        ["--render-only", "--models", "resnet20", "--root", str(first), "--out", str(docs)]
-    )
-    md = (docs / "results.md").read_text()
+    md = _render_page(results_script, first, docs, "resnet20")
     assert "| resnet20 | QAT (LSQ) † | W4A4 | 90.50 |" in md
     assert "| resnet20 | QAT | W8A8 | 90.50 |" in md
     # A new float model: the saved rows came from another one, so they are not shown beside it.
     second = tmp_path / "second"
-    run_float(second, 2.0)
+    _fake_float(results_script, second, {"w": torch.full((3,), 2.0)})
     _fake_run(results_script._row_dir(second, "resnet20", "qat_w8a8"), 0.907)
-    results_script.main(
-        ["--render-only", "--models", "resnet20", "--root", str(second), "--out", str(docs)]
-    )
-    md = (docs / "results.md").read_text()
+    md = _render_page(results_script, second, docs, "resnet20")
     assert "| resnet20 | QAT | W8A8 | 90.70 |" in md
     assert "| resnet20 | QAT (LSQ) | W4A4 | not run |" in md
     assert "†" not in md
@@ -180,16 +177,10 @@ def test_new_rows_start_from_the_saved_float_weights(
     results_script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, docs = tmp_path / "runs", tmp_path / "docs"
-    float_dir = results_script._row_dir(root, "resnet20", "float")
-    _fake_run(float_dir, 0.91, export=False)
-    (float_dir / "checkpoints").mkdir()
     weights = {"conv.weight": torch.randn(4, 1, 3, 3), "bn.num_batches_tracked": torch.tensor(7)}
-    ckpt = float_dir / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()}, "epoch": 3}, ckpt)
+    ckpt = _fake_float(results_script, root, weights)
     _fake_run(results_script._row_dir(root, "resnet20", "qat_w8a8"), 0.905)
-    results_script.main(
-        ["--render-only", "--models", "resnet20", "--root", str(root), "--out", str(docs)]
-    )
+    _render_page(results_script, root, docs, "resnet20")
     kept = docs / "results_float_resnet20.pt"
     assert results_script.weights_sha(kept) == results_script.weights_sha(ckpt) is not None
     assert torch.equal(torch.load(kept, weights_only=True)["conv.weight"], weights["conv.weight"])
@@ -206,5 +197,4 @@ def test_new_rows_start_from_the_saved_float_weights(
     calls.clear()
     results_script.run_model("resnet20", fresh, 4, [], ["qat_w4a4"], docs)
     assert "+experiment=table/float" in calls[0]
-    float_ckpt = results_script._row_dir(fresh, "resnet20", "float") / "checkpoints" / "last.ckpt"
-    assert f"init_from={float_ckpt}" in calls[1]
+    assert f"init_from={results_script._float_ckpt(fresh, 'resnet20')}" in calls[1]
