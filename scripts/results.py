@@ -238,8 +238,9 @@ def collect(
                 out.append(item)
                 continue
             if res is None:
-                # A run directory without results.json: the run started and died (it is
-                # set aside and run again by the next `scripts/results.py`).
+                # A run directory without results.json: the run started and did not finish
+                # (died, was stopped, or is still running); the next `scripts/results.py`
+                # sets it aside and runs the row again.
                 item["failed"] = run_dir.is_dir()
                 out.append(item)
                 continue
@@ -420,7 +421,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         if not i["done"]:
             lines.append(
                 f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
-                f"| {'failed (no results.json)' if i.get('failed') else 'not run'} "
+                f"| {'unfinished (no results.json)' if i.get('failed') else 'not run'} "
                 "| | | | | | | | | | |"
             )
             continue

@@ -105,12 +105,14 @@ def test_a_parity_failure_is_a_row_not_a_crash(results_script, tmp_path: Path) -
         results_script.collect(root, ["resnet20"]), tmp_path / "docs", {"float_epochs": 4}
     ).read_text()
     assert "| resnet20 | QAT (parity_failed) | W8A8 |" in md
-    # A run that died before writing results.json is a failed row, not a missing one.
+    # A run that stopped before writing results.json is an unfinished row, not a missing one.
     (results_script._row_dir(root, "resnet20", "qat_w2a2_anneal") / "csv").mkdir(parents=True)
     md = results_script.render(
         results_script.collect(root, ["resnet20"]), tmp_path / "docs", {"float_epochs": 4}
     ).read_text()
-    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | failed (no results.json) |" in md
+    assert (
+        "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | unfinished (no results.json) |" in md
+    )
     assert "| resnet20 | QAT annealed (LSQ) | W3A3 | not run |" in md
     assert "✗ exported accuracy within 0.1 pt" in md and "lowest agreement 99.00%" in md
 
