@@ -241,7 +241,7 @@ def collect(
                 # A run directory without results.json: the run started and did not finish
                 # (died, was stopped, or is still running); the next `scripts/results.py`
                 # sets it aside and runs the row again.
-                item["failed"] = run_dir.is_dir()
+                item["unfinished"] = run_dir.is_dir()
                 out.append(item)
                 continue
             item["date"] = time.strftime(
@@ -421,7 +421,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         if not i["done"]:
             lines.append(
                 f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
-                f"| {'unfinished (no results.json)' if i.get('failed') else 'not run'} "
+                f"| {'unfinished (no results.json)' if i.get('unfinished') else 'not run'} "
                 "| | | | | | | | | | |"
             )
             continue
