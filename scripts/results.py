@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -133,7 +134,8 @@ def run_model(
     """
     model_args = [f"model={name}", *MODELS.get(name, []), "~callbacks.rich_progress_bar"]
     model_args += ["trainer.enable_progress_bar=false"]
-    float_dir = root / name / "float"
+    float_dir = _row_dir(root, name, "float")
+    log = root / name / "log.txt"
     ckpt = _float_ckpt(root, name)
     kept = saved_float(out, name) if out is not None else None
     if not float_dir.exists() and kept is not None and kept.is_file():
@@ -150,7 +152,7 @@ def run_model(
                 f"hydra.run.dir={float_dir}",
                 *extra,
             ],
-            root / name / "log.txt",
+            log,
         )
         if rc != 0:
             raise SystemExit(f"the float run of {name} failed (exit {rc}): see {root / name}")
@@ -175,10 +177,10 @@ def run_model(
             "hydra.sweep.subdir=${task_name}",
             *extra,
         ],
-        root / name / "log.txt",
+        log,
     )
     if rc != 0:
-        print(f"warning: the multirun of {name} exited with {rc}; see {root / name}/log.txt")
+        print(f"warning: the multirun of {name} exited with {rc}; see {log}")
 
 
 # ---------------------------------------------------------------------- collecting
@@ -214,7 +216,6 @@ def collect(
     marked ``carried``, when it started from the same float model as the rows under ``root``.
     """
     saved = saved or {}
-    machine = _machine()["cpu"]  # the rows under root ran here
     out = []
     for model in models:
         float_acc = None
@@ -247,7 +248,7 @@ def collect(
             item["date"] = time.strftime(
                 "%Y-%m-%d", time.localtime((run_dir / "results.json").stat().st_mtime)
             )
-            item["machine"] = machine
+            item["machine"] = _machine()["cpu"]  # the rows under root ran here
             acc = res["metrics"]["test_acc"]
             item["acc"] = acc
             item["epochs"] = res["config"]["epochs_run"]
@@ -305,20 +306,20 @@ def _bits(w: int, a: int) -> str:
     return "fp32" if w >= 16 else f"W{w}A{a}"
 
 
+@functools.cache  # one machine per process; collect asks for every new row, render again
 def _machine() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or "?"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    vnni = "yes" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "no"
+        cpuinfo = ""
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+        platform.processor() or "?",
+    )
+    vnni = "yes" if ("avx512_vnni" in cpuinfo or "avx_vnni" in cpuinfo) else "no"
     return {
         "cpu": f"{cpu}, {os.cpu_count()} cores, VNNI: {vnni}",
         "python": platform.python_version(),
@@ -396,11 +397,9 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "BN statistics frozen (training on the folded graph); W3A3 and W2A2 also learn their "
         "step sizes and train 4 and 8: the anneal, then the rest at the target, W2A2 also "
         "learning from the float model (distillation: half the loss, temperature 2). While "
-        "quantized, BN "
-        "statistics are re-estimated on 32 batches before each validation and the freeze (the "
-        "folded integer weights stay the same). "
-        "PTQ rows: "
-        "calibration on 32 batches, no training. The first conv's weights, the input and the "
+        "quantized, BN statistics are re-estimated on 32 batches before each validation and "
+        "the freeze (the folded integer weights stay the same). PTQ rows: calibration on 32 "
+        "batches, no training. The first conv's weights, the input and the "
         "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. "
         "MobileNetV2 at width 0.5. Every accuracy is on the full test set; the exported models "
         "ran on the same 10,000 images.",
