@@ -615,7 +615,12 @@ def run_export(
     targets = tuple(export_cfg.get("targets") or ("torchscript", "onnx"))
     t0 = time.perf_counter()
     artifacts = export_model(
-        model, out_dir, example, targets=targets, int4_packed=bool(export_cfg.get("int4_packed"))
+        model,
+        out_dir,
+        example,
+        targets=targets,
+        int4_packed=bool(export_cfg.get("int4_packed")),
+        fused_add=bool(export_cfg.get("fused_add")),
     )
     report: dict[str, Any] = {
         "out_dir": str(out_dir),

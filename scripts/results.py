@@ -26,6 +26,7 @@ Usage::
     python scripts/results.py -- logger=wandb              # also log every run (and the table)
     python scripts/results.py --render-only
     python scripts/results.py --models resnet20 --rows qat_w2a2_anneal  # one row, same float
+    python scripts/results.py --reexport   # after an exporter change: export every row again
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ MODELS = {"resnet20": [], "mobilenetv2": ["model.width_mult=0.5"]}
 
 
 # ---------------------------------------------------------------------- running
-def _run(args: Sequence[str], log_file: Path) -> int:
-    """Run ``python train.py args`` with its output appended to ``log_file``."""
-    cmd = [sys.executable, str(TRAIN), *args]
+def _run(args: Sequence[str], log_file: Path, script: bool = True) -> int:
+    """Run ``python train.py args`` (``python args`` if not ``script``) with its output
+    appended to ``log_file``."""
+    cmd = [sys.executable, *([str(TRAIN)] if script else []), *args]
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     env.setdefault("WANDB_MODE", "offline")
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +183,52 @@ def run_model(
     )
     if rc != 0:
         print(f"warning: the multirun of {name} exited with {rc}; see {log}")
+
+
+def reexport_rows(
+    root: Path, name: str, rows: Sequence[str] = tuple(QUANT_ROWS), extra: Sequence[str] = ()
+) -> None:
+    """Export the finished ``rows`` again from their checkpoints, with the exporter as it is now.
+
+    For after an exporter change: each row's trained model is exported, verified on the test
+    set and benchmarked anew (``python -m qat.export``), and the export part of its
+    ``results.json`` is replaced (training figures kept). A row is only updated when the
+    re-exported model's fake-quant test accuracy equals the one the row recorded, i.e. the
+    checkpoint holds the model the row tested; otherwise it is left as it was, with a warning.
+    ``extra``: ``export.*`` overrides for every export.
+    """
+    from qat.pipeline import write_json_atomic
+
+    log = root / name / "log.txt"
+    for row in rows:
+        run_dir = _row_dir(root, name, row)
+        res = _load(run_dir / "results.json")
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        if res is None or not ckpt.is_file():
+            print(f"{name} {row}: no finished run with a checkpoint under {run_dir}; skipped")
+            continue
+        report_path = run_dir / "export" / "export_report.json"
+        report_path.unlink(missing_ok=True)  # never merge a report of an earlier export
+        cmd = ["-m", "qat.export", f"ckpt_path={ckpt}", "export.fail_on_parity=false", *extra]
+        rc = _run(cmd, log, script=False)
+        report = _load(report_path)
+        if rc != 0 or report is None or "parity" not in report:
+            print(f"warning: {name} {row}: re-export failed (exit {rc}); see {log}")
+            continue
+        fq = ((report.get("parity") or {}).get("fake_quant") or {}).get("accuracy")
+        tested = res["metrics"].get("test_acc")
+        if fq is None or tested is None or abs(fq - tested) > 5e-5:
+            print(
+                f"warning: {name} {row}: the checkpoint's fake-quant test accuracy {fq} is not "
+                f"the row's {tested}: not the tested model; the row is left as it was"
+            )
+            continue
+        export = {k: v for k, v in report.items() if k not in ("ckpt_path", "run_dir")}
+        export["reexported"] = time.strftime("%Y-%m-%d %H:%M")
+        res["export"] = export
+        res["status"] = "ok" if export.get("parity_ok", True) else "parity_failed"
+        write_json_atomic(run_dir / "results.json", res)
+        print(f"{name} {row}: re-exported, {res['status']}")
 
 
 # ---------------------------------------------------------------------- collecting
@@ -550,6 +598,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--rows", nargs="+", default=QUANT_ROWS, choices=QUANT_ROWS, help="quantized rows to run"
     )
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument(
+        "--reexport",
+        action="store_true",
+        help="export the finished --rows again with the current exporter (no training)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     if args.float_epochs < 1:
@@ -557,7 +610,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         parser.error(f"overrides must look like key=value, got {bad}")
-    if not args.render_only:
+    if args.reexport and args.render_only:
+        parser.error("--reexport and --render-only exclude each other")
+    if args.reexport:
+        for m in args.models:
+            exports = [o for o in args.overrides if o.startswith("export.")]
+            reexport_rows(args.root.resolve(), m, args.rows, exports)
+    elif not args.render_only:
         for m in args.models:
             run_model(
                 m, args.root.resolve(), args.float_epochs, args.overrides, args.rows, args.out

@@ -113,6 +113,7 @@ def _build(
     converted: ConvertedModel,
     int4_packed: bool,
     opset: int | None,
+    fused_add: bool,
 ) -> bytes:
     example = args if len(args) > 1 else args[0]
     if target == "torchscript":
@@ -128,7 +129,9 @@ def _build(
         return buf.getvalue()
     from qat.export.onnx import build_onnx_model
 
-    proto = build_onnx_model(model, example, converted, opset=opset, int4_packed=int4_packed)
+    proto = build_onnx_model(
+        model, example, converted, opset=opset, int4_packed=int4_packed, fused_add=fused_add
+    )
     return proto.SerializeToString()
 
 
@@ -139,6 +142,7 @@ def export_model(
     targets: Sequence[str] = TARGETS,
     int4_packed: bool = False,
     opset: int | None = None,
+    fused_add: bool = False,
 ) -> dict[str, Path]:
     """Export a trained fake-quant model to integer TorchScript and / or QDQ ONNX.
 
@@ -158,6 +162,10 @@ def export_model(
         int4_packed: ONNX only: store weights whose levels fit 4 bits as packed INT4
             (opset 21): about half the file; ONNX Runtime runs those convs in float.
         opset: ONNX opset (default 17, or 21 with ``int4_packed``).
+        fused_add: ONNX only: residual adds as ``Add``, fused by ONNX Runtime into
+            ``QLinearAdd`` (faster at large batches, but it settles rounding ties differently
+            from the fake-quant model); default ``Sum``, which ONNX Runtime runs exactly
+            (see :mod:`qat.export.onnx`).
 
     Returns:
         ``{"torchscript": out_dir/model.ts, "onnx": out_dir/model.onnx}`` for the targets.
@@ -187,7 +195,7 @@ def export_model(
     staged: dict[str, Path] = {}
     try:
         for target in targets:
-            data = _build(target, model, args, converted, int4_packed, opset)
+            data = _build(target, model, args, converted, int4_packed, opset, fused_add)
             final = out_dir / FILENAMES[target]
             staged[target] = write_staged(final, data)
             smoke = _smoke_torchscript if target == "torchscript" else _smoke_onnx

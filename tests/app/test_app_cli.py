@@ -207,6 +207,19 @@ def test_export_cli_reexports_a_checkpoint(tmp_path: Path) -> None:
     # Nothing written where the command ran (no Hydra run dir of its own).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]
 
+    # A parity failure (forced: no accuracy drop allowed, not even 0) fails the command, after
+    # writing the report; with export.fail_on_parity=false it is recorded and the command
+    # goes on, as in training.
+    strict = ["-m", "qat.export", f"ckpt_path={ckpt}", "export.bench=false"]
+    strict += [f"export.out_dir={out}", "export.parity.max_accuracy_drop_pt=-1"]
+    proc = run(strict, tmp_path)
+    assert proc.returncode != 0, _show(proc)
+    assert json.loads((out / "export_report.json").read_text())["parity_ok"] is False
+    proc = run([*strict, "export.fail_on_parity=false"], tmp_path)
+    assert proc.returncode == 0, _show(proc)
+    assert "parity_failed" in proc.stdout + proc.stderr
+    assert json.loads((out / "export_report.json").read_text())["parity_ok"] is False
+
 
 @pytest.mark.parametrize("bad", ["ckpt_path=/nonexistent.ckpt"])
 def test_export_cli_bad_checkpoint(bad: str, tmp_path: Path) -> None:

@@ -220,3 +220,45 @@ def test_weights_are_int8_initializers_with_int32_bias() -> None:
             assert n.input[0] not in inits
     w = numpy_helper.to_array(inits[w_dq.input[0]])
     assert w.dtype == np.int8 and w.shape == (8, 3, 3, 3)
+
+
+def _add_codes(proto, x: torch.Tensor) -> tuple:
+    """ORT's input and output codes of the residual add, and the add's quantization params."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    add = next(n for n in graph.node if n.op_type in ("Add", "Sum"))
+    dqs = [producers[i] for i in add.input]
+    q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == add.output[0])
+    names = [dqs[0].input[0], dqs[1].input[0], q.output[0]]
+    for name in names:
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.UINT8, None))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    a, b, c = sess.run(names, {"input": x.numpy()})
+    params = [(inits[n.input[1]], inits[n.input[2]]) for n in (*dqs, q)]
+    return a, b, c, params
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=["a8", "a4"])
+def test_residual_add_runs_the_onnx_formula_exactly(bits: int) -> None:
+    """By default the add is DQ → Sum → Q, left unfused: every output code is
+    round((x̂a + x̂b) / s) + z (float32, as the fake quantizer computes it) of its input codes.
+    Fused (``Add`` → ``QLinearAdd``) ORT computes from the scale ratios instead and may settle
+    rounding ties the other way (see qat.export.onnx)."""
+    q, shape = _build("residual", bits, True)
+    x = torch.randn(256, *shape) * 1.2
+    proto = build_onnx_model(q, x[:4])
+    assert "Sum" in [n.op_type for n in proto.graph.node]
+    a, b, c, ((sa, za), (sb, zb), (sc, zc)) = _add_codes(proto, x)
+    f32 = np.float32
+    xa = (a.astype(f32) - f32(za)) * f32(sa)
+    xb = (b.astype(f32) - f32(zb)) * f32(sb)
+    expect = np.clip(np.rint((xa + xb) / f32(sc)) + f32(zc), 0, 255)
+    np.testing.assert_array_equal(c.astype(f32), np.maximum(expect, f32(zc)))  # add + ReLU
+
+    fused = build_onnx_model(q, x[:4], fused_add=True)
+    assert "Sum" not in [n.op_type for n in fused.graph.node]

@@ -200,3 +200,50 @@ def test_new_rows_start_from_the_saved_float_weights(
     results_script.run_model("resnet20", fresh, 4, [], ["qat_w4a4"], docs)
     assert "+experiment=table/float" in calls[0]
     assert f"init_from={results_script._float_ckpt(fresh, 'resnet20')}" in calls[1]
+
+
+def test_reexport_replaces_the_export_of_a_finished_row(results_script, tmp_path: Path) -> None:
+    """--reexport exports a row again from its checkpoint; only the export part changes, and
+    only when the checkpoint is the model the row tested."""
+    import os
+    import subprocess
+    import sys
+
+    root, docs = tmp_path / "runs", tmp_path / "docs"
+    row_dir = results_script._row_dir(root, "resnet20", "qat_w8a8")
+    train = [
+        *("data=digits", "data.image_size=8", "data.batch_size=32", "model=lenet5"),
+        *("quant=w8a8", "trainer.max_epochs=2", "schedule.warmup_epochs=1"),
+        *("trainer.limit_train_batches=4", "trainer.limit_val_batches=2"),
+        "trainer.enable_progress_bar=false",
+        *("~callbacks.rich_progress_bar", "export.bench=false", f"hydra.run.dir={row_dir}"),
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(results_script.TRAIN), *train],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = json.loads((row_dir / "results.json").read_text())
+    assert before["status"] == "ok" and "reexported" not in before["export"]
+
+    args = ["--reexport", "--root", str(root), "--out", str(docs), "--models", "resnet20"]
+    results_script.main([*args, "--rows", "qat_w8a8", "--", "export.bench=false"])
+    after = json.loads((row_dir / "results.json").read_text())
+    assert "reexported" in after["export"] and after["status"] == "ok"
+    assert after["metrics"] == before["metrics"] and after["history"] == before["history"]
+    fq = after["export"]["parity"]["fake_quant"]["accuracy"]
+    assert fq == pytest.approx(before["metrics"]["test_acc"], abs=5e-5)
+    assert after["export"]["parity"]["runtimes"]["onnx"]["agreement"] == 1.0
+    assert "| resnet20 | QAT | W8A8 |" in (docs / "results.md").read_text()
+
+    # A checkpoint that is not the tested model (here: the row says another accuracy) is
+    # not merged: the row stays as it was.
+    after["metrics"]["test_acc"] = 0.123
+    (row_dir / "results.json").write_text(json.dumps(after))
+    results_script.main([*args, "--rows", "qat_w8a8", "--", "export.bench=false"])
+    assert json.loads((row_dir / "results.json").read_text()) == after
