@@ -584,7 +584,8 @@ def run_export(
     """Export ``model`` → verify on the test set → check parity → benchmark.
 
     Returns a JSON-able report. On a parity failure the ``ParityError`` is raised with the
-    report attached as ``err.qat_export_results``, so the caller can still write it.
+    report attached as ``err.qat_export_results``, so the caller can still write it (with
+    ``export_cfg.fail_on_parity`` false, after the benchmark, which the report then holds).
     """
     # Imported here: the exporters pull in onnx / onnxruntime, needed only for this stage.
     from qat.export import (
@@ -596,6 +597,7 @@ def run_export(
     )
 
     model = model.cpu().eval()
+    parity_error: ParityError | None = None
     missing = uninitialized_quantizers(model)
     if missing:
         # Their scale is a placeholder: exporting would bake a garbage grid into the model.
@@ -641,11 +643,17 @@ def run_export(
             report["parity_ok"] = False
             report["parity_error"] = str(err)
             err.qat_export_results = report  # type: ignore[attr-defined]
-            raise
+            if export_cfg.get("fail_on_parity", True):
+                raise
+            # A recorded failure, not a crash: the models are still benchmarked (a results
+            # table shows their size and speed too); the caller gets the error afterwards.
+            parity_error = err
     if export_cfg.get("bench", True):
         sizes = tuple(int(b) for b in export_cfg.get("bench_batch_sizes") or (1, 64))
         reference = float_model.cpu().eval() if float_model is not None else None
         report["bench"] = benchmark_artifacts(artifacts, reference, example, batch_sizes=sizes)
+    if parity_error is not None:
+        raise parity_error
     return report
 
 

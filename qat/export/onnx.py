@@ -9,11 +9,12 @@ optimizer turns into integer kernels on CPU:
   ``Concat`` becomes ``QLinearConcat``, ``GlobalAveragePool`` ``QLinearGlobalAveragePool``;
   ``MaxPool`` / ``Flatten`` / ``Reshape`` between ``DQ`` and ``Q`` run on uint8 directly;
 - a residual add is ``DQ → Sum → Q`` by default, which ONNX Runtime leaves unfused and runs
-  exactly as the ONNX formula ``round((x̂a + x̂b) / s) + z`` (float32) that the fake-quant
-  model computes. As ``Add`` (``fused_add=True``) it becomes ``QLinearAdd``, faster, but its x86
-  kernel computes ``fma(qa, sa/s, fma(qb, sb/s, z − …))`` from the scale ratios and settles
-  rounding ties differently: on MobileNetV2 W4A8 0.11% of one add's outputs came out one level
-  off, and 0.44% of the test predictions changed through the depth;
+  as the ONNX formula ``round((x̂a + x̂b) / s) + z`` in float32, as the fake-quant model does
+  (which multiplies by ``1/s``: the two differ only at exact ties). As ``Add``
+  (``fused_add=True``) it becomes ``QLinearAdd``, faster, but its x86 kernel computes
+  ``fma(qa, sa/s, fma(qb, sb/s, z − …))`` from the scale ratios, and sums that lie within
+  float error of a rounding boundary round the other way: on MobileNetV2 W4A8, 0.11% of one
+  add's outputs came out one level off, and 0.44% of the test predictions changed;
 - weights are int8 initializers (sub-8-bit weights as int8 holding the narrow grid, or packed
   INT4 with ``int4_packed=True``), never ``Q → DQ`` of float weights; biases are int32
   initializers; activations are uint8 with zero points (the fast u8 × s8 path on x86);

@@ -215,10 +215,14 @@ def test_export_cli_reexports_a_checkpoint(tmp_path: Path) -> None:
     proc = run(strict, tmp_path)
     assert proc.returncode != 0, _show(proc)
     assert json.loads((out / "export_report.json").read_text())["parity_ok"] is False
-    proc = run([*strict, "export.fail_on_parity=false"], tmp_path)
+    # ... and the models are still benchmarked (a results table shows their speed too).
+    lenient = [*strict, "export.fail_on_parity=false", "export.bench=true"]
+    proc = run([*lenient, "export.bench_batch_sizes=[1]"], tmp_path)
     assert proc.returncode == 0, _show(proc)
     assert "parity_failed" in proc.stdout + proc.stderr
-    assert json.loads((out / "export_report.json").read_text())["parity_ok"] is False
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["parity_ok"] is False
+    assert report["bench"]["runtimes"]["onnx"]["latency_ms"]["1"] > 0
 
 
 @pytest.mark.parametrize("bad", ["ckpt_path=/nonexistent.ckpt"])
