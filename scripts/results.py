@@ -213,7 +213,10 @@ def reexport_rows(
         rc = _run(cmd, log, script=False)
         report = _load(report_path)
         if rc != 0 or report is None or "parity" not in report:
-            print(f"warning: {name} {row}: re-export failed (exit {rc}); see {log}")
+            print(
+                f"warning: {name} {row}: the re-export failed (exit {rc}) or verified nothing "
+                f"(export.verify=false?), so the row is left as it was; see {log}"
+            )
             continue
         fq = ((report.get("parity") or {}).get("fake_quant") or {}).get("accuracy")
         tested = res["metrics"].get("test_acc")
@@ -473,7 +476,8 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "ran on the same 10,000 images.",
         "",
         "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
-        "(ONNX Runtime CPU, integer kernels; residual adds DQ → Sum → Q, unfused, exact) and "
+        "(ONNX Runtime CPU, integer kernels; residual adds unfused, DQ → Sum → Q in float32 "
+        "as in the fake-quant model) and "
         "TorchScript (PyTorch INT8 kernels) models; "
         "agree = top-1 agreement with fake-quant (the lower of the two); max Δ logit = largest "
         "absolute logit difference (logits are float in every row); sizes in KiB (int8 weights; "
