@@ -704,8 +704,9 @@ def build_onnx_model(
         int4_packed: store weights whose levels fit 4 bits as INT4 (half the bytes of int8;
             ONNX Runtime then runs those convs in float: same outputs, slower).
         fused_add: emit residual adds as ``Add``, which ONNX Runtime fuses into
-            ``QLinearAdd`` (faster; settles rounding ties differently from the fake-quant
-            model, see the module docstring). Default: ``Sum``, run exactly.
+            ``QLinearAdd`` (faster; rounds near-ties differently from the fake-quant model,
+            see the module docstring). Default: ``Sum``, unfused, float32 as the fake-quant
+            model computes it.
     """
     opset = _resolve_opset(opset, int4_packed)
     if converted is None:
