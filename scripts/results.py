@@ -208,17 +208,19 @@ def reexport_rows(
             print(f"{name} {row}: no finished run with a checkpoint under {run_dir}; skipped")
             continue
         report_path = run_dir / "export" / "export_report.json"
-        report_path.unlink(missing_ok=True)  # never merge a report of an earlier export
+        # Only a report this export wrote is merged; an earlier one stays as it is.
+        before = report_path.stat().st_mtime_ns if report_path.is_file() else None
         cmd = ["-m", "qat.export", f"ckpt_path={ckpt}", "export.fail_on_parity=false", *extra]
         rc = _run(cmd, log, script=False)
-        report = _load(report_path)
+        written = report_path.is_file() and report_path.stat().st_mtime_ns != before
+        report = _load(report_path) if written else None
         if rc != 0 or report is None or "parity" not in report:
             print(
                 f"warning: {name} {row}: the re-export failed (exit {rc}) or verified nothing "
                 f"(export.verify=false?), so the row is left as it was; see {log}"
             )
             continue
-        fq = ((report.get("parity") or {}).get("fake_quant") or {}).get("accuracy")
+        fq = (report["parity"].get("fake_quant") or {}).get("accuracy")
         tested = res["metrics"].get("test_acc")
         if fq is None or tested is None or abs(fq - tested) > 5e-5:
             print(
@@ -417,19 +419,13 @@ def _checks(items: list[dict[str, Any]]) -> list[str]:
             None if d is None or p is None else d > p,
         )
         rows = [i for i in items if i["model"] == m and i["done"] and i["row"] != "float"]
-        runtimes = (("ort", "ONNX Runtime"), ("ts", "TorchScript"))
-        gaps = [
-            (round(abs(i[f"{k}_acc"] - i["acc"]) * 100, 2), i["row"], name)
-            for i in rows
-            for k, name in runtimes
-            if i.get(f"{k}_acc") is not None
-        ]
-        agree = [
-            (i[f"{k}_agree"], i["row"], name)
-            for i in rows
-            for k, name in runtimes
-            if i.get(f"{k}_agree") is not None
-        ]
+        gaps, agree = [], []
+        for i in rows:
+            for k, name in (("ort", "ONNX Runtime"), ("ts", "TorchScript")):
+                if i.get(f"{k}_acc") is not None:
+                    gaps.append((round(abs(i[f"{k}_acc"] - i["acc"]) * 100, 2), i["row"], name))
+                if i.get(f"{k}_agree") is not None:
+                    agree.append((i[f"{k}_agree"], i["row"], name))
         if not gaps or not agree:
             check("exported accuracy within 0.1 pt: no exported rows yet", None)
             continue
@@ -646,8 +642,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.reexport and args.render_only:
         parser.error("--reexport and --render-only exclude each other")
     if args.reexport:
+        exports = [o for o in args.overrides if o.startswith("export.")]
         for m in args.models:
-            exports = [o for o in args.overrides if o.startswith("export.")]
             reexport_rows(args.root.resolve(), m, args.rows, exports)
     elif not args.render_only:
         for m in args.models:

@@ -226,12 +226,15 @@ def _add_codes(proto, x: torch.Tensor) -> tuple:
     """ORT's input and output codes of the residual add, and the add's quantization params."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from qat.export.onnx import _Graph
+
     graph = proto.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
+    g = _Graph(graph)
+    producers, consumers = g.producers(), g.consumers()
     add = next(n for n in graph.node if n.op_type in ("Add", "Sum"))
     dqs = [producers[i] for i in add.input]
-    q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == add.output[0])
+    q = next(n for n in consumers[add.output[0]] if n.op_type == "QuantizeLinear")
     names = [dqs[0].input[0], dqs[1].input[0], q.output[0]]
     for name in names:
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.UINT8, None))
