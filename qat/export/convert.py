@@ -754,6 +754,11 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
     the scales must not change afterwards (re-snap if they do). For conv+BN the BN shift β is
     adjusted so that the folded bias lands on the grid (to within one float32 ulp).
 
+    It also pins each integer layer's input scale (``runtime_input_scale``, not saved in the
+    state dict), so that evaluation under :func:`qat.modules.exact_accumulation` (the test
+    metrics and the parity check) requantizes the layer's int32 sums with the runtimes' float32
+    multiplier ``s_in · s_w / s_out`` instead of quantizing the float sum.
+
     Args:
         model: a prepared, calibrated / trained fake-quant model.
         example_input: one batch (finds each layer's input scale).
@@ -764,7 +769,12 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
     converted = convert(model, example_input)
     snapped = []
     for name, desc in converted.layers.items():
-        if not desc.integer or desc.bias_int is None:
+        if not desc.integer:
+            continue
+        # Pins the input grid, so that exact evaluation (qat.modules.exact_accumulation)
+        # requantizes this layer's int32 sums as the runtimes do.
+        desc.module.runtime_input_scale = float(desc.inputs[0].scale)
+        if desc.bias_int is None:
             continue
         target = desc.dequantized_bias
         mod = desc.module

@@ -84,3 +84,14 @@ def train_float(
 def max_steps(out: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
     """Largest |out − ref| in units of the output quantization step."""
     return float((out.float() - ref.float()).abs().max()) / scale
+
+
+class Wrap(nn.Module):
+    """A non-Sequential root (prepare hangs the input quantizer on the root)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from export_helpers import max_steps, quantize, recipe
+from export_helpers import Wrap, max_steps, quantize, recipe
 from torch import nn
 
 from qat.export import snap_bias
@@ -32,17 +32,6 @@ def _randomize_bn(model: nn.Module) -> None:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.3, 0.3)
-
-
-class Wrap(nn.Module):
-    """A non-Sequential root (prepare hangs the input quantizer on the root)."""
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
 
 class Residual(nn.Module):

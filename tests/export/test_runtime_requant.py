@@ -1,0 +1,120 @@
+"""Exact evaluation requantizes integer layers as the runtimes do (float32 multiplier on int32).
+
+The case below is the one MobileNetV2 W4A4 hit in a depthwise conv: input code 5 times weight
+level 5 gives an int32 sum of 25, and ``25 · s_in · s_w / s_out`` is 3.4999998, 2e-7 below a
+tie. Both runtimes round it to 3; quantizing the float sum (``round(y · (1/s_out))``, two float32
+roundings) gave 4, on every output with that sum.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnxruntime as ort
+import pytest
+import torch
+from export_helpers import Wrap, quantize, recipe
+from torch import nn
+
+import qat
+from qat.export import snap_bias
+from qat.export.convert import convert
+from qat.export.onnx import build_onnx_model
+from qat.export.torchscript import build_integer_model, trace_integer_model
+from qat.modules import exact_accumulation
+
+S_IN, S_W, S_OUT = 0.2058054655790329, 0.19502262771129608, 0.286690890789032
+
+
+def _near_tie_model() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qat.prepare(Wrap(nn.Conv2d(1, 1, 1, bias=False)), recipe(4))
+        qat.calibrate(q, [torch.rand(2, 1, 2, 2)])
+    q.eval()
+    with torch.no_grad():
+        for fq, s in ((q.input_quant, S_IN), (q.body.weight_quant, S_W)):
+            fq.scale.fill_(s)
+            fq.zero_point.fill_(0)
+        q.body.output_quant.scale.fill_(S_OUT)
+        q.body.output_quant.zero_point.fill_(0)
+        q.body.weight.fill_(5 * S_W)
+    return q
+
+
+def _runtimes(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    converted = convert(q, x)
+    traced = trace_integer_model(build_integer_model(q, x, converted), x)
+    proto = build_onnx_model(q, x, converted)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ts = traced(x)
+    return {"torchscript": ts, "onnx": torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])}
+
+
+def test_exact_evaluation_rounds_a_near_tie_as_both_runtimes() -> None:
+    q = _near_tie_model()
+    x = torch.full((1, 1, 2, 2), 5 * S_IN)
+    with torch.no_grad(), exact_accumulation():
+        unpinned = q(x)
+    snap_bias(q, x)
+    assert q.body.runtime_input_scale == pytest.approx(S_IN)
+    with torch.no_grad(), exact_accumulation():
+        pinned = q(x)
+    # Quantizing the float sum rounds the wrong way; the runtimes' arithmetic does not.
+    assert torch.equal(unpinned, torch.full_like(x, 4 * S_OUT))
+    assert torch.equal(pinned, torch.full_like(x, 3 * S_OUT))
+    for name, out in _runtimes(q, x).items():
+        assert torch.equal(out, pinned), name
+
+
+def test_input_off_the_pinned_grid_falls_back_to_the_float_sum() -> None:
+    q = _near_tie_model()
+    x = torch.full((1, 1, 2, 2), 5 * S_IN)
+    snap_bias(q, x)
+    with torch.no_grad():
+        q.input_quant.scale.fill_(S_IN * 1.01)  # ranges moved after snap_bias
+        with exact_accumulation():
+            out = q(x)
+        q.body.runtime_input_scale = None
+        with exact_accumulation():
+            ref = q(x)
+    assert torch.equal(out, ref)
+
+
+def test_training_and_plain_eval_ignore_the_pinned_grid() -> None:
+    q = _near_tie_model()
+    x = torch.full((1, 1, 2, 2), 5 * S_IN)
+    snap_bias(q, x)
+    with torch.no_grad():
+        assert torch.equal(q(x), torch.full_like(x, 4 * S_OUT))  # no exact_accumulation
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_exact_evaluation_equals_both_runtimes_bit_for_bit(bits: int) -> None:
+    """Depthwise + pointwise conv-BN-ReLU blocks and a linear head: every output identical."""
+    torch.manual_seed(bits)
+    body = nn.Sequential(
+        nn.Conv2d(3, 16, 1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+    )
+
+    def batch() -> torch.Tensor:
+        return torch.randn(16, 3, 6, 6)
+
+    q = quantize(Wrap(body), recipe(bits), batch)
+    x = batch()
+    snap_bias(q, x[:4])
+    with torch.no_grad(), exact_accumulation():
+        ref = q(x)
+    for name, out in _runtimes(q, x).items():
+        assert torch.allclose(out, ref, rtol=0, atol=1e-5), name
