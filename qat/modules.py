@@ -35,8 +35,10 @@ def exact_accumulation(enabled: bool = True) -> Iterator[None]:
     products rounds, and wherever a result lands next to a rounding boundary of the output
     grid the two pick different levels. Through a deep 8-bit network those one-level flips
     add up: a ResNet-20 W8A8 disagreed with its exported models on 0.18% of the test images
-    in float32 and 0.04% with float64 sums. Used for the test metrics and the parity check
-    (about 4x the float32 time); training is unaffected.
+    in float32 and 0.04% with float64 sums. Layers whose input grid :func:`qat.export.snap_bias`
+    pinned go further and requantize their integer sums as the runtimes do (see
+    ``_quantized_output``). Used for the test metrics and the parity check (about 4x the
+    float32 time); training is unaffected.
     """
     global _exact_accumulation
     old, _exact_accumulation = _exact_accumulation, enabled
