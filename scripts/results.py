@@ -225,7 +225,9 @@ def reexport_rows(
         if fq is None or tested is None or abs(fq - tested) > 5e-5:
             print(
                 f"warning: {name} {row}: the checkpoint's fake-quant test accuracy {fq} is not "
-                f"the row's {tested}: not the tested model; the row is left as it was"
+                f"the row's {tested}: not the tested model, or a row tested before the "
+                "fake-quant evaluation requantized as the runtimes do (2026-12-01); the row is "
+                "left as it was (re-run it to update it)"
             )
             continue
         export = {k: v for k, v in report.items() if k not in ("ckpt_path", "run_dir")}
