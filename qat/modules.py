@@ -78,43 +78,49 @@ def _quantized_output(
     and when ``25 · M`` lands 2e-7 below x.5, every output with that sum flips: MobileNetV2 W4A4
     disagreed with both runtimes on 0.21% of the test images through one such channel.
     """
-    s_in = getattr(module, "runtime_input_scale", None)
     oq: FakeQuantizer = module.output_quant
+    codes = _pinned_input_codes(module, x)
+    if codes is None:
+        return oq(_linear_op(module, op, x, w, b), relu=module.relu)
     wq: FakeQuantizer = module.weight_quant
-    if (
-        s_in is None
-        or not (_exact_accumulation and not module.training and x.dtype == torch.float32)
-        or not (oq.enabled and oq.fake_quant_enabled and oq.is_initialized)
-        or not (wq.enabled and wq.fake_quant_enabled and wq.is_initialized)
-        or oq.learned == "pact"
-    ):
-        return oq(_linear_op(module, op, x, w, b), relu=module.relu)
-    s_in32 = torch.tensor(s_in, dtype=torch.float32, device=x.device)
-    codes = torch.round(x.double() / s_in32.double())
-    if not torch.equal((codes.float() * s_in32), x):
-        # The input is not on the pinned grid (ranges moved since snap_bias): no emulation.
-        return oq(_linear_op(module, op, x, w, b), relu=module.relu)
     s_w, _ = wq.qparams()
     shape = [-1] + [1] * (w.dim() - 1) if wq.per_channel else [1] * w.dim()
     levels = torch.round(w.double() / s_w.double().reshape(shape))
     acc = op(codes, levels, None)
-    act_w = (s_in32 * s_w.float()).reshape(-1)  # float32, as both runtimes form it
+    s_in = torch.tensor(module.runtime_input_scale, dtype=torch.float32, device=x.device)
+    act_w = (s_in * s_w.float()).reshape(-1)  # float32, as both runtimes form it
     out_shape = [1, -1] + [1] * (acc.dim() - 2)
     if b is not None:
         # Not rounded here: after snap_bias it is the int32 bias to within float error (what
         # ONNX Runtime adds); otherwise it is fbgemm's float-bias epilogue, and ONNX's rounding
         # of it shows in the parity report rather than being hidden.
         acc = acc + (b.double() / act_w.double()).reshape(out_shape)
-    s_out, z_out = oq.qparams()
+    s_out, _ = oq.qparams()
     multiplier = (act_w / s_out.float()).reshape(out_shape)
-    q = torch.round(acc.float() * multiplier) + z_out.float()
-    qmin, qmax = oq.quant_range
-    if module.relu:
-        q = torch.maximum(q, z_out.float())
-    q = q.clamp(qmin, qmax)
-    # Through the output quantizer all the same (a value on its grid comes out unchanged), so
-    # the hooks of qat.export.convert that follow the grids still see this layer's output.
-    return oq((q - z_out.float()) * s_out.float(), relu=module.relu)
+    levels_out = torch.round(acc.float() * multiplier)
+    # The output quantizer takes these levels as they are (a value on its grid comes out
+    # unchanged) and applies the ReLU and the clamp to its range; the hooks of
+    # qat.export.convert that follow the grids see this layer's output there too.
+    return oq(levels_out * s_out.float(), relu=module.relu)
+
+
+def _pinned_input_codes(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as float64 integer codes (``q − z``) on the input grid snap_bias pinned, or None
+    when the runtime requantization does not apply (not exact evaluation, nothing pinned, a
+    quantizer off or PACT, or ``x`` off the pinned grid because ranges moved since)."""
+    s_in = getattr(module, "runtime_input_scale", None)
+    if not _exact_accumulation or module.training or s_in is None or x.dtype != torch.float32:
+        return None
+    oq: FakeQuantizer = module.output_quant
+    wq: FakeQuantizer = module.weight_quant
+    for quant in (oq, wq):
+        if not (quant.enabled and quant.fake_quant_enabled and quant.is_initialized):
+            return None
+    if oq.learned == "pact":
+        return None
+    s_in32 = torch.tensor(s_in, dtype=torch.float32, device=x.device)
+    codes = torch.round(x.double() / s_in32.double())
+    return codes if torch.equal(codes.float() * s_in32, x) else None
 
 
 def _weight_quantizer(spec: QuantSpec | None, channels: int, axis: int = 0) -> FakeQuantizer:
