@@ -792,8 +792,9 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
         assert target is not None and mod is not None
         if desc.output is not None and desc.float_bias is not None:
             shift = (target - desc.float_bias).abs() / desc.output.scale
-            if float(shift.mean()) > COARSE_BIAS_SHIFT:
-                coarse.append((float(shift.mean()), float(shift.max()), name))
+            mean = float(shift.mean())
+            if mean > COARSE_BIAS_SHIFT:
+                coarse.append((mean, float(shift.max()), name))
         if isinstance(mod, QConvBn2d):
             # folded bias = β + (b_conv − μ)·f  (qat.fold.fold_bn_params) → solve for β.
             bn = mod.bn

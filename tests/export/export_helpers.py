@@ -95,3 +95,30 @@ class Wrap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+
+def pinned_conv(
+    bits: int, s_in: float, s_w: float, s_out: float, weight: float, bias: float | None = None
+) -> nn.Module:
+    """A one-channel 1×1 conv in :class:`Wrap`, W{bits}A{bits} in eval mode, on fixed grids.
+
+    Input, weight and output steps are ``s_in``, ``s_w``, ``s_out`` with zero points 0; the
+    weight (and bias, if given) is filled with ``weight`` (``bias``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = qat.prepare(Wrap(nn.Conv2d(1, 1, 1, bias=bias is not None)), recipe(bits))
+        qat.calibrate(q, [torch.rand(2, 1, 2, 2)])
+    q.eval()
+    with torch.no_grad():
+        for fq, s in (
+            (q.input_quant, s_in),
+            (q.body.weight_quant, s_w),
+            (q.body.output_quant, s_out),
+        ):
+            fq.scale.fill_(s)
+            fq.zero_point.fill_(0)
+        q.body.weight.fill_(weight)
+        if bias is not None:
+            q.body.bias.fill_(bias)
+    return q

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from export_helpers import max_steps, quantize, recipe
+from export_helpers import max_steps, pinned_conv, quantize, recipe
 from torch import nn
 
 import qat
@@ -229,32 +229,20 @@ def test_full_range_8_bit_weights_warn_about_saturation() -> None:
 
 
 def _biased_conv(s_out: float) -> nn.Module:
-    """A 1×1 conv, input and weight steps 1, bias 0.5: halfway between two int32 levels."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = qat.prepare(Wrap(nn.Conv2d(1, 1, 1)), recipe(2))
-        qat.calibrate(q, [torch.rand(2, 1, 2, 2)])
-    q.eval()
-    with torch.no_grad():
-        for fq in (q.input_quant, q.m.weight_quant):
-            fq.scale.fill_(1.0)
-            fq.zero_point.fill_(0)
-        q.m.output_quant.scale.fill_(s_out)
-        q.m.weight.fill_(1.0)
-        q.m.bias.fill_(0.5)
-    return q
+    """Input and weight steps 1, bias 0.5: halfway between two int32 levels."""
+    return pinned_conv(2, 1.0, 1.0, s_out, weight=1.0, bias=0.5)
 
 
 def test_snap_bias_warns_when_the_bias_grid_is_coarser_than_the_output_step() -> None:
     # s_in·s_w = 1 against an output step of 0.25: the bias moves by 0.5, two output steps.
     q = _biased_conv(s_out=0.25)
-    with pytest.warns(UserWarning, match=r"bias grid .* m \(mean 2\.00, max 2\.00\)"):
-        assert snap_bias(q, torch.rand(2, 1, 2, 2)) == ["m"]
-    assert float(q.m.bias.detach()) in (0.0, 1.0)  # still snapped: the runtimes add that bias
+    with pytest.warns(UserWarning, match=r"bias grid .* body \(mean 2\.00, max 2\.00\)"):
+        assert snap_bias(q, torch.rand(2, 1, 2, 2)) == ["body"]
+    assert float(q.body.bias.detach()) in (0.0, 1.0)  # still snapped: the runtimes add that bias
 
 
 def test_snap_bias_is_quiet_when_the_bias_grid_is_fine() -> None:
     q = _biased_conv(s_out=50.0)  # the same 0.5 move is 0.01 of an output step
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert snap_bias(q, torch.rand(2, 1, 2, 2)) == ["m"]
+        assert snap_bias(q, torch.rand(2, 1, 2, 2)) == ["body"]

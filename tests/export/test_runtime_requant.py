@@ -8,15 +8,12 @@ roundings) gave 4, on every output with that sum.
 
 from __future__ import annotations
 
-import warnings
-
 import onnxruntime as ort
 import pytest
 import torch
-from export_helpers import Wrap, quantize, recipe
+from export_helpers import Wrap, pinned_conv, quantize, recipe
 from torch import nn
 
-import qat
 from qat.export import snap_bias
 from qat.export.convert import convert
 from qat.export.onnx import build_onnx_model
@@ -27,19 +24,7 @@ S_IN, S_W, S_OUT = 0.2058054655790329, 0.19502262771129608, 0.286690890789032
 
 
 def _near_tie_model() -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = qat.prepare(Wrap(nn.Conv2d(1, 1, 1, bias=False)), recipe(4))
-        qat.calibrate(q, [torch.rand(2, 1, 2, 2)])
-    q.eval()
-    with torch.no_grad():
-        for fq, s in ((q.input_quant, S_IN), (q.body.weight_quant, S_W)):
-            fq.scale.fill_(s)
-            fq.zero_point.fill_(0)
-        q.body.output_quant.scale.fill_(S_OUT)
-        q.body.output_quant.zero_point.fill_(0)
-        q.body.weight.fill_(5 * S_W)
-    return q
+    return pinned_conv(4, S_IN, S_W, S_OUT, weight=5 * S_W)
 
 
 def _runtimes(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
