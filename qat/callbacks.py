@@ -47,6 +47,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader
 
+from qat.bias_quant import link_bias_quantizers
 from qat.bn_reestimate import reestimate_bn
 from qat.modules import QConvBn2d
 from qat.prepare import calibrate, is_prepared, prepare
@@ -112,6 +113,7 @@ class QATCallback(Callback):
         self._batch: tuple[int, int, torch.Tensor | None] | None = None
         self._restored: dict[str, Any] | None = None
         self._bn_reestimated_at: int | None = None  # global step of the last re-estimation
+        self._bias_linked_epoch: int | None = None
 
     # ------------------------------------------------------------------ helpers
     def _model(self, pl_module: LightningModule) -> nn.Module:
@@ -140,7 +142,8 @@ class QATCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         model = self._model(pl_module)
         if is_prepared(model):
-            if getattr(model, "qat_recipe", None) not in (None, self.recipe.to_dict()):
+            recipe = getattr(model, "qat_recipe", None)
+            if recipe is not None and Recipe.from_dict(recipe).to_dict() != self.recipe.to_dict():
                 raise ValueError(
                     "the model is already prepared with another recipe than QATCallback's: "
                     f"{model.qat_recipe} vs {self.recipe.to_dict()}"
@@ -179,6 +182,9 @@ class QATCallback(Callback):
             self._stats_batch = x[: self.stats_samples].detach()
         if self._phase is None or not self._phase.quantized:
             return
+        if self.recipe.quantize_bias and self._bias_linked_epoch != trainer.current_epoch:
+            self._link_bias(pl_module, x)
+            self._bias_linked_epoch = trainer.current_epoch
         if self.schedule.steps_within_epoch():
             total = trainer.num_training_batches
             fraction = batch_idx / total if isinstance(total, int) and total > 0 else 0.0
@@ -260,7 +266,8 @@ class QATCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         recipe = state_dict.get("recipe")
-        if recipe is not None and recipe != self.recipe.to_dict():
+        # Through Recipe: a checkpoint from before a field existed holds its default.
+        if recipe is not None and Recipe.from_dict(recipe).to_dict() != self.recipe.to_dict():
             raise ValueError(
                 "the checkpoint was trained with another quantization recipe than the config's; "
                 f"checkpoint: {recipe}; config: {self.recipe.to_dict()}. Resume with the run's "
@@ -336,6 +343,19 @@ class QATCallback(Callback):
             if self._bits.get(role) != bits:
                 anneal_bits(model, bits, role)
                 self._bits[role] = bits
+
+    def _link_bias(self, pl_module: LightningModule, x: Any) -> None:
+        # Each quantized epoch: the schedule may have switched input quantizers on since.
+        if not isinstance(x, torch.Tensor):
+            rank_zero_warn(
+                "QATCallback: quantize_bias needs batches whose first element is the model "
+                f"input tensor (got {type(x).__name__}); the biases train in float"
+            )
+            return
+        model = self._model(pl_module)
+        with isolate_rng():
+            linked = link_bias_quantizers(model, x[: self.stats_samples])
+        rank_zero_info(f"QAT: {len(linked)} layers train their bias on the int32 grid")
 
     def _calibrate(self, trainer: Trainer | None, model: nn.Module) -> None:
         loader = _calibration_loader(trainer, self.calibration_seed)

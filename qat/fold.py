@@ -36,11 +36,17 @@ def fold_bn_params(
         raise ValueError("fold_bn_params needs a BatchNorm with running statistics")
     f = bn_fold_factor(bn) if factor is None else factor
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    folded_w = weight * f.reshape(shape)
+    return weight * f.reshape(shape), fold_bn_bias(bias, bn, factor=f)
+
+
+def fold_bn_bias(
+    bias: torch.Tensor | None, bn: nn.BatchNorm2d, factor: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The folded bias ``β + (b − μ)·f`` alone (see :func:`fold_bn_params`)."""
+    f = bn_fold_factor(bn) if factor is None else factor
     beta = bn.bias if bn.affine else torch.zeros_like(f)
     conv_b = bias if bias is not None else torch.zeros_like(f)
-    folded_b = beta + (conv_b - bn.running_mean) * f
-    return folded_w, folded_b
+    return beta + (conv_b - bn.running_mean) * f
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

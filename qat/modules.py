@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.fold import bn_fold_factor, fold_bn_params
+from qat.fold import bn_fold_factor, fold_bn_bias, fold_bn_params
 from qat.ops import Add, Cat
 from qat.quantizers import FakeQuantizer
 from qat.spec import QuantSpec, default_activation_spec, default_weight_spec
@@ -79,6 +79,11 @@ def _quantized_output(
     disagreed with both runtimes on 0.21% of the test images through one such channel.
     """
     oq: FakeQuantizer = module.output_quant
+    snapped = grid_bias(module, b)
+    if snapped is not None:
+        # The grid's value with the latent bias's gradient (straight-through), exactly: a
+        # ``b + (snapped − b)`` in float32 can land one ulp off the grid.
+        b = snapped + (b - b.detach())
     codes = _pinned_input_codes(module, x)
     if codes is None:
         return oq(_linear_op(module, op, x, w, b), relu=module.relu)
@@ -102,6 +107,35 @@ def _quantized_output(
     # unchanged) and applies the ReLU and the clamp to its range; the hooks of
     # qat.export.convert that follow the grids see this layer's output there too.
     return oq(levels_out * s_out.float(), relu=module.relu)
+
+
+#: Attribute of a quantized conv / linear holding the quantizer of its input, when it trains its
+#: bias on the int32 grid (set by :func:`qat.bias_quant.link_bias_quantizers`).
+BIAS_INPUT_QUANT = "bias_input_quant"
+
+
+def grid_bias(module: nn.Module, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``b`` rounded onto the int32 grid ``s_in · s_w`` the integer runtimes add a bias on
+    (detached), or None when the layer does not train its bias on that grid.
+
+    It does once :func:`qat.bias_quant.link_bias_quantizers` linked the layer to the
+    quantizer of its input (``bias_input_quant``) and both that and the weight quantizer are
+    on. The scales are read live, so the grid follows learned and annealed ranges; the
+    rounding is :func:`qat.export.snap_bias`'s (float32 ``s_in · s_w``, float64 division), so
+    after the snap the bias is unchanged by it.
+    """
+    quant: FakeQuantizer | None = module.__dict__.get(BIAS_INPUT_QUANT)
+    if b is None or quant is None:
+        return None
+    wq: FakeQuantizer = module.weight_quant
+    for q in (quant, wq):
+        if not (q.enabled and q.fake_quant_enabled and q.is_initialized):
+            return None
+    s_in, _ = quant.qparams()
+    s_w, _ = wq.qparams()
+    grid = (s_in.float().reshape(()) * s_w.float().reshape(-1)).expand(b.shape[0]).double()
+    with torch.no_grad():
+        return (torch.round(b.detach().double() / grid) * grid).to(b.dtype)
 
 
 def _pinned_input_codes(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -310,8 +344,15 @@ class QConvBn2d(nn.Conv2d):
             f = f.reshape(-1, 1, 1, 1)
             # conv(x, fq(W·f)) / f == conv(x, fq(W·f) / f): un-scale the (small) weight rather
             # than the activation, which saves a full pass over the output forward and backward.
-            y = self._conv_forward(x, self.weight_quant(self.weight * f) / f, self.bias)
-            return self.output_quant(self.bn(y), relu=self.relu)
+            y = self.bn(self._conv_forward(x, self.weight_quant(self.weight * f) / f, self.bias))
+            with torch.no_grad():
+                folded_b = fold_bn_bias(self.bias, self.bn)
+            snapped = grid_bias(self, folded_b)
+            if snapped is not None:
+                # The folded integer layer adds ``snapped`` where the folded bias is (running
+                # statistics): train with the same per-channel shift on the batch-norm output.
+                y = y + (snapped - folded_b).reshape(1, -1, 1, 1)
+            return self.output_quant(y, relu=self.relu)
         w, b = self.folded_params()
         return _quantized_output(self, self._conv_forward, x, self.weight_quant(w), b)
 

@@ -211,6 +211,10 @@ class Recipe:
         fuse: explicit groups of module names to fuse, ``[[conv, bn], [conv, bn, relu],
             [conv, relu], [linear, relu]]``, for models that do not build these as adjacent
             children of an ``nn.Sequential`` (adjacent ones are found automatically).
+        quantize_bias: train with each integer conv / linear bias rounded onto the int32 grid
+            ``s_in · s_w`` the runtimes add it on (straight-through; :mod:`qat.bias_quant`).
+            Worth it where that grid is coarse next to the output step (depthwise convs at
+            2 bits); the exported model then computes what was trained and validated.
     """
 
     weight: QuantSpec = field(default_factory=default_weight_spec)
@@ -219,6 +223,7 @@ class Recipe:
     quantize_input: bool = True
     fuse_bn: bool = True
     fuse: tuple[tuple[str, ...], ...] = ()
+    quantize_bias: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, QuantSpec):
@@ -238,6 +243,7 @@ class Recipe:
             _fail("Recipe.weight", "learned", "pact", "PACT is for activations; use lsq or none")
         _check_bool("Recipe", "quantize_input", self.quantize_input)
         _check_bool("Recipe", "fuse_bn", self.fuse_bn)
+        _check_bool("Recipe", "quantize_bias", self.quantize_bias)
         object.__setattr__(self, "overrides", tuple(self.overrides))
         fuse = []
         for i, group in enumerate(self.fuse or ()):
@@ -308,4 +314,5 @@ class Recipe:
             "quantize_input": self.quantize_input,
             "fuse_bn": self.fuse_bn,
             "fuse": [list(g) for g in self.fuse],
+            "quantize_bias": self.quantize_bias,
         }

@@ -758,7 +758,9 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
     float bias onto that grid makes the fake-quant model compute what the runtimes compute,
     so parity is by construction again; each bias moves by at most ``s_in·s_w/2``. At very
     low bit widths ``s_in·s_w`` can exceed the output step (depthwise convs at W2A2): the move
-    then costs accuracy the runtimes cannot avoid, and a warning names the layers.
+    then costs accuracy the runtimes cannot avoid, and a warning names the layers, unless the
+    model was trained with its bias on that grid (the recipe's ``quantize_bias``,
+    :mod:`qat.bias_quant`), when the snap changes nothing the training did not already see.
 
     Call it on the final model (ranges frozen), before the test evaluation and the export;
     the scales must not change afterwards (re-snap if they do). For conv+BN the BN shift β is
@@ -777,6 +779,9 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
         The names of the layers whose bias was snapped.
     """
     converted = convert(model, example_input)
+    # Trained with the bias on this grid (qat.bias_quant): the moves were part of training and
+    # of its validation, so there is nothing to warn about.
+    on_grid = bool((getattr(model, "qat_recipe", None) or {}).get("quantize_bias", False))
     snapped = []
     coarse: list[tuple[float, float, str]] = []  # (mean, max shift in output steps, layer)
     for name, desc in converted.layers.items():
@@ -790,7 +795,7 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
         target = desc.dequantized_bias
         mod = desc.module
         assert target is not None and mod is not None
-        if desc.output is not None and desc.float_bias is not None:
+        if not on_grid and desc.output is not None and desc.float_bias is not None:
             shift = (target - desc.float_bias).abs() / desc.output.scale
             mean = float(shift.mean())
             if mean > COARSE_BIAS_SHIFT:
@@ -814,9 +819,10 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
             f"{COARSE_BIAS_SHIFT} of an output step on average: {listed}"
             f"{', ...' if len(coarse) > 4 else ''}. The integer runtimes can only add such a "
             "bias, so the tested and exported accuracy will be below the validation accuracy "
-            "measured before snapping. More weight (or input) bits for these layers shrink "
-            "the grid (a recipe override, e.g. {pattern: <layer>, weight: {bits: 4}}); at "
-            "2-bit activations even smaller moves cost accuracy",
+            "measured before snapping. Train with the bias on this grid (the recipe's "
+            "quantize_bias: true, e.g. quant.quantize_bias=true), or give these layers more "
+            "weight bits (a recipe override, e.g. {pattern: <layer>, weight: {bits: 4}}); at "
+            "2-bit activations even small moves cost accuracy",
             stacklevel=2,
         )
     return snapped
