@@ -4,6 +4,7 @@ Python API (see README): ``prepare`` a float model with a ``Recipe``, ``calibrat
 train it in any loop (or with ``qat.callbacks.QATCallback`` under Lightning), then export.
 """
 
+from qat.bias_quant import link_bias_quantizers
 from qat.bn_reestimate import reestimate_bn
 from qat.fold import fold_bn, fold_bn_params
 from qat.modules import (
@@ -54,6 +55,7 @@ __all__ = [
     "fold_bn_params",
     "is_prepared",
     "iter_quantizers",
+    "link_bias_quantizers",
     "prepare",
     "quantizer_summary",
     "reestimate_bn",

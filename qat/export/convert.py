@@ -40,6 +40,8 @@ ONNX Runtime's ``QLinearConv`` / ``QGemm`` add the bias as int32 at scale ``s_in
 fake-quant forward adds the float bias. :func:`snap_bias` rounds the model's float bias onto
 that int32 grid (moving it by at most ``s_in·s_w/2``), so that the fake-quant model computes
 what the integer runtimes compute; call it on the final model before testing and exporting.
+A model trained with its bias on that grid (the recipe's ``quantize_bias``, :mod:`qat.bias_quant`)
+already computed the snapped bias in training and validation, so the snap changes nothing.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.fold import bn_fold_factor
-from qat.modules import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.modules import BIAS_INPUT_QUANT, FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
 from qat.prepare import INPUT_QUANT, is_prepared
 from qat.quantizers import FakeQuantizer, iter_quantizers, uninitialized_quantizers
 
@@ -795,7 +797,8 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
         target = desc.dequantized_bias
         mod = desc.module
         assert target is not None and mod is not None
-        if not on_grid and desc.output is not None and desc.float_bias is not None:
+        linked = mod.__dict__.get(BIAS_INPUT_QUANT) is not None
+        if not (on_grid or linked) and desc.output is not None and desc.float_bias is not None:
             shift = (target - desc.float_bias).abs() / desc.output.scale
             mean = float(shift.mean())
             if mean > COARSE_BIAS_SHIFT:

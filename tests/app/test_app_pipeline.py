@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from lightning.pytorch import Callback, Trainer
 import qat
 from qat.callbacks import QATCallback
 from qat.config import ConfigError, validate_config
+from qat.export import snap_bias
 from qat.lit_module import ClassifierModule
 from qat.modules import QConvBn2d
 from qat.pipeline import build_module, train
@@ -120,6 +122,32 @@ def test_schedule_moves_bit_widths_and_flags_per_epoch(tmp_path: Path) -> None:
     assert [r["obs"][w] for r in rows] == [False, True, True, True, True, False]
     assert [all(r["bn_frozen"]) for r in rows] == [False] * 4 + [True] * 2
     assert not any(rows[3]["bn_frozen"])
+
+
+def test_quantize_bias_trains_what_the_snapped_model_computes(tmp_path: Path) -> None:
+    trainer, module, dm, _ = _tiny_trainer(
+        tmp_path,
+        [
+            "quant=w4a4",
+            "quant.bits=2",
+            "quant.quantize_bias=true",
+            "trainer.max_epochs=2",
+            "schedule.warmup_epochs=1",
+        ],
+        [],
+    )
+    trainer.fit(module, datamodule=dm)
+    model = module.model
+    linked = {n for n, m in model.named_modules() if getattr(m, "bias_input_quant", None)}
+    assert linked == {"stem.0", "conv2.0", "fc1.0", "fc2.0", "fc"}
+    x = next(iter(dm.val_dataloader()))[0]
+    model.eval()
+    with torch.no_grad():
+        validated = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no coarse-grid warning either
+            snap_bias(model, x)
+        assert torch.equal(model(x), validated)
 
 
 def test_learned_ranges_stop_observing_once_they_train(tmp_path: Path) -> None:
