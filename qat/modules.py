@@ -345,13 +345,14 @@ class QConvBn2d(nn.Conv2d):
             # conv(x, fq(W·f)) / f == conv(x, fq(W·f) / f): un-scale the (small) weight rather
             # than the activation, which saves a full pass over the output forward and backward.
             y = self.bn(self._conv_forward(x, self.weight_quant(self.weight * f) / f, self.bias))
-            with torch.no_grad():
-                folded_b = fold_bn_bias(self.bias, self.bn)
-            snapped = grid_bias(self, folded_b)
-            if snapped is not None:
-                # The folded integer layer adds ``snapped`` where the folded bias is (running
-                # statistics): train with the same per-channel shift on the batch-norm output.
-                y = y + (snapped - folded_b).reshape(1, -1, 1, 1)
+            if self.__dict__.get(BIAS_INPUT_QUANT) is not None:
+                with torch.no_grad():
+                    folded_b = fold_bn_bias(self.bias, self.bn)
+                snapped = grid_bias(self, folded_b)
+                if snapped is not None:
+                    # The folded integer layer adds ``snapped`` where the folded bias is (running
+                    # statistics): train with the same per-channel shift on the BN output.
+                    y = y + (snapped - folded_b).reshape(1, -1, 1, 1)
             return self.output_quant(y, relu=self.relu)
         w, b = self.folded_params()
         return _quantized_output(self, self._conv_forward, x, self.weight_quant(w), b)
