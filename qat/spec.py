@@ -213,8 +213,8 @@ class Recipe:
             children of an ``nn.Sequential`` (adjacent ones are found automatically).
         quantize_bias: train with each integer conv / linear bias rounded onto the int32 grid
             ``s_in · s_w`` the runtimes add it on (straight-through; :mod:`qat.bias_quant`).
-            Worth it where that grid is coarse next to the output step (depthwise convs at
-            2 bits); the exported model then computes what was trained and validated.
+            It matters where that grid is coarse next to the output step (depthwise convs at
+            2 bits): validation then measures what the exported model computes.
     """
 
     weight: QuantSpec = field(default_factory=default_weight_spec)

@@ -57,6 +57,7 @@ def test_float_bits_disable() -> None:
         ({"fuse": [["conv"]]}, "fuse[0]"),
         ({"quantise_input": True}, "quantise_input"),
         ({"fuse_bn": "yes"}, "fuse_bn"),
+        ({"quantize_bias": 1}, "quantize_bias"),
     ],
 )
 def test_bad_recipe_raises(recipe: dict, named: str) -> None:
