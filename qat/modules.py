@@ -121,8 +121,8 @@ def grid_bias(module: nn.Module, b: torch.Tensor | None) -> torch.Tensor | None:
     It does once :func:`qat.bias_quant.link_bias_quantizers` linked the layer to the
     quantizer of its input (``bias_input_quant``) and both that and the weight quantizer are
     on. The scales are read live, so the grid follows learned and annealed ranges; the
-    rounding is :func:`qat.export.snap_bias`'s (float32 ``s_in · s_w``, float64 division), so
-    after the snap the bias is unchanged by it.
+    rounding is :func:`bias_levels`, the exporters' own, so after :func:`qat.export.snap_bias`
+    the bias is unchanged by it.
     """
     quant: FakeQuantizer | None = module.__dict__.get(BIAS_INPUT_QUANT)
     if b is None or quant is None:
@@ -133,9 +133,19 @@ def grid_bias(module: nn.Module, b: torch.Tensor | None) -> torch.Tensor | None:
             return None
     s_in, _ = quant.qparams()
     s_w, _ = wq.qparams()
-    grid = (s_in.float().reshape(()) * s_w.float().reshape(-1)).expand(b.shape[0]).double()
-    with torch.no_grad():
-        return (torch.round(b.detach().double() / grid) * grid).to(b.dtype)
+    levels, scale = bias_levels(b, s_in, s_w)
+    return (levels * scale.double()).to(b.dtype)
+
+
+def bias_levels(
+    bias: torch.Tensor, s_in: torch.Tensor | float, s_w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round(bias / (s_in · s_w))`` as float64 levels, and that per-channel scale in float32
+    (as both runtimes form it); detached. The one rounding of the bias that the exporters'
+    int32 bias (:func:`qat.export.convert.convert`) and bias-aware training share."""
+    s_in32 = torch.as_tensor(s_in, dtype=torch.float32, device=s_w.device).reshape(())
+    scale = (s_in32 * s_w.float().reshape(-1)).expand(bias.shape[0]).contiguous()
+    return torch.round(bias.detach().double() / scale.double()), scale
 
 
 def _pinned_input_codes(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

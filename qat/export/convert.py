@@ -57,7 +57,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.fold import bn_fold_factor
-from qat.modules import BIAS_INPUT_QUANT, FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.modules import (
+    BIAS_INPUT_QUANT,
+    FloatLayer,
+    QAct,
+    QAdd,
+    QCat,
+    QConv2d,
+    QConvBn2d,
+    QLinear,
+    bias_levels,
+)
 from qat.prepare import INPUT_QUANT, is_prepared
 from qat.quantizers import FakeQuantizer, iter_quantizers, uninitialized_quantizers
 
@@ -368,12 +378,10 @@ def weight_desc(quant: FakeQuantizer, weight: torch.Tensor) -> WeightDesc:
 
 
 def _int_bias(
-    bias: torch.Tensor, s_in: float, w_scale: torch.Tensor, channels: int, layer: str
+    bias: torch.Tensor, s_in: float, w_scale: torch.Tensor, layer: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 bias and its float32 scale ``s_in · s_w`` (the scale the runtimes multiply by)."""
-    bias_scale = (torch.tensor(s_in, dtype=torch.float32) * w_scale.float()).expand(channels)
-    bias_scale = bias_scale.contiguous()
-    q = torch.round(bias.detach().double() / bias_scale.double())
+    q, bias_scale = bias_levels(bias, s_in, w_scale)
     if bool((q < _INT32_MIN).any() or (q > _INT32_MAX).any()):
         warnings.warn(
             f"{layer}: the bias does not fit int32 at scale s_in·s_w and was clamped; "
@@ -601,9 +609,7 @@ def _describe(
             )
         desc.integer = True
         if b is not None:
-            desc.bias_int, desc.bias_scale = _int_bias(
-                b, grids[0].scale, wd.scale, w.shape[0], name
-            )
+            desc.bias_int, desc.bias_scale = _int_bias(b, grids[0].scale, wd.scale, name)
         return desc
 
     if isinstance(mod, QAdd | QCat):
