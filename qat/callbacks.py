@@ -317,7 +317,12 @@ class QATCallback(Callback):
         for _, q in iter_quantizers(model):
             role_on = phase.weights_on if q.role == "weight" else phase.acts_on
             q.enable_fake_quant(role_on)
-            if not phase.quantized or phase.observers_frozen:
+            if not phase.quantized:
+                observe = False
+            elif phase.observers_frozen and not (q.role == "weight" and q.learned == "none"):
+                # An observed weight range is a function of the weights alone, so it keeps
+                # following them: frozen, it clipped the folded weights as they trained on
+                # (MobileNetV2 W2A2's 8-bit stem: 10% of its weights, up to 2.5x; SQNR 41 → 5 dB).
                 observe = False
             elif q.learned != "none":
                 # Learned ranges are trained, not observed; until the role is switched on they

@@ -8,7 +8,8 @@ A run goes through these phases (each boundary is an epoch number; any may coinc
     weight_anneal / act_anneal       bit width goes from ``start_bits`` (8) to each layer's target
     freeze_bn_epoch                  BN statistics frozen (training on the folded graph);
                                      at least one epoch after the anneal reaches the target
-    freeze_observer_epoch            observed ranges frozen (learned ranges keep learning)
+    freeze_observer_epoch            observed activation ranges frozen (learned ranges keep
+                                     learning; observed weight ranges keep following the weights)
 
 While quantized with live BN, the BN running statistics are re-estimated on
 ``bn_reestimate_batches`` training batches before every validation and before the BN freeze
@@ -157,7 +158,9 @@ class Schedule:
         weight_anneal: bit-width annealing of the weights.
         act_anneal: bit-width annealing of the activations.
         freeze_bn_epoch: epoch BN statistics freeze from (None: never).
-        freeze_observer_epoch: epoch observed ranges freeze from (None: never).
+        freeze_observer_epoch: epoch observed activation ranges freeze from (None: never).
+            Observed weight ranges (min/max, MSE of the current weights) never freeze: a frozen
+            one clips the weights as they keep training.
         calibration_batches: training batches used to calibrate ranges when quantization starts.
         bn_reestimate_batches: training batches BN statistics are re-estimated on before each
             validation and the BN freeze, while quantized (0: never; keep the running averages).

@@ -460,7 +460,8 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         f"Float: {budget['float_epochs']} epochs from scratch (SGD, lr 0.1, cosine). "
         "QAT rows: fine-tune the float checkpoint for 2 epochs of 80 batches of 128 "
         "(20,480 images, lr 0.01, cosine): epoch 0 quantized (annealed rows: 8 → target bits "
-        "linearly over the epoch), epoch 1 with observers frozen (BN statistics stay live: "
+        "linearly over the epoch), epoch 1 with the activation ranges frozen (observed weight "
+        "ranges keep following the weights; BN statistics stay live: "
         "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
         "The W4A4 QAT rows learn their step sizes (LSQ) and train 3 such epochs, the last with "
         "BN statistics frozen (training on the folded graph); W3A3 and W2A2 also learn their "
@@ -517,9 +518,9 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         lines += [
             "",
             "† Not re-run by the invocation that wrote this page: carried over from the saved "
-            f"table ({SAVED} beside this page), run {'; '.join(carried)}, with the row "
-            "configs of that date (the budget above may have changed since: see the history of "
-            "configs/experiment/table/).",
+            f"table ({SAVED} beside this page), run {'; '.join(carried)}, with the code and "
+            "row configs of that date (the budget above may have changed since: see the "
+            "history of configs/experiment/table/ and qat/).",
         ]
     reexported = sorted({i["reexported"][:10] for i in items if i.get("reexported")})
     if reexported:

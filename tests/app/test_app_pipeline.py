@@ -119,7 +119,9 @@ def test_schedule_moves_bit_widths_and_flags_per_epoch(tmp_path: Path) -> None:
     assert all(r["bits"]["fc.weight_quant"] == 8 for r in rows[1:])
     assert [r["fq"][w] for r in rows] == [False, True, True, True, True, True]
     assert [r["fq"][a] for r in rows] == [False, False, True, True, True, True]
-    assert [r["obs"][w] for r in rows] == [False, True, True, True, True, False]
+    # The observer freeze stops activation ranges; observed weight ranges follow the weights.
+    assert [r["obs"][a] for r in rows] == [False, True, True, True, True, False]
+    assert [r["obs"][w] for r in rows] == [False] + [True] * 5
     assert [all(r["bn_frozen"]) for r in rows] == [False] * 4 + [True] * 2
     assert not any(rows[3]["bn_frozen"])
 

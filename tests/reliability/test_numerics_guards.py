@@ -65,12 +65,16 @@ def _fit(tmp_path: Path, overrides: list[str], poison: Poison) -> None:
         # Observers on (QAT with live ranges): the quantizer that sees it first stops the step.
         ([], "input", r"quantizer 'input_quant'"),
         ([], "conv2.0.weight", r"quantizer 'conv2\.0\.weight_quant'"),
-        # Observers frozen: the QAT callback sees the non-finite loss and finds the layer.
+        # Observed weight ranges keep following the weights after the observer freeze.
         (
             ["schedule.freeze_observer_epoch=1"],
             "conv2.0.weight",
-            r"layer 'conv2\.0' has a non-finite weight",
+            r"quantizer 'conv2\.0\.weight_quant'",
         ),
+        # No observer sees a weight with a learned range: the QAT callback sees the
+        # non-finite loss and finds the layer.
+        (["quant=lsq"], "conv2.0.weight", r"layer 'conv2\.0' has a non-finite weight"),
+        # Activation ranges frozen: the same for an input.
         (["schedule.freeze_observer_epoch=1"], "input", "the input batch holds NaN"),
         # A learned LSQ step size gone NaN (LSQ scales are trained, not observed).
         (
