@@ -7,7 +7,7 @@ grid before the test and the export. Where the grid is coarse next to the output
 rounding moved the outputs by 0.13–0.19 of a step on average and a 3-epoch run fell from 60%
 validation accuracy to 27% on test. Training with the bias already on the grid removes that
 gap: validation measures what the runtimes compute, and the snap changes nothing. (It did not
-make the model better: the table's MobileNetV2 W2A2 row tested at 68.29% with it, 69.04%
+make the model better: a MobileNetV2 W2A2 table run tested at 68.29% with it, 69.04%
 without, where validation had read 74.1% before the snap.)
 
 A layer's weight quantizer is its own, but its input's quantizer belongs to whichever layer
