@@ -152,6 +152,35 @@ def test_quantize_bias_trains_what_the_snapped_model_computes(tmp_path: Path) ->
         assert torch.equal(model(x), validated)
 
 
+def test_quantize_bias_model_tested_from_a_checkpoint_adds_its_grid_bias(tmp_path: Path) -> None:
+    # As `train=false ckpt_path=...` does: a new process tests the checkpoint. The links to the
+    # input quantizers are not in it; without them the forward would add the float bias.
+    overrides = [
+        "quant=w4a4",
+        "quant.bits=2",
+        "quant.quantize_bias=true",
+        "trainer.max_epochs=2",
+        "schedule.warmup_epochs=1",
+    ]
+    trainer, module, dm, _ = _tiny_trainer(tmp_path / "fit", overrides, [])
+    trainer.fit(module, datamodule=dm)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    x = next(iter(dm.val_dataloader()))[0]
+    module.model.eval()
+    with torch.no_grad():
+        trained = module.model(x)
+
+    tester, fresh, dm2, _ = _tiny_trainer(tmp_path / "test", overrides, [])
+    tester.test(fresh, datamodule=dm2, ckpt_path=str(ckpt), verbose=False)
+    model = fresh.model
+    linked = {n for n, m in model.named_modules() if getattr(m, "bias_input_quant", None)}
+    assert linked == {"stem.0", "conv2.0", "fc1.0", "fc2.0", "fc"}
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), trained)
+
+
 def test_learned_ranges_stop_observing_once_they_train(tmp_path: Path) -> None:
     recorder = BitsRecorder()
     trainer, module, dm, _ = _tiny_trainer(
