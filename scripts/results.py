@@ -397,6 +397,13 @@ def _checks(items: list[dict[str, Any]]) -> list[str]:
     def check(text: str, ok: bool | None) -> None:
         lines.append(f"- {'–' if ok is None else ('✓' if ok else '✗')} {text}")
 
+    def mixed(m: str, *rows: str) -> str:
+        # A carried row ran with older code (and maybe another machine): say so beside the mark.
+        carried = [by[(m, r)].get("carried", False) for r in rows if (m, r) in by]
+        if len(carried) == len(rows) and any(carried) and not all(carried):
+            return "; compares a carried row (†) with a re-run one"
+        return ""
+
     for m in models:
         f = acc(m, "float")
         if f is None:
@@ -412,12 +419,14 @@ def _checks(items: list[dict[str, Any]]) -> list[str]:
             check(f"{row}: {text} (goal ≤ {limit})", None if gap is None else gap <= limit)
         d, an = acc(m, "qat_w4a4"), acc(m, "qat_w4a4_anneal")
         check(
-            f"annealed W4A4 {_pct(an)}% vs direct W4A4 {_pct(d)}% (goal: at least as good)",
+            f"annealed W4A4 {_pct(an)}% vs direct W4A4 {_pct(d)}% (goal: at least as good"
+            f"{mixed(m, 'qat_w4a4', 'qat_w4a4_anneal')})",
             None if d is None or an is None else an >= d,
         )
         p = acc(m, "ptq_w4a4")
         check(
-            f"QAT W4A4 {_pct(d)}% vs PTQ W4A4 {_pct(p)}% (goal: QAT above PTQ)",
+            f"QAT W4A4 {_pct(d)}% vs PTQ W4A4 {_pct(p)}% (goal: QAT above PTQ"
+            f"{mixed(m, 'qat_w4a4', 'ptq_w4a4')})",
             None if d is None or p is None else d > p,
         )
         rows = [i for i in items if i["model"] == m and i["done"] and i["row"] != "float"]

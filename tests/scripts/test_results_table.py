@@ -127,6 +127,7 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
         _fake_run(results_script._row_dir(root, model, "float"), 0.91, export=False)
         _fake_run(results_script._row_dir(root, model, "qat_w8a8"), 0.905)
         _fake_run(results_script._row_dir(root, model, "qat_w4a4"), 0.90)
+        _fake_run(results_script._row_dir(root, model, "qat_w4a4_anneal"), 0.90)
     first = results_script.render(
         results_script.collect(root, list(results_script.MODELS)), docs, {"float_epochs": 4}
     ).read_text()
@@ -152,6 +153,9 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     assert "| resnet20 | QAT † | W8A8 | 90.50 |" in md
     assert "| mobilenetv2 | QAT (LSQ) † | W4A4 | 90.00 |" in md
     assert "✓ qat_w4a4: 0.50 pt below float (goal ≤ 1.0)" in md
+    # A goal comparing a carried row with a re-run one says so.
+    assert "(goal: QAT above PTQ; compares a carried row (†) with a re-run one)" not in md
+    assert "(goal: at least as good; compares a carried row (†) with a re-run one)" in md
 
 
 def test_rows_of_another_float_model_are_not_carried_over(results_script, tmp_path: Path) -> None:
