@@ -3,8 +3,9 @@
 For each model: train the float model (``+experiment=table/float``), then one Hydra multirun
 over the rows in ``configs/experiment/table/`` (PTQ at W8A8 and W4A4; QAT at W8A8, W4A8, W4A4
 direct, W4A4 annealed 8 → 4, W3A3 and W2A2 annealed), each starting from the float checkpoint
-(``init_from=``). Every row exports TorchScript and ONNX, verifies them on the 10,000 test images
-and benchmarks them (the pipeline's ``results.json``). This script then writes
+(``init_from=``). A model that needs a longer budget for a row has a config of its own,
+``configs/experiment/table/<model>/<row>.yaml``, used instead of the shared one. Every row
+exports TorchScript and ONNX, verifies them on the 10,000 test images and benchmarks them (the pipeline's ``results.json``). This script then writes
 ``docs/results.md`` (the table, the machine, the versions, the budget) and PNG plots beside it.
 
 Finished runs are kept: running the script again skips every row whose ``results.json``
@@ -120,6 +121,13 @@ def saved_float(out: Path, model: str) -> Path:
     return out / f"results_float_{model}.pt"
 
 
+def row_config(model: str, row: str) -> str:
+    """The experiment config of ``row`` for ``model``: ``table/<model>/<row>`` where it exists
+    (a model that needs a longer budget for that row), else the shared ``table/<row>``."""
+    own = f"table/{model}/{row}"
+    return own if (REPO / "configs" / "experiment" / f"{own}.yaml").is_file() else f"table/{row}"
+
+
 def run_model(
     name: str,
     root: Path,
@@ -170,7 +178,7 @@ def run_model(
     rc = _run(
         [
             "-m",
-            "+experiment=" + ",".join(f"table/{r}" for r in todo),
+            "+experiment=" + ",".join(row_config(name, r) for r in todo),
             *model_args,
             f"init_from={ckpt}",
             "export.fail_on_parity=false",  # a parity failure is a row of the table, not a crash
@@ -362,6 +370,16 @@ def _bits(w: int, a: int) -> str:
     return "fp32" if w >= 16 else f"W{w}A{a}"
 
 
+def _trained(epochs: int | None, steps: int | None) -> str:
+    """``epochs × batches per epoch`` of a run ("–" for calibration-only rows)."""
+    return f"{epochs} × {steps // epochs}" if epochs and steps else "–"
+
+
+def own_row_configs(models: Sequence[str]) -> list[str]:
+    """``model row`` for every row a model runs with its own config (see :func:`row_config`)."""
+    return [f"{m} {r}" for m in models for r in QUANT_ROWS if row_config(m, r) != f"table/{r}"]
+
+
 @functools.cache  # one machine per process; collect asks for every new row, render again
 def _machine() -> dict[str, str]:
     import onnxruntime
@@ -459,6 +477,16 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
     """Write ``out/results.md`` (and the plots beside it); return the markdown path."""
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(items, out)
+    own = own_row_configs(list(dict.fromkeys(i["model"] for i in items)))
+    own_budget = (
+        [
+            "",
+            "Rows with a config of their own for one model (configs/experiment/table/<model>/"
+            f"<row>.yaml, a longer budget; the epochs × batches column shows it): {', '.join(own)}.",
+        ]
+        if own
+        else []
+    )
     lines = [
         "# Results: accuracy, size and speed per bit width",
         "",
@@ -484,6 +512,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. "
         "MobileNetV2 at width 0.5. Every accuracy is on the full test set; the exported models "
         "ran on the same 10,000 images.",
+        *own_budget,
         "",
         "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
         "(ONNX Runtime CPU, integer kernels; residual adds unfused, DQ → Sum → Q in float32 "
@@ -495,15 +524,15 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "rounds on a shared 2-core machine (compare within a column). Float rows: the FP32 ONNX "
         "model in ONNX Runtime and eager PyTorch.",
         "",
-        "| model | method | bits | fake-quant % | ORT % | TS % | agree % | max Δ logit "
-        "| ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | method | bits | epochs × batches | fake-quant % | ORT % | TS % | agree % "
+        "| max Δ logit | ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i in items:
         if not i["done"]:
             lines.append(
                 f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
-                f"| {'unfinished (no results.json)' if i.get('unfinished') else 'not run'} "
+                f"| | {'unfinished (no results.json)' if i.get('unfinished') else 'not run'} "
                 "| | | | | | | | | | |"
             )
             continue
@@ -513,7 +542,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         status += " †" if i.get("carried") else ""
         lines.append(
             f"| {i['model']} | {i['method']}{status} | {_bits(i['w_bits'], i['a_bits'])} "
-            f"| {_pct(i['acc'])} | {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
+            f"| {_trained(i.get('epochs'), i.get('steps'))} | {_pct(i['acc'])} | {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
             f"| {_pct(min(agree)) if agree else '–'} "
             f"| {f'{max(diffs):.3f}' if diffs else '–'} "
             f"| {_kib(i.get('ort_size'))} | {_kib(i.get('ts_size'))} "

@@ -82,11 +82,15 @@ def test_table_rows_goals_and_plots(results_script, tmp_path: Path) -> None:
     md = results_script.render(items, tmp_path / "docs", {"float_epochs": 4}).read_text()
 
     assert (
-        "| resnet20 | QAT (LSQ) | W4A4 | 90.20 | 90.20 | 90.20 | 100.00 | 0.010 | 300 | 500 |" in md
+        "| resnet20 | QAT (LSQ) | W4A4 | 2 × 80 | 90.20 | 90.20 | 90.20 | 100.00 | 0.010 | 300 | 500 |"
+        in md
     )
     # The float row shows the float model's own runtimes (from the quantized rows' benchmark).
-    assert "| resnet20 | float | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
-    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | not run |" in md
+    assert (
+        "| resnet20 | float | fp32 | 2 × 80 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |"
+        in md
+    )
+    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | | not run |" in md
     assert "✓ qat_w8a8: 0.10 pt below float (goal ≤ 0.2)" in md
     assert "✓ qat_w4a4: 0.80 pt below float (goal ≤ 1.0)" in md
     assert "✗ annealed W4A4 90.00% vs direct W4A4 90.20%" in md
@@ -111,9 +115,9 @@ def test_a_parity_failure_is_a_row_not_a_crash(results_script, tmp_path: Path) -
         results_script.collect(root, ["resnet20"]), tmp_path / "docs", {"float_epochs": 4}
     ).read_text()
     assert (
-        "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | unfinished (no results.json) |" in md
+        "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | | unfinished (no results.json) |" in md
     )
-    assert "| resnet20 | QAT annealed (LSQ) | W3A3 | not run |" in md
+    assert "| resnet20 | QAT annealed (LSQ) | W3A3 | | not run |" in md
     # Accuracies equal, agreement low: the goal (accuracy) is met, the parity check is not.
     assert "✓ exported accuracy within 0.1 pt of fake-quant in every row: largest gap 0.00" in md
     assert "✗ parity check, top-1 agreement ≥ 99.9% in every row: lowest 99.00% (qat_w8a8" in md
@@ -137,11 +141,15 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
 
     # A fresh clone (no run directories): every finished row comes back, marked †.
     md = _render_page(results_script, tmp_path / "none", docs)
-    assert "| resnet20 | QAT (LSQ) † | W4A4 | 90.00 | 90.00 | 90.00 | 100.00 | 0.010 | 300 |" in md
     assert (
-        "| resnet20 | float † | fp32 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |" in md
+        "| resnet20 | QAT (LSQ) † | W4A4 | 2 × 80 | 90.00 | 90.00 | 90.00 | 100.00 | 0.010 | 300 |"
+        in md
     )
-    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | not run |" in md
+    assert (
+        "| resnet20 | float † | fp32 | 2 × 80 | 91.00 | – | – | – | – | 1100 | 1100 | 1.00 | 25.00 |"
+        in md
+    )
+    assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | | not run |" in md
     assert "† Not re-run by the invocation that wrote this page" in md
     assert "✓ qat_w4a4: 1.00 pt below float (goal ≤ 1.0)" in md
 
@@ -149,9 +157,9 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     fresh = tmp_path / "rerun"
     _fake_run(results_script._row_dir(fresh, "resnet20", "qat_w4a4"), 0.9050)
     md = _render_page(results_script, fresh, docs, "resnet20")
-    assert "| resnet20 | QAT (LSQ) | W4A4 | 90.50 |" in md
-    assert "| resnet20 | QAT † | W8A8 | 90.50 |" in md
-    assert "| mobilenetv2 | QAT (LSQ) † | W4A4 | 90.00 |" in md
+    assert "| resnet20 | QAT (LSQ) | W4A4 | 2 × 80 | 90.50 |" in md
+    assert "| resnet20 | QAT † | W8A8 | 2 × 80 | 90.50 |" in md
+    assert "| mobilenetv2 | QAT (LSQ) † | W4A4 | 2 × 80 | 90.00 |" in md
     assert "✓ qat_w4a4: 0.50 pt below float (goal ≤ 1.0)" in md
     # A goal comparing a carried row with a re-run one says so.
     assert "(goal: QAT above PTQ; compares a carried row (†) with a re-run one)" not in md
@@ -169,15 +177,15 @@ def test_rows_of_another_float_model_are_not_carried_over(results_script, tmp_pa
     (results_script._row_dir(first, "resnet20", "qat_w4a4") / "results.json").unlink()
     results_script._row_dir(first, "resnet20", "qat_w4a4").rmdir()
     md = _render_page(results_script, first, docs, "resnet20")
-    assert "| resnet20 | QAT (LSQ) † | W4A4 | 90.50 |" in md
-    assert "| resnet20 | QAT | W8A8 | 90.50 |" in md
+    assert "| resnet20 | QAT (LSQ) † | W4A4 | 2 × 80 | 90.50 |" in md
+    assert "| resnet20 | QAT | W8A8 | 2 × 80 | 90.50 |" in md
     # A new float model: the saved rows came from another one, so they are not shown beside it.
     second = tmp_path / "second"
     _fake_float(results_script, second, {"w": torch.full((3,), 2.0)})
     _fake_run(results_script._row_dir(second, "resnet20", "qat_w8a8"), 0.907)
     md = _render_page(results_script, second, docs, "resnet20")
-    assert "| resnet20 | QAT | W8A8 | 90.70 |" in md
-    assert "| resnet20 | QAT (LSQ) | W4A4 | not run |" in md
+    assert "| resnet20 | QAT | W8A8 | 2 × 80 | 90.70 |" in md
+    assert "| resnet20 | QAT (LSQ) | W4A4 | | not run |" in md
     assert "†" not in md
 
 
@@ -256,3 +264,36 @@ def test_reexport_replaces_the_export_of_a_finished_row(results_script, tmp_path
     (row_dir / "results.json").write_text(json.dumps(after))
     results_script.main([*args, "--rows", "qat_w8a8", "--", "export.bench=false"])
     assert json.loads((row_dir / "results.json").read_text()) == after
+
+
+def _row_cfg(results_script, model: str, row: str):
+    """The composed config ``scripts/results.py`` runs ``row`` of ``model`` with."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"+experiment={results_script.row_config(model, row)}", f"model={model}"]
+    with initialize_config_dir(str(results_script.REPO / "configs"), version_base="1.3"):
+        return compose("train", overrides=[*overrides, *results_script.MODELS[model]])
+
+
+def test_row_configs_and_the_budget_text_agree(results_script, tmp_path: Path) -> None:
+    # A per-model row config is picked over the shared one and keeps the row's run directory.
+    assert results_script.row_config("resnet20", "qat_w4a4") == "table/qat_w4a4"
+    own = results_script.row_config("mobilenetv2", "qat_w4a4")
+    assert own == "table/mobilenetv2/qat_w4a4"
+    for m, r in (o.split() for o in results_script.own_row_configs(list(results_script.MODELS))):
+        assert _row_cfg(results_script, m, r).task_name == f"table_{r}"
+
+    # The page's budget text names every row learning rate the configs use, and the rows
+    # that have a config of their own.
+    root = tmp_path / "runs"
+    for model in results_script.MODELS:
+        _fake_run(results_script._row_dir(root, model, "qat_w8a8"), 0.9)
+    items = results_script.collect(root, list(results_script.MODELS))
+    md = results_script.render(items, tmp_path / "docs", {"float_epochs": 4}).read_text()
+    budget = md.split("**Budget.**")[1].split("Columns:")[0]
+    for model in results_script.MODELS:
+        for row in results_script.QUANT_ROWS:
+            cfg = _row_cfg(results_script, model, row)
+            if cfg.trainer.max_epochs:
+                assert f"lr {cfg.optimizer.lr:g}" in budget, (model, row, cfg.optimizer.lr)
+    assert "mobilenetv2 qat_w4a4, mobilenetv2 qat_w4a4_anneal" in budget
