@@ -5,8 +5,9 @@ over the rows in ``configs/experiment/table/`` (PTQ at W8A8 and W4A4; QAT at W8A
 direct, W4A4 annealed 8 → 4, W3A3 and W2A2 annealed), each starting from the float checkpoint
 (``init_from=``). A model that needs a longer budget for a row has a config of its own,
 ``configs/experiment/table/<model>/<row>.yaml``, used instead of the shared one. Every row
-exports TorchScript and ONNX, verifies them on the 10,000 test images and benchmarks them (the pipeline's ``results.json``). This script then writes
-``docs/results.md`` (the table, the machine, the versions, the budget) and PNG plots beside it.
+exports TorchScript and ONNX, verifies them on the 10,000 test images and benchmarks them
+(the pipeline's ``results.json``). This script then writes ``docs/results.md`` (the table,
+the machine, the versions, the budget) and PNG plots beside it.
 
 Finished runs are kept: running the script again skips every row whose ``results.json``
 exists, so an interrupted table resumes where it stopped (``--render-only`` just rewrites the
@@ -482,7 +483,8 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         [
             "",
             "Rows with a config of their own for one model (configs/experiment/table/<model>/"
-            f"<row>.yaml, a longer budget; the epochs × batches column shows it): {', '.join(own)}.",
+            "<row>.yaml, a longer budget; the epochs × batches column shows it): "
+            f"{', '.join(own)}.",
         ]
         if own
         else []
@@ -542,7 +544,8 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         status += " †" if i.get("carried") else ""
         lines.append(
             f"| {i['model']} | {i['method']}{status} | {_bits(i['w_bits'], i['a_bits'])} "
-            f"| {_trained(i.get('epochs'), i.get('steps'))} | {_pct(i['acc'])} | {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
+            f"| {_trained(i.get('epochs'), i.get('steps'))} | {_pct(i['acc'])} "
+            f"| {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
             f"| {_pct(min(agree)) if agree else '–'} "
             f"| {f'{max(diffs):.3f}' if diffs else '–'} "
             f"| {_kib(i.get('ort_size'))} | {_kib(i.get('ts_size'))} "
