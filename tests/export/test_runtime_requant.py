@@ -4,9 +4,17 @@ The case below is the one MobileNetV2 W4A4 hit in a depthwise conv: input code 5
 level 5 gives an int32 sum of 25, and ``25 · s_in · s_w / s_out`` is 3.4999998, 2e-7 below a
 tie. Both runtimes round it to 3; quantizing the float sum (``round(y · (1/s_out))``, two float32
 roundings) gave 4, on every output with that sum.
+
+"Both runtimes" means ONNX Runtime and TorchScript on PyTorch's fbgemm kernels. On a CPU with
+VNNI, PyTorch's default ``x86`` engine runs the conv through oneDNN instead, which rounds this
+near-tie up to 4 (seen 2026-12-02 on an AVX-512 VNNI AMD EPYC; fbgemm and ONNX Runtime gave 3
+on the same machine), so the TorchScript half pins the fbgemm engine.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import onnxruntime as ort
 import pytest
@@ -27,15 +35,24 @@ def _near_tie_model() -> nn.Module:
     return pinned_conv(4, S_IN, S_W, S_OUT, weight=5 * S_W)
 
 
+@contextlib.contextmanager
+def _quantized_engine(name: str) -> Iterator[None]:
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
 def _runtimes(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     converted = convert(q, x)
-    traced = trace_integer_model(build_integer_model(q, x, converted), x)
+    with _quantized_engine("fbgemm"), torch.no_grad():
+        ts = trace_integer_model(build_integer_model(q, x, converted), x)(x)
     proto = build_onnx_model(q, x, converted)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        ts = traced(x)
     return {"torchscript": ts, "onnx": torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])}
 
 
