@@ -376,9 +376,9 @@ def _trained(epochs: int | None, steps: int | None) -> str:
     return f"{epochs} × {steps // epochs}" if epochs and steps else "–"
 
 
-def own_row_configs(models: Sequence[str]) -> list[str]:
-    """``model row`` for every row a model runs with its own config (see :func:`row_config`)."""
-    return [f"{m} {r}" for m in models for r in QUANT_ROWS if row_config(m, r) != f"table/{r}"]
+def own_row_configs(models: Sequence[str]) -> list[tuple[str, str]]:
+    """``(model, row)`` for every row a model runs with its own config (see :func:`row_config`)."""
+    return [(m, r) for m in models for r in QUANT_ROWS if row_config(m, r) != f"table/{r}"]
 
 
 @functools.cache  # one machine per process; collect asks for every new row, render again
@@ -484,7 +484,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             "",
             "Rows with a config of their own for one model (configs/experiment/table/<model>/"
             "<row>.yaml, a longer budget; the epochs × batches column shows it): "
-            f"{', '.join(own)}.",
+            f"{', '.join(f'{m} {r}' for m, r in own)}.",
         ]
         if own
         else []

@@ -280,7 +280,7 @@ def test_row_configs_and_the_budget_text_agree(results_script, tmp_path: Path) -
     assert results_script.row_config("resnet20", "qat_w4a4") == "table/qat_w4a4"
     own = results_script.row_config("mobilenetv2", "qat_w4a4")
     assert own == "table/mobilenetv2/qat_w4a4"
-    for m, r in (o.split() for o in results_script.own_row_configs(list(results_script.MODELS))):
+    for m, r in results_script.own_row_configs(list(results_script.MODELS)):
         assert _row_cfg(results_script, m, r).task_name == f"table_{r}"
 
     # The page's budget text names every row learning rate the configs use, and the rows
