@@ -29,6 +29,14 @@ boundary by one level: ~0.05% of conv outputs at W8A8 and ~1.5% at W4A4 in our t
 Grid-preserving ops in the forward (ReLU, max-pool, flatten, view, dropout) run on the quantized
 tensors as they are. The result is traced with ``torch.jit.trace`` and loads with
 ``torch.jit.load`` in a process that never imports qat.
+
+Engine: the saved file holds unpacked weights, and ``torch.jit.load`` packs them again for
+whatever ``torch.backends.quantized.engine`` is set *when it loads*. On a CPU with VNNI the
+default ``x86`` engine packs convs for oneDNN, which rounds some requantization near-ties one
+level the other way from fbgemm, ONNX Runtime and the fake-quant model (MobileNetV2 W4A4: 99.85%
+agreement under ``x86``, 100% and max Δ 0 under ``fbgemm``, same file). So this module builds
+and loads under :data:`ENGINE` (``fbgemm``) and restores the caller's engine afterwards; a user
+loading ``model.ts`` without qat sets ``torch.backends.quantized.engine = "fbgemm"`` first.
 """
 
 from __future__ import annotations
@@ -57,11 +65,13 @@ from qat.export.convert import (
 from qat.prepare import remove_input_quant_hook, set_module
 
 __all__ = [
+    "ENGINE",
     "IntegerModel",
     "build_integer_model",
     "export_torchscript",
     "integer_ops",
     "load_torchscript",
+    "quantized_engine",
     "run_torchscript",
     "save_torchscript",
     "trace_integer_model",
@@ -78,6 +88,32 @@ QUANTIZED_OPS = (
     "quantized::cat",
     "aten::quantize_per_tensor",
 )
+
+
+#: The quantized engine the TorchScript model is built, verified and timed under (see above).
+ENGINE = "fbgemm"
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str = ENGINE) -> Iterator[None]:
+    """Set ``torch.backends.quantized.engine`` for a block; the previous engine comes back after.
+
+    Raises:
+        RuntimeError: this PyTorch build has no such engine (fbgemm needs an x86 CPU build).
+    """
+    supported = torch.backends.quantized.supported_engines
+    if name not in supported:
+        raise RuntimeError(
+            f"PyTorch's quantized engine {name!r} is not in this build "
+            f"(supported: {', '.join(supported)}): the TorchScript export runs on x86 CPUs "
+            "(u8 activations × s8 weights on fbgemm); export onnx only (export.targets=[onnx])"
+        )
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
 
 
 @contextlib.contextmanager
@@ -284,15 +320,11 @@ def build_integer_model(
 
 
 def _build(model: nn.Module, converted: ConvertedModel, contiguous: bool) -> IntegerModel:
-    if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
-        raise RuntimeError(
-            f"torch.backends.quantized.engine is {torch.backends.quantized.engine!r}; the "
-            "TorchScript export targets x86 (u8 activations × s8 weights): set it to 'x86'"
-        )
     body = copy.deepcopy(model).cpu().eval()
     remove_input_quant_hook(body)
     modules = dict(body.named_modules())
-    with _deprecations_silenced():
+    # The integer layers pack their weights when built: under ENGINE, as a load would.
+    with _deprecations_silenced(), quantized_engine():
         for name, desc in converted.layers.items():
             # The float islands compute with the copy's modules (never the caller's).
             desc = copy.copy(desc)
@@ -340,10 +372,16 @@ def save_torchscript(module: torch.jit.ScriptModule, target: str | Path | Binary
         torch.jit.save(module, target if not isinstance(target, Path) else str(target))
 
 
-def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
-    """Load an exported model (``torch.jit.load``; needs no qat import)."""
-    with _deprecations_silenced():
-        return torch.jit.load(str(path), map_location="cpu").eval()
+def load_torchscript(path: str | Path | BinaryIO) -> torch.jit.ScriptModule:
+    """Load an exported model with ``torch.jit.load`` under :data:`ENGINE`.
+
+    The engine matters only while loading (the weights are packed then); the caller's engine is
+    restored before this returns. Without qat: set ``torch.backends.quantized.engine =
+    "fbgemm"``, then ``torch.jit.load``.
+    """
+    with _deprecations_silenced(), quantized_engine():
+        source = str(path) if isinstance(path, str | Path) else path
+        return torch.jit.load(source, map_location="cpu").eval()
 
 
 def integer_ops(module: torch.jit.ScriptModule) -> list[str]:

@@ -14,7 +14,8 @@ Report layout::
       "fake_quant": {"accuracy": 0.953},
       "runtimes": {
         "torchscript": {"accuracy": 0.953, "agreement": 1.0, "max_abs_diff": 0.0132,
-                        "mean_abs_diff": 1.1e-05, "max_diff_steps": 1.0, "num_samples": 360},
+                        "mean_abs_diff": 1.1e-05, "max_diff_steps": 1.0, "num_samples": 360,
+                        "engine": "fbgemm"},   # PyTorch's quantized engine it loaded under
         "onnx": {...},
       },
     }
@@ -173,6 +174,10 @@ def verify_artifacts(
             "max_diff_steps": None if output_scale is None else s["max_abs"] / output_scale,
             "num_samples": n,
         }
+        if name.startswith("torchscript"):
+            from qat.export.torchscript import ENGINE
+
+            report["runtimes"][name]["engine"] = ENGINE
     return report
 
 

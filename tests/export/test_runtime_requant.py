@@ -8,13 +8,13 @@ roundings) gave 4, on every output with that sum.
 "Both runtimes" means ONNX Runtime and TorchScript on PyTorch's fbgemm kernels. On a CPU with
 VNNI, PyTorch's default ``x86`` engine runs the conv through oneDNN instead, which rounds this
 near-tie up to 4 (seen 2026-12-02 on an AVX-512 VNNI AMD EPYC; fbgemm and ONNX Runtime gave 3
-on the same machine), so the TorchScript half pins the fbgemm engine.
+on the same machine), so the TorchScript export builds and loads under fbgemm whatever engine the
+caller has set; the tests below run it under the default engine to hold it to that.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import io
 
 import onnxruntime as ort
 import pytest
@@ -25,7 +25,13 @@ from torch import nn
 from qat.export import snap_bias
 from qat.export.convert import convert
 from qat.export.onnx import build_onnx_model
-from qat.export.torchscript import build_integer_model, trace_integer_model
+from qat.export.torchscript import (
+    build_integer_model,
+    load_torchscript,
+    quantized_engine,
+    save_torchscript,
+    trace_integer_model,
+)
 from qat.modules import exact_accumulation
 
 S_IN, S_W, S_OUT = 0.2058054655790329, 0.19502262771129608, 0.286690890789032
@@ -35,25 +41,27 @@ def _near_tie_model() -> nn.Module:
     return pinned_conv(4, S_IN, S_W, S_OUT, weight=5 * S_W)
 
 
-@contextlib.contextmanager
-def _quantized_engine(name: str) -> Iterator[None]:
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = before
-
-
 def _runtimes(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs of the traced model, the same model saved and loaded again, and ONNX Runtime."""
     converted = convert(q, x)
-    with _quantized_engine("fbgemm"), torch.no_grad():
-        ts = trace_integer_model(build_integer_model(q, x, converted), x)(x)
+    engine = torch.backends.quantized.engine
+    traced = trace_integer_model(build_integer_model(q, x, converted), x)
+    buf = io.BytesIO()
+    save_torchscript(traced, buf)
+    buf.seek(0)
+    loaded = load_torchscript(buf)
+    assert torch.backends.quantized.engine == engine  # the caller's engine is left as it was
+    with torch.no_grad():
+        ts, ts_loaded = traced(x), loaded(x)
     proto = build_onnx_model(q, x, converted)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return {"torchscript": ts, "onnx": torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])}
+    return {
+        "torchscript": ts,
+        "torchscript_loaded": ts_loaded,
+        "onnx": torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]),
+    }
 
 
 def test_exact_evaluation_rounds_a_near_tie_as_both_runtimes() -> None:
@@ -120,3 +128,16 @@ def test_exact_evaluation_equals_both_runtimes_bit_for_bit(bits: int) -> None:
         ref = q(x)
     for name, out in _runtimes(q, x).items():
         assert torch.allclose(out, ref, rtol=0, atol=1e-5), name
+
+
+def test_the_engine_is_pinned_only_inside_the_block() -> None:
+    before = torch.backends.quantized.engine
+    with quantized_engine():
+        assert torch.backends.quantized.engine == "fbgemm"
+    assert torch.backends.quantized.engine == before
+    with (
+        pytest.raises(RuntimeError, match=r"not in this build.*export.targets=\[onnx\]"),
+        quantized_engine("no_such_engine"),
+    ):
+        pass
+    assert torch.backends.quantized.engine == before
