@@ -328,6 +328,8 @@ def collect(
                 item[f"{key}_acc"] = p.get("accuracy")
                 item[f"{key}_agree"] = p.get("agreement")
                 item[f"{key}_maxdiff"] = p.get("max_abs_diff")
+            # Absent before the export pinned its engine: those ran under the default, x86.
+            item["ts_engine"] = (parity.get("torchscript") or {}).get("engine")
             item["n_test"] = (exp.get("parity") or {}).get("num_samples")
             item["reexported"] = exp.get("reexported")
             bench = (exp.get("bench") or {}).get("runtimes") or {}
@@ -386,6 +388,8 @@ def _machine() -> dict[str, str]:
     import onnxruntime
     import torch
 
+    from qat.export.torchscript import ENGINE as TS_ENGINE
+
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -400,7 +404,7 @@ def _machine() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "quantized engine": torch.backends.quantized.engine,
+        "TorchScript engine": f"{TS_ENGINE} (pinned by the export)",
     }
 
 
@@ -476,6 +480,8 @@ def _checks(items: list[dict[str, Any]]) -> list[str]:
 
 def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Path:
     """Write ``out/results.md`` (and the plots beside it); return the markdown path."""
+    from qat.export.torchscript import ENGINE as TS_ENGINE
+
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(items, out)
     own = own_row_configs(list(dict.fromkeys(i["model"] for i in items)))
@@ -571,6 +577,19 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             "Exports re-made from the rows' checkpoints by `scripts/results.py --reexport` on "
             f"{', '.join(reexported)} ({sum(bool(i.get('reexported')) for i in items)} of the "
             "rows), after an exporter change; training and fake-quant figures are the runs'.",
+        ]
+    unpinned = [
+        f"{i['model']} {i['row']}"
+        for i in items
+        if i["done"] and i.get("ts_acc") is not None and not i.get("ts_engine")
+    ]
+    if unpinned:
+        lines += [
+            "",
+            "TorchScript figures measured under PyTorch's default `x86` quantized engine, before "
+            f"the export pinned `{TS_ENGINE}` (on a VNNI CPU, `x86` runs convs through oneDNN, "
+            "which rounds some requantization near-ties one level the other way; see the "
+            f"README's design notes): {', '.join(unpinned)}.",
         ]
     lines += ["", "## Goals", *_checks(items), "", "## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]

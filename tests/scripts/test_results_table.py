@@ -20,8 +20,12 @@ def results_script():
     return module
 
 
-def _fake_run(path: Path, acc: float, export: bool = True, agree: float = 1.0) -> None:
+def _fake_run(
+    path: Path, acc: float, export: bool = True, agree: float = 1.0, engine: str | None = "fbgemm"
+) -> None:
+    """A finished row's results.json (``engine=None``: an export from before the engine pin)."""
     runtime = {"accuracy": acc, "agreement": agree, "max_abs_diff": 0.01, "max_diff_steps": None}
+    ts_runtime = {**runtime, **({"engine": engine} if engine else {})}
     bench = {
         name: {"size_bytes": size, "latency_ms": {"1": 1.0, "64": ms}}
         for name, size, ms in (
@@ -37,7 +41,10 @@ def _fake_run(path: Path, acc: float, export: bool = True, agree: float = 1.0) -
         "wall_time_s": 123.0,
         "status": "ok" if agree >= 0.999 else "parity_failed",
         "export": {
-            "parity": {"num_samples": 10000, "runtimes": {"onnx": runtime, "torchscript": runtime}},
+            "parity": {
+                "num_samples": 10000,
+                "runtimes": {"onnx": runtime, "torchscript": ts_runtime},
+            },
             "bench": {"runtimes": bench},
         }
         if export
@@ -121,6 +128,25 @@ def test_a_parity_failure_is_a_row_not_a_crash(results_script, tmp_path: Path) -
     # Accuracies equal, agreement low: the goal (accuracy) is met, the parity check is not.
     assert "✓ exported accuracy within 0.1 pt of fake-quant in every row: largest gap 0.00" in md
     assert "✗ parity check, top-1 agreement ≥ 99.9% in every row: lowest 99.00% (qat_w8a8" in md
+
+
+def test_the_page_names_rows_verified_before_the_engine_pin(results_script, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    _fake_run(results_script._row_dir(root, "resnet20", "float"), 0.91, export=False)
+    _fake_run(results_script._row_dir(root, "resnet20", "qat_w8a8"), 0.90)
+    _fake_run(results_script._row_dir(root, "resnet20", "qat_w4a8"), 0.90, engine=None)
+    md = results_script.render(
+        results_script.collect(root, ["resnet20"]), tmp_path / "docs", {"float_epochs": 4}
+    ).read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("TorchScript figures measured"))
+    assert line.endswith("design notes): resnet20 qat_w4a8.")  # only the row without an engine
+    assert "- TorchScript engine: fbgemm (pinned by the export)" in md
+    # Once every row records its engine, the sentence goes.
+    (results_script._row_dir(root, "resnet20", "qat_w4a8") / "results.json").unlink()
+    md = results_script.render(
+        results_script.collect(root, ["resnet20"]), tmp_path / "docs", {"float_epochs": 4}
+    ).read_text()
+    assert "TorchScript figures measured" not in md
 
 
 def test_rows_not_under_root_are_carried_over_from_the_saved_table(
