@@ -529,19 +529,25 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "agree = top-1 agreement with fake-quant (the lower of the two); max Δ logit = largest "
         "absolute logit difference (logits are float in every row); sizes in KiB (int8 weights; "
         "sub-8-bit values in int8 containers); latency in ms per batch, medians of interleaved "
-        "rounds on a shared 2-core machine (compare within a column). Float rows: the FP32 ONNX "
-        "model in ONNX Runtime and eager PyTorch.",
+        "rounds on a shared 2-core machine (compare within a column, between rows of one "
+        "machine); machine = where the row's export was verified and timed (legend below the "
+        "table). Float rows: the FP32 ONNX model in ONNX Runtime and eager PyTorch.",
         "",
         "| model | method | bits | epochs × batches | fake-quant % | ORT % | TS % | agree % "
-        "| max Δ logit | ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max Δ logit | ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s "
+        "| machine |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    machines = {
+        m: f"M{n + 1}"
+        for n, m in enumerate(dict.fromkeys(i.get("machine", "?") for i in items if i["done"]))
+    }
     for i in items:
         if not i["done"]:
             lines.append(
                 f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
                 f"| | {'unfinished (no results.json)' if i.get('unfinished') else 'not run'} "
-                "| | | | | | | | | | |"
+                "| | | | | | | | | | | |"
             )
             continue
         agree = [i.get(k) for k in ("ort_agree", "ts_agree") if i.get(k) is not None]
@@ -556,8 +562,13 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             f"| {f'{max(diffs):.3f}' if diffs else '–'} "
             f"| {_kib(i.get('ort_size'))} | {_kib(i.get('ts_size'))} "
             f"| {_ms(i.get('ort_ms1'))} | {_ms(i.get('ort_ms64'))} | {_ms(i.get('ts_ms64'))} "
-            f"| {i.get('wall_time_s') or 0:.0f} |"
+            f"| {i.get('wall_time_s') or 0:.0f} | {machines[i.get('machine', '?')]} |"
         )
+    if machines:
+        lines += [
+            "",
+            "Machines: " + "; ".join(f"{key} = {m}" for m, key in machines.items()) + ".",
+        ]
     carried = sorted(
         {f"{i.get('date', '?')} on {i.get('machine', '?')}" for i in items if i.get("carried")}
     )

@@ -98,6 +98,10 @@ def test_table_rows_goals_and_plots(results_script, tmp_path: Path) -> None:
         "| 1.00 | 25.00 |" in md
     )
     assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | | not run |" in md
+    # Every row names the machine its export was timed on (latencies compare within one).
+    rows = [ln for ln in md.splitlines() if ln.startswith("| resnet20 |") and "not run" not in ln]
+    assert len(rows) == 8 and all(ln.endswith("| 123 | M1 |") for ln in rows)
+    assert f"Machines: M1 = {results_script._machine()['cpu']}." in md
     assert "✓ qat_w8a8: 0.10 pt below float (goal ≤ 0.2)" in md
     assert "✓ qat_w4a4: 0.80 pt below float (goal ≤ 1.0)" in md
     assert "✗ annealed W4A4 90.00% vs direct W4A4 90.20%" in md
