@@ -6,7 +6,8 @@ calibration data, and prints, for batch 1 and 64, measured side by side in one p
 (interleaved rounds, median):
 
 - ONNX Runtime FP32 (float model exported to ONNX, BN folded) vs ONNX Runtime INT8 (QDQ);
-- torch FP32 eager vs TorchScript INT8 (PyTorch quantized kernels);
+- torch FP32 eager vs TorchScript INT8 (PyTorch quantized kernels), the same file loaded under
+  the ``fbgemm`` engine (what the export verifies under) and under ``x86`` (PyTorch's default);
 - file sizes: float ONNX, INT8 ONNX, INT4-packed ONNX.
 
 Goals (DESIGN.md): ORT INT8 ≥ 3x ORT FP32 at batch 64; TorchScript INT8 ≥ 3.5x torch FP32
@@ -42,6 +43,10 @@ import qat
 from qat.export import benchmark_artifacts, export_model, snap_bias, verify_artifacts
 from qat.export.onnx import export_float_onnx, optimized_op_types
 from qat.models import create_model
+
+# The engine the export verifies under first (qat.export.torchscript.ENGINE), then PyTorch's
+# default: both load the same model.ts (bench_torchscript_engine.py compares them in depth).
+TS_ENGINES = ("fbgemm", "x86")
 
 
 def data_batches(kind: str, batch: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -148,6 +153,7 @@ def main() -> None:
             threads=threads,
             min_time=args.min_time,
             float_onnx_path=out / "float_bench.onnx",
+            torchscript_engines=TS_ENGINES,
         )
         results[threads] = result
         _print_times(result, threads, args.rounds)
@@ -172,13 +178,15 @@ def _print_times(result: dict, threads: int, rounds: int) -> None:
             f"batch {bs:>2}: ORT FP32 {lat['ort_fp32'][bs]:8.2f} ms | ORT INT8 "
             f"{lat['onnx'][bs]:8.2f} ms | INT8 speedup {ratio:5.2f}x{goal}"
         )
-    for bs in ("1", "64"):
-        ratio = lat["torch_fp32"][bs] / lat["torchscript"][bs]
-        goal = "   goal >= 3.5x" if bs == "64" else ""
-        print(
-            f"batch {bs:>2}: torch FP32 eager {lat['torch_fp32'][bs]:8.2f} ms | TorchScript INT8 "
-            f"{lat['torchscript'][bs]:8.2f} ms | INT8 speedup {ratio:5.2f}x{goal}"
-        )
+    for engine in TS_ENGINES:
+        name = "torchscript" if engine == TS_ENGINES[0] else f"torchscript_{engine}"
+        for bs in ("1", "64"):
+            ratio = lat["torch_fp32"][bs] / lat[name][bs]
+            goal = "   goal >= 3.5x" if bs == "64" else ""
+            print(
+                f"batch {bs:>2}: torch FP32 eager {lat['torch_fp32'][bs]:8.2f} ms | TorchScript "
+                f"INT8 ({engine:>6}) {lat[name][bs]:8.2f} ms | INT8 speedup {ratio:5.2f}x{goal}"
+            )
     for bs in ("1", "64"):
         tput = {k: v["throughput"][bs] for k, v in result["runtimes"].items()}
         print(

@@ -109,6 +109,7 @@ def benchmark_artifacts(
     min_time: float = 0.2,
     float_onnx_path: str | Path | None = None,
     spinning: bool = False,
+    torchscript_engines: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Time the float model and every exported artifact; report sizes and ratios.
 
@@ -124,28 +125,43 @@ def benchmark_artifacts(
         min_time: seconds each timing lasts at least (short calls are repeated).
         float_onnx_path: where to write the float ONNX model (default: a temporary file).
         spinning: let idle ONNX Runtime workers spin (see the module docstring).
+        torchscript_engines: PyTorch quantized engines to load each TorchScript artifact under
+            (default: only the one the export verifies under, ``fbgemm``); the first keeps the
+            artifact's name, the others add ``_<engine>`` (``torchscript_x86``), all timed in
+            the same interleaved rounds.
 
     Returns:
         ``{"batch_sizes", "rounds", "threads", "runtimes": {name: {"size_bytes",
         "latency_ms": {bs: ms}, "throughput": {bs: images/s}}}, "ratios": {...}}`` with batch
-        sizes as string keys (JSON-friendly). Ratios: ``speedup_ort_int8_vs_fp32``,
-        ``speedup_torchscript_int8_vs_torch_fp32`` (per batch size) and
+        sizes as string keys (JSON-friendly); TorchScript entries also name their ``engine``.
+        Ratios: ``speedup_ort_int8_vs_fp32``,
+        ``speedup_torchscript_int8_vs_torch_fp32`` (and ``speedup_torchscript_<engine>_...``
+        for the further engines; per batch size) and
         ``size_fp32_vs_<artifact>`` (float ONNX bytes / ONNX artifact bytes; float state-dict
         bytes / TorchScript bytes).
     """
     from qat.export.onnx import export_float_onnx, make_session
-    from qat.export.torchscript import load_torchscript
+    from qat.export.torchscript import ENGINE, load_torchscript
 
     for bs in batch_sizes:
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             raise ValueError(f"batch size {bs!r} is invalid: expected an int >= 1")
     if rounds < 1:
         raise ValueError(f"rounds={rounds!r} is invalid: expected >= 1")
+    engines = list(torchscript_engines or [ENGINE])
+    supported = torch.backends.quantized.supported_engines
+    unknown = [e for e in engines if e not in supported]
+    if unknown or len(set(engines)) != len(engines):
+        raise ValueError(
+            f"torchscript_engines={engines!r} is invalid: expected distinct engines of this "
+            f"PyTorch build ({', '.join(supported)})"
+        )
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     tmpdir = tempfile.TemporaryDirectory()
     sizes: dict[str, int] = {}
     loaders: dict[str, Any] = {}
+    engine_of: dict[str, str] = {}
     try:
         if float_model is not None:
             float_model = copy.deepcopy(float_model).cpu().eval()
@@ -160,7 +176,10 @@ def benchmark_artifacts(
         for name, path in artifacts.items():
             sizes[name] = Path(path).stat().st_size
             if name.startswith("torchscript"):
-                loaders[name] = ("torch", load_torchscript(path))
+                for i, engine in enumerate(engines):
+                    key = name if i == 0 else f"{name}_{engine}"
+                    sizes[key], engine_of[key] = sizes[name], engine
+                    loaders[key] = ("torchscript", (path, engine))
             elif name.startswith("onnx"):
                 loaders[name] = ("ort", make_session(path, threads, spinning=spinning))
             else:
@@ -168,10 +187,14 @@ def benchmark_artifacts(
         latency: dict[str, dict[str, float]] = {name: {} for name in loaders}
         for bs in batch_sizes:
             x = make_batch(example_input, bs)
-            fns = {
-                name: _torch_fn(obj, x) if kind == "torch" else _ort_fn(obj, x)
-                for name, (kind, obj) in loaders.items()
-            }
+            fns = {}
+            for name, (kind, obj) in loaders.items():
+                if kind == "torchscript":
+                    # Loaded afresh for each batch size: the x86 engine's oneDNN convs keep the
+                    # primitive of the first input shape they see, and a module first run at
+                    # batch 64 ran batch 1 1.7x slower than one first run at batch 1.
+                    obj = load_torchscript(obj[0], engine=obj[1])
+                fns[name] = _ort_fn(obj, x) if kind == "ort" else _torch_fn(obj, x)
             for name, sec in time_interleaved(fns, rounds=rounds, min_time=min_time).items():
                 latency[name][str(bs)] = sec * 1000.0
     finally:
@@ -183,6 +206,7 @@ def benchmark_artifacts(
             "size_bytes": sizes[name],
             "latency_ms": latency[name],
             "throughput": {bs: int(bs) / (ms / 1000.0) for bs, ms in latency[name].items()},
+            **({"engine": engine_of[name]} if name in engine_of else {}),
         }
         for name in loaders
     }
@@ -191,11 +215,11 @@ def benchmark_artifacts(
         ratios["speedup_ort_int8_vs_fp32"] = {
             bs: latency["ort_fp32"][bs] / latency["onnx"][bs] for bs in latency["onnx"]
         }
-    if "torchscript" in latency and "torch_fp32" in latency:
-        ratios["speedup_torchscript_int8_vs_torch_fp32"] = {
-            bs: latency["torch_fp32"][bs] / latency["torchscript"][bs]
-            for bs in latency["torchscript"]
-        }
+    for name in ["torchscript"] + [f"torchscript_{e}" for e in engines[1:]]:
+        if name in latency and "torch_fp32" in latency:
+            ratios[f"speedup_{name}_int8_vs_torch_fp32"] = {
+                bs: latency["torch_fp32"][bs] / latency[name][bs] for bs in latency[name]
+            }
     for name in artifacts:
         # ONNX files against the float ONNX file, TorchScript against the float state dict.
         base = "ort_fp32" if name.startswith("onnx") else "torch_fp32"

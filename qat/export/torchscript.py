@@ -372,14 +372,25 @@ def save_torchscript(module: torch.jit.ScriptModule, target: str | Path | Binary
         torch.jit.save(module, target if not isinstance(target, Path) else str(target))
 
 
-def load_torchscript(path: str | Path | BinaryIO) -> torch.jit.ScriptModule:
-    """Load an exported model with ``torch.jit.load`` under :data:`ENGINE`.
+def load_torchscript(path: str | Path | BinaryIO, engine: str = ENGINE) -> torch.jit.ScriptModule:
+    """Load an exported model with ``torch.jit.load`` under a quantized engine.
 
     The engine matters only while loading (the weights are packed then); the caller's engine is
     restored before this returns. Without qat: set ``torch.backends.quantized.engine =
     "fbgemm"``, then ``torch.jit.load``.
+
+    Args:
+        path: the ``model.ts`` file (or a binary file object).
+        engine: :data:`ENGINE` (``fbgemm``, what the export was verified under) or ``x86``:
+            on a VNNI CPU ``x86`` ran batch 64 2-4x faster (README, "Benchmarks"), with some
+            outputs one level off at near-ties, so its agreement with the fake-quant model can
+            fall below 100%. Warm an ``x86`` module up at the batch size it will serve (its
+            oneDNN convs keep the primitive of the first input shape).
+
+    Raises:
+        RuntimeError: this PyTorch build has no such engine (the message lists the ones it has).
     """
-    with _deprecations_silenced(), quantized_engine():
+    with _deprecations_silenced(), quantized_engine(engine):
         source = str(path) if isinstance(path, str | Path) else path
         return torch.jit.load(source, map_location="cpu").eval()
 

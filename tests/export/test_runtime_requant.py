@@ -141,3 +141,27 @@ def test_the_engine_is_pinned_only_inside_the_block() -> None:
     ):
         pass
     assert torch.backends.quantized.engine == before
+
+
+def test_load_under_x86_for_speed_stays_within_one_output_level() -> None:
+    """``load_torchscript(engine="x86")`` packs for the x86 engine (oneDNN convs on VNNI), so a
+    near-tie may land one level off, never more; the caller's engine comes back either way."""
+    q = _near_tie_model()
+    x = torch.full((1, 1, 2, 2), 5 * S_IN)
+    snap_bias(q, x)
+    traced = trace_integer_model(build_integer_model(q, x, convert(q, x)), x)
+    buf = io.BytesIO()
+    save_torchscript(traced, buf)
+    before = torch.backends.quantized.engine
+    outs = {}
+    for engine in ("fbgemm", "x86"):
+        buf.seek(0)
+        with torch.no_grad():
+            outs[engine] = load_torchscript(buf, engine=engine)(x)
+        assert torch.backends.quantized.engine == before
+    assert torch.equal(outs["fbgemm"], torch.full_like(x, 3 * S_OUT))
+    assert (outs["x86"] - outs["fbgemm"]).abs().max() <= S_OUT * 1.0001
+    buf.seek(0)
+    with pytest.raises(RuntimeError, match="not in this build"):
+        load_torchscript(buf, engine="fbgem")
+    assert torch.backends.quantized.engine == before

@@ -134,6 +134,30 @@ def test_benchmark_structure(exported) -> None:
     json.dumps(result)
 
 
+def test_benchmark_times_torchscript_under_each_engine_asked(exported) -> None:
+    float_model, _, paths = exported
+    result = benchmark_artifacts(
+        paths,
+        float_model,
+        _batch(),
+        batch_sizes=(2,),
+        rounds=1,
+        threads=1,
+        min_time=0.001,
+        torchscript_engines=["fbgemm", "x86"],
+    )
+    runtimes = result["runtimes"]
+    assert set(runtimes) == {"torch_fp32", "ort_fp32", "torchscript", "torchscript_x86", "onnx"}
+    assert runtimes["torchscript"]["engine"] == "fbgemm"
+    assert runtimes["torchscript_x86"]["engine"] == "x86"
+    assert runtimes["torchscript_x86"]["size_bytes"] == runtimes["torchscript"]["size_bytes"]
+    assert set(result["ratios"]["speedup_torchscript_x86_int8_vs_torch_fp32"]) == {"2"}
+    assert "engine" not in runtimes["onnx"]
+    for bad in (["fbgemm", "fbgemm"], ["fbgem"]):
+        with pytest.raises(ValueError, match=r"torchscript_engines=.*distinct engines"):
+            benchmark_artifacts(paths, None, _batch(), torchscript_engines=bad)
+
+
 def test_benchmark_without_float_model(exported) -> None:
     _, _, paths = exported
     result = benchmark_artifacts(paths, None, _batch(), batch_sizes=(2,), rounds=1, min_time=0.001)
