@@ -569,15 +569,16 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             "",
             "Machines: " + "; ".join(f"{key} = {m}" for m, key in machines.items()) + ".",
         ]
-    carried = sorted(
-        {f"{i.get('date', '?')} on {i.get('machine', '?')}" for i in items if i.get("carried")}
-    )
+    carried_on: dict[str, set[str]] = {}
+    for i in items:
+        if i.get("carried"):
+            carried_on.setdefault(i.get("date", "?"), set()).add(machines[i.get("machine", "?")])
+    carried = [f"{d} ({', '.join(sorted(keys))})" for d, keys in sorted(carried_on.items())]
     if carried:
-        # Latencies of carried rows may come from another machine than the one below.
         lines += [
             "",
             "† Not re-run by the invocation that wrote this page: carried over from the saved "
-            f"table ({SAVED} beside this page), run {'; '.join(carried)}, with the code and "
+            f"table ({SAVED} beside this page), run {', '.join(carried)}, with the code and "
             "row configs of that date (the budget above may have changed since: see the "
             "history of configs/experiment/table/ and qat/).",
         ]

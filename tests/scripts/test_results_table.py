@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,8 @@ def test_rows_not_under_root_are_carried_over_from_the_saved_table(
     )
     assert "| resnet20 | QAT annealed (LSQ, distilled) | W2A2 | | not run |" in md
     assert "† Not re-run by the invocation that wrote this page" in md
+    # The footnote names the run dates and, by the machine column's keys, where they ran.
+    assert re.search(r"run \d{4}-\d\d-\d\d \(M1\), with the code", md)
     assert "✓ qat_w4a4: 1.00 pt below float (goal ≤ 1.0)" in md
 
     # Re-rendering from a root holding one model's runs: the other model stays, carried.
