@@ -23,7 +23,7 @@ from a float model trained again.
 
 Usage::
 
-    python scripts/results.py                              # both models, ~5 h on 2 cores
+    python scripts/results.py                              # both models, ~6 h on 2 cores
     python scripts/results.py --models resnet20 --float-epochs 2
     python scripts/results.py -- logger=wandb              # also log every run (and the table)
     python scripts/results.py --render-only
