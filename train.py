@@ -1,6 +1,6 @@
 """Train (and export) a quantized model: ``python train.py +experiment=resnet_int4``.
 
-All the work is in :func:`qat.pipeline.train`; see README "Configs" for the groups.
+All the work is in :func:`qat.lit.train`; see README "Configs" for the groups.
 """
 
 import logging
@@ -19,8 +19,8 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 # one core taken. Costs nothing measurable when the cores are free; set it to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from qat.config import ConfigError
-from qat.pipeline import train
+from qat.lit.config import ConfigError
+from qat.lit.train import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -1,34 +1,41 @@
 """qat: quantization-aware training whose exported integer models agree with the trained ones.
 
 Python API (see README): ``prepare`` a float model with a ``Recipe``, ``calibrate`` its ranges,
-train it in any loop (or with ``qat.callbacks.QATCallback`` under Lightning), then export.
+train it in any loop (or with ``qat.lit.QATCallback`` under Lightning), ``snap_bias``, then
+export with ``qat.export``. Importing ``qat`` loads torch only: no Lightning, no ONNX.
 """
 
-from qat.bias_quant import link_bias_quantizers
-from qat.bn_reestimate import reestimate_bn
-from qat.fold import fold_bn, fold_bn_params
-from qat.modules import (
+from qat.ops import Add, Cat
+from qat.quant import (
+    FakeQuantizer,
     FloatLayer,
+    LayerOverride,
+    NonFiniteError,
     QAct,
     QAdd,
     QCat,
     QConv2d,
     QConvBn2d,
     QLinear,
-    exact_accumulation,
-)
-from qat.ops import Add, Cat
-from qat.prepare import calibrate, is_prepared, prepare, quantizer_summary
-from qat.quantizers import (
-    FakeQuantizer,
-    NonFiniteError,
+    QuantSpec,
+    Recipe,
+    Schedule,
     anneal_bits,
+    calibrate,
+    fold_bn,
+    fold_bn_params,
+    is_prepared,
     iter_quantizers,
+    link_bias_quantizers,
+    prepare,
+    quantizer_summary,
+    reestimate_bn,
+    runtime_numerics,
     set_fake_quant,
     set_observers,
+    snap_bias,
     uninitialized_quantizers,
 )
-from qat.spec import LayerOverride, QuantSpec, Recipe
 
 __version__ = "0.1.0"
 
@@ -47,10 +54,10 @@ __all__ = [
     "QLinear",
     "QuantSpec",
     "Recipe",
+    "Schedule",
     "__version__",
     "anneal_bits",
     "calibrate",
-    "exact_accumulation",
     "fold_bn",
     "fold_bn_params",
     "is_prepared",
@@ -59,7 +66,9 @@ __all__ = [
     "prepare",
     "quantizer_summary",
     "reestimate_bn",
+    "runtime_numerics",
     "set_fake_quant",
     "set_observers",
+    "snap_bias",
     "uninitialized_quantizers",
 ]

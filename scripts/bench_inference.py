@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 import qat
-from qat.export import benchmark_artifacts, export_model, snap_bias, verify_artifacts
+from qat import snap_bias
+from qat.export import benchmark_artifacts, export_model, verify_artifacts
 from qat.export.onnx import export_float_onnx, optimized_op_types
 from qat.models import create_model
 

@@ -206,7 +206,7 @@ def reexport_rows(
     checkpoint holds the model the row tested; otherwise it is left as it was, with a warning.
     ``extra``: ``export.*`` overrides for every export.
     """
-    from qat.pipeline import write_json_atomic
+    from qat.lit.results import write_json_atomic
 
     log = root / name / "log.txt"
     for row in rows:

@@ -10,8 +10,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# Helper modules shared by the test folders (tiny models, config composition, probe callbacks);
+# subprocess runs put the same folder on PYTHONPATH.
+HELPERS = Path(__file__).resolve().parent / "helpers"
+sys.path.insert(0, str(HELPERS))
 
 
 @pytest.fixture(autouse=True)

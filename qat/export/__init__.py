@@ -1,210 +1,46 @@
 """Integer export of trained fake-quant models: TorchScript and ONNX, verified and timed.
 
-Public API (what ``qat.pipeline`` and ``python -m qat.export`` call):
+Public API (what ``qat.lit`` and ``python -m qat.export`` call):
 
 - :func:`export_model` — fake-quant model → ``model.ts`` (PyTorch quantized CPU kernels) and
   ``model.onnx`` (QDQ for ONNX Runtime), written atomically after a smoke test;
 - :func:`verify_artifacts` / :func:`check_parity` / :class:`ParityError` — the exported models
   against the fake-quant model (accuracy, top-1 agreement, logit error in output steps);
-- :func:`benchmark_artifacts` — latency / throughput / size, float beside integer.
+- :func:`benchmark_artifacts` — latency / throughput / size, float beside integer;
+- :func:`run_export` — all three as one stage, as training runs it.
+
+Layout: :mod:`~qat.export.convert` reads the trained quantizers into :mod:`~qat.export.ir`;
+:mod:`~qat.export.lowering` decides, for every target alike, which layers run on integer
+kernels; :mod:`~qat.export.onnx` and :mod:`~qat.export.torchscript` emit them. Importing this
+package loads neither onnx nor onnxruntime (the target modules do, when used).
 
 Example:
     >>> qmodel = qat.prepare(model, recipe)
     >>> qat.calibrate(qmodel, batches)            # or QAT training
+    >>> qat.snap_bias(qmodel, x)                  # biases on the runtimes' int32 grid
     >>> paths = export_model(qmodel, "run/export", example_input=x)
     >>> report = verify_artifacts(qmodel, paths, test_loader)
     >>> check_parity(report)                      # raises ParityError on disagreement
 """
 
-from __future__ import annotations
-
-import contextlib
-import copy
-from collections.abc import Sequence
-from io import BytesIO
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-
+from qat.export.artifacts import FILENAMES, TARGETS, export_model
 from qat.export.bench import benchmark_artifacts
-from qat.export.convert import ConvertedModel, check_exportable, convert, snap_bias
+from qat.export.convert import check_exportable, convert
+from qat.export.ir import ConvertedModel
+from qat.export.stage import parity_failure, run_export
 from qat.export.verify import ParityError, check_parity, verify_artifacts
-from qat.io import atomic_write_bytes, commit, write_staged
 
 __all__ = [
     "FILENAMES",
     "TARGETS",
     "ConvertedModel",
     "ParityError",
-    "atomic_write_bytes",
     "benchmark_artifacts",
+    "check_exportable",
     "check_parity",
     "convert",
     "export_model",
-    "snap_bias",
+    "parity_failure",
+    "run_export",
     "verify_artifacts",
 ]
-
-#: Export targets and the file each one writes in ``out_dir``.
-FILENAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
-TARGETS = tuple(FILENAMES)
-
-
-def _check_example(example_input: Any) -> tuple[torch.Tensor, ...]:
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise ValueError(
-            "example_input must be an input batch (a tensor, or a tuple of tensors for a "
-            f"model with several inputs), got {type(example_input).__name__}"
-        )
-    if not args[0].is_floating_point():
-        raise ValueError(f"example_input must be a float tensor, got {args[0].dtype}")
-    return tuple(a.detach().cpu() for a in args)
-
-
-def _check_targets(targets: Sequence[str] | str) -> tuple[str, ...]:
-    if isinstance(targets, str):
-        targets = (targets,)
-    targets = tuple(targets)
-    unknown = [t for t in targets if t not in FILENAMES]
-    if unknown or not targets:
-        raise ValueError(
-            f"unknown export target(s) {unknown or list(targets)}: allowed: {', '.join(TARGETS)}"
-        )
-    return tuple(dict.fromkeys(targets))
-
-
-def _smoke_torchscript(path: Path, args: tuple[torch.Tensor, ...], expected: torch.Size) -> None:
-    from qat.export.torchscript import load_torchscript
-
-    module = load_torchscript(path)
-    with torch.no_grad():
-        out = module(*args)
-    out = out[0] if isinstance(out, tuple | list) else out
-    _check_output("torchscript", out, expected)
-
-
-def _smoke_onnx(path: Path, args: tuple[torch.Tensor, ...], expected: torch.Size) -> None:
-    import onnx
-
-    from qat.export.onnx import make_session, run_session
-
-    onnx.checker.check_model(str(path), full_check=True)
-    session = make_session(path, threads=2, providers=["CPUExecutionProvider"])
-    out = torch.from_numpy(run_session(session, args)[0])
-    _check_output("onnx", out, expected)
-
-
-def _check_output(name: str, out: torch.Tensor, expected: torch.Size) -> None:
-    if tuple(out.shape) != tuple(expected):
-        raise RuntimeError(
-            f"{name} smoke test: output shape {tuple(out.shape)}, expected {tuple(expected)}"
-        )
-    if not bool(torch.isfinite(out).all()):
-        raise RuntimeError(f"{name} smoke test: the output has non-finite values")
-
-
-def _build(
-    target: str,
-    model: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    converted: ConvertedModel,
-    int4_packed: bool,
-    opset: int | None,
-    fused_add: bool,
-) -> bytes:
-    example = args if len(args) > 1 else args[0]
-    if target == "torchscript":
-        from qat.export.torchscript import (
-            build_integer_model,
-            save_torchscript,
-            trace_integer_model,
-        )
-
-        traced = trace_integer_model(build_integer_model(model, example, converted), example)
-        buf = BytesIO()
-        save_torchscript(traced, buf)
-        return buf.getvalue()
-    from qat.export.onnx import build_onnx_model
-
-    proto = build_onnx_model(
-        model, example, converted, opset=opset, int4_packed=int4_packed, fused_add=fused_add
-    )
-    return proto.SerializeToString()
-
-
-def export_model(
-    model: nn.Module,
-    out_dir: str | Path,
-    example_input: Any,
-    targets: Sequence[str] = TARGETS,
-    int4_packed: bool = False,
-    opset: int | None = None,
-    fused_add: bool = False,
-) -> dict[str, Path]:
-    """Export a trained fake-quant model to integer TorchScript and / or QDQ ONNX.
-
-    Every artifact is built, written to a temporary file next to its destination, smoke-tested
-    (loaded, one inference on ``example_input``, shape and finiteness checked; ``onnx.checker``
-    for ONNX), and only when all targets pass are the files moved into place (``os.replace``).
-    A failure anywhere leaves the previous files byte-identical and no temporary file behind.
-
-    Args:
-        model: a prepared (``qat.prepare``), calibrated / trained fake-quant model. It is not
-            modified (export works on a CPU copy in eval mode).
-        out_dir: directory for ``model.ts`` / ``model.onnx`` (created if missing).
-        example_input: one input batch (a tensor, or a tuple of tensors); it fixes the
-            traced control flow and finds each layer's input grid. The batch dimension stays
-            dynamic in ONNX; TorchScript traces it too (any batch size runs).
-        targets: any of ``"torchscript"``, ``"onnx"``.
-        int4_packed: ONNX only: store weights whose levels fit 4 bits as packed INT4
-            (opset 21): about half the file; ONNX Runtime runs those convs in float.
-        opset: ONNX opset (default 17, or 21 with ``int4_packed``).
-        fused_add: ONNX only: residual adds as ``Add``, fused by ONNX Runtime into
-            ``QLinearAdd`` (faster at large batches, but it rounds near-ties differently
-            from the fake-quant model); default ``Sum``, which ONNX Runtime runs unfused in
-            float32, as the fake-quant model computes it (see :mod:`qat.export.onnx`).
-
-    Returns:
-        ``{"torchscript": out_dir/model.ts, "onnx": out_dir/model.onnx}`` for the targets.
-
-    Raises:
-        ValueError: before anything is written, for an unprepared model, quantizers that
-            never saw data (named), an unknown target, a bad ``example_input`` or ``opset``,
-            or a layer the integer runtimes cannot run (named).
-        RuntimeError: an artifact failed its smoke test (nothing replaced).
-    """
-    targets = _check_targets(targets)
-    check_exportable(model)
-    args = _check_example(example_input)
-    if opset is not None or int4_packed:
-        from qat.export.onnx import _resolve_opset
-
-        _resolve_opset(opset, int4_packed)
-    out_dir = Path(out_dir)
-    model = copy.deepcopy(model).cpu().eval()
-    example = args if len(args) > 1 else args[0]
-    converted = convert(model, example)
-    ref = converted.example_output
-    ref = ref[0] if isinstance(ref, tuple | list) else ref
-    expected = ref.shape
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged: dict[str, Path] = {}
-    try:
-        for target in targets:
-            data = _build(target, model, args, converted, int4_packed, opset, fused_add)
-            final = out_dir / FILENAMES[target]
-            staged[target] = write_staged(final, data)
-            smoke = _smoke_torchscript if target == "torchscript" else _smoke_onnx
-            smoke(staged[target], args, expected)
-        paths = {}
-        for target, tmp in staged.items():
-            paths[target] = commit(tmp, out_dir / FILENAMES[target])
-        return paths
-    finally:
-        for tmp in staged.values():
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()

@@ -53,16 +53,12 @@ import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 from torch import nn
 
-from qat.export.convert import (
-    ActGrid,
-    ConvertedModel,
-    LayerDesc,
-    convert,
-    explicit_padding,
-    float_forward,
-    run_model,
-)
-from qat.prepare import remove_input_quant_hook, set_module
+from qat.export.convert import convert, explicit_padding
+from qat.export.ir import ActGrid, ConvertedModel, LayerDesc
+from qat.export.lowering import lower
+from qat.export.reference import float_forward
+from qat.quant.grids import run_model
+from qat.quant.prepare import remove_input_quant_hook, set_module
 
 __all__ = [
     "ENGINE",
@@ -263,15 +259,14 @@ class _FloatIsland(nn.Module):
 
 
 def _integer_layer(desc: LayerDesc, contiguous: bool) -> nn.Module:
-    if desc.kind in ("conv", "linear") and desc.integer and desc.output is not None:
-        if desc.kind == "linear":
-            return _IntLinear(desc)
-        pad = explicit_padding(desc)
-        if pad is not None and pad[:2] == pad[2:]:
-            return _IntConv(desc, contiguous)
-    if desc.kind == "add":
+    kind = lower(desc, "torchscript")
+    if kind == "conv":
+        return _IntConv(desc, contiguous)
+    if kind == "linear":
+        return _IntLinear(desc)
+    if kind == "add":
         return _IntAdd(desc)
-    if desc.kind == "cat":
+    if kind == "cat":
         return _IntCat(desc)
     # Conv / linear with a float output or float weights, non-zero / asymmetric padding,
     # pooling, activations, skipped layers: exact float islands.

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat.export.convert import check_exportable, trace_grids
-from qat.modules import exact_accumulation
+from qat.export.convert import check_exportable
+from qat.quant.grids import trace_grids
+from qat.quant.numerics import runtime_numerics
 
 __all__ = ["ParityError", "check_parity", "load_runtime", "verify_artifacts"]
 
@@ -127,8 +128,8 @@ def verify_artifacts(
             break
         x, y = _split(batch)
         x = x.cpu().float()
-        # float64 sums, like the runtimes' exact int32 ones (qat.modules.exact_accumulation).
-        with exact_accumulation():
+        # Exact sums and the runtimes' requantization (qat.runtime_numerics).
+        with runtime_numerics(ref_model):
             if i == 0:
                 _, _, out_grid, ref = trace_grids(ref_model, x)
                 output_scale = None if out_grid is None else out_grid.scale
@@ -228,7 +229,7 @@ def check_parity(
         if any(f.startswith("onnx") for f in failures):
             hint = (
                 ". If only ONNX disagrees: its QLinearConv adds the bias as int32 at s_in·s_w; "
-                "call qat.export.snap_bias(model, example) on the final model before testing "
+                "call qat.snap_bias(model, example) on the final model before testing "
                 "and exporting, so the fake-quant model adds that same bias"
             )
         raise ParityError(

@@ -12,11 +12,12 @@ from export_helpers import max_steps, pinned_conv, quantize, recipe
 from torch import nn
 
 import qat
-from qat.export import snap_bias
-from qat.export.convert import ActGrid, convert
+from qat import snap_bias
+from qat.export.convert import convert
 from qat.export.onnx import build_onnx_model
 from qat.export.torchscript import build_integer_model, trace_integer_model
 from qat.ops import Add
+from qat.quant.grids import ActGrid
 
 
 def _batch() -> torch.Tensor:

@@ -83,12 +83,12 @@ def test_failed_write_leaves_previous_files_byte_identical(qmodel, tmp_path, mon
 def test_failed_smoke_test_replaces_nothing(qmodel, tmp_path, monkeypatch, target) -> None:
     export_model(qmodel, tmp_path, _batch())
     before = _snapshot(tmp_path)
-    import qat.export as export_pkg
+    import qat.export.artifacts as artifacts
 
     def broken(*args, **kwargs) -> None:
         raise RuntimeError(f"{target} smoke test failed (simulated)")
 
-    monkeypatch.setattr(export_pkg, f"_smoke_{target}", broken)
+    monkeypatch.setattr(artifacts, f"_smoke_{target}", broken)
     with pytest.raises(RuntimeError, match="smoke test failed"):
         export_model(qmodel, tmp_path, torch.rand(3, 1, 6, 6))
     assert _snapshot(tmp_path) == before

@@ -15,8 +15,9 @@ import torch
 from export_helpers import Wrap, max_steps, quantize, recipe
 from torch import nn
 
-from qat.export import snap_bias
-from qat.export.convert import ConvertedModel, convert
+from qat import snap_bias
+from qat.export.convert import convert
+from qat.export.ir import ConvertedModel
 from qat.export.onnx import build_onnx_model
 from qat.export.torchscript import build_integer_model, integer_ops, trace_integer_model
 from qat.ops import Add, Cat
@@ -215,7 +216,7 @@ def _add_codes(proto, x: torch.Tensor) -> tuple:
     """ORT's input and output codes of the residual add, and the add's quantization params."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from qat.export.onnx import _Graph
+    from qat.export.onnx.passes import _Graph
 
     graph = proto.graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}

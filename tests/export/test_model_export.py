@@ -18,8 +18,9 @@ import torch
 from export_helpers import quantize, recipe, train_float
 from torch import nn
 
+from qat import snap_bias
 from qat.data import DigitsDataModule
-from qat.export import check_parity, export_model, snap_bias, verify_artifacts
+from qat.export import check_parity, export_model, verify_artifacts
 from qat.export.convert import convert
 from qat.export.onnx import INTEGER_OP_TYPES, make_session, optimized_op_types, run_session
 from qat.export.torchscript import integer_ops, load_torchscript

@@ -22,7 +22,7 @@ import torch
 from export_helpers import Wrap, pinned_conv, quantize, recipe
 from torch import nn
 
-from qat.export import snap_bias
+from qat import runtime_numerics, snap_bias
 from qat.export.convert import convert
 from qat.export.onnx import build_onnx_model
 from qat.export.torchscript import (
@@ -32,7 +32,6 @@ from qat.export.torchscript import (
     save_torchscript,
     trace_integer_model,
 )
-from qat.modules import exact_accumulation
 
 S_IN, S_W, S_OUT = 0.2058054655790329, 0.19502262771129608, 0.286690890789032
 
@@ -67,11 +66,11 @@ def _runtimes(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_exact_evaluation_rounds_a_near_tie_as_both_runtimes() -> None:
     q = _near_tie_model()
     x = torch.full((1, 1, 2, 2), 5 * S_IN)
-    with torch.no_grad(), exact_accumulation():
+    with torch.no_grad(), runtime_numerics(q):
         unpinned = q(x)
     snap_bias(q, x)
     assert q.body.runtime_input_scale == pytest.approx(S_IN)
-    with torch.no_grad(), exact_accumulation():
+    with torch.no_grad(), runtime_numerics(q):
         pinned = q(x)
     # Quantizing the float sum rounds the wrong way; the runtimes' arithmetic does not.
     assert torch.equal(unpinned, torch.full_like(x, 4 * S_OUT))
@@ -86,10 +85,10 @@ def test_input_off_the_pinned_grid_falls_back_to_the_float_sum() -> None:
     snap_bias(q, x)
     with torch.no_grad():
         q.input_quant.scale.fill_(S_IN * 1.01)  # ranges moved after snap_bias
-        with exact_accumulation():
+        with runtime_numerics(q):
             out = q(x)
         q.body.runtime_input_scale = None
-        with exact_accumulation():
+        with runtime_numerics(q):
             ref = q(x)
     assert torch.equal(out, ref)
 
@@ -99,7 +98,7 @@ def test_training_and_plain_eval_ignore_the_pinned_grid() -> None:
     x = torch.full((1, 1, 2, 2), 5 * S_IN)
     snap_bias(q, x)
     with torch.no_grad():
-        assert torch.equal(q(x), torch.full_like(x, 4 * S_OUT))  # no exact_accumulation
+        assert torch.equal(q(x), torch.full_like(x, 4 * S_OUT))  # no runtime_numerics
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -124,7 +123,7 @@ def test_exact_evaluation_equals_both_runtimes_bit_for_bit(bits: int) -> None:
     q = quantize(Wrap(body), recipe(bits), batch)
     x = batch()
     snap_bias(q, x[:4])
-    with torch.no_grad(), exact_accumulation():
+    with torch.no_grad(), runtime_numerics(q):
         ref = q(x)
     for name, out in _runtimes(q, x).items():
         assert torch.allclose(out, ref, rtol=0, atol=1e-5), name

@@ -1,0 +1,99 @@
+"""ONNX Runtime sessions for the exported models: providers, threads, optimized graphs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+INTEGER_OP_TYPES = (
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "QLinearAdd",
+    "QLinearConcat",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+)
+
+
+def default_providers(available: Sequence[str] | None = None) -> list[str]:
+    """TensorRT → CUDA → CPU, keeping those this ONNX Runtime build offers."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers() if available is None else available)
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in wanted if p in have]
+
+
+def make_session(
+    path: str | Path,
+    threads: int = 2,
+    providers: Sequence[str] | None = None,
+    optimized_model_path: str | Path | None = None,
+    level: str = "all",
+    spinning: bool = True,
+) -> Any:
+    """An ONNX Runtime session with ``threads`` intra-op threads.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads (inter-op is 1: the graphs are sequential).
+        providers: execution providers (default: :func:`default_providers`).
+        optimized_model_path: save the optimized graph there (to inspect what ORT fused).
+        level: graph optimization level: ``basic``, ``extended`` or ``all``.
+        spinning: let idle worker threads spin (ORT's default). Off, they sleep: slightly
+            slower on an idle machine, much faster when other processes hold the cores.
+    """
+    import onnxruntime as ort
+
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = levels[level]
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = str(optimized_model_path)
+    return ort.InferenceSession(
+        str(path), sess_options=so, providers=list(providers or default_providers())
+    )
+
+
+def run_session(session: Any, example_input: Any) -> list[np.ndarray]:
+    """Run a session on a tensor / tuple of tensors (or numpy arrays); float32 outputs."""
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    feeds = {}
+    for meta, value in zip(session.get_inputs(), args, strict=False):
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        feeds[meta.name] = arr.astype(np.float32, copy=False)
+    return session.run(None, feeds)
+
+
+def optimized_op_types(path: str | Path, level: str = "extended") -> Counter:
+    """Op types of the graph ONNX Runtime (CPU) runs after optimizing the model at ``path``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        make_session(
+            path,
+            threads=1,
+            providers=["CPUExecutionProvider"],
+            optimized_model_path=out,
+            level=level,
+        )
+        graph = onnx.load(str(out)).graph
+    return Counter(n.op_type for n in graph.node)

@@ -1,0 +1,198 @@
+"""Lightning checkpoints written atomically and loaded safely, and ``ckpt_path=last``.
+
+- :class:`AtomicCheckpointIO` (wired in ``configs/trainer/default.yaml``) writes every
+  checkpoint to a temporary file beside its destination, fsyncs it and renames it into place
+  (:mod:`qat.io`), so a run killed at any moment leaves the previous ``last.ckpt`` whole.
+  Lightning's own ``TorchCheckpointIO`` writes through an fsspec transaction that stages the
+  bytes in the system temp directory and moves them with ``shutil.move``: that is a plain copy
+  into the destination (a torn file if the copy is interrupted) whenever the run directory is
+  on another file system than ``/tmp`` (an NFS / Lustre run dir), and nothing is fsynced.
+- :func:`load_checkpoint` (used by the resume and by ``python -m qat.export``) reads with
+  ``torch.load(weights_only=True)``: tensors and plain Python types only, so a crafted pickle
+  cannot run code; a refused or unreadable file is a :class:`CheckpointError` naming it.
+- :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into ``<run dir>/checkpoints/last.ckpt``.
+- :func:`load_float_weights` loads a float model's weights for ``init_from=`` (fine-tuning, PTQ).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+from qat.io import atomic_path
+from qat.lit.config import ConfigError
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "last_checkpoint",
+    "load_checkpoint",
+    "load_float_weights",
+    "resolve_ckpt_path",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where ``configs/callbacks/model_checkpoint.yaml`` keeps the rolling checkpoint of a run.
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+
+# torch's refusal: "... Unsupported global: GLOBAL posix.system was not an allowed global ..."
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot (or must not) be loaded; the message names the file."""
+
+
+def last_checkpoint(run_dir: str | os.PathLike[str]) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt`` (whether or not it exists)."""
+    return Path(run_dir) / LAST_CKPT
+
+
+def resolve_ckpt_path(ckpt_path: Any, run_dir: str | os.PathLike[str]) -> str | None:
+    """The checkpoint file a ``ckpt_path`` config value names, checked before any work.
+
+    ``last`` means this run directory's ``checkpoints/last.ckpt`` (restart an interrupted run
+    with the same ``hydra.run.dir`` and ``ckpt_path=last``). Lightning's other keywords and
+    remote URLs are passed through unchanged.
+
+    Raises:
+        CheckpointError: the file does not exist (the message says where it looked).
+    """
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None
+    value = str(ckpt_path)
+    if value == "last":
+        path = last_checkpoint(run_dir)
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last: no checkpoint at {path}; restart in the interrupted run's "
+                "directory (hydra.run.dir=<its dir>) or pass ckpt_path=<path to a .ckpt file>"
+            )
+        return str(path)
+    if value in ("best", "hpc") or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"ckpt_path={value} is not a file; pass a Lightning checkpoint (e.g. "
+            "<run dir>/checkpoints/last.ckpt) or ckpt_path=last"
+        )
+    return str(path)
+
+
+def load_checkpoint(path: _PATH, map_location: _MAP_LOCATION_TYPE = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors that name the file.
+
+    Raises:
+        CheckpointError: the file is missing, truncated / corrupt, or holds more than tensors
+            and plain Python types (unpickling it could run code, so it is refused unread).
+    """
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights only" not in text.lower() and "weights_only" not in text:
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (corrupt: {_first_line(text)})"
+            ) from None
+        match = _UNSUPPORTED.search(text)
+        what = f"it would call {match.group(1)}" if match else _first_line(text)
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain-data checkpoint ({what}); checkpoints "
+            "are loaded with torch.load(weights_only=True), tensors and plain Python types only. "
+            "Use a checkpoint written by this project, or load it yourself with "
+            "weights_only=False if you trust its source"
+        ) from None
+    except (EOFError, RuntimeError) as err:
+        # torch: "PytorchStreamReader failed reading zip archive" for a torn file.
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt: "
+            f"{_first_line(str(err)) or type(err).__name__}); resume from an earlier one"
+        ) from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with atomic local writes and ``weights_only=True`` loads.
+
+    Remote paths (``s3://`` ...) keep Lightning's behaviour. A caller that explicitly passes
+    ``weights_only=False`` (``trainer.fit(..., weights_only=False)``) gets Lightning's loader.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: _MAP_LOCATION_TYPE | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if weights_only is False or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return load_checkpoint(path, map_location=map_location)
+
+
+def load_float_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a float model's weights (a Lightning checkpoint or a state_dict file) into ``model``.
+
+    Loaded with ``weights_only=True``: a file that would run code is refused.
+
+    Raises:
+        ConfigError: the file is missing, unsafe, or holds another model's weights.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(
+            f"init_from={path} is not a file: give a float run's checkpoint "
+            "(<run dir>/checkpoints/last.ckpt) or a saved state_dict"
+        )
+    try:
+        state = load_checkpoint(file)
+    except CheckpointError as err:
+        raise ConfigError(f"init_from: {err}") from None
+    weights = state.get("state_dict", state) if isinstance(state, Mapping) else None
+    if not isinstance(weights, Mapping):
+        raise ConfigError(f"init_from={path} holds no state_dict")
+    prefix = "model."
+    if any(str(k).startswith(prefix) for k in weights):
+        weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        quantized = any("_quant." in str(k) for k in weights)
+        hint = (
+            "it is a quantized run's checkpoint; resume it with ckpt_path=... instead"
+            if quantized
+            else "it was saved from another model or data config"
+        )
+        raise ConfigError(
+            f"init_from={path} does not fit model {type(model).__name__} ({hint}): "
+            f"{str(err).splitlines()[0]}"
+        ) from None
+    log.info("float weights loaded from %s", file)

@@ -1,0 +1,59 @@
+"""``QLinear``: a Linear with fake-quantized weight (per output row) and output."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.quant.layers.base import copy_weight_bias, output_quantizer, weight_quantizer
+from qat.quant.numerics import RuntimeNumerics, quantized_output
+from qat.quant.spec import QuantSpec
+
+
+class QLinear(nn.Linear, RuntimeNumerics):
+    """``Linear`` → optional ReLU → output quantizer; weights per output row (axis 0)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        relu: bool = False,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.relu = relu
+        self.weight_quant = weight_quantizer(weight_spec, out_features, axis=0)
+        self.output_quant = output_quantizer(activation_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_output(self, F.linear, x, self.weight_quant(self.weight), self.bias)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        weight_spec: QuantSpec | None = None,
+        activation_spec: QuantSpec | None = None,
+        relu: bool = False,
+    ) -> QLinear:
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            relu=relu,
+            weight_spec=weight_spec,
+            activation_spec=activation_spec,
+        )
+        q = copy_weight_bias(q, linear)
+        return q
+
+    def to_float(self) -> nn.Module:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin = copy_weight_bias(lin, self)
+        return nn.Sequential(lin, nn.ReLU()) if self.relu else lin
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")

@@ -1,0 +1,398 @@
+"""Fake quantizers: observer + fake quantization with a straight-through estimator.
+
+One :class:`FakeQuantizer` serves training and export. Its whole state (scale, zero point, bit
+width, observer statistics, mode flags, learned range) lives in buffers and parameters, so
+``state_dict()`` round-trips exactly and the exporters read the very numbers training used.
+
+Numerics (see DESIGN.md, "The numerics contract"): ``q = clamp(round(x * (1/s)) + z, qmin, qmax)``,
+``x̂ = (q − z) · s``, round half to even. Like torch's kernels and its quantized CPU runtime, the
+division is a multiplication by the float32 reciprocal ``1/s``; the two differ only at exact ties.
+The hot path is :mod:`qat.fake_quant` (vectorized STE autograd functions, bitwise equal to
+torch's fused fake-quant kernels and much faster on CPU), never per-element Python.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qat.quant.distributed import rank_phrase, reduce_across_ranks
+from qat.quant.fake_quant import fake_quantize, lsq_fake_quantize
+from qat.quant.qparams import SCALE_EPS, guard_scale, qparams_from_range, qrange
+from qat.quant.spec import QuantSpec
+
+ROLES = ("weight", "activation")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or inf reached a quantizer: training has diverged at (or before) the named layer."""
+
+
+class FakeQuantizer(nn.Module):
+    """Observer + fake quantizer for one tensor, configured by a :class:`QuantSpec`.
+
+    Modes (two flags, both buffers): ``observer_enabled`` updates the range from data (in
+    training mode only, so validation never moves a range);
+    ``fake_quant_enabled`` quantizes the output. Both off is float; observe-only is
+    calibration; both on is QAT with live ranges; quantize-only is QAT with frozen ranges. A
+    quantizer that has never observed data (``initialized == 0``) passes its input through.
+
+    Learned ranges: ``lsq`` makes ``scale`` (and, when asymmetric, ``zero_point``) parameters
+    trained with LSQ's gradient (scale gradient multiplied by ``1/sqrt(N·qmax)``); ``pact``
+    learns a clip ``alpha`` (``[0, α]`` unsigned, ``[−α, α]`` signed) with scale ``α/qmax``.
+    While the observer is on, learned ranges are (re)initialised from the observed range, so
+    calibration sets their start value; switch observers off before training them. An LSQ
+    scale is also re-initialised from data after :meth:`set_bits` lowers or raises its width,
+    and in training it never exceeds the batch's min/max scale.
+
+    Args:
+        spec: what to quantize and how.
+        role: ``"weight"`` (observer looks at the current tensor only) or ``"activation"``.
+        channels: number of channels for per-channel specs (1 otherwise).
+        axis: channel axis for per-channel specs.
+    """
+
+    def __init__(self, spec: QuantSpec, role: str = "activation", channels: int = 1, axis: int = 0):
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"FakeQuantizer role={role!r} is invalid: allowed: {', '.join(ROLES)}")
+        if spec.per_channel and channels < 1:
+            raise ValueError(f"FakeQuantizer channels={channels} is invalid: per-channel needs ≥ 1")
+        self.spec = spec
+        self.role = role
+        self.axis = axis
+        #: Qualified name in the model, set by qat.prepare (for error messages; not state).
+        self.name = ""
+        n = channels if spec.per_channel else 1
+        self.register_buffer("bit_width", torch.tensor(spec.bits, dtype=torch.int64))
+        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("min_val", torch.zeros(n))
+        self.register_buffer("max_val", torch.zeros(n))
+        if spec.learned == "lsq":
+            self.scale = nn.Parameter(torch.ones(n))
+            if spec.symmetric:
+                self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+            else:
+                # LSQ+ style learned offset; rounded to an integer in the kernel and at export.
+                self.zero_point = nn.Parameter(torch.zeros(n))
+        else:
+            self.register_buffer("scale", torch.ones(n))
+            self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        if spec.learned == "pact":
+            self.alpha = nn.Parameter(torch.ones(1))
+        # Set when the bit width of an initialised LSQ scale changes: the next training forward
+        # re-initialises it from that batch (not state: a resume re-sets the bits anyway).
+        self._reinit_pending = False
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def bits(self) -> int:
+        return int(self.bit_width)
+
+    @property
+    def enabled(self) -> bool:
+        """False while the bit width is a float width (16 / 32)."""
+        return self.bits <= 8
+
+    @property
+    def signed(self) -> bool:
+        return self.spec.signed
+
+    @property
+    def per_channel(self) -> bool:
+        return self.spec.per_channel
+
+    @property
+    def learned(self) -> str:
+        return self.spec.learned
+
+    @property
+    def quant_range(self) -> tuple[int, int]:
+        return qrange(self.bits, self.spec.signed, self.spec.narrow_range, self.spec.reduce_range)
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact ``(scale float32, zero_point int32)`` the forward pass uses, detached."""
+        with torch.no_grad():
+            scale, zero_point = self._effective_qparams(self.bits)
+            qmin, qmax = self.quant_range
+            zp = torch.round(zero_point.float()).clamp(qmin, qmax).to(torch.int32)
+            return scale.detach().clone(), zp
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = "per-channel" if s.per_channel else "per-tensor"
+        sign = "signed" if s.signed else "unsigned"
+        sym = "symmetric" if s.symmetric else "asymmetric"
+        return (
+            f"{self.role}, bits={self.bits}, {sign}, {sym}, {kind}, "
+            f"range={s.range_method}, learned={s.learned}"
+            + (", reduce_range" if s.reduce_range and self.bits >= 8 else "")
+        )
+
+    # ------------------------------------------------------------------ mode switches
+    def enable_observer(self, enabled: bool = True) -> FakeQuantizer:
+        self.observer_enabled.fill_(int(enabled))
+        return self
+
+    def enable_fake_quant(self, enabled: bool = True) -> FakeQuantizer:
+        self.fake_quant_enabled.fill_(int(enabled))
+        return self
+
+    def set_bits(self, bits: int) -> None:
+        """Change the bit width in place, keeping every parameter object (and optimizer state).
+
+        Observed ranges are re-expressed on the new grid; PACT's clip is bit-width free. A
+        learned LSQ scale keeps its clip range (scale × old levels / new levels) until the next
+        training forward, which re-initialises it from that batch with the spec's range method:
+        the clip range that suits 8 bits rounds most values to zero at 2 or 3 bits (ResNet-20
+        annealed 8 → 2 that way fell to chance accuracy).
+        """
+        if (
+            isinstance(bits, bool)
+            or not isinstance(bits, int)
+            or not (2 <= bits <= 8 or bits in (16, 32))
+        ):
+            raise ValueError(f"bits={bits!r} is invalid: allowed: 2–8, or 16/32 for float")
+        old = self.bits
+        if bits == old:
+            return
+        self.bit_width.fill_(bits)
+        if bits > 8 or old > 8 or not self.is_initialized:
+            # Back from float: observed ranges are re-expressed; learned ones are kept as trained.
+            if bits <= 8 and self.is_initialized and self.learned == "none":
+                self._update_qparams_from_stats()
+            return
+        with torch.no_grad():
+            if self.learned == "lsq":
+                oqmin, oqmax = qrange(
+                    old, self.spec.signed, self.spec.narrow_range, self.spec.reduce_range
+                )
+                nqmin, nqmax = self.quant_range
+                ratio = (oqmax - oqmin) / (nqmax - nqmin)
+                self.scale.mul_(ratio)
+                if isinstance(self.zero_point, nn.Parameter):
+                    self.zero_point.sub_(oqmin).div_(ratio).add_(nqmin)
+                self._reinit_pending = True
+            elif self.learned == "none":
+                self._update_qparams_from_stats()
+
+    # ------------------------------------------------------------------ observation
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, relu: bool = False) -> None:
+        """Update the range statistics from ``x`` (or ``relu(x)``); recompute scale / zero point."""
+        x = x.detach()
+        if relu and self.spec.range_method in ("percentile", "mse"):
+            x = torch.relu(x)
+        lo, hi = self._batch_range(x)
+        bad = not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        if bad:
+            lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)  # keep NaN out of the reduction
+        if relu:
+            # min/max of relu(x) are those of x clamped at 0: no pass over relu(x) needed.
+            lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
+        bad_rank = reduce_across_ranks(lo, hi, bad)
+        if bad_rank is not None:
+            where = self.name or repr(self)
+            raise NonFiniteError(
+                f"NaN or inf in the {self.role} observed by quantizer '{where}'"
+                f"{rank_phrase(bad_rank)}: training has diverged at or before this layer "
+                "(lower the learning rate, check the input data, or resume from the last good "
+                "checkpoint)"
+            )
+        keep_history = self.role == "activation" and self.is_initialized
+        if keep_history and self.spec.range_method == "minmax":
+            lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        elif keep_history:
+            d = self.spec.ema_decay
+            lo = self.min_val * d + lo * (1.0 - d)
+            hi = self.max_val * d + hi * (1.0 - d)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.initialized.fill_(1)
+        self._update_qparams_from_stats()
+
+    def reset_observer(self) -> None:
+        """Forget the observed range (the next observation starts afresh)."""
+        self.initialized.fill_(0)
+        self.min_val.zero_()
+        self.max_val.zero_()
+
+    def _channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.per_channel:
+            return x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        return x.reshape(1, -1)
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        method = self.spec.range_method
+        if method in ("minmax", "ema"):
+            return self._minmax(x)
+        flat = self._channels_first(x).float()
+        if method == "percentile":
+            lo, hi = self._percentile_range(flat)
+        else:
+            lo, hi = self._mse_range(flat)
+        return lo, hi
+
+    def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.spec.per_channel:
+            # A full reduction is ~40x faster than aminmax(dim=1) over a (1, N) view.
+            lo, hi = torch.aminmax(x)
+            return lo.float().reshape(1), hi.float().reshape(1)
+        return torch.aminmax(self._channels_first(x).float(), dim=1)
+
+    def _sample(self, flat: torch.Tensor, limit: int = 1 << 18) -> torch.Tensor:
+        # Deterministic strided subsample: percentile / MSE search on a few 100k values is
+        # accurate enough and keeps calibration fast on large activations.
+        step = max(1, flat.shape[1] // limit)
+        return flat[:, ::step]
+
+    def _percentile_range(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self._sample(flat)
+        p = self.spec.percentile / 100.0
+        q = torch.quantile(sample, torch.tensor([1.0 - p, p], dtype=sample.dtype), dim=1)
+        return q[0], q[1]
+
+    def _mse_range(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self._sample(flat)
+        lo, hi = torch.aminmax(sample, dim=1)
+        qmin, qmax = self.quant_range
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        # Geometric grid of clip ratios: an outlier can make the best clip 1000x below the max.
+        for ratio in torch.logspace(-10, 0, 64, base=2.0).tolist():
+            c_lo, c_hi = lo * ratio, hi * ratio
+            scale, zp = qparams_from_range(
+                c_lo, c_hi, qmin, qmax, self.spec.symmetric, self.spec.signed
+            )
+            inv = 1.0 / scale[:, None]
+            q = torch.clamp(torch.round(sample * inv) + zp[:, None], qmin, qmax)
+            err = ((q - zp[:, None]) * scale[:, None] - sample).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, c_lo, best_lo)
+            best_hi = torch.where(better, c_hi, best_hi)
+        return best_lo, best_hi
+
+    @torch.no_grad()
+    def _update_qparams_from_stats(self) -> None:
+        if not self.enabled:
+            return
+        qmin, qmax = self.quant_range
+        scale, zp = qparams_from_range(
+            self.min_val, self.max_val, qmin, qmax, self.spec.symmetric, self.spec.signed
+        )
+        if self.learned == "pact":
+            amax = torch.maximum(-self.min_val, self.max_val) if self.spec.signed else self.max_val
+            self.alpha.copy_(guard_scale(amax.max().reshape(1)))
+            return
+        self.scale.copy_(scale)
+        if isinstance(self.zero_point, nn.Parameter):
+            self.zero_point.copy_(zp.float())
+        else:
+            self.zero_point.copy_(zp)
+
+    # ------------------------------------------------------------------ forward
+    def _effective_qparams(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.learned == "pact":
+            _, qmax = self.quant_range
+            scale = guard_scale(self.alpha.detach() / qmax)
+            return scale, torch.zeros(1, dtype=torch.int32, device=scale.device)
+        if self.learned == "lsq":
+            return self.scale.clamp_min(SCALE_EPS), self.zero_point
+        return self.scale, self.zero_point
+
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """Fake-quantize ``x`` (or ``relu(x)`` when ``relu``), observing it first if enabled.
+
+        With ``relu`` and a zero point at ``qmin`` (any unsigned ReLU output), the clamp at
+        ``qmin`` *is* the ReLU, so no separate pass runs; the STE then also passes gradients
+        for ``x`` in ``(−s/2, 0]``, which round to the zero level.
+        """
+        if not self.enabled:
+            return torch.relu(x) if relu else x
+        # Ranges move only in training mode: evaluation and export see a fixed model.
+        if self.training and (self.observer_enabled or self._reinit_pending):
+            if not self.observer_enabled:
+                # A learned scale after a bit-width change: start afresh from this batch, not
+                # from statistics gathered on the wider grid.
+                self.reset_observer()
+            self.observe(x, relu=relu)
+            self._reinit_pending = False
+        if not self.fake_quant_enabled or not self.initialized:
+            return torch.relu(x) if relu else x
+        qmin, qmax = self.quant_range
+        if relu and not self._clamps_at_zero(qmin):
+            x = torch.relu(x)
+        learned = self.spec.learned
+        if learned == "lsq":
+            if self.training:
+                self._cap_lsq_scale(x, qmin, qmax, relu)
+            return self._lsq(x, qmin, qmax)
+        if learned == "pact":
+            return self._pact(x, qmin, qmax)
+        axis = self.axis if self.spec.per_channel else None
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, axis)
+
+    def _clamps_at_zero(self, qmin: int) -> bool:
+        """True when quantizing clamps negative inputs to exactly 0 (zero point == qmin)."""
+        if self.spec.learned == "pact":
+            return not self.spec.signed
+        if qmin != 0 and self.spec.symmetric:
+            return False
+        return bool((torch.round(self.zero_point.detach().float()) == qmin).all())
+
+    def lsq_grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ's gradient scale ``1/sqrt(N·Qp)``, N the elements sharing one scale."""
+        _, qmax = self.quant_range
+        n = x.numel() // (x.shape[self.axis] if self.spec.per_channel else 1)
+        return 1.0 / math.sqrt(max(n, 1) * qmax)
+
+    @torch.no_grad()
+    def _cap_lsq_scale(self, x: torch.Tensor, qmin: int, qmax: int, relu: bool) -> None:
+        """Keep a learned scale at or below the min/max scale of this batch (a projection).
+
+        A larger step only leaves levels unused, and past twice it every value rounds to zero:
+        BN then normalises a constant channel, its gradient is amplified by ``1/√eps`` and the
+        scale runs away (ResNet-20 annealed to W2A2 with its 8-bit clip ranges kept: a weight
+        scale of 1e15 within 40 steps at 2 bits).
+        """
+        lo, hi = self._minmax(x)
+        if relu:
+            lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
+        finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        if self.role == "activation":
+            # Every rank must cap with the same bound, or the replicas' scales drift apart. A
+            # non-finite batch is the loss check's to report; here it only skips the cap.
+            if not finite:
+                lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)
+            finite = reduce_across_ranks(lo, hi, not finite) is None
+        if not finite:
+            return
+        cap, _ = qparams_from_range(lo, hi, qmin, qmax, self.spec.symmetric, self.spec.signed)
+        self.scale.copy_(torch.minimum(self.scale, cap))
+
+    def _lsq(self, x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        scale = self.scale.clamp_min(SCALE_EPS)
+        axis = self.axis if self.spec.per_channel else None
+        g = self.lsq_grad_factor(x)
+        return lsq_fake_quantize(x, scale, self.zero_point, qmin, qmax, axis, g)
+
+    def _pact(self, x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        alpha = self.alpha
+        # torch.where gives PACT's ∂y/∂α = 1 exactly where x ≥ α (min/max would split ties).
+        clipped = torch.where(x >= alpha, alpha, x)
+        if self.spec.signed:
+            clipped = torch.where(x <= -alpha, -alpha, clipped)
+        else:
+            clipped = clipped.clamp_min(0.0)
+        scale = guard_scale(alpha.detach() / qmax)
+        zero_point = torch.zeros(1, dtype=torch.int32, device=x.device)
+        return fake_quantize(clipped, scale, zero_point, qmin, qmax)
