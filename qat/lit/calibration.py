@@ -1,15 +1,69 @@
-"""The data the QAT callback calibrates and re-estimates BN statistics on, the same on every rank."""
+"""Calibration and BN re-estimation on the training data, the same batches on every rank."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader
 
+from qat.quant.bn_reestimate import reestimate_bn
+from qat.quant.calibrate import calibrate
+from qat.quant.control import iter_quantizers
 from qat.quant.layers import QConvBn2d
+
+
+def calibrate_on_training_data(
+    trainer: Trainer | None, model: nn.Module, num_batches: int, seed: int
+) -> None:
+    """:func:`qat.calibrate` on ``num_batches`` shuffled training batches (seeded)."""
+    loader = calibration_loader(trainer, seed)
+    if loader is None:
+        rank_zero_warn("QATCallback: no training data to calibrate on; ranges start on data")
+        return
+    # Calibration must not consume the global RNG (augmentations draw from it): a run
+    # resumed after this point does not calibrate again and must see the same stream.
+    with isolate_rng():
+        missing = calibrate(model, loader, num_batches=num_batches)
+    rank_zero_info(
+        f"QAT: calibrated {sum(1 for _ in iter_quantizers(model))} quantizers on "
+        f"{num_batches} batches" + (f"; {len(missing)} saw no data" if missing else "")
+    )
+
+
+def reestimate_bn_on_training_data(
+    trainer: Trainer | None, model: nn.Module, num_batches: int, seed: int
+) -> bool:
+    """:func:`qat.reestimate_bn` of every live conv+BN on ``num_batches`` training batches.
+
+    The same batches and augmentations on every rank (``seed``), and rank 0's old statistics,
+    so the replicas end with equal statistics and weight scales. Returns whether it ran (not
+    when off, with no live BN, or without training data).
+    """
+    if num_batches == 0:
+        return False
+    if not any(isinstance(m, QConvBn2d) and not m.is_bn_frozen for m in model.modules()):
+        return False
+    loader = calibration_loader(trainer, seed)
+    if loader is None:
+        rank_zero_warn("QATCallback: no training data to re-estimate BN statistics on")
+        return False
+    broadcast_bn_stats(model)
+    with isolate_rng():
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        layers = reestimate_bn(model, loader, num_batches=num_batches)
+    rank_zero_info(
+        f"QAT: re-estimated the BN statistics of {len(layers)} layers on {num_batches} batches"
+    )
+    return True
 
 
 def broadcast_bn_stats(model: nn.Module) -> None:

@@ -37,20 +37,16 @@ quantizer state is identical across ranks.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
-from qat.lit.calibration import broadcast_bn_stats, calibration_loader
-from qat.quant.bn_reestimate import reestimate_bn
-from qat.quant.calibrate import calibrate
+from qat.lit.calibration import calibrate_on_training_data, reestimate_bn_on_training_data
 from qat.quant.control import anneal_bits, is_prepared, iter_quantizers, uninitialized_quantizers
 from qat.quant.diagnostics import flatten_stats, locate_non_finite, quantization_stats
 from qat.quant.distributed import first_bad_rank, rank_phrase
@@ -416,42 +412,17 @@ class QATCallback(Callback):
         rank_zero_info(f"QAT: {len(linked)} layers train their bias on the int32 grid")
 
     def _calibrate(self, trainer: Trainer | None, model: nn.Module) -> None:
-        loader = calibration_loader(trainer, self.calibration_seed)
-        if loader is None:
-            rank_zero_warn("QATCallback: no training data to calibrate on; ranges start on data")
-            return
-        n = self.schedule.calibration_batches
-        # Calibration must not consume the global RNG (augmentations draw from it): a run
-        # resumed after this point does not calibrate again and must see the same stream.
-        with isolate_rng():
-            missing = calibrate(model, loader, num_batches=n)
-        rank_zero_info(
-            f"QAT: calibrated {sum(1 for _ in iter_quantizers(model))} quantizers on {n} batches"
-            + (f"; {len(missing)} saw no data" if missing else "")
+        calibrate_on_training_data(
+            trainer, model, self.schedule.calibration_batches, self.calibration_seed
         )
 
     def _reestimate_bn(self, trainer: Trainer | None, model: nn.Module) -> None:
-        n = self.schedule.bn_reestimate_batches
         step = trainer.global_step if trainer is not None else None
-        if n == 0 or (step is not None and step == self._bn_reestimated_at):
-            return  # off, or done already since the last optimizer step
-        if not any(isinstance(m, QConvBn2d) and not m.is_bn_frozen for m in model.modules()):
-            return
-        # Other batches each time (a fixed function of the step, so a resume draws the same);
-        # the same batches and augmentations on every rank, and rank 0's old statistics, so
-        # the replicas end with equal statistics and weight scales.
+        if step is not None and step == self._bn_reestimated_at:
+            return  # done already since the last optimizer step
+        # Other batches each time (a fixed function of the step, so a resume draws the same).
         seed = self.calibration_seed + 1 + (step or 0)
-        loader = calibration_loader(trainer, seed)
-        if loader is None:
-            rank_zero_warn("QATCallback: no training data to re-estimate BN statistics on")
-            return
-        broadcast_bn_stats(model)
-        with isolate_rng():
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
-            layers = reestimate_bn(model, loader, num_batches=n)
-        self._bn_reestimated_at = step
-        rank_zero_info(
-            f"QAT: re-estimated the BN statistics of {len(layers)} layers on {n} batches"
-        )
+        if reestimate_bn_on_training_data(
+            trainer, model, self.schedule.bn_reestimate_batches, seed
+        ):
+            self._bn_reestimated_at = step

@@ -225,14 +225,14 @@ def test_bn_statistics_are_re_estimated_before_fit_validations_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[int, bool, int]] = []
-    real = qat.lit.qat_callback.reestimate_bn
+    real = qat.lit.calibration.reestimate_bn
 
     def spy(model: torch.nn.Module, batches, num_batches=None):
         layers = real(model, batches, num_batches=num_batches)
         calls.append((trainer.current_epoch, trainer.validating, len(layers)))
         return layers
 
-    monkeypatch.setattr(qat.lit.qat_callback, "reestimate_bn", spy)
+    monkeypatch.setattr(qat.lit.calibration, "reestimate_bn", spy)
     probe = ValidationProbe()
     trainer, module, dm, _ = _tiny_trainer(
         tmp_path,
@@ -260,13 +260,13 @@ def test_bn_freeze_re_estimates_when_no_validation_ran(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real = qat.lit.qat_callback.reestimate_bn
+    real = qat.lit.calibration.reestimate_bn
 
     def spy(model: torch.nn.Module, batches, num_batches=None):
         calls.append(trainer.current_epoch)
         return real(model, batches, num_batches=num_batches)
 
-    monkeypatch.setattr(qat.lit.qat_callback, "reestimate_bn", spy)
+    monkeypatch.setattr(qat.lit.calibration, "reestimate_bn", spy)
     overrides = ["quant=w4a4", "trainer.max_epochs=3", "schedule.warmup_epochs=1"]
     trainer, module, dm, _ = _tiny_trainer(
         tmp_path, [*overrides, "schedule.freeze_bn_epoch=2", "schedule.bn_reestimate_batches=3"], []
