@@ -236,7 +236,9 @@ def test_new_rows_start_from_the_saved_float_weights(
 
     # A fresh clone: no runs. The next row starts from the kept weights; no float run.
     calls = []
-    monkeypatch.setattr(results_script, "_run", lambda args, log: calls.append(list(args)) or 0)
+    monkeypatch.setattr(
+        results_script.running, "_run", lambda args, log: calls.append(list(args)) or 0
+    )
     fresh = tmp_path / "fresh"
     results_script.run_model("resnet20", fresh, 4, [], ["qat_w4a4"], docs)
     assert len(calls) == 1 and f"init_from={kept}" in calls[0]
@@ -249,6 +251,7 @@ def test_new_rows_start_from_the_saved_float_weights(
     assert f"init_from={results_script._float_ckpt(fresh, 'resnet20')}" in calls[1]
 
 
+@pytest.mark.slow  # 21 s: a training run (a subprocess) and the re-export of its row
 def test_reexport_replaces_the_export_of_a_finished_row(results_script, tmp_path: Path) -> None:
     """--reexport exports a row again from its checkpoint; only the export part changes, and
     only when the checkpoint is the model the row tested."""

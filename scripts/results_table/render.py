@@ -1,0 +1,158 @@
+"""The page: ``results.md`` (table, machines, notes, goals, plots, versions) and the saved
+figures beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .carry import SAVED
+from .cells import _bits, _kib, _ms, _pct, _trained
+from .goals import _checks
+from .machine import _machine
+from .plots import plot
+from .rows import own_row_configs
+
+
+def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Path:
+    """Write ``out/results.md`` (and the plots beside it); return the markdown path."""
+    from qat.export.torchscript import ENGINE as TS_ENGINE
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(items, out)
+    own = own_row_configs(list(dict.fromkeys(i["model"] for i in items)))
+    own_budget = (
+        [
+            "",
+            "Rows with a config of their own for one model (configs/experiment/table/<model>/"
+            "<row>.yaml, a longer budget; the epochs × batches column shows it): "
+            f"{', '.join(f'{m} {r}' for m, r in own)}.",
+        ]
+        if own
+        else []
+    )
+    lines = [
+        "# Results: accuracy, size and speed per bit width",
+        "",
+        "Produced by `python scripts/results.py` (do not edit by hand). Fashion-MNIST "
+        "(28×28, 55,000 train / 5,000 val / 10,000 test images).",
+        "",
+        "**Budget.** "
+        f"Float: {budget['float_epochs']} epochs from scratch (SGD, lr 0.1, cosine). "
+        "QAT rows: fine-tune the float checkpoint for 2 epochs of 80 batches of 128 "
+        "(20,480 images, lr 0.01, cosine): epoch 0 quantized (annealed rows: 8 → target bits "
+        "linearly over the epoch), epoch 1 with the activation ranges frozen (observed weight "
+        "ranges keep following the weights; BN statistics stay live: "
+        "freezing them right after annealing diverged, see configs/experiment/table/_qat.yaml). "
+        "The W4A4 QAT rows learn their step sizes (LSQ) and train 3 such epochs at lr 0.005, "
+        "the last with BN statistics frozen (training on the folded graph); W3A3 and W2A2 "
+        "also learn their step sizes and train 4 and 8: the anneal, then the rest at the "
+        "target, W2A2 also "
+        "learning from the float model (distillation: half the loss, temperature 2) and "
+        "training each bias on its int32 grid (quant.quantize_bias). While "
+        "quantized, BN statistics are re-estimated on 32 batches before each validation and "
+        "the freeze (the folded integer weights stay the same). PTQ rows: calibration on 32 "
+        "batches, no training. The first conv's weights, the input and the "
+        "classifier's weights stay at 8 bits below W8A8; the logits are float in every row. "
+        "MobileNetV2 at width 0.5. Every accuracy is on the full test set; the exported models "
+        "ran on the same 10,000 images.",
+        *own_budget,
+        "",
+        "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
+        "(ONNX Runtime CPU, integer kernels; residual adds unfused, DQ → Sum → Q in float32 "
+        "as in the fake-quant model) and "
+        "TorchScript (PyTorch INT8 kernels) models; "
+        "agree = top-1 agreement with fake-quant (the lower of the two); max Δ logit = largest "
+        "absolute logit difference (logits are float in every row); sizes in KiB (int8 weights; "
+        "sub-8-bit values in int8 containers); latency in ms per batch, medians of interleaved "
+        "rounds on a shared 2-core machine (compare within a column, between rows of one "
+        "machine); machine = where the row's export was verified and timed (legend below the "
+        "table). Float rows: the FP32 ONNX model in ONNX Runtime and eager PyTorch.",
+        "",
+        "| model | method | bits | epochs × batches | fake-quant % | ORT % | TS % | agree % "
+        "| max Δ logit | ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s "
+        "| machine |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    machines = {
+        m: f"M{n + 1}"
+        for n, m in enumerate(dict.fromkeys(i.get("machine", "?") for i in items if i["done"]))
+    }
+    for i in items:
+        if not i["done"]:
+            lines.append(
+                f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
+                f"| | {'unfinished (no results.json)' if i.get('unfinished') else 'not run'} "
+                "| | | | | | | | | | | |"
+            )
+            continue
+        agree = [i.get(k) for k in ("ort_agree", "ts_agree") if i.get(k) is not None]
+        diffs = [i.get(k) for k in ("ort_maxdiff", "ts_maxdiff") if i.get(k) is not None]
+        status = "" if i.get("status") in (None, "ok") else f" ({i['status']})"
+        status += " †" if i.get("carried") else ""
+        lines.append(
+            f"| {i['model']} | {i['method']}{status} | {_bits(i['w_bits'], i['a_bits'])} "
+            f"| {_trained(i.get('epochs'), i.get('steps'))} | {_pct(i['acc'])} "
+            f"| {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
+            f"| {_pct(min(agree)) if agree else '–'} "
+            f"| {f'{max(diffs):.3f}' if diffs else '–'} "
+            f"| {_kib(i.get('ort_size'))} | {_kib(i.get('ts_size'))} "
+            f"| {_ms(i.get('ort_ms1'))} | {_ms(i.get('ort_ms64'))} | {_ms(i.get('ts_ms64'))} "
+            f"| {i.get('wall_time_s') or 0:.0f} | {machines[i.get('machine', '?')]} |"
+        )
+    if machines:
+        lines += [
+            "",
+            "Machines: " + "; ".join(f"{key} = {m}" for m, key in machines.items()) + ".",
+        ]
+    carried_on: dict[str, set[str]] = {}
+    for i in items:
+        if i.get("carried"):
+            carried_on.setdefault(i.get("date", "?"), set()).add(machines[i.get("machine", "?")])
+    carried = [f"{d} ({', '.join(sorted(keys))})" for d, keys in sorted(carried_on.items())]
+    if carried:
+        lines += [
+            "",
+            "† Not re-run by the invocation that wrote this page: carried over from the saved "
+            f"table ({SAVED} beside this page), run {', '.join(carried)}, with the code and "
+            "row configs of that date (the budget above may have changed since: see the "
+            "history of configs/experiment/table/ and qat/).",
+        ]
+    reexported = sorted({i["reexported"][:10] for i in items if i.get("reexported")})
+    if reexported:
+        lines += [
+            "",
+            "Exports re-made from the rows' checkpoints by `scripts/results.py --reexport` on "
+            f"{', '.join(reexported)} ({sum(bool(i.get('reexported')) for i in items)} of the "
+            "rows), after an exporter change; training and fake-quant figures are the runs'.",
+        ]
+    unpinned = [
+        f"{i['model']} {i['row']}"
+        for i in items
+        if i["done"] and i.get("ts_acc") is not None and not i.get("ts_engine")
+    ]
+    if unpinned:
+        lines += [
+            "",
+            "TorchScript figures measured under PyTorch's default `x86` quantized engine, before "
+            f"the export pinned `{TS_ENGINE}` (on a VNNI CPU, `x86` runs convs through oneDNN, "
+            "which rounds some requantization near-ties one level the other way; see the "
+            f"README's design notes): {', '.join(unpinned)}.",
+        ]
+    lines += ["", "## Goals", *_checks(items), "", "## Plots", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in _machine().items()]
+    lines += [f"- generated: {time.strftime('%Y-%m-%d %H:%M')}", ""]
+    saved = {"generated": time.strftime("%Y-%m-%d %H:%M"), "items": items}
+    for name, text in (
+        (SAVED, json.dumps(saved, indent=1) + "\n"),
+        ("results.md", "\n".join(lines)),
+    ):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return out / "results.md"
