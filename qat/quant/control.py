@@ -9,6 +9,9 @@ from torch import nn
 
 from qat.quant.quantizer import FakeQuantizer
 
+#: Name of a prepared model's input quantizer (fed by a forward pre-hook).
+INPUT_QUANT = "input_quant"
+
 
 def is_prepared(model: nn.Module) -> bool:
     """True when ``model`` already holds fake quantizers."""

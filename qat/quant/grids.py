@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.quant.control import INPUT_QUANT
 from qat.quant.layers import QUANT_MODULES
-from qat.quant.prepare import INPUT_QUANT
 from qat.quant.quantizer import FakeQuantizer
 
 #: Modules whose output lies on the grid of their input (they select or move values only).

@@ -1,118 +1,47 @@
-"""Turn a float model into a fake-quant model: module swap, no tracing.
+"""Turn a float model into a fake-quant model: graph capture, or module swap as a fallback.
 
-:func:`prepare` walks ``named_modules()``, fuses Conv2d→BatchNorm2d(→ReLU) (and Conv/Linear→ReLU)
-where they are adjacent children of an ``nn.Sequential`` or named in ``recipe.fuse``, and swaps
-every module whose exact type is in the type map for its quantized counterpart, applying the
-recipe's per-layer overrides by name pattern. The model's own ``forward`` is untouched, so
-control flow, several inputs and keyword arguments keep working. Residual adds and concats are
-quantized when the model writes them through :class:`qat.ops.Add` / :class:`qat.ops.Cat`.
+:func:`prepare` captures the model's forward as a graph (:mod:`qat.quant.graph_capture`) and
+rewrites it into quantized layers (:mod:`qat.quant.graph_rewrite`): inline residual adds,
+functional activations, concatenations, attention and the like are quantized wherever the
+model writes them. Where the forward cannot be captured (data-dependent control flow), it falls
+back to a module swap (:mod:`qat.quant.module_swap`), with a warning naming the line that
+stopped the capture; ``capture="modules"`` asks for the module swap directly.
 
 The model's input gets an activation quantizer (``input_quant``) through a forward pre-hook:
 the first positional tensor argument, or else the first floating tensor keyword argument.
+Integer inputs (token ids) are left as they are.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
-import fnmatch
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from qat.ops import Add, Cat
-from qat.quant.control import is_prepared, iter_quantizers
-from qat.quant.layers import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.quant.control import INPUT_QUANT, is_prepared, iter_quantizers
+from qat.quant.graph_capture import CaptureError, adopt_graph, capture, is_captured, split_example
+from qat.quant.graph_rewrite import rewrite_graph
+from qat.quant.module_swap import DEFAULT_TYPE_MAP, set_module, swap_modules
+from qat.quant.overrides import LayerSpecs
 from qat.quant.quantizer import FakeQuantizer
-from qat.quant.spec import QuantSpec, Recipe
+from qat.quant.spec import Recipe
 
-INPUT_QUANT = "input_quant"
+__all__ = [
+    "CAPTURE_MODES",
+    "DEFAULT_TYPE_MAP",
+    "INPUT_QUANT",
+    "prepare",
+    "quantize_input_hook",
+    "remove_input_quant_hook",
+    "set_module",
+]
 
-#: Float type → quantized type. ``QAct`` wraps ops whose output leaves the input's grid.
-DEFAULT_TYPE_MAP: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv2d: QConv2d,
-    nn.Linear: QLinear,
-    Add: QAdd,
-    Cat: QCat,
-    nn.AdaptiveAvgPool2d: QAct,
-    nn.AvgPool2d: QAct,
-    nn.ReLU6: QAct,
-    nn.Hardtanh: QAct,
-    nn.Hardswish: QAct,
-    nn.Hardsigmoid: QAct,
-    nn.Sigmoid: QAct,
-    nn.SiLU: QAct,
-    nn.GELU: QAct,
-    nn.Tanh: QAct,
-    nn.LeakyReLU: QAct,
-}
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` (``"layer1.0.conv1"``) by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _fusion_groups(model: nn.Module, recipe: Recipe) -> list[tuple[str, ...]]:
-    """Conv→BN(→ReLU), Conv→ReLU and Linear→ReLU runs: adjacent Sequential children + recipe.fuse."""
-    groups: list[tuple[str, ...]] = []
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        items = list(seq.named_children())
-        i = 0
-        while i < len(items):
-            name, mod = items[i]
-            nxt = [type(m) for _, m in items[i + 1 : i + 3]]
-            prefix = f"{seq_name}." if seq_name else ""
-            group: tuple[str, ...] = ()
-            if type(mod) is nn.Conv2d and recipe.fuse_bn and nxt[:1] == [nn.BatchNorm2d]:
-                group = tuple(n for n, _ in items[i : i + (3 if nxt[1:2] == [nn.ReLU] else 2)])
-            elif type(mod) in (nn.Conv2d, nn.Linear) and nxt[:1] == [nn.ReLU]:
-                group = (name, items[i + 1][0])
-            if group:
-                groups.append(tuple(prefix + n for n in group))
-                i += len(group)
-            else:
-                i += 1
-    modules = dict(model.named_modules())
-    taken = {n for g in groups for n in g}
-    for group in recipe.fuse:
-        missing = [n for n in group if n not in modules]
-        if missing:
-            raise ValueError(f"Recipe.fuse group {list(group)}: no module named {missing}")
-        types = [type(modules[n]) for n in group]
-        ok = (
-            types[0] is nn.Conv2d
-            and (types[1:] in ([nn.BatchNorm2d], [nn.BatchNorm2d, nn.ReLU], [nn.ReLU]))
-        ) or types == [nn.Linear, nn.ReLU]
-        if not ok:
-            raise ValueError(
-                f"Recipe.fuse group {list(group)} has types {[t.__name__ for t in types]}; "
-                "allowed: [Conv2d, BatchNorm2d], [Conv2d, BatchNorm2d, ReLU], [Conv2d, ReLU], "
-                "[Linear, ReLU]"
-            )
-        if not taken.isdisjoint(group):
-            continue  # already fused by adjacency
-        groups.append(tuple(group))
-        taken.update(group)
-    return groups
-
-
-def _specs_for(name: str, recipe: Recipe) -> tuple[QuantSpec, QuantSpec, bool]:
-    weight, activation, skip = recipe.weight, recipe.activation, False
-    for ov in recipe.overrides:
-        if fnmatch.fnmatchcase(name, ov.pattern):
-            if ov.weight:
-                weight = QuantSpec.from_dict(ov.weight, base=weight)
-            if ov.activation:
-                activation = QuantSpec.from_dict(ov.activation, base=activation)
-            skip = skip or ov.skip
-    return weight, activation, skip
+CAPTURE_MODES = ("auto", "graph", "modules")
 
 
 class _SequentialWithInputQuant(nn.Sequential):
@@ -148,12 +77,16 @@ def quantize_input_hook(
 
 
 def remove_input_quant_hook(model: nn.Module) -> nn.Module:
-    """Drop the input-quantizer pre-hook from ``model`` (for deploy-time rewrites that quantize
-    the input themselves); ``model.input_quant`` stays, with its trained qparams."""
+    """Stop ``model``'s input quantizer from running, for deploy-time rewrites that quantize
+    the input themselves: drop the pre-hook (module swap) or make the graph's ``input_quant``
+    call an identity (graph capture). Read its qparams first (the exporters read them from the
+    model they convert, not from this copy)."""
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is quantize_input_hook:
             del model._forward_pre_hooks[key]
             model._forward_pre_hooks_with_kwargs.pop(key, None)
+    if is_captured(model) and isinstance(getattr(model, INPUT_QUANT, None), FakeQuantizer):
+        setattr(model, INPUT_QUANT, nn.Identity())
     return model
 
 
@@ -161,101 +94,147 @@ def prepare(
     model: nn.Module,
     recipe: Recipe | Mapping[str, Any] | None = None,
     *,
+    example_inputs: Any = None,
+    capture: str = "auto",
     inplace: bool = False,
     type_map: Mapping[type[nn.Module], type[nn.Module]] | None = None,
 ) -> nn.Module:
     """Return ``model`` with fake-quant layers, as described by ``recipe``.
 
     Args:
-        model: a float model. Residual adds / concats must go through ``qat.ops.Add`` / ``Cat``
-            to be quantized.
+        model: a float model, as its authors wrote it.
         recipe: a :class:`Recipe` or a mapping for :meth:`Recipe.from_dict` (None: W8A8).
-        inplace: modify ``model`` itself instead of a deep copy.
+        example_inputs: one input batch (a tensor, a tuple of positional arguments or a dict
+            of keyword arguments). Graph capture uses it to tell integer inputs from float
+            ones, to fix forward arguments it leaves out to their defaults, and to check the
+            captured graph computes what the model computes; without it the graph is traced
+            from the signature alone.
+        capture: ``"auto"`` (graph capture, module swap where capture fails, with a warning),
+            ``"graph"`` (capture or raise) or ``"modules"`` (module swap: residual adds /
+            concats are quantized only where written through ``qat.ops.Add`` / ``Cat``).
+        inplace: module swap only: modify ``model`` itself instead of a deep copy. A captured
+            graph is always a new module (sharing nothing with ``model`` unless ``inplace``).
         type_map: extra or replacement ``float type → quantized type`` entries; the quantized
             type needs a ``from_float(module, weight_spec, activation_spec)`` classmethod
             (or ``from_float(module, activation_spec)`` for weightless ops).
 
     Raises:
         ValueError: the recipe is invalid, an override pattern matches no layer, a fuse group
-            is wrong, or the model is already prepared.
+            is wrong, ``capture`` is unknown, or the model is already prepared.
+        qat.quant.graph_capture.CaptureError: ``capture="graph"`` and the forward cannot be
+            captured.
 
     Example:
         >>> qmodel = prepare(model, {"weight": {"bits": 4}, "activation": {"bits": 4},
-        ...                          "overrides": [{"pattern": "fc", "weight": {"bits": 8}}]})
+        ...                          "overrides": [{"pattern": "@last", "weight": {"bits": 8}}]},
+        ...                  example_inputs=torch.randn(2, 3, 32, 32))
         >>> calibrate(qmodel, [x for x, _ in loader], num_batches=8)
     """
     recipe = Recipe.from_dict(recipe)
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture={capture!r} is invalid: allowed: {', '.join(CAPTURE_MODES)}")
     if is_prepared(model):
         raise ValueError("model already holds fake quantizers: prepare() it only once")
-    mapping = {**DEFAULT_TYPE_MAP, **(type_map or {})}
-    groups = _fusion_groups(model, recipe)
-    fused_members = {n for g in groups for n in g[1:]}
-    candidates = [
-        name
-        for name, m in model.named_modules()
-        if name and type(m) in mapping and name not in fused_members
-    ]
-    names = candidates + ([INPUT_QUANT] if recipe.quantize_input else [])
-    for i, ov in enumerate(recipe.overrides):
-        if not any(fnmatch.fnmatchcase(n, ov.pattern) for n in names):
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            close = difflib.get_close_matches(ov.pattern, names, n=3)
-            hint = f" (closest: {', '.join(close)})" if close else ""
-            raise ValueError(
-                f"overrides[{i}].pattern={ov.pattern!r} matches no quantizable layer{hint}; "
-                f"layer names are: {shown}"
+    type_map = dict(type_map or {})
+    source = model if inplace else copy.deepcopy(model)
+    prepared: nn.Module | None = None
+    how: dict[str, Any] = {"mode": "modules"}
+    quantize_input = recipe.quantize_input
+    if capture != "modules":
+        try:
+            gm = capture_graph(source, example_inputs)
+            # An integer first input (token ids) is left as it is.
+            quantize_input = quantize_input and _first_input_is_float(example_inputs)
+            extra = [INPUT_QUANT] if quantize_input else []
+            rewrite_graph(source, gm.graph, recipe, type_map, extra, quantize_input)
+            if quantize_input:
+                # Places (@first / @last) name conv / linear layers, never the input quantizer.
+                _install_input_quant(source, LayerSpecs(recipe, [])(INPUT_QUANT), gm.graph)
+            prepared = adopt_graph(source, gm.graph)
+            how = {"mode": "graph"}
+        except CaptureError as err:
+            if capture == "graph":
+                raise
+            where = f" at {err.where}" if err.where else ""
+            warnings.warn(
+                f"qat.prepare: graph capture of {type(model).__name__} stopped{where} ({err}); "
+                "quantizing by module swap instead: residual adds and concats written inline "
+                "stay in float there, so write them through qat.ops.Add / qat.ops.Cat, or "
+                "make that code traceable",
+                stacklevel=2,
             )
-
-    model = model if inplace else copy.deepcopy(model)
-    modules = dict(model.named_modules())
-    for group in groups:
-        head = modules[group[0]]
-        kinds = [type(modules[n]) for n in group]
-        weight, activation, skip = _specs_for(group[0], recipe)
-        relu = kinds[-1] is nn.ReLU
-        if skip:
-            float_mods = [modules[n] for n in group]
-            set_module(model, group[0], FloatLayer(nn.Sequential(*float_mods), activation))
-        elif nn.BatchNorm2d in kinds:
-            bn = modules[group[1]]
-            set_module(
-                model, group[0], QConvBn2d.from_float(head, bn, weight, activation, relu=relu)
-            )
-        else:
-            qcls = QConv2d if isinstance(head, nn.Conv2d) else QLinear
-            set_module(model, group[0], qcls.from_float(head, weight, activation, relu=relu))
-        for member in group[1:]:
-            set_module(model, member, nn.Identity())
-
-    fused_heads = {g[0] for g in groups}
-    for name in candidates:
-        if name in fused_heads:
-            continue
-        module = modules[name]
-        weight, activation, skip = _specs_for(name, recipe)
-        if skip:
-            new: nn.Module = FloatLayer(module, activation)
-        else:
-            qcls = mapping[type(module)]
-            if isinstance(module, nn.Conv2d | nn.Linear):
-                new = qcls.from_float(module, weight, activation)
-            else:
-                new = qcls.from_float(module, activation)
-        set_module(model, name, new)
-
-    if recipe.quantize_input:
-        _, activation, skip = _specs_for(INPUT_QUANT, recipe)
-        if not skip:
-            param = next(model.parameters(), None)
-            quant = FakeQuantizer(activation, role="activation")
-            if param is not None:
-                quant = quant.to(param.device)
-            setattr(model, INPUT_QUANT, quant)
-            if type(model) is nn.Sequential:
-                model.__class__ = _SequentialWithInputQuant
-            model.register_forward_pre_hook(quantize_input_hook, with_kwargs=True)
-    for qname, quant in iter_quantizers(model):
+            how = {"mode": "modules", "capture_error": str(err), "where": err.where}
+            source = model if inplace else copy.deepcopy(model)
+    if prepared is None:
+        extra = [INPUT_QUANT] if quantize_input else []
+        prepared = swap_modules(source, recipe, type_map, extra)
+        if quantize_input:
+            _install_input_quant(prepared, LayerSpecs(recipe, [])(INPUT_QUANT))
+    for qname, quant in iter_quantizers(prepared):
         quant.name = qname
     # Plain data so checkpoints and the exporters can tell how the model was prepared.
-    model.qat_recipe = recipe.to_dict()
-    return model
+    prepared.qat_recipe = recipe.to_dict()
+    prepared.qat_capture = how
+    return prepared
+
+
+def capture_graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
+    """:func:`~qat.quant.graph_capture.capture`, with dtypes propagated from the example."""
+    gm = capture(model, example_inputs)
+    if example_inputs is not None:
+        args, kwargs = split_example(example_inputs)
+        values = _positional(gm, args, kwargs)
+        was_training = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*values)
+        except Exception as err:
+            raise CaptureError(f"shape propagation failed: {type(err).__name__}: {err}") from err
+        finally:
+            gm.train(was_training)
+    return gm
+
+
+def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """One value per placeholder of ``gm`` (defaults where the example gives none)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = list(args)
+    for node in placeholders[len(args) :]:
+        key = node.target
+        if key in kwargs:
+            values.append(kwargs[key])
+        else:
+            values.append(node.args[0] if node.args else None)
+    return values
+
+
+def _first_input_is_float(example_inputs: Any) -> bool:
+    if example_inputs is None:
+        return True
+    args, kwargs = split_example(example_inputs)
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    return isinstance(first, torch.Tensor) and first.is_floating_point()
+
+
+def _install_input_quant(
+    model: nn.Module, specs: tuple[Any, Any, bool], graph: fx.Graph | None = None
+) -> None:
+    """The input quantizer: a call in the captured ``graph``, else a forward pre-hook."""
+    _, activation, skip = specs
+    if skip:
+        return
+    param = next(model.parameters(), None)
+    quant = FakeQuantizer(activation, role="activation")
+    if param is not None:
+        quant = quant.to(param.device)
+    setattr(model, INPUT_QUANT, quant)
+    if graph is not None:
+        first = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(first):
+            node = graph.create_node("call_module", INPUT_QUANT, (first,))
+        first.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        return
+    if type(model) is nn.Sequential:
+        model.__class__ = _SequentialWithInputQuant
+    model.register_forward_pre_hook(quantize_input_hook, with_kwargs=True)

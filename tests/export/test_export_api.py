@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import onnx
@@ -14,11 +13,12 @@ from torch import nn
 
 import qat
 import qat.io as export_io
-from qat.export import FILENAMES, export_model
+from qat.export import FILENAMES, export_model, verify_artifacts
 from qat.export.onnx import default_providers, make_session, optimized_op_types, run_session
 from qat.export.torchscript import load_torchscript
 from qat.io import atomic_write_bytes
 from qat.ops import Add
+from qat.quant.layers.functional import FunctionalOp
 
 
 class Net(nn.Module):
@@ -142,21 +142,35 @@ def test_bad_example_input(qmodel, tmp_path) -> None:
         export_model(qmodel, tmp_path / "out", np.zeros((2, 1, 6, 6), dtype=np.float32))
 
 
-def test_inline_add_is_refused_naming_the_layer(tmp_path) -> None:
-    class Inline(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(1, 4, 3, padding=1)
-            self.b = nn.Conv2d(4, 4, 3, padding=1)
+class _Inline(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.a(x)
-            return self.b(h + h * 0.5)  # float math between quantized layers
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h + h * 0.5)  # float math between quantized layers
 
-    q = quantize(Inline(), recipe(8), _batch, steps=0)
+
+def test_inline_add_is_refused_naming_the_layer_after_a_module_swap(tmp_path) -> None:
+    q = quantize(_Inline(), recipe(8), _batch, steps=0, capture="modules")
     with pytest.raises(ValueError, match=r"layer b .*no quantization grid"):
         export_model(q, tmp_path / "out", _batch())
     assert not (tmp_path / "out").exists()
+
+
+def test_inline_add_is_quantized_by_graph_capture(tmp_path) -> None:
+    q = quantize(_Inline(), recipe(8), _batch, steps=0)
+    assert q.qat_capture == {"mode": "graph"}
+    assert isinstance(q.get_submodule("add"), qat.QAdd)
+    assert isinstance(q.get_submodule("mul").act, FunctionalOp)  # h * 0.5: a float island
+    paths = export_model(q, tmp_path / "out", _batch())
+    report = verify_artifacts(q, paths, [torch.rand(32, 1, 6, 6)])
+    # Feature maps, not logits: compared in output steps (both runtimes within one level).
+    for runtime in report["runtimes"].values():
+        assert runtime["max_diff_steps"] <= 1.0 + 1e-3
+        assert runtime["mean_abs_diff"] <= 0.01 * report["output_scale"]
 
 
 def test_model_is_not_modified(qmodel, tmp_path) -> None:
@@ -227,4 +241,9 @@ def test_onnx_runs_on_gpu_providers(qmodel, tmp_path) -> None:
     out = torch.from_numpy(run_session(session, x)[0])
     scale = float(qmodel.fc.output_quant.qparams()[0])
     assert float((out - ref).abs().max()) / scale <= 1.0 + 1e-4
-    assert sys.modules.get("onnxruntime") is not None
+    # The same file on the CPU provider: the GPU kernels compute the same integer model (each
+    # output within one output step of the CPU's, not just within one of the reference).
+    cpu = make_session(path, providers=["CPUExecutionProvider"])
+    assert cpu.get_providers() == ["CPUExecutionProvider"]
+    on_cpu = torch.from_numpy(run_session(cpu, x)[0])
+    assert float((out - on_cpu).abs().max()) / scale <= 1.0 + 1e-4

@@ -30,6 +30,7 @@ def quantize(
     lr: float = 0.05,
     targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
     freeze_bn: bool = False,
+    capture: str = "auto",
 ) -> nn.Module:
     """prepare → calibrate → a few QAT steps with observers on → frozen observers, eval mode.
 
@@ -39,7 +40,7 @@ def quantize(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = qat.prepare(model, rec)
+        q = qat.prepare(model, rec, capture=capture)
         qat.calibrate(q, [make_batch() for _ in range(2)])
     set_observers(q, True)
     q.train()

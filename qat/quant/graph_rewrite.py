@@ -1,0 +1,384 @@
+"""Rewrite a captured graph (:mod:`qat.quant.graph_capture`) into qat's quantized layers.
+
+The rewrite keeps one invariant: every integer op (conv, linear, residual add, concat) reads
+tensors on a quantization grid, and every float op between them is an explicit float island
+with an output quantizer, so the graph trained is the graph the integer runtimes execute.
+
+1. Fusion, wherever the modules live: conv → BatchNorm2d (→ ReLU) becomes ``QConvBn2d`` (BN
+   folding simulated), conv / linear → ReLU a fused ``QConv2d`` / ``QLinear``; the ReLU may be a
+   module (one module called twice is two nodes), ``F.relu``, ``torch.relu`` or ``.relu()``.
+2. Leaf modules: conv / linear → ``QConv2d`` / ``QLinear``; ``qat.ops`` markers and inline
+   ``a + b``, ``+=``, ``torch.add``, ``torch.cat`` → ``QAdd`` (a following ReLU fused) /
+   ``QCat``; grid-preserving ops (ReLU, max-pool, flatten, reshape, permute, dropout, ...) stay as
+   they are; every other op producing a float tensor (activations, pooling, LayerNorm,
+   softmax, ``*``, ``@``, SDPA, mean, ...) becomes a float island: ``QAct`` around the module,
+   or around a :class:`~qat.quant.layers.functional.FunctionalOp` for a function call.
+3. Requantization: an integer op input that is on no grid (a parameter such as a class token
+   or position embedding, a second model input) gets a ``QAct(Identity)`` quantizer on that
+   edge. The model input is quantized by the ``input_quant`` pre-hook, as in a module swap.
+
+New modules are named after the module whose forward wrote the op and the op
+(``layer1.0.add``, ``blocks.0.attn.softmax``), so per-layer overrides can match them.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qat.ops import Add, Cat
+from qat.quant.grids import GRID_PRESERVING
+from qat.quant.layers import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.quant.layers.functional import (
+    GRID_PRESERVING_FUNCTIONS,
+    GRID_PRESERVING_METHODS,
+    SLOT,
+    FunctionalOp,
+)
+from qat.quant.module_swap import DEFAULT_TYPE_MAP
+from qat.quant.overrides import LayerSpecs, check_overrides
+from qat.quant.quantizer import FakeQuantizer
+from qat.quant.spec import Recipe
+
+__all__ = ["rewrite_graph"]
+
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
+_CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_RELU_METHODS = ("relu", "relu_")
+#: Calls whose result is not a float tensor (sizes, shapes, flags): never quantized.
+_NON_TENSOR_METHODS = frozenset({"size", "dim", "numel", "item", "tolist", "__len__"})
+_INTEGER_LAYERS = (QConv2d, QConvBn2d, QLinear, QAdd, QCat)
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t.strip("_")
+    return getattr(t, "__name__", type(t).__name__).strip("_")
+
+
+class _Rewriter:
+    """Edits the graph, and the model's own module tree (new and swapped modules go there)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: fx.Graph,
+        recipe: Recipe,
+        type_map: Mapping[type[nn.Module], type[nn.Module]],
+        input_quantized: bool,
+    ) -> None:
+        self.root, self.graph, self.recipe = model, graph, recipe
+        self.mapping = {**DEFAULT_TYPE_MAP, **type_map}
+        self.modules = dict(model.named_modules())
+        self.input_quantized = input_quantized
+        self.names = set(self.modules)
+        self.new: dict[fx.Node, str] = {}  # nodes whose module this rewrite made
+        self.specs = LayerSpecs(recipe, self._weighted_names())
+
+    # ------------------------------------------------------------------ node queries
+    def module(self, node: Any) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return self.root.get_submodule(node.target)
+        return None
+
+    def is_relu(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return type(self.module(node)) is nn.ReLU
+        if node.op == "call_function":
+            return node.target in _RELU_FUNCTIONS
+        return node.op == "call_method" and node.target in _RELU_METHODS
+
+    @staticmethod
+    def is_float(node: Any) -> bool:
+        """True unless the node is known not to produce a float tensor."""
+        if not isinstance(node, fx.Node):
+            return False
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "dtype"):
+            return meta.dtype.is_floating_point
+        if "tensor_meta" in node.meta or node.meta.get("type") not in (None, torch.Tensor):
+            return False
+        if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+            return False
+        return not (node.op == "call_function" and node.target is getattr)
+
+    def grid_preserving(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return type(self.module(node)) in GRID_PRESERVING
+        if node.op == "call_function":
+            return node.target in GRID_PRESERVING_FUNCTIONS
+        return node.op == "call_method" and node.target in GRID_PRESERVING_METHODS
+
+    def on_grid(self, node: Any) -> bool:
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "placeholder":
+            first = next(n for n in self.graph.nodes if n.op == "placeholder")
+            return node is first and self.input_quantized
+        mod = self.module(node)
+        if isinstance(mod, FakeQuantizer):
+            return mod.enabled
+        if mod is not None and hasattr(mod, "output_quant"):
+            return mod.output_quant.enabled
+        if self.grid_preserving(node):
+            tensors = [a for a in node.all_input_nodes if self.is_float(a)]
+            return bool(tensors) and self.on_grid(tensors[0])
+        return False
+
+    def _weighted_names(self) -> list[str]:
+        names: list[str] = []
+        for node in self.graph.nodes:
+            mod = self.module(node)
+            if type(mod) in (nn.Conv2d, nn.Linear) and node.target not in names:
+                names.append(node.target)
+        return names
+
+    # ------------------------------------------------------------------ graph edits
+    def fresh_name(self, node: fx.Node, base: str) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        scope = next(reversed(stack.values()))[0] if stack else ""
+        if node.op == "call_module":
+            scope = node.target.rpartition(".")[0]
+        parent = self.root.get_submodule(scope)
+        stem = f"{scope}.{base}" if scope else base
+        name, i = stem, 1
+        # Not a name the model already uses, for a module or any other attribute.
+        while name in self.names or hasattr(parent, name.rpartition(".")[2]):
+            name, i = f"{stem}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def install(self, name: str, module: nn.Module) -> None:
+        param = next(self.root.parameters(), None)
+        if param is not None:
+            module = module.to(param.device)
+        self._set(name, module)
+
+    def replace_with_module(
+        self, node: fx.Node, name: str, module: nn.Module, args: tuple, kwargs: dict | None = None
+    ) -> fx.Node:
+        self.install(name, module)
+        with self.graph.inserting_after(node):
+            new = self.graph.create_node("call_module", name, args, kwargs or {})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.new[new] = name
+        return new
+
+    # ------------------------------------------------------------------ passes
+    def fuse(self) -> None:
+        """Conv → BN (→ ReLU), conv / linear → ReLU, wherever the modules live."""
+        calls: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in list(self.graph.nodes):
+            head = self.module(node)
+            if type(head) not in (nn.Conv2d, nn.Linear) or calls[node.target] > 1:
+                continue
+            chain, bn = [node], None
+            user = _only_user(node)
+            if (
+                type(head) is nn.Conv2d
+                and self.recipe.fuse_bn
+                and user is not None
+                and type(self.module(user)) is nn.BatchNorm2d
+                and calls[user.target] == 1
+                and self.module(user).track_running_stats
+            ):
+                bn = self.module(user)
+                chain.append(user)
+                user = _only_user(user)
+            relu = user is not None and self.is_relu(user)
+            if relu:
+                chain.append(user)
+            if len(chain) == 1:
+                continue
+            weight, activation, skip = self.specs(node.target)
+            if skip:
+                parts = [head] + ([bn] if bn is not None else []) + ([nn.ReLU()] if relu else [])
+                new: nn.Module = FloatLayer(nn.Sequential(*parts), activation)
+            elif bn is not None:
+                new = QConvBn2d.from_float(head, bn, weight, activation, relu=relu)
+            else:
+                qcls = QConv2d if isinstance(head, nn.Conv2d) else QLinear
+                new = qcls.from_float(head, weight, activation, relu=relu)
+            self._set(node.target, new)
+            chain[-1].replace_all_uses_with(node)
+            for member in reversed(chain[1:]):
+                if member.op == "call_module" and calls[member.target] == 1:
+                    # As a module swap does: the tree (and the state_dict) keeps its names.
+                    self._set(member.target, nn.Identity())
+                self.graph.erase_node(member)
+            self.new[node] = node.target
+
+    def swap(self) -> None:
+        """Quantize every remaining op (see the module docstring, step 2)."""
+        wrapped_calls: dict[str, int] = {}
+        for node in list(self.graph.nodes):
+            if node in self.new or node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            mod = self.module(node)
+            if mod is not None:
+                self._swap_module(node, mod, wrapped_calls)
+            elif self._is_add(node):
+                self._swap_add(node)
+            elif node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+                tensors, dim = _cat_args(node)
+                name = self.fresh_name(node, "cat")
+                self.replace_with_module(node, name, QCat(dim, self.specs(name)[1]), (tensors,))
+            elif not self.grid_preserving(node) and self.is_float(node):
+                self._float_island(node)
+
+    def _set(self, name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.root.get_submodule(parent) if parent else self.root, child, module)
+        self.modules[name] = module
+
+    def _swap_module(self, node: fx.Node, mod: nn.Module, wrapped: dict[str, int]) -> None:
+        if isinstance(mod, FakeQuantizer | FloatLayer) or type(mod) in GRID_PRESERVING:
+            return
+        if hasattr(mod, "output_quant"):
+            return  # already quantized (a module in the type map swapped at an earlier call)
+        weight, activation, skip = self.specs(node.target)
+        qcls = self.mapping.get(type(mod))
+        if isinstance(mod, Add | Cat) and qcls is not None:
+            self._set(node.target, qcls.from_float(mod, activation))
+            self.new[node] = node.target
+            return
+        if qcls is not None and isinstance(getattr(mod, "weight", None), nn.Parameter):
+            new: nn.Module = (
+                FloatLayer(mod, activation) if skip else qcls.from_float(mod, weight, activation)
+            )
+            self._set(node.target, new)  # shared by every call (one set of weights)
+            self.new[node] = node.target
+            return
+        if not self.is_float(node):
+            return
+        # A float island; each call of a module called twice gets its own output quantizer.
+        count = wrapped.get(node.target, 0)
+        wrapped[node.target] = count + 1
+        inner = (
+            mod if count == 0 or next(mod.parameters(), None) is not None else copy.deepcopy(mod)
+        )
+        name = node.target if count == 0 else self.fresh_name(node, node.target.rpartition(".")[2])
+        _, activation, skip = self.specs(name)
+        island = qcls or QAct
+        new = FloatLayer(inner, activation) if skip else island.from_float(inner, activation)
+        if count == 0:
+            self._set(name, new)
+            self.new[node] = name
+        else:
+            self.replace_with_module(node, name, new, node.args, node.kwargs)
+
+    def _is_add(self, node: fx.Node) -> bool:
+        add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _ADD_METHODS
+        )
+        if not add or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+            return False
+        if node.kwargs.get("alpha", 1) != 1:
+            return False
+        return all(isinstance(a, fx.Node) and self.is_float(a) for a in node.args)
+
+    def _swap_add(self, node: fx.Node) -> None:
+        user = _only_user(node)
+        relu = user is not None and self.is_relu(user)
+        name = self.fresh_name(node, "add")
+        new = self.replace_with_module(
+            node, name, QAdd(relu, self.specs(name)[1]), tuple(node.args)
+        )
+        if relu:
+            user.replace_all_uses_with(new)
+            self.graph.erase_node(user)
+
+    def _float_island(self, node: fx.Node) -> None:
+        values: list[fx.Node] = []
+
+        def slot(arg: Any) -> Any:
+            if isinstance(arg, fx.Node):
+                values.append(arg)
+                return SLOT
+            if isinstance(arg, tuple | list):
+                return type(arg)(slot(a) for a in arg)
+            if isinstance(arg, dict):
+                return {k: slot(v) for k, v in arg.items()}
+            return arg
+
+        args, kwargs = slot(node.args), slot(dict(node.kwargs))
+        op = FunctionalOp(node.target, args, kwargs)
+        name = self.fresh_name(node, _target_name(node))
+        _, activation, skip = self.specs(name)
+        new = FloatLayer(op, activation) if skip else QAct(op, activation)
+        self.replace_with_module(node, name, new, tuple(values))
+
+    def requantize(self) -> None:
+        """Put every integer op's float inputs on a grid (see the module docstring, step 3)."""
+        requants: dict[fx.Node, fx.Node] = {}
+        for node in list(self.graph.nodes):
+            mod = self.module(node)
+            if not isinstance(mod, _INTEGER_LAYERS) or isinstance(mod, FloatLayer):
+                continue
+            if isinstance(mod, QConv2d | QConvBn2d | QLinear) and not mod.weight_quant.enabled:
+                continue  # float weights: a float island, which reads any float tensor
+
+            def on_grid_input(arg: Any, user: fx.Node = node) -> Any:
+                if not isinstance(arg, fx.Node) or not self.is_float(arg) or self.on_grid(arg):
+                    return arg
+                if arg not in requants:
+                    name = self.fresh_name(user, "requant")
+                    self.install(name, QAct(nn.Identity(), self.specs(name)[1]))
+                    with self.graph.inserting_after(arg):
+                        requants[arg] = self.graph.create_node("call_module", name, (arg,))
+                    self.new[requants[arg]] = name
+                return requants[arg]
+
+            node.args = fx.node.map_arg(node.args, on_grid_input)
+
+    def quantized_names(self) -> list[str]:
+        """The quantized layers' names, in execution order."""
+        made = set(self.new.values())
+        names = [n.target for n in self.graph.nodes if n.op == "call_module" and n.target in made]
+        return list(dict.fromkeys(names))
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _cat_args(node: fx.Node) -> tuple[Any, int]:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return list(tensors), int(dim)
+
+
+def rewrite_graph(
+    model: nn.Module,
+    graph: fx.Graph,
+    recipe: Recipe,
+    type_map: Mapping[type[nn.Module], type[nn.Module]],
+    extra_names: list[str],
+    input_quantized: bool,
+) -> None:
+    """Rewrite ``graph`` (captured from ``model``) and ``model``'s modules in place.
+
+    Raises:
+        ValueError: an override pattern matches none of the quantized layers (nor
+            ``extra_names``).
+    """
+    rw = _Rewriter(model, graph, recipe, type_map, input_quantized)
+    rw.fuse()
+    rw.swap()
+    rw.requantize()
+    check_overrides(recipe, rw.quantized_names() + extra_names, rw.specs)
