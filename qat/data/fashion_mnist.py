@@ -3,7 +3,9 @@
 Looks for the four files (gzipped or not) in this order, and stops at the first complete set:
 
 1. ``data_dir`` (also ``data_dir/fashion-mnist`` and torchvision's ``data_dir/FashionMNIST/raw``);
-2. ``/usr/share/datasets/fashion-mnist``, where ``apt-get install dataset-fashion-mnist`` puts them;
+2. ``/usr/share/datasets/fashion-mnist``, where ``apt-get install dataset-fashion-mnist`` puts them
+   (:data:`DEBIAN_DIR`; the environment variable ``QAT_FASHION_MNIST_DEBIAN_DIR`` moves it, e.g.
+   to a missing folder to test as on a machine without the package);
 3. a download from the Zalando mirrors into ``data_dir`` (when ``download=True``).
 
 :meth:`FashionMNISTDataModule.check` does just this lookup, so a pipeline can fail before any
@@ -13,6 +15,7 @@ work when the data is missing.
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import urllib.error
 import urllib.request
@@ -28,12 +31,17 @@ __all__ = [
     "DEBIAN_DIR",
     "FILES",
     "MIRRORS",
+    "PACKAGE_DIR",
     "FashionMNISTDataModule",
     "find_fashion_mnist",
     "read_idx",
 ]
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: Where the Debian package ``dataset-fashion-mnist`` installs the files.
+PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: Where the loader looks for the package's files: :data:`PACKAGE_DIR`, unless the environment
+#: variable ``QAT_FASHION_MNIST_DEBIAN_DIR`` names another folder (read at import).
+DEBIAN_DIR = Path(os.environ.get("QAT_FASHION_MNIST_DEBIAN_DIR") or PACKAGE_DIR)
 MIRRORS = (
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
@@ -166,7 +174,7 @@ def find_fashion_mnist(
         f"not in {DEBIAN_DIR}, and {tried}. Get it one of three ways: "
         f"(1) put {', '.join(n + '.gz' for n in FILES.values())} (gzipped or not) in {data_dir}; "
         "(2) `sudo apt-get install dataset-fashion-mnist` (installs them in "
-        f"{DEBIAN_DIR}); (3) allow the download (download=True, with internet access)."
+        f"{PACKAGE_DIR}); (3) allow the download (download=True, with internet access)."
     )
 
 

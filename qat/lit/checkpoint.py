@@ -10,7 +10,8 @@
 - :func:`load_checkpoint` (used by the resume and by ``python -m qat.export``) reads with
   ``torch.load(weights_only=True)``: tensors and plain Python types only, so a crafted pickle
   cannot run code; a refused or unreadable file is a :class:`CheckpointError` naming it.
-- :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into ``<run dir>/checkpoints/last.ckpt``.
+- :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into ``<run dir>/checkpoints/last.ckpt``
+  and refuses a file cut short (a copy or download interrupted) before any work.
 - :func:`load_float_weights` loads a float model's weights for ``init_from=`` (fine-tuning, PTQ).
 """
 
@@ -20,6 +21,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,7 @@ def resolve_ckpt_path(ckpt_path: Any, run_dir: str | os.PathLike[str]) -> str | 
                 f"ckpt_path=last: no checkpoint at {path}; restart in the interrupted run's "
                 "directory (hydra.run.dir=<its dir>) or pass ckpt_path=<path to a .ckpt file>"
             )
+        _check_complete(path, value)
         return str(path)
     if value in ("best", "hpc") or "://" in value:
         return value
@@ -90,7 +93,33 @@ def resolve_ckpt_path(ckpt_path: Any, run_dir: str | os.PathLike[str]) -> str | 
             f"ckpt_path={value} is not a file; pass a Lightning checkpoint (e.g. "
             "<run dir>/checkpoints/last.ckpt) or ckpt_path=last"
         )
+    _check_complete(path, value)
     return str(path)
+
+
+def _check_complete(path: Path, value: str) -> None:
+    """Refuse a checkpoint that is not a whole zip archive, without reading its tensors.
+
+    ``torch.save`` writes a zip whose directory is at the very end, so a file cut short at any
+    point has none; torch would only find out inside ``trainer.fit``, after the model was set
+    up, with ``OSError: [Errno 22] Invalid argument``. Files in torch's legacy (pre-1.6,
+    plain pickle) format are left to the loader.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":  # a pickle stream: the legacy format
+            return
+        with zipfile.ZipFile(path):
+            return
+    except (OSError, zipfile.BadZipFile) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    what = f"ckpt_path={value}" if value == str(path) else f"ckpt_path={value} ({path})"
+    raise CheckpointError(
+        f"{what} is not a readable checkpoint (truncated or corrupt: {why}, "
+        f"{path.stat().st_size} bytes); resume from an earlier checkpoint of the run (e.g. its "
+        "checkpoints/best_*.ckpt) or drop ckpt_path to start afresh"
+    )
 
 
 def load_checkpoint(path: _PATH, map_location: _MAP_LOCATION_TYPE = "cpu") -> Any:
@@ -119,8 +148,11 @@ def load_checkpoint(path: _PATH, map_location: _MAP_LOCATION_TYPE = "cpu") -> An
             "Use a checkpoint written by this project, or load it yourself with "
             "weights_only=False if you trust its source"
         ) from None
-    except (EOFError, RuntimeError) as err:
-        # torch: "PytorchStreamReader failed reading zip archive" for a torn file.
+    except PermissionError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror}") from None
+    except (EOFError, RuntimeError, OSError) as err:
+        # torch: "PytorchStreamReader failed reading zip archive" for a torn file, or
+        # "OSError: [Errno 22] Invalid argument" when the cut leaves a partial directory.
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or corrupt: "
             f"{_first_line(str(err)) or type(err).__name__}); resume from an earlier one"

@@ -1,9 +1,10 @@
 """Config validation for the application: one clear error before any training starts.
 
 :func:`validate_config` builds (cheaply) everything a bad override can break, in the order a
-user would want to hear about it: the quantization recipe and schedule, the DataModule and its
-files, the model, and whether model and data fit together. Every failure is a
-:class:`ConfigError` whose message names the config key and says how to fix it.
+user would want to hear about it: the quantization recipe and schedule, the run length and
+the optimizer, the DataModule and its files, the model, and whether model and data fit
+together. Every failure is a :class:`ConfigError` whose message names the config key and says
+how to fix it.
 
 Example:
     >>> from hydra import compose, initialize_config_dir
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -196,7 +198,7 @@ def build_datamodule(cfg: DictConfig, check: bool = True) -> Any:
     try:
         dm = cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"data: cannot build {cls.__name__}: {err}") from None
+        raise ConfigError(_data_arg_error(str(err), kwargs, cls.__name__)) from None
     if not check:
         return dm
     try:
@@ -206,6 +208,8 @@ def build_datamodule(cfg: DictConfig, check: bool = True) -> Any:
             f"data: {err} (data.data_dir={getattr(dm, 'data_dir', None)}; set "
             "data.data_dir=... or paths.data_dir=...)"
         ) from None
+    except ValueError as err:  # files that are there but unreadable (e.g. a corrupt image)
+        raise ConfigError(f"data: {err}") from None
     with open_dict(cfg):
         for key in DATA_INFO_KEYS:
             actual = getattr(dm, key, None)
@@ -218,6 +222,78 @@ def build_datamodule(cfg: DictConfig, check: bool = True) -> Any:
                     f"{key}={actual}; drop the override (or set data.{key}={actual})"
                 )
     return dm
+
+
+# The DataModules' argument checks say "batch_size must be an int >= 1, got 0".
+_ARG_ERROR = re.compile(r"^(\w+) must be (.+), got (.+)$")
+
+
+def _data_arg_error(message: str, kwargs: Mapping[str, Any], name: str) -> str:
+    """A DataModule's refusal of one argument, re-worded with its config key."""
+    match = _ARG_ERROR.match(message)
+    if match and match.group(1) in kwargs:
+        key, allowed, value = match.groups()
+        return f"data.{key}={value} is invalid: expected {allowed} ({name})"
+    key = message.split(" ", 1)[0]
+    if key in kwargs:
+        return f"data.{message} ({name})"
+    return f"data: cannot build {name}: {message}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """The run length: finite, so the QAT and learning-rate schedules can be laid out on it."""
+    trainer = cfg.get("trainer") or {}
+    steps = trainer.get("max_steps", -1)
+    if not _is_int(steps) or steps < -1:
+        raise ConfigError(
+            f"trainer.max_steps={steps!r} is invalid: expected an integer >= 0, or -1 for no "
+            "step limit (then trainer.max_epochs bounds the run)"
+        )
+    epochs = trainer.get("max_epochs")
+    if not (_is_int(epochs) and epochs >= 0) and not (epochs in (None, -1) and steps > 0):
+        raise ConfigError(
+            f"trainer.max_epochs={epochs!r} is invalid: expected an integer >= 0 (0: calibrate "
+            "only, post-training quantization), e.g. trainer.max_epochs=8; the QAT schedule "
+            "and the learning-rate schedule need a run of known length (-1 or null only with "
+            "trainer.max_steps=N)"
+        )
+    least = trainer.get("min_epochs")
+    if least is not None and not (_is_int(least) and least >= 0):
+        raise ConfigError(
+            f"trainer.min_epochs={least!r} is invalid: expected an integer >= 0 or null"
+        )
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    """Numbers first (naming the key), then a dry run of the optimizer on one parameter."""
+    opt = cfg.get("optimizer")
+    if opt is None:
+        return
+    for key in ("lr", "weight_decay", "momentum"):
+        value = opt.get(key)
+        if key not in opt or (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0
+        ):
+            continue
+        example = {"lr": 0.1, "weight_decay": 5.0e-4, "momentum": 0.9}[key]
+        raise ConfigError(
+            f"optimizer.{key}={value!r} is invalid: expected a finite number >= 0, "
+            f"e.g. optimizer.{key}={example}"
+        )
+    try:
+        instantiate(opt)([nn.Parameter(torch.zeros(1))])
+    except Exception as err:  # torch's own checks (e.g. nesterov without momentum)
+        text = str(err).strip().splitlines()
+        raise ConfigError(
+            f"optimizer ({opt.get('_target_', '?')}): {text[0] if text else type(err).__name__}"
+        ) from None
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
@@ -350,6 +426,8 @@ def validate_config(
     metric = cfg.get("optimized_metric")
     if metric is not None and not isinstance(metric, str):
         raise ConfigError(f"optimized_metric={metric!r} must be a metric name like val/acc")
+    _check_trainer(cfg)
+    _check_optimizer(cfg)
     dm = build_datamodule(cfg, check=check_data)
     model = build_model(cfg)
     if check_data:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lit_helpers import write_fake_fashion, write_idx
 from PIL import Image
 
 from qat.data import (
@@ -19,6 +21,7 @@ from qat.data import (
     read_idx,
 )
 from qat.data import fashion_mnist as fm
+from qat.data.imagefolder import unreadable_images
 from qat.data.transforms import (
     Normalize,
     RandomCrop,
@@ -204,26 +207,6 @@ def test_lightning_fit_and_test_on_digits() -> None:
 # Fashion-MNIST
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX writer (the format read_idx parses); gzipped when the name ends in .gz."""
-    codes = {np.dtype("uint8"): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
-    header = bytes([0, 0, codes[array.dtype], array.ndim])
-    header += np.asarray(array.shape, dtype=">u4").tobytes()
-    raw = header + array.tobytes()
-    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
-
-
-def write_fake_fashion(directory: Path, n_train: int = 40, n_test: int = 12, gz: bool = True):
-    """Tiny Fashion-MNIST: image i is filled with value i, label i % 10."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = np.repeat(np.arange(n, dtype=np.uint8), 28 * 28).reshape(n, 28, 28)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        ext = ".gz" if gz else ""
-        write_idx(directory / f"{prefix}-images-idx3-ubyte{ext}", images)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", labels)
-
-
 @pytest.fixture
 def no_system_fashion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """No Debian package, and every download fails (as offline); returns the URLs tried."""
@@ -338,6 +321,26 @@ def test_fashion_mnist_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )  # the broken mirror's HTML page was rejected, no *.part left behind
     dm.setup("test")
     assert len(dm.test_set) == 12
+
+
+def test_env_var_moves_the_debian_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # .ci/run points it at a missing folder to run the tests as on a machine without the
+    # package; here at tiny files, which are then found without data_dir or a download. It is
+    # read at import: reload the module with it set, then put the original objects back (the
+    # classes other modules imported stay the module's own).
+    write_fake_fashion(tmp_path / "system", gz=False)
+    monkeypatch.setenv("QAT_FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "system"))
+    original = dict(vars(fm))
+    try:
+        importlib.reload(fm)
+        assert tmp_path / "system" == fm.DEBIAN_DIR
+        files = fm.find_fashion_mnist(tmp_path / "empty", download=False)
+        assert files["test_labels"] == tmp_path / "system" / "t10k-labels-idx1-ubyte"
+    finally:
+        vars(fm).clear()
+        vars(fm).update(original)
+    assert fm.FashionMNISTDataModule is FashionMNISTDataModule
+    assert Path("/usr/share/datasets/fashion-mnist") == fm.PACKAGE_DIR
 
 
 REAL = fm.DEBIAN_DIR
@@ -475,6 +478,34 @@ def test_imagefolder_single_root_grayscale(tmp_path: Path) -> None:
     again = ImageFolderDataModule(tmp_path, image_size=16, seed=3)
     again.setup("fit")
     assert again.val_set.samples == dm.val_set.samples  # seeded split
+
+
+def test_imagefolder_names_unreadable_images_before_loading(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "train", {"cat": 3, "dog": 3})
+    write_pngs(tmp_path / "val", {"cat": 2})
+    empty = tmp_path / "train" / "cat" / "1.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "val" / "cat" / "0.png"
+    text.write_text("<html>not found</html>")
+    whole = (tmp_path / "train" / "dog" / "0.png").read_bytes()
+    cut = tmp_path / "train" / "dog" / "2.png"
+    cut.write_bytes(whole[: len(whole) // 2])  # a sound header, the data cut short
+    with pytest.raises(ValueError) as err:
+        ImageFolderDataModule(tmp_path).check()
+    message = str(err.value)
+    assert message.startswith("3 of 8 image files cannot be read: ")
+    for path in (empty, text, cut):
+        assert f"{path} (" in message
+    assert "cannot identify image file" in message and "\n" not in message
+    assert "Remove or replace them" in message
+    assert unreadable_images([tmp_path / "train" / "dog" / "1.png"]) == []
+    # Unchecked, the cut file fails where it is decoded, still naming it.
+    dm = ImageFolderDataModule(tmp_path, image_size=8, check_images=False)
+    assert dm.check() == tmp_path / "train"
+    dm.setup("fit")
+    index = [p for p, _ in dm.train_set.samples].index(cut)
+    with pytest.raises(OSError, match=rf"cannot decode image {cut}: .*remove or replace it"):
+        dm.train_set[index]
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:

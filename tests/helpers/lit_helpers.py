@@ -6,12 +6,14 @@ Also imported by subprocess runs (``PYTHONPATH=tests/helpers``), e.g. as a Hydra
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -51,6 +53,33 @@ def compose_train(overrides: Sequence[str], output_dir: Path | str) -> DictConfi
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
     return cfg
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX writer (the format ``qat.data.fashion_mnist.read_idx`` parses); gzipped for ``.gz``."""
+    codes = {np.dtype("uint8"): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    header += np.asarray(array.shape, dtype=">u4").tobytes()
+    raw = header + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def write_fake_fashion(
+    directory: Path, n_train: int = 40, n_test: int = 12, gz: bool = True
+) -> Path:
+    """Tiny Fashion-MNIST in ``directory``: image i is filled with value i, label i % 10.
+
+    Point ``data.data_dir`` at it and the tests that compose the default data (Fashion-MNIST)
+    need neither the Debian package nor a download: ``data_dir`` is searched first.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.repeat(np.arange(n, dtype=np.uint8), 28 * 28).reshape(n, 28, 28)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        ext = ".gz" if gz else ""
+        write_idx(directory / f"{prefix}-images-idx3-ubyte{ext}", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte{ext}", labels)
+    return directory
 
 
 def quant_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

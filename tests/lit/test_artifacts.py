@@ -115,13 +115,35 @@ def test_the_trainer_configs_write_checkpoints_atomically(trainer_cfg: str, tmp_
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-def test_a_torn_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut", [3000, -10])
+def test_a_torn_checkpoint_is_a_clear_error(cut: int, tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": {"w": torch.randn(1000)}}, path)
-    path.write_bytes(path.read_bytes()[:3000])
+    # Cut in the tensors (torch: RuntimeError) or in the zip directory at the end (torch:
+    # OSError: [Errno 22] Invalid argument).
+    path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(CheckpointError, match=r"last\.ckpt is not a readable checkpoint") as err:
         load_checkpoint(path)
     assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=r"last\.ckpt is not a readable checkpoint") as err:
+        resolve_ckpt_path(str(path), tmp_path)
+    assert "truncated or corrupt" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_truncated_ckpt_path_fails_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    path = tmp_path / "copied.ckpt"
+    torch.save({"epoch": 0, "state_dict": {"model.w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:-10])  # an interrupted copy
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        train(compose_train([*FAST, "model=lenet5", f"ckpt_path={path}"], run_dir))
+    message = str(err.value)
+    assert message.startswith(f"ckpt_path={path} is not a readable checkpoint (truncated")
+    assert "resume from an earlier checkpoint" in message and "\n" not in message
+    assert not run_dir.exists()
 
 
 # ---------------------------------------------------------------------- run directories
@@ -143,7 +165,7 @@ def test_a_fresh_run_never_overwrites_an_unfinished_runs_checkpoints(
         train(compose_train([*FAST, "model=lenet5"], tmp_path))
     # Resuming from another run's checkpoint into this directory is refused too.
     other = tmp_path.parent / "other.ckpt"
-    other.write_bytes(b"x")
+    torch.save({"epoch": 0}, other)
     with pytest.raises(ConfigError, match="holds an unfinished run"):
         train(compose_train([*FAST, "model=lenet5", f"ckpt_path={other}"], tmp_path))
     assert ckpt.read_bytes() == b"the interrupted run's checkpoint"
@@ -156,7 +178,7 @@ def test_ckpt_path_last_is_this_run_dirs_last_checkpoint(tmp_path: Path) -> None
     assert f"no checkpoint at {tmp_path}/checkpoints/last.ckpt" in message
     assert "hydra.run.dir" in message and "\n" not in message
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"epoch": 0}, tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path("last", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path(None, tmp_path) is None
     with pytest.raises(CheckpointError, match=r"ckpt_path=/nonexistent/x\.ckpt is not a file"):

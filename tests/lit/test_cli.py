@@ -48,6 +48,7 @@ def _show(proc: subprocess.CompletedProcess) -> str:
 
 
 TRAIN = str(REPO / "train.py")
+SLOW = pytest.mark.slow
 TINY = [*FAST, "model=lenet5", "trainer.max_epochs=2", "schedule.warmup_epochs=1"]
 
 
@@ -58,8 +59,76 @@ def test_bad_override_fails_before_training_with_one_clear_line(tmp_path: Path) 
     assert "invalid config: quant.bits=1 is invalid" in out
     assert "Traceback" not in out
     assert not (tmp_path / "run" / "checkpoints").exists()
-    proc = run([TRAIN, "model.name=vgg16", f"hydra.run.dir={tmp_path / 'run2'}"], tmp_path)
+    # data=digits: the model is checked after the data, which must be there.
+    proc = run(
+        [TRAIN, "data=digits", "model.name=vgg16", f"hydra.run.dir={tmp_path / 'run2'}"], tmp_path
+    )
     assert proc.returncode == 2 and "unknown model 'vgg16'" in proc.stdout + proc.stderr
+
+
+def _cut_checkpoint(tmp_path: Path) -> Path:
+    """A checkpoint cut short, as by an interrupted copy."""
+    path = tmp_path / "cut.ckpt"
+    torch.save({"epoch": 0, "state_dict": {"model.w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:-10])
+    return path
+
+
+def _corrupt_imagefolder(tmp_path: Path) -> Path:
+    """Two classes of tiny PNGs, one of them not an image at all."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(root / name / f"{i}.png")
+    (root / "b" / "1.png").write_bytes(b"not a png")
+    return root
+
+
+# Each: what the user typed, and the start of the one line that says what to fix. A process
+# costs ~6 s here, so by default one runs (a file cut short: ckpt_path is checked before the
+# config, so it shows both come out the same way; quant.bits=1 above is the config value). The
+# others are also checked in-process (tests/lit/test_validation.py) and run here when slow
+# tests do.
+BAD_INPUTS = [
+    pytest.param("ckpt", "is not a readable checkpoint (truncated", id="truncated-ckpt"),
+    pytest.param("max_epochs", "trainer.max_epochs=-1 is invalid", id="max_epochs=-1", marks=SLOW),
+    pytest.param("lr", "optimizer.lr=-1 is invalid", id="lr=-1", marks=SLOW),
+    pytest.param("image", "1 of 6 image files cannot be read", id="corrupt-image", marks=SLOW),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_INPUTS)
+def test_bad_input_is_exit_code_2_and_one_line_before_any_work(
+    bad: str, message: str, tmp_path: Path
+) -> None:
+    args = {
+        "max_epochs": [*TINY, "trainer.max_epochs=-1"],
+        "ckpt": [*TINY, f"ckpt_path={_cut_checkpoint(tmp_path)}"],
+        "lr": [*TINY, "optimizer.lr=-1"],
+        "image": [
+            "data=imagefolder",
+            f"data.data_dir={_corrupt_imagefolder(tmp_path)}",
+            "data.image_size=8",
+            "data.in_channels=1",
+            "model=lenet5",
+            "logger=none",
+        ],
+    }[bad]
+    run_dir = tmp_path / "run"
+    proc = run([TRAIN, *args, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2, _show(proc)
+    out = proc.stdout + proc.stderr
+    lines = [line for line in out.splitlines() if "invalid config:" in line]
+    assert len(lines) == 1 and message in lines[0], _show(proc)
+    assert "Traceback" not in out, _show(proc)
+    if bad == "image":
+        assert str(tmp_path / "images" / "b" / "1.png") in lines[0]
+    # Nothing written: no checkpoints, no results, no logs of a started run.
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "results.json").exists()
+    assert not (run_dir / "csv").exists()
 
 
 def test_multirun_sweeps_bits(tmp_path: Path) -> None:
@@ -135,6 +204,8 @@ def test_ddp_cpu_keeps_quantizer_state_identical_across_ranks(tmp_path: Path) ->
     assert results["config"]["devices"] == 2 and results["config"]["strategy"] == "DDPStrategy"
 
 
+# 11-13 s each (two DDP processes); the NaN guards themselves: tests/lit/test_numerics_guards.py.
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("observers", "message"),
     [
@@ -184,6 +255,8 @@ def test_wandb_offline_run_writes_its_files(tmp_path: Path) -> None:
     assert (run_dir / "csv" / "metrics.csv").is_file()  # the CSV log rides along
 
 
+# 30 s (four processes); test_export_checkpoint_in_process below does the same work in one.
+@pytest.mark.slow
 def test_export_cli_reexports_a_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run([TRAIN, *TINY, "quant=w8a8", f"hydra.run.dir={run_dir}"], tmp_path)
@@ -225,6 +298,46 @@ def test_export_cli_reexports_a_checkpoint(tmp_path: Path) -> None:
     report = json.loads((out / "export_report.json").read_text())
     assert report["parity_ok"] is False
     assert report["bench"]["runtimes"]["onnx"]["latency_ms"]["1"] > 0
+
+
+def test_export_checkpoint_in_process(tmp_path: Path) -> None:
+    # What `python -m qat.export` does (qat.lit.reexport.export_checkpoint), after an in-process
+    # run whose .hydra/config.yaml is written as @hydra.main writes it.
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from lit_helpers import CONFIG_DIR, compose_train
+    from omegaconf import OmegaConf, open_dict
+
+    from qat.export import ParityError
+    from qat.lit.reexport import export_checkpoint
+    from qat.lit.train import train
+
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, "quant=w8a8", "logger=none"], run_dir)
+    train(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # @hydra.main saves the config without it
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    GlobalHydra.instance().clear()
+    out = tmp_path / "exported"
+    overrides = [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"export.out_dir={out}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        export_cfg = compose("export_ckpt", overrides=[*overrides, "export.bench=false"])
+    report = export_checkpoint(export_cfg)
+    assert (out / "model.ts").is_file() and (out / "model.onnx").is_file()
+    assert report["parity"]["runtimes"]["torchscript"]["agreement"] == 1.0
+    assert report["parity"]["runtimes"]["onnx"]["agreement"] == 1.0
+    assert json.loads((out / "export_report.json").read_text())["parity_ok"] is True
+    # A forced parity failure raises after writing the report; fail_on_parity=false records it.
+    with open_dict(export_cfg):
+        export_cfg.export.parity.max_accuracy_drop_pt = -1
+    with pytest.raises(ParityError):
+        export_checkpoint(export_cfg)
+    assert json.loads((out / "export_report.json").read_text())["parity_ok"] is False
+    with open_dict(export_cfg):
+        export_cfg.export.fail_on_parity = False
+    assert export_checkpoint(export_cfg)["parity_ok"] is False
 
 
 @pytest.mark.parametrize("bad", ["ckpt_path=/nonexistent.ckpt"])

@@ -61,20 +61,23 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_validates(name: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"+experiment={name}"], tmp_path)
+def test_experiment_composes_and_validates(name: str, tmp_path: Path, fashion_data: str) -> None:
+    # fashion_data: the experiments' Fashion-MNIST as tiny IDX files (no package, no download).
+    cfg = compose_train([f"+experiment={name}", fashion_data], tmp_path)
     assert cfg.task_name == name
     schedule = Schedule.from_dict(cfg.schedule)
     # Every scheduled change happens within the run.
     assert schedule.end_epoch() < cfg.trainer.max_epochs
     recipe = build_recipe(cfg.quant)
     assert recipe is not None
-    # Cheap checks only (the data files are real but not loaded here).
+    # Cheap checks only (the data files are found but not loaded here).
     validate_config(cfg)
 
 
-def test_resnet_int4_keeps_first_and_last_layer_at_8_bits(tmp_path: Path) -> None:
-    cfg = compose_train(["+experiment=resnet_int4"], tmp_path)
+def test_resnet_int4_keeps_first_and_last_layer_at_8_bits(
+    tmp_path: Path, fashion_data: str
+) -> None:
+    cfg = compose_train(["+experiment=resnet_int4", fashion_data], tmp_path)
     parts = validate_config(cfg)
     assert parts.recipe is not None
     assert parts.recipe.weight.bits == 4 and parts.recipe.activation.bits == 4
@@ -135,9 +138,11 @@ def test_w4a8_sweeps_weights_only(tmp_path: Path) -> None:
     ],
 )
 def test_bad_overrides_fail_with_a_clear_message(
-    overrides: list[str], match: str, tmp_path: Path
+    overrides: list[str], match: str, tmp_path: Path, fashion_data: str
 ) -> None:
-    cfg = compose_train(overrides, tmp_path)
+    # The default data (Fashion-MNIST) from tiny files; a case's own data.data_dir comes later
+    # and wins.
+    cfg = compose_train([fashion_data, *overrides], tmp_path)
     with pytest.raises(ConfigError, match=match):
         validate_config(cfg)
 

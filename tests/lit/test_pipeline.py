@@ -22,7 +22,14 @@ from qat.lit.train import train
 from qat.quant.layers import QConvBn2d
 from qat.quant.schedule import Anneal
 
-EXPERIMENTS = ["quick", "resnet_int4", "resnet_int8", "resnet_w4a8", "mobilenet_int8"]
+EXPERIMENTS = [
+    "quick",
+    "resnet_int4",
+    "resnet_int8",
+    "resnet_w4a8",
+    # The slowest of the five (up to 19 s); MobileNetV2 also runs in tests/models, tests/export.
+    pytest.param("mobilenet_int8", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from lit_helpers import REPO
 
@@ -86,6 +87,9 @@ def _qat_state(ckpt: dict) -> dict:
     return next(v for k, v in ckpt["callbacks"].items() if "QATCallback" in k)
 
 
+# 20 s (three processes); the in-process resume from a mid-QAT checkpoint is
+# tests/lit/test_pipeline.py::test_resume_from_mid_qat_checkpoint_matches_uninterrupted_run.
+@pytest.mark.slow
 def test_sigkill_mid_qat_then_ckpt_path_last_matches_uninterrupted_run(tmp_path: Path) -> None:
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
     reference = _start(ref_dir)

@@ -11,6 +11,7 @@ missing Fashion-MNIST), through ``train(cfg)``, and random whole recipes.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,24 @@ ANNEAL = ["schedule=anneal", "quant=w4a4"]  # warm-up 1, weights 8 → 4 over ep
             r"^schedule\.weight_anneal\.mode='exp' is invalid: allowed: step, linear, cosine",
         ),
         (["schedule.warmup_epochs=-1"], r"^schedule\.warmup_epochs=-1 is invalid"),
+        # Lightning's "forever" would end in OverflowError laying out the lr schedule.
+        (
+            ["trainer.max_epochs=-1"],
+            r"^trainer\.max_epochs=-1 is invalid: expected an integer >= 0 \(0: calibrate only",
+        ),
+        (["trainer.max_epochs=null"], r"^trainer\.max_epochs=None is invalid"),
+        (["+trainer.max_steps=-2"], r"^trainer\.max_steps=-2 is invalid: expected an integer"),
+        (["trainer.min_epochs=1.5"], r"^trainer\.min_epochs=1\.5 is invalid"),
+        # torch's "ValueError: Invalid learning rate: -1" would come from configure_optimizers.
+        (["optimizer.lr=-1"], r"^optimizer\.lr=-1 is invalid: expected a finite number >= 0"),
+        (["optimizer.lr=nan"], r"^optimizer\.lr=nan is invalid"),
+        (["optimizer.weight_decay=abc"], r"^optimizer\.weight_decay='abc' is invalid"),
+        (
+            ["optimizer.momentum=0"],  # with nesterov: true, torch's own check, run up front
+            r"^optimizer \(torch\.optim\.SGD\): Nesterov momentum requires a momentum",
+        ),
+        (["data.batch_size=0"], r"^data\.batch_size=0 is invalid: expected an int >= 1"),
+        (["data.batch_size=2.5"], r"^data\.batch_size=2\.5 is invalid"),
     ],
 )
 def test_bad_config_is_one_line_naming_key_and_allowed_values_before_any_work(
@@ -207,3 +226,110 @@ def test_random_recipes_build_or_fail_naming_the_field(quant: dict, base_cfg) ->
         assert q.spec.bits in (*QUANT_BITS, 16, 32)
         if q.role == "weight" and q.spec.enabled:
             assert q.spec.signed and q.spec.symmetric
+
+
+# ---------------------------------------------------------------------- bad files
+def test_a_corrupt_image_is_named_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    def boom(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(Trainer, "fit", boom)
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 30 * i).save(root / name / f"{i}.png")
+    bad = root / "a" / "2.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    run_dir = tmp_path / "run"
+    cfg = compose_train(
+        [
+            "data=imagefolder",
+            f"data.data_dir={root}",
+            "data.image_size=8",
+            "data.in_channels=1",
+            "data.num_workers=0",
+            "model=lenet5",
+            "logger=none",
+        ],
+        run_dir,
+    )
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert message.startswith(f"data: 1 of 8 image files cannot be read: {bad} (")
+    assert "Remove or replace them" in message and "data.check_images=false" in message
+    assert "\n" not in message and not run_dir.exists()
+
+
+# ---------------------------------------------------------------------- random numbers
+# Random values for the numeric keys a user overrides most, as Hydra parses them from the
+# command line (ints, floats, nan/inf, null, words), through train(cfg): the run either stops
+# with one ConfigError line naming a key it was given, before any work, or finishes. lr stays
+# below 0.2 when valid: a larger one can diverge, which is a training outcome (NonFiniteError
+# naming the layer), not a config error.
+EPOCH = st.one_of(st.integers(-2, 4).map(str), st.sampled_from(["null", "1.5", "two"]))
+NUMERIC = {
+    "trainer.max_epochs": st.one_of(st.integers(-2, 3).map(str), st.sampled_from(["null", "2.5"])),
+    "optimizer.lr": st.sampled_from(["-1", "-0.0", "0", "1e-3", "0.1", "nan", "inf", "fast"]),
+    "optimizer.weight_decay": st.sampled_from(["-1e-4", "0", "5e-4", "inf"]),
+    "data.batch_size": st.sampled_from(["-1", "0", "1", "3", "32", "100000", "2.5", "null"]),
+    "quant.bits": st.sampled_from(["-1", "0", "1", "2", "3", "4", "8", "9", "16", "32", "4.0"]),
+    "schedule.warmup_epochs": EPOCH,
+    "schedule.act_start_epoch": EPOCH,
+    "schedule.weight_anneal.epochs": EPOCH,
+    "schedule.act_anneal.epochs": EPOCH,
+    "schedule.freeze_bn_epoch": EPOCH,
+    "schedule.freeze_observer_epoch": EPOCH,
+    "schedule.calibration_batches": st.sampled_from(["-1", "0", "1", "4"]),
+}
+numeric_overrides = st.dictionaries(
+    st.sampled_from(sorted(NUMERIC)), st.none(), min_size=1, max_size=4
+).flatmap(lambda keys: st.fixed_dictionaries({k: NUMERIC[k] for k in keys}))
+
+
+def _named(key: str, message: str) -> bool:
+    """``message`` names ``key`` (or, for a schedule anneal's field, the anneal)."""
+    parent = key.rsplit(".", 1)[0]
+    return key in message or (parent.count(".") >= 1 and parent in message)
+
+
+def _numeric_overrides_fail_in_one_line_or_run(values: dict[str, str], root: Path) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    run_dir = root / f"run{len(list(root.iterdir()))}"
+    overrides = [f"{k}={v}" for k, v in values.items()]
+    cfg = compose_train([*FAST, "model=lenet5", "logger=none", *overrides], run_dir)
+    try:
+        train(cfg)
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message, message
+        assert any(_named(k, message) for k in values), (values, message)
+        assert not run_dir.exists(), "written before the config was validated"
+        return
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(values=numeric_overrides)
+def test_random_numeric_overrides_fail_in_one_line_or_run(values: dict, tmp_path: Path) -> None:
+    _numeric_overrides_fail_in_one_line_or_run(values, tmp_path)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(values=numeric_overrides)
+def test_many_random_numeric_overrides_fail_in_one_line_or_run(
+    values: dict, tmp_path: Path
+) -> None:
+    _numeric_overrides_fail_in_one_line_or_run(values, tmp_path)
