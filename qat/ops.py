@@ -1,14 +1,15 @@
 """Float marker modules for operations that take more than one tensor.
 
-A module swap can only see `nn.Module` children, so a residual `a + b` written inline is
-invisible to it. Models in :mod:`qat.models` write residual adds and concatenations through these
-small modules instead; they are plain float ops (no quantization inside) that
-:func:`qat.prepare` swaps for :class:`qat.modules.QAdd` / :class:`qat.modules.QCat`, which
-quantize the result so the trained graph is the integer graph (requantize after add).
+Graph capture (:func:`qat.prepare`) quantizes a residual ``a + b`` or ``torch.cat`` wherever the
+forward writes it; a module swap (the fallback where capture fails, or ``capture="modules"``)
+can only see ``nn.Module`` children, so there an inline add stays in float. These small modules
+are plain float ops (no quantization inside) that both paths swap for :class:`qat.QAdd` /
+:class:`qat.QCat`, which quantize the result so the trained graph is the integer graph
+(requantize after add). The models in :mod:`qat.models` use them.
 
-To quantize your own model's residual adds, replace ``out = out + identity`` by
-``self.add = Add()`` in ``__init__`` and ``out = self.add(out, identity)`` in ``forward``.
-``Add(relu=True)`` is ``relu(a + b)``, the add+ReLU that integer runtimes fuse.
+For a model that cannot be captured: replace ``out = out + identity`` by ``self.add = Add()``
+in ``__init__`` and ``out = self.add(out, identity)`` in ``forward``. ``Add(relu=True)`` is
+``relu(a + b)``, the add+ReLU that integer runtimes fuse.
 """
 
 from __future__ import annotations

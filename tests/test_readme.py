@@ -27,9 +27,12 @@ README = REPO / "README.md"
 RESULTS = REPO / "docs" / "results.md"
 
 #: Keys whose README value may be a placeholder (``<run>``, ``<float ckpt>``): paths the
-#: commands only read when they run, which config validation does not open.
-PLACEHOLDER_KEYS = ("ckpt_path", "init_from", "hydra.run.dir")
+#: commands only read when they run, which config validation does not open, and the class of
+#: a model of your own, validated with a torchvision-style test model in its place.
+PLACEHOLDER_KEYS = ("ckpt_path", "init_from", "hydra.run.dir", "model._target_")
 DUMMY = "placeholder"
+#: What stands for ``model._target_=<your_package.YourNet>`` (tests/helpers/zoo.py).
+YOUR_MODEL = "model._target_=zoo.resnet_basic"
 
 
 def _text() -> str:
@@ -94,6 +97,7 @@ def test_train_command_composes_and_validates(args: list[str], tmp_path: Path) -
     from qat.lit.config import validate_config
 
     check_placeholders(args)
+    args = [YOUR_MODEL if a == f"model._target_={DUMMY}" else a for a in args]
     for overrides in sweep_jobs(args):
         cfg = compose_train(overrides, tmp_path)
         # What train(cfg) checks first (recipe, schedule, export targets, model, a dry-run

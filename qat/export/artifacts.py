@@ -134,10 +134,9 @@ def export_model(
         int4_packed: ONNX only: store weights whose levels fit 4 bits as packed INT4
             (opset 21): about half the file; ONNX Runtime runs those convs in float.
         opset: ONNX opset (default 17, or 21 with ``int4_packed``).
-        fused_add: ONNX only: residual adds as ``Add``, fused by ONNX Runtime into
-            ``QLinearAdd`` (faster at large batches, but it rounds near-ties differently
-            from the fake-quant model); default ``Sum``, which ONNX Runtime runs unfused in
-            float32, as the fake-quant model computes it (see :mod:`qat.export.onnx`).
+        fused_add: ONNX only: residual adds on ``QLinearAdd`` (faster at large batches, but
+            it rounds near-ties differently from the fake-quant model); default: float
+            islands that round exactly as the fake-quant model (see :mod:`qat.export.onnx`).
 
     Returns:
         ``{"torchscript": out_dir/model.ts, "onnx": out_dir/model.onnx}`` for the targets.

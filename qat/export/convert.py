@@ -30,7 +30,7 @@ from qat.export.ir import ConvertedModel, LayerDesc, WeightDesc
 from qat.quant.bias import int32_bias
 from qat.quant.control import is_prepared, iter_quantizers, uninitialized_quantizers
 from qat.quant.grids import ActGrid, act_grid, trace_grids
-from qat.quant.layers import QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.quant.layers import QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear, QMatMul
 from qat.quant.quantizer import FakeQuantizer
 
 __all__ = ["check_exportable", "convert", "explicit_padding", "weight_desc"]
@@ -199,8 +199,8 @@ def _describe(
             desc.bias_int, desc.bias_scale = int32_bias(b, grids[0].scale, wd.scale, name)
         return desc
 
-    if isinstance(mod, QAdd | QCat):
-        kind = "add" if isinstance(mod, QAdd) else "cat"
+    if isinstance(mod, QAdd | QCat | QMatMul):
+        kind = {QAdd: "add", QCat: "cat", QMatMul: "matmul"}[type(mod)]
         bad = [i for i, g in enumerate(grids) if g is None]
         if bad or not grids:
             raise ValueError(

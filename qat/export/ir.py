@@ -14,7 +14,10 @@ from torch import nn
 
 from qat.quant.grids import ActGrid
 
-__all__ = ["ActGrid", "ConvertedModel", "LayerDesc", "WeightDesc"]
+__all__ = ["COMBINE_KINDS", "ActGrid", "ConvertedModel", "LayerDesc", "WeightDesc"]
+
+#: Integer ops over activations only (no weights): residual add, concat, matmul.
+COMBINE_KINDS = ("add", "cat", "matmul")
 
 
 @dataclass
@@ -85,6 +88,11 @@ class LayerDesc:
     module: nn.Module | None = field(default=None, repr=False)
 
     @property
+    def on_integer_kernel(self) -> bool:
+        """An integer conv / linear, or an integer op over activations (add, cat, matmul)."""
+        return self.integer or self.kind in COMBINE_KINDS
+
+    @property
     def dequantized_bias(self) -> torch.Tensor | None:
         """``bias_int · bias_scale`` in float32 (the bias the integer kernels add)."""
         if self.bias_int is None or self.bias_scale is None:
@@ -109,7 +117,7 @@ class ConvertedModel:
     example_output: Any = None
 
     def integer_layers(self) -> list[LayerDesc]:
-        return [d for d in self.layers.values() if d.integer or d.kind in ("add", "cat")]
+        return [d for d in self.layers.values() if d.on_integer_kernel]
 
     def float_islands(self) -> list[LayerDesc]:
-        return [d for d in self.layers.values() if not (d.integer or d.kind in ("add", "cat"))]
+        return [d for d in self.layers.values() if not d.on_integer_kernel]

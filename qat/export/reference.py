@@ -30,6 +30,10 @@ def float_forward(desc: LayerDesc, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = F.linear(args[0], desc.float_weight, desc.float_bias)
     elif desc.kind == "act":
         y = mod.act(*args)
+    elif desc.kind == "matmul":
+        y = torch.matmul(args[0], args[1])
+    elif desc.kind == "add":
+        y = args[0] + args[1]
     elif desc.kind == "float":
         y = mod.module(*args, **kwargs)
     else:  # pragma: no cover - add / cat are integer ops
@@ -45,7 +49,7 @@ def grid_summary(converted: ConvertedModel) -> list[dict[str, Any]]:
             {
                 "name": d.name,
                 "kind": d.kind,
-                "integer": d.integer or d.kind in ("add", "cat"),
+                "integer": d.on_integer_kernel,
                 "inputs": [
                     None if g is None else (g.scale, g.zero_point, g.bits) for g in d.inputs
                 ],
@@ -83,6 +87,8 @@ def reference_forward(desc: LayerDesc, *tensors: torch.Tensor) -> torch.Tensor:
         y = tensors[0] + tensors[1]
     elif desc.kind == "cat":
         y = torch.cat(list(tensors), dim=desc.dim)
+    elif desc.kind == "matmul":
+        y = torch.matmul(tensors[0], tensors[1])
     else:
         raise ValueError(f"{desc.name}: {desc.kind} is not an integer layer")
     if desc.output is None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from qat.export.artifacts import export_model
 from qat.export.bench import benchmark_artifacts
+from qat.export.lowering import placement_report
 from qat.export.verify import ParityError, check_parity, verify_artifacts
 from qat.quant.control import uninitialized_quantizers
 
@@ -88,6 +89,8 @@ def run_export(
             k: Path(v).stat().st_size for k, v in artifacts.items() if Path(v).is_file()
         },
         "export_time_s": round(time.perf_counter() - t0, 2),
+        # Which layers run on integer kernels in each target, and the share of MACs they hold.
+        "placement": placement_report(model, example, bool(options.get("fused_add"))),
     }
     if options.get("verify", True):
         parity = verify_artifacts(model, artifacts, batches)

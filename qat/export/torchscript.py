@@ -377,7 +377,7 @@ def load_torchscript(path: str | Path | BinaryIO, engine: str = ENGINE) -> torch
     Args:
         path: the ``model.ts`` file (or a binary file object).
         engine: :data:`ENGINE` (``fbgemm``, what the export was verified under) or ``x86``:
-            on a VNNI CPU ``x86`` ran batch 64 2-4x faster (README, "Benchmarks"), with some
+            on a VNNI CPU ``x86`` ran batch 64 2-4x faster (docs/benchmarks.md), with some
             outputs one level off at near-ties, so its agreement with the fake-quant model can
             fall below 100%. Warm an ``x86`` module up at the batch size it will serve (its
             oneDNN convs keep the primitive of the first input shape).

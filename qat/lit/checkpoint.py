@@ -34,7 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from qat.io import atomic_path
-from qat.lit.config import ConfigError
+from qat.lit.errors import ConfigError
 
 __all__ = [
     "AtomicCheckpointIO",

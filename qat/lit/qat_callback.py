@@ -7,7 +7,7 @@ It does everything quantization needs around an ordinary ``LightningModule``:
   restored into the model, so learned ranges (LSQ / PACT parameters) reach the optimizer and a
   checkpoint's quantizer buffers load into quantizers that exist. It runs for every stage and
   is idempotent (the second call sees a prepared model and checks it has the same recipe).
-- at each training epoch start it applies the :class:`qat.schedule.Schedule`: float warm-up,
+- at each training epoch start it applies the :class:`qat.Schedule`: float warm-up,
   calibration when quantization starts, weights then activations on, bit-width annealing, BN
   statistics and observer freezing. Nothing changes during Lightning's sanity check (the hooks
   used are training hooks) and observers never move in validation (they only update in training
@@ -69,7 +69,7 @@ class QATCallback(Callback):
 
     Args:
         recipe: a :class:`qat.Recipe` or a mapping for ``Recipe.from_dict``.
-        schedule: a :class:`qat.schedule.Schedule` or a mapping for ``Schedule.from_dict``.
+        schedule: a :class:`qat.Schedule` or a mapping for ``Schedule.from_dict``.
         attr: name of the LightningModule attribute holding the network.
         layer_stats: log per-layer scale / clipping rate / SQNR once per epoch.
         stats_samples: samples of the epoch's first training batch used for those statistics.
@@ -168,7 +168,10 @@ class QATCallback(Callback):
                     f"{model.qat_recipe} vs {self.recipe.to_dict()}"
                 )
         else:
-            prepare(model, self.recipe, inplace=True)
+            # The LightningModule's example batch (Lightning's own convention) lets the graph
+            # capture tell float inputs from integer ones and check the graph.
+            example = getattr(pl_module, "example_input_array", None)
+            prepare(model, self.recipe, inplace=True, example_inputs=example)
             # Float until the schedule says otherwise: nothing has a range yet. A checkpoint
             # restored after this hook brings back its own flags (they are buffers).
             for _, q in iter_quantizers(model):

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from qat.export.stage import parity_failure, run_export
 from qat.lit.checkpoint import load_checkpoint
 from qat.lit.config import ConfigError, build_model, validate_config
+from qat.lit.config_parts import example_input
 from qat.lit.results import write_json_atomic
 from qat.lit.train import dm_test_loader, snap_model_bias
 from qat.quant.prepare import prepare
@@ -60,7 +61,8 @@ def load_checkpoint_model(ckpt: Path, run_dir: Path) -> tuple[Any, Any, DictConf
     parts = validate_config(train_cfg, check_schedule=False)
     if parts.recipe is None:
         raise ConfigError(f"{run_dir} is a float run (quant.enabled=false): nothing to export")
-    model = prepare(parts.model, parts.recipe)
+    # The example training used: the captured graph (and its layer names) is the same.
+    model = prepare(parts.model, parts.recipe, example_inputs=example_input(parts.datamodule))
     weights = state.get("state_dict", state) if isinstance(state, dict) else state
     prefix = "model."
     if any(k.startswith(prefix) for k in weights):

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qat.io import atomic_write_text
+from qat.lit.config_parts import model_name
 from qat.quant.control import quantizer_summary, uninitialized_quantizers
 from qat.quant.schedule import Schedule
 from qat.quant.spec import Recipe
@@ -113,7 +114,7 @@ def build_results(
         "task_name": cfg.get("task_name"),
         "run_dir": str(cfg.paths.output_dir),
         "config": {
-            "model": cfg.model.get("name"),
+            "model": model_name(cfg),
             "data": data_name,
             "image_size": cfg.data.get("image_size"),
             "batch_size": cfg.data.get("batch_size"),

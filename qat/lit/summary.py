@@ -61,6 +61,13 @@ def summary_table(results: Mapping[str, Any]) -> Table:
                 f"acc {_pct(rep.get('accuracy'))}, agreement {_pct(rep.get('agreement'))}, "
                 f"max |Δlogit| {_num(rep.get('max_abs_diff'))}",
             )
+    placement = export.get("placement")
+    if isinstance(placement, Mapping):
+        share = placement.get("integer_mac_share") or {}
+        table.add_row(
+            "MACs on integer kernels",
+            ", ".join(f"{target} {_pct(value)}" for target, value in share.items()),
+        )
     if "parity_ok" in export:
         table.add_row("parity", "[green]ok[/]" if export["parity_ok"] else "[red]FAILED[/]")
     if "error" in export:

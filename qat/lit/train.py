@@ -39,6 +39,7 @@ from qat.lit.builders import build_callbacks, build_loggers, build_module, log_h
 from qat.lit.checkpoint import load_float_weights, resolve_ckpt_path
 from qat.lit.classifier import ClassifierModule
 from qat.lit.config import ConfigError, Validated, build_model, validate_config
+from qat.lit.config_parts import example_input
 from qat.lit.qat_callback import QATCallback
 from qat.lit.results import RESULTS_FILE, build_results, metrics_of, optimized, write_json_atomic
 from qat.lit.wandb_report import log_results_to_wandb
@@ -149,6 +150,7 @@ def setup(cfg: DictConfig) -> Run:
             max_epochs,
         )
     module = build_module(cfg, model, teacher)
+    module.example_input_array = example_input(parts.datamodule)
     loggers = build_loggers(cfg, recipe)
     callbacks = build_callbacks(cfg, recipe, schedule, have_logger=bool(loggers))
     trainer: Trainer = instantiate(

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from qat.lit.config_parts import model_name
 from qat.lit.results import RESULTS_FILE, jsonable
 from qat.quant.spec import Recipe
 
@@ -54,7 +55,7 @@ def build_wandb_logger(cfg: DictConfig, lg_cfg: DictConfig, recipe: Recipe | Non
         log.info("W&B: no API key configured, logging offline")
     group = lg_cfg.get("group") or _wandb_group(cfg)
     tags = list(lg_cfg.get("tags") or [])
-    auto = [_bits_tag(recipe), str(cfg.model.get("name", "")), str(cfg.get("task_name", ""))]
+    auto = [_bits_tag(recipe), model_name(cfg), str(cfg.get("task_name", ""))]
     if cfg.get("quant") is not None and cfg.quant.get("bits") is not None:
         auto.append(f"bits{cfg.quant.bits}")
     tags += [t for t in auto if t and t not in tags]
@@ -94,6 +95,10 @@ def log_results_to_wandb(trainer: Trainer, results: Mapping[str, Any]) -> None:
             summary[f"export/{name}_bytes"] = size
         if "parity_ok" in export:
             summary["export/parity_ok"] = export["parity_ok"]
+        for target, share in (
+            (export.get("placement") or {}).get("integer_mac_share") or {}
+        ).items():
+            summary[f"export/integer_mac_share_{target}"] = share
     run.summary.update(jsonable(summary))
     files = [Path(p) for p in (export.get("artifacts") or {}).values()] if export else []
     results_file = Path(results["run_dir"]) / RESULTS_FILE

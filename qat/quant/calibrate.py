@@ -6,6 +6,7 @@ and BN re-estimation.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from qat.quant.control import (
     set_observers,
     uninitialized_quantizers,
 )
+from qat.quant.layers import QConvBn2d
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -43,6 +45,44 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, list | tuple):
         return model(batch[0])
     return model(batch)
+
+
+def _fresh_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """Batch norms whose running statistics are still their initial placeholders."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and int(m.num_batches_tracked) == 0
+    ]
+
+
+def _estimate_batch_norms(
+    model: nn.Module,
+    fresh: list[nn.Module],
+    batches: list[Any],
+    forward_fn: Callable[[nn.Module, Any], Any] | None,
+) -> None:
+    """Population statistics for ``fresh`` batch norms from ``batches`` (float forward)."""
+    modes = {m: m.training for m in model.modules()}
+    momentum = {m: m.momentum for m in fresh}
+    set_observers(model, False)
+    set_fake_quant(model, False)
+    model.eval()
+    owners = {m.bn: m for m in model.modules() if isinstance(m, QConvBn2d)}
+    try:
+        for m in fresh:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+            # A conv+BN computes its batch statistics in its own training forward.
+            owners.get(m, m).train()
+        feed_batches("calibrate", model, batches, None, forward_fn)
+    finally:
+        for m in fresh:
+            m.momentum = momentum[m]
+        for m, training in modes.items():
+            m.training = training
 
 
 def check_num_batches(caller: str, num_batches: int | None) -> None:
@@ -83,6 +123,12 @@ def calibrate(
     with fake quantization on and observers off: the calibrated PTQ model. Re-enable observers
     (:func:`qat.set_observers`) for QAT with live ranges.
 
+    Batch norms that never saw data (a model trained from scratch: running mean 0, variance
+    1) first get their statistics from the same batches: ranges observed through placeholder
+    statistics are off by the activations' whole scale (on a fresh EfficientNet, 90-99% of
+    the conv outputs clipped in training, squeeze-excite inputs collapsed to one level, and
+    batch norm then amplified the gradients to 1e29 in one step).
+
     Args:
         model: a prepared model.
         batches: tensors, ``(x, y, ...)`` tuples (``x`` is fed) or dicts (fed as keyword args).
@@ -98,6 +144,11 @@ def calibrate(
             "calibrate() needs a prepared model: call qat.prepare(model, recipe) first"
         )
     check_num_batches("calibrate", num_batches)
+    fresh = _fresh_batch_norms(model)
+    if fresh:
+        # Twice through the same batches: the statistics first, then the ranges.
+        batches = list(itertools.islice(batches, num_batches) if num_batches else batches)
+        _estimate_batch_norms(model, fresh, batches, forward_fn)
     was_training = model.training
     model.eval()
     # BN uses running statistics, but the quantizers observe (they only do in train mode).

@@ -34,7 +34,7 @@ from torch import fx, nn
 
 from qat.ops import Add, Cat
 from qat.quant.grids import GRID_PRESERVING
-from qat.quant.layers import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.quant.layers import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear, QMatMul
 from qat.quant.layers.functional import (
     GRID_PRESERVING_FUNCTIONS,
     GRID_PRESERVING_METHODS,
@@ -51,11 +51,13 @@ __all__ = ["rewrite_graph"]
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+_MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
+_MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 #: Calls whose result is not a float tensor (sizes, shapes, flags): never quantized.
 _NON_TENSOR_METHODS = frozenset({"size", "dim", "numel", "item", "tolist", "__len__"})
-_INTEGER_LAYERS = (QConv2d, QConvBn2d, QLinear, QAdd, QCat)
+_INTEGER_LAYERS = (QConv2d, QConvBn2d, QLinear, QAdd, QCat, QMatMul)
 
 
 def _target_name(node: fx.Node) -> str:
@@ -105,11 +107,20 @@ class _Rewriter:
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "dtype"):
             return meta.dtype.is_floating_point
+        if isinstance(meta, tuple | list):  # chunk / split / unbind: tensors (else returned above)
+            return any(getattr(m, "dtype", torch.int64).is_floating_point for m in meta)
         if "tensor_meta" in node.meta or node.meta.get("type") not in (None, torch.Tensor):
             return False
         if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
             return False
         return not (node.op == "call_function" and node.target is getattr)
+
+    @staticmethod
+    def single_tensor(node: fx.Node) -> bool:
+        """False when the node is known to produce a tuple (an island quantizes one tensor;
+        the tuple's float items get requantized where an integer op reads them)."""
+        meta = node.meta.get("tensor_meta")  # TensorMetadata is a NamedTuple: check its dtype
+        return meta is None or hasattr(meta, "dtype")
 
     def grid_preserving(self, node: fx.Node) -> bool:
         if node.op == "call_module":
@@ -233,11 +244,16 @@ class _Rewriter:
                 self._swap_module(node, mod, wrapped_calls)
             elif self._is_add(node):
                 self._swap_add(node)
+            elif self._is_matmul(node):
+                name = self.fresh_name(node, "matmul")
+                self.replace_with_module(node, name, QMatMul(self.specs(name)[1]), tuple(node.args))
             elif node.op == "call_function" and node.target in _CAT_FUNCTIONS:
                 tensors, dim = _cat_args(node)
                 name = self.fresh_name(node, "cat")
                 self.replace_with_module(node, name, QCat(dim, self.specs(name)[1]), (tensors,))
-            elif not self.grid_preserving(node) and self.is_float(node):
+            elif (
+                not self.grid_preserving(node) and self.is_float(node) and self.single_tensor(node)
+            ):
                 self._float_island(node)
 
     def _set(self, name: str, module: nn.Module) -> None:
@@ -263,7 +279,7 @@ class _Rewriter:
             self._set(node.target, new)  # shared by every call (one set of weights)
             self.new[node] = node.target
             return
-        if not self.is_float(node):
+        if not self.is_float(node) or not self.single_tensor(node):
             return
         # A float island; each call of a module called twice gets its own output quantizer.
         count = wrapped.get(node.target, 0)
@@ -290,6 +306,17 @@ class _Rewriter:
         if node.kwargs.get("alpha", 1) != 1:
             return False
         return all(isinstance(a, fx.Node) and self.is_float(a) for a in node.args)
+
+    def _is_matmul(self, node: fx.Node) -> bool:
+        matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _MATMUL_METHODS
+        )
+        return (
+            matmul
+            and len(node.args) == 2
+            and not node.kwargs
+            and all(isinstance(a, fx.Node) and self.is_float(a) for a in node.args)
+        )
 
     def _swap_add(self, node: fx.Node) -> None:
         user = _only_user(node)

@@ -18,7 +18,7 @@ from qat.quant.bias import int32_bias, link_input_quantizer, linked_input_quanti
 from qat.quant.control import is_prepared
 from qat.quant.fold import bn_fold_factor, fold_bn_bias
 from qat.quant.grids import ActGrid, trace_grids
-from qat.quant.layers import WEIGHTED_MODULES, QConvBn2d
+from qat.quant.layers import WEIGHTED_MODULES, QConvBn2d, QMatMul
 
 # Mean bias move, in output steps, above which snap_bias warns. Measured on MobileNetV2
 # (Fashion-MNIST): at W4A4 every layer stays at or below 0.03; at W2A2 the depthwise convs
@@ -28,6 +28,23 @@ from qat.quant.layers import WEIGHTED_MODULES, QConvBn2d
 COARSE_BIAS_SHIFT = 0.1
 
 
+def _consistent_grids(
+    model: nn.Module, calls: dict, kinds: tuple[type[nn.Module], ...], arity: int
+) -> dict[str, tuple[ActGrid, ...]]:
+    """The input grids of every layer of ``kinds`` that reads ``arity`` tensors, each on a grid,
+    the same grids in every call (what an integer kernel with fixed input scales can run)."""
+    found = {}
+    for name, entries in calls.items():
+        if not isinstance(model.get_submodule(name), kinds):
+            continue
+        grids = {entry[0] for entry in entries}
+        if len(grids) == 1:
+            (only,) = grids
+            if len(only) == arity and all(g is not None for g in only):
+                found[name] = only
+    return found
+
+
 def input_grids(model: nn.Module, example_input: Any) -> dict[str, ActGrid]:
     """The input grid of every conv / linear layer that reads one grid in every call.
 
@@ -35,16 +52,7 @@ def input_grids(model: nn.Module, example_input: Any) -> dict[str, ActGrid]:
     left out: no integer kernel can run them with one input scale.
     """
     calls, _, _, _ = trace_grids(model, example_input)
-    found = {}
-    for name, entries in calls.items():
-        if not isinstance(model.get_submodule(name), WEIGHTED_MODULES):
-            continue
-        grids = {entry[0] for entry in entries}
-        if len(grids) == 1:
-            (only,) = grids
-            if len(only) == 1 and only[0] is not None:
-                found[name] = only[0]
-    return found
+    return {n: g[0] for n, g in _consistent_grids(model, calls, WEIGHTED_MODULES, 1).items()}
 
 
 def link_bias_quantizers(model: nn.Module, example_input: Any) -> list[str]:
@@ -98,8 +106,8 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
     the scales must not change afterwards (re-snap if they do). For conv+BN the BN shift β is
     adjusted so that the folded bias lands on the grid (to within one float32 ulp).
 
-    It also pins each integer layer's input scale (``runtime_input_scale``, not saved in the
-    state dict), so that evaluation under :func:`qat.runtime_numerics` (the test metrics and
+    It also pins each integer layer's input scale (``runtime_input_scale``, and both input
+    scales of a :class:`~qat.quant.layers.QMatMul`; not saved in the state dict), so that evaluation under :func:`qat.runtime_numerics` (the test metrics and
     the parity check) requantizes the layer's int32 sums with the runtimes' float32
     multiplier ``s_in · s_w / s_out`` instead of quantizing the float sum.
 
@@ -119,7 +127,11 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
             "snap_bias needs a prepared (fake-quant) model: call qat.prepare(model, recipe), "
             "calibrate or train it, then snap"
         )
-    grids = input_grids(model, example_input)
+    calls, _, _, _ = trace_grids(model, example_input)
+    grids = {n: g[0] for n, g in _consistent_grids(model, calls, WEIGHTED_MODULES, 1).items()}
+    for name, (ga, gb) in _consistent_grids(model, calls, (QMatMul,), 2).items():
+        # No bias, but the same pinning: runtime numerics requantize its integer sums.
+        model.get_submodule(name).runtime_input_scales = (float(ga.scale), float(gb.scale))
     # Trained with the bias on this grid: the moves were part of training and of its
     # validation, so there is nothing to warn about.
     on_grid = bool((getattr(model, "qat_recipe", None) or {}).get("quantize_bias", False))

@@ -110,7 +110,9 @@ def quantized_output(
     acc = op(codes, levels, None)
     s_in = torch.tensor(module.runtime_input_scale, dtype=torch.float32, device=x.device)
     act_w = (s_in * s_w.float()).reshape(-1)  # float32, as both runtimes form it
-    out_shape = [1, -1] + [1] * (acc.dim() - 2)
+    # Output channels: dim 1 of a conv's NCHW output, the last dim of a linear's (..., N).
+    out_shape = [1] * acc.dim()
+    out_shape[-1 if isinstance(module, nn.Linear) else 1] = -1
     if b is not None:
         # Not rounded here: after snap_bias it is the int32 bias to within float error (what
         # ONNX Runtime adds); otherwise it is fbgemm's float-bias epilogue, and ONNX's rounding

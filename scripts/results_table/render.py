@@ -139,8 +139,9 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             "",
             "TorchScript figures measured under PyTorch's default `x86` quantized engine, before "
             f"the export pinned `{TS_ENGINE}` (on a VNNI CPU, `x86` runs convs through oneDNN, "
-            "which rounds some requantization near-ties one level the other way; see the "
-            f"README's design notes): {', '.join(unpinned)}.",
+            "which rounds some requantization near-ties one level the other way; see "
+            f"docs/design.md, the TorchScript engine pin and its design notes): "
+            f"{', '.join(unpinned)}.",
         ]
     lines += ["", "## Goals", *_checks(items), "", "## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]

@@ -213,7 +213,8 @@ def test_weights_are_int8_initializers_with_int32_bias() -> None:
 
 
 def _add_codes(proto, x: torch.Tensor) -> tuple:
-    """ORT's input and output codes of the residual add, and the add's quantization params."""
+    """ORT's input and output codes of the residual add, and the add's quantization params
+    (the output's scale from the DQ that reads it: its Q quantizes at scale 1 after Mul(1/s))."""
     from onnx import TensorProto, helper, numpy_helper
 
     from qat.export.onnx.passes import _Graph
@@ -224,34 +225,41 @@ def _add_codes(proto, x: torch.Tensor) -> tuple:
     producers, consumers = g.producers(), g.consumers()
     add = next(n for n in graph.node if n.op_type in ("Add", "Sum"))
     dqs = [producers[i] for i in add.input]
-    q = next(n for n in consumers[add.output[0]] if n.op_type == "QuantizeLinear")
-    names = [dqs[0].input[0], dqs[1].input[0], q.output[0]]
+    out = add
+    while out.op_type != "DequantizeLinear":  # Add → [Mul(1/s)] → Q → [Clip] → DQ
+        out = consumers[out.output[0]][0]
+    names = [dqs[0].input[0], dqs[1].input[0], out.input[0]]  # the codes after the Clip
     for name in names:
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.UINT8, None))
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     a, b, c = sess.run(names, {"input": x.numpy()})
-    params = [(inits[n.input[1]], inits[n.input[2]]) for n in (*dqs, q)]
+    params = [(inits[n.input[1]], inits[n.input[2]]) for n in (*dqs, out)]
     return a, b, c, params
 
 
 @pytest.mark.parametrize("bits", [8, 4], ids=["a8", "a4"])
-def test_residual_add_runs_the_onnx_formula_exactly(bits: int) -> None:
-    """By default the add is DQ → Sum → Q, left unfused: every output code is
-    round((x̂a + x̂b) / s) + z (float32, as the fake quantizer computes it) of its input codes.
-    Fused (``Add`` → ``QLinearAdd``) ORT computes from the scale ratios instead and may settle
-    rounding ties the other way (see qat.export.onnx)."""
+def test_residual_add_runs_the_fake_quant_formula_exactly(bits: int) -> None:
+    """By default the add is a float island, DQ → Add → [Relu] → Mul(1/s) → Q(1), left unfused:
+    every output code is round((x̂a + x̂b) · float32(1/s)) + z (float32), exactly what the fake
+    quantizer computes from its input codes. Fused (``QLinearAdd``) ORT computes from the
+    scale ratios instead and may settle rounding ties the other way (see qat.export.onnx)."""
     q, shape = _build("residual", bits, True)
     x = torch.randn(256, *shape) * 1.2
     proto = build_onnx_model(q, x[:4])
-    assert "Sum" in [n.op_type for n in proto.graph.node]
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Add" in ops and "Mul" in ops
     a, b, c, ((sa, za), (sb, zb), (sc, zc)) = _add_codes(proto, x)
     f32 = np.float32
     xa = (a.astype(f32) - f32(za)) * f32(sa)
     xb = (b.astype(f32) - f32(zb)) * f32(sb)
-    expect = np.clip(np.rint((xa + xb) / f32(sc)) + f32(zc), 0, 255)
-    np.testing.assert_array_equal(c.astype(f32), np.maximum(expect, f32(zc)))  # add + ReLU
+    top = 2**bits - 1  # the grid's top level (its integer Clip below 8 bits)
+    expect = np.clip(np.rint((xa + xb) * (f32(1) / f32(sc))) + f32(zc), f32(zc), top)
+    np.testing.assert_array_equal(c.astype(f32), expect)  # add + ReLU
+    with torch.no_grad():  # the fake quantizer on the same input codes
+        fq = q.body.add.output_quant(torch.from_numpy(xa + xb), relu=True)
+    np.testing.assert_array_equal(np.rint(fq.numpy() / f32(sc)) + f32(zc), expect)
 
     fused = build_onnx_model(q, x[:4], fused_add=True)
-    assert "Sum" not in [n.op_type for n in fused.graph.node]
+    assert "Mul" not in [n.op_type for n in fused.graph.node]

@@ -345,3 +345,38 @@ def test_export_cli_bad_checkpoint(bad: str, tmp_path: Path) -> None:
     proc = run(["-m", "qat.export", bad], tmp_path)
     assert proc.returncode == 2, _show(proc)
     assert "is not a file" in proc.stdout + proc.stderr
+
+
+def test_a_model_of_your_own_trains_exports_and_verifies(tmp_path: Path) -> None:
+    """``model=custom model._target_=...``: a torchvision-style ResNet (inline ``+=``, a shared
+    ReLU, no qat markers), its num_classes / in_chans filled in from the data."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith(("export.", "data.image_size"))]
+    proc = run(
+        [
+            TRAIN,
+            *overrides,
+            "data.image_size=16",
+            "model=custom",
+            "model._target_=zoo.resnet_basic",
+            "+model.width=4",
+            "schedule.warmup_epochs=0",
+            "export.bench=false",
+            "export.verify_batches=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, _show(proc)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "ok"
+    assert results["config"]["model"] == "resnet_basic"
+    export = results["export"]
+    assert export["parity_ok"] is True
+    for runtime in export["parity"]["runtimes"].values():
+        assert runtime["agreement"] >= 0.999
+    # The inline `out += identity`s are quantized adds: integer in TorchScript, exact float
+    # islands in ONNX (QLinearAdd only with export.fused_add=true).
+    adds = [r for r in export["placement"]["layers"] if r["kind"] == "add"]
+    assert len(adds) == 4 and all(r["torchscript"] == "add" and r["onnx"] == "float" for r in adds)
+    assert export["placement"]["integer_mac_share"]["onnx"] > 0.99

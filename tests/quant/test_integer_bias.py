@@ -1,4 +1,4 @@
-"""Bias-aware QAT (qat.bias_quant): the bias trains on the int32 grid the runtimes add it on."""
+"""Bias-aware QAT (qat.link_bias_quantizers): the bias trains on the int32 grid the runtimes add it on."""
 
 from __future__ import annotations
 

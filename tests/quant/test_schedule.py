@@ -1,4 +1,4 @@
-"""qat.schedule: pure functions of the epoch (no Lightning)."""
+"""qat.Schedule (qat/quant/schedule.py): pure functions of the epoch (no Lightning)."""
 
 from __future__ import annotations
 

@@ -87,19 +87,18 @@ def build_onnx_model(
         opset: ONNX opset (default 17; 21 with ``int4_packed``).
         int4_packed: store weights whose levels fit 4 bits as INT4 (half the bytes of int8;
             ONNX Runtime then runs those convs in float: same outputs, slower).
-        fused_add: emit residual adds as ``Add``, which ONNX Runtime fuses into
-            ``QLinearAdd`` (faster; rounds near-ties differently from the fake-quant model,
-            see the module docstring). Default: ``Sum``, unfused, float32 as the fake-quant
-            model computes it.
+        fused_add: residual adds on ``QLinearAdd`` (faster; rounds near-ties differently
+            from the fake-quant model, see the package docstring). Default: float islands
+            that round exactly as the fake-quant model does.
     """
     opset = resolve_opset(opset, int4_packed)
     if converted is None:
         converted = convert(model, example_input)
     if isinstance(example_input, dict):
         raise ValueError("ONNX export takes positional inputs (a tensor or a tuple)")
-    deploy = deploy_model(model, converted)
+    deploy = deploy_model(model, converted, fused_add)
     proto = _export_torch(deploy, example_input, opset)
-    return finalize(proto, opset, int4_packed, fused_add)
+    return finalize(proto, opset, int4_packed)
 
 
 def export_onnx(

@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qat.export.convert import explicit_padding
 from qat.export.ir import ActGrid, ConvertedModel, LayerDesc
 from qat.export.lowering import FLOAT, lower
 from qat.export.reference import float_forward, reference_forward
+from qat.quant.layers.functional import FunctionalOp
 from qat.quant.prepare import remove_input_quant_hook, set_module
 
 
@@ -55,6 +57,21 @@ def _clip(g: Any, q: Any, grid: ActGrid, relu: bool) -> Any:
 def _requant(g: Any, y: Any, grid: ActGrid, relu: bool = False) -> Any:
     """Float ``y`` → Q → (integer Clip) → DQ: the layer's output on its grid."""
     return _dq(g, _clip(g, _q(g, y, grid), grid, relu), grid)
+
+
+def _island_requant(g: Any, y: Any, grid: ActGrid, relu: bool = False) -> Any:
+    """A float island's result onto its grid, rounded as the fake-quant model rounds it.
+
+    ``QuantizeLinear`` divides by the scale; the fake-quant model (like PyTorch's kernels)
+    multiplies by the float32 reciprocal, and the two round a value within one ulp of a level
+    boundary differently. So the result is multiplied by ``float32(1/s)`` first and quantized
+    at scale 1. This also keeps ONNX Runtime from fusing ``DQ → op → Q`` into integer kernels
+    (``QLinearSoftmax``, ``QLinearSigmoid``, ``QLinearMul``) that round otherwise.
+    """
+    recip = torch.tensor(np.float32(1.0) / np.float32(grid.scale), dtype=torch.float32)
+    scaled = g.op("Mul", y, _const(g, recip))
+    q = g.op("QuantizeLinear", scaled, _const(g, _f32(1.0)), _const(g, _u8(grid.zero_point)))
+    return _dq(g, _clip(g, q, grid, relu), grid)
 
 
 def _input(g: Any, x: Any, grid: ActGrid) -> Any:
@@ -170,6 +187,12 @@ def _emit_cat(g: Any, desc: LayerDesc, *xs: Any) -> Any:
     return _finish(g, g.op("Concat", *inputs, axis_i=desc.dim), desc)
 
 
+def _emit_matmul(g: Any, desc: LayerDesc, a: Any, b: Any) -> Any:
+    ga, gb = desc.inputs
+    assert ga is not None and gb is not None
+    return _finish(g, g.op("MatMul", _input(g, a, ga), _input(g, b, gb)), desc)
+
+
 @contextlib.contextmanager
 def _tracing_off() -> Iterator[None]:
     state = torch._C._get_tracing_state()
@@ -187,6 +210,8 @@ def _emit(g: Any, desc: LayerDesc, *values: Any) -> Any:
         return _emit_linear(g, desc, *values)
     if desc.kind == "add":
         return _emit_add(g, desc, *values)
+    if desc.kind == "matmul":
+        return _emit_matmul(g, desc, *values)
     return _emit_cat(g, desc, *values)
 
 
@@ -210,16 +235,35 @@ class _LayerFn(torch.autograd.Function):
 
 
 class _QDQFn(torch.autograd.Function):
-    """Quantize to a grid (with the integer clamp) and dequantize: ``Q → [Clip] → DQ``."""
+    """Quantize to a grid (with the integer clamp) and dequantize: ``Q → [Clip] → DQ``.
+
+    ``fusable``: a plain ``QuantizeLinear``, which ONNX Runtime may fuse with the op before it
+    (pooling into ``QLinearGlobalAveragePool``); otherwise rounded as the fake-quant model
+    rounds (:func:`_island_requant`).
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, grid: ActGrid) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any, x: torch.Tensor, grid: ActGrid, fusable: bool, relu: bool = False
+    ) -> torch.Tensor:  # type: ignore[override]
         with _tracing_off():
-            return (grid.quantize(x).float() - grid.zero_point) * grid.scale
+            return (grid.quantize(x, relu).float() - grid.zero_point) * grid.scale
 
     @staticmethod
-    def symbolic(g: Any, x: Any, grid: ActGrid) -> Any:
-        return _requant(g, x, grid)
+    def symbolic(g: Any, x: Any, grid: ActGrid, fusable: bool, relu: bool = False) -> Any:
+        return _requant(g, x, grid, relu) if fusable else _island_requant(g, x, grid, relu)
+
+
+#: Float islands ONNX Runtime runs on an integer kernel of the same rounding, kept fusable.
+_POOLING = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_POOLING_FUNCTIONS = (F.adaptive_avg_pool2d, F.avg_pool2d)
+
+
+def _pooling(desc: LayerDesc) -> bool:
+    op = getattr(desc.module, "act", None)
+    if isinstance(op, _POOLING):
+        return True
+    return isinstance(op, FunctionalOp) and op.target in _POOLING_FUNCTIONS
 
 
 class _FloatInputFn(torch.autograd.Function):
@@ -256,7 +300,7 @@ class _OnnxLayer(nn.Module):
 
 
 class _OnnxFloatIsland(nn.Module):
-    """DQ'd inputs → the layer's float ops (exported by torch) → Q → [Clip] → DQ."""
+    """DQ'd inputs → the layer's float ops (exported by torch) → exact Q → [Clip] → DQ."""
 
     def __init__(self, desc: LayerDesc) -> None:
         super().__init__()
@@ -265,31 +309,39 @@ class _OnnxFloatIsland(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         grids = self.desc.inputs
+        pooling = _pooling(self.desc)
         if (
             not kwargs
             and len(args) == len(grids)
             and all(isinstance(a, torch.Tensor) for a in args)
         ):
-            if self.desc.kind == "act":
-                # Requantize each input with its grid: ONNX Runtime sees DQ → op → Q groups
-                # (e.g. QLinearGlobalAveragePool).
+            if pooling:
+                # Requantize the input with its grid: ONNX Runtime sees DQ → pool → Q and
+                # fuses it (QLinearGlobalAveragePool).
                 args = tuple(
-                    a if gr is None else _QDQFn.apply(a, gr)
+                    a if gr is None else _QDQFn.apply(a, gr, True)
                     for a, gr in zip(args, grids, strict=True)
                 )
-            else:
+            elif self.desc.kind in ("conv", "linear", "float"):
                 # Layers with float weights must stay float (see _FloatInputFn).
                 shapes = self.desc.input_shapes
                 args = tuple(
                     a if gr is None or len(shp) < 2 else _FloatInputFn.apply(a, gr, int(shp[1]))
                     for a, gr, shp in zip(args, grids, shapes, strict=True)
                 )
-        y = float_forward(self.desc, *args, **kwargs)
-        return y if self.desc.output is None else _QDQFn.apply(y, self.desc.output)
+        relu = False
+        if self.desc.kind == "add" and self.desc.output is not None:
+            # The fused ReLU as the integer clamp at the zero point, as the quantizer applies it.
+            y, relu = args[0] + args[1], self.desc.relu
+        else:
+            y = float_forward(self.desc, *args, **kwargs)
+        if self.desc.output is None:
+            return y
+        return _QDQFn.apply(y, self.desc.output, pooling, relu)
 
 
-def _onnx_layer(desc: LayerDesc) -> nn.Module:
-    return _OnnxFloatIsland(desc) if lower(desc, "onnx") == FLOAT else _OnnxLayer(desc)
+def _onnx_layer(desc: LayerDesc, fused_add: bool) -> nn.Module:
+    return _OnnxFloatIsland(desc) if lower(desc, "onnx", fused_add) == FLOAT else _OnnxLayer(desc)
 
 
 class _OnnxModel(nn.Module):
@@ -300,16 +352,20 @@ class _OnnxModel(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         if self.input_grid is not None and args and isinstance(args[0], torch.Tensor):
-            args = (_QDQFn.apply(args[0], self.input_grid), *args[1:])
+            # A plain QuantizeLinear: the first layer's fusion reads it (one rounding of the
+            # input, where division and the reciprocal rarely differ).
+            args = (_QDQFn.apply(args[0], self.input_grid, True), *args[1:])
         return self.body(*args)
 
 
-def deploy_model(model: nn.Module, converted: ConvertedModel) -> _OnnxModel:
+def deploy_model(
+    model: nn.Module, converted: ConvertedModel, fused_add: bool = False
+) -> _OnnxModel:
     body = copy.deepcopy(model).cpu().eval()
     remove_input_quant_hook(body)
     modules = dict(body.named_modules())
     for name, desc in converted.layers.items():
         desc = copy.copy(desc)
         desc.module = modules[name]
-        set_module(body, name, _onnx_layer(desc))
+        set_module(body, name, _onnx_layer(desc, fused_add))
     return _OnnxModel(body, converted.input).eval()

@@ -1,8 +1,7 @@
 """Post-passes over the exported ONNX graph: what ONNX Runtime's QDQ fusion needs, and size.
 
 Constants become initializers; ``DQ → Q`` pairs with identical parameters go (no requantization
-is left between layers); residual adds become ``Sum`` unless fused (``Add`` → ``QLinearAdd``);
-small initializers are shared; weights that fit 4 bits are packed as INT4 on request; value
+is left between layers); small initializers are shared; weights that fit 4 bits are packed as INT4 on request; value
 names are shortened.
 """
 
@@ -206,35 +205,11 @@ def _rename_io(model: onnx.ModelProto) -> None:
         v.doc_string = "float32 output (dequantized)"
 
 
-def _unfuse_adds(graph: onnx.GraphProto) -> int:
-    """``DQ → Add → Q`` groups become ``DQ → Sum → Q``: ONNX Runtime fuses only ``Add``."""
-    g = _Graph(graph)
-    producers, consumers = g.producers(), g.consumers()
-    n = 0
-    for node in graph.node:
-        if node.op_type != "Add" or len(node.input) != 2:
-            continue
-        inputs_dq = all(
-            producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
-            for i in node.input
-        )
-        users = consumers.get(node.output[0], [])
-        if inputs_dq and users and all(u.op_type == "QuantizeLinear" for u in users):
-            node.op_type = "Sum"
-            n += 1
-    return n
-
-
-def finalize(
-    model: onnx.ModelProto, opset: int, int4_packed: bool, fused_add: bool = False
-) -> onnx.ModelProto:
-    """Constants → initializers, drop redundant DQ→Q pairs, adds as ``Sum`` unless
-    ``fused_add``, share scalars, pack INT4, check."""
+def finalize(model: onnx.ModelProto, opset: int, int4_packed: bool) -> onnx.ModelProto:
+    """Constants → initializers, drop redundant DQ→Q pairs, share scalars, pack INT4, check."""
     graph = model.graph
     _constants_to_initializers(graph)
     _remove_redundant_dq_q(graph)
-    if not fused_add:
-        _unfuse_adds(graph)
     if int4_packed:  # before sharing initializers: each weight DQ owns its zero point here
         _pack_int4(graph)
     _dedupe_initializers(graph)

@@ -15,9 +15,10 @@ from qat.quant.layers.combine import QAdd, QCat
 from qat.quant.layers.conv import QConv2d
 from qat.quant.layers.conv_bn import QConvBn2d
 from qat.quant.layers.linear import QLinear
+from qat.quant.layers.matmul import QMatMul
 
 #: Quantized layer types, for walkers that need to tell them apart from float ones.
-QUANT_MODULES = (QConv2d, QLinear, QConvBn2d, QAdd, QCat, QAct, FloatLayer)
+QUANT_MODULES = (QConv2d, QLinear, QConvBn2d, QAdd, QCat, QMatMul, QAct, FloatLayer)
 #: Layers that run on the integer conv / matmul kernels (weight, bias, input grid).
 WEIGHTED_MODULES = (QConv2d, QConvBn2d, QLinear)
 
@@ -31,4 +32,5 @@ __all__ = [
     "QConv2d",
     "QConvBn2d",
     "QLinear",
+    "QMatMul",
 ]

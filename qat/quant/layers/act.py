@@ -21,8 +21,8 @@ class QAct(nn.Module):
         self.act = act
         self.output_quant = output_quantizer(activation_spec)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_quant(self.act(x))
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.output_quant(self.act(*args, **kwargs))
 
     @classmethod
     def from_float(cls, act: nn.Module, activation_spec: QuantSpec | None = None) -> QAct:
