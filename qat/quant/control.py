@@ -46,7 +46,7 @@ def anneal_bits(model: nn.Module, bits: int, role: str | None = None) -> None:
     target is higher (first / last layer kept at 8 bits) never goes below its target.
     """
     for _, q in iter_quantizers(model, role):
-        if q.spec.enabled:
+        if q.spec.enabled and q.spec.grid == "affine":  # a GGUF grid has one fixed width
             q.set_bits(max(int(bits), q.spec.bits))
 
 

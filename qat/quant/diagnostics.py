@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat.quant.blocks import fp16_scale, gguf_codes, group_view, ungroup
 from qat.quant.control import iter_quantizers
-from qat.quant.quantizer import FakeQuantizer
+from qat.quant.dynamic import dynamic_quantize
+from qat.quant.quantizer import GGUF_RANGES, FakeQuantizer
 
 
 def _non_finite(t: Any) -> bool:
@@ -75,7 +77,11 @@ def locate_non_finite(model: nn.Module, x: torch.Tensor | None = None) -> str:
 
 def _layer_key(name: str) -> tuple[str, str]:
     """``layer1.0.conv1.0.weight_quant`` → (``layer1.0.conv1.0``, ``weight``)."""
-    for suffix, kind in ((".weight_quant", "weight"), (".output_quant", "act")):
+    for suffix, kind in (
+        (".weight_quant", "weight"),
+        (".output_quant", "act"),
+        (".act_quant", "in"),
+    ):
         if name.endswith(suffix):
             return name[: -len(suffix)], kind
     if name.endswith("input_quant"):
@@ -96,16 +102,20 @@ def _stats_hook(
     ref = (torch.relu(x) if relu else x).detach().float()
     scale, zero_point = module.qparams()
     qmin, qmax = module.quant_range
-    if module.per_channel:
+    spec = module.spec
+    if spec.dynamic != "none" or spec.group_size:
+        deq, clipped = _block_stats(module, ref)
+    elif module.per_channel:
         shape = [1] * ref.dim()
         shape[module.axis] = -1
         s, z = scale.reshape(shape), zero_point.float().reshape(shape)
     else:
         s, z = scale.reshape(()), zero_point.float().reshape(())
-    # Same arithmetic as the fake quantizer (multiply by the reciprocal, round half to even).
-    q = torch.round(ref * (1.0 / s)) + z
-    clipped = (q < qmin) | (q > qmax)
-    deq = (q.clamp(qmin, qmax) - z) * s
+    if spec.dynamic == "none" and not spec.group_size:
+        # Same arithmetic as the fake quantizer (multiply by the reciprocal, round half to even).
+        q = torch.round(ref * (1.0 / s)) + z
+        clipped = (q < qmin) | (q > qmax)
+        deq = (q.clamp(qmin, qmax) - z) * s
     signal = float(ref.pow(2).sum())
     noise = float((ref - deq).pow(2).sum())
     if noise > 0 and signal > 0:
@@ -118,6 +128,28 @@ def _stats_hook(
         "scale": float(scale.float().mean()),
         "bits": float(module.bits),
     }
+
+
+def _block_stats(module: FakeQuantizer, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a dynamic, per-group or GGUF-grid quantizer makes of ``ref``, and what it clips."""
+    spec = module.spec
+    if spec.dynamic != "none":
+        return dynamic_quantize(ref, spec), torch.zeros(1, dtype=torch.bool)
+    view = group_view(ref, spec.group_size, module.group_axis)
+    scale, zero_point = module.qparams()
+    if spec.grid != "affine":
+        codes = gguf_codes(view, scale, spec.grid)
+        deq = codes * fp16_scale(scale)[:, None]
+        lo, hi = GGUF_RANGES[spec.grid]
+        clipped = (view * torch.where(scale == 0, 0.0, 1.0 / scale)[:, None]).abs() > hi + 0.5
+        clipped |= codes < lo
+    else:
+        qmin, qmax = module.quant_range
+        s, z = scale[:, None], zero_point.float()[:, None]
+        q = torch.round(view * (1.0 / s)) + z
+        clipped = (q < qmin) | (q > qmax)
+        deq = (q.clamp(qmin, qmax) - z) * s
+    return ungroup(deq, ref.shape, module.group_axis), clipped
 
 
 @torch.no_grad()

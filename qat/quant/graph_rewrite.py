@@ -41,7 +41,12 @@ from qat.quant.layers.functional import (
     SLOT,
     FunctionalOp,
 )
-from qat.quant.module_swap import DEFAULT_TYPE_MAP
+from qat.quant.module_swap import (
+    DEFAULT_TYPE_MAP,
+    from_float_named,
+    has_weight_spec,
+    quantized_type,
+)
 from qat.quant.overrides import LayerSpecs, check_overrides
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.spec import Recipe
@@ -149,7 +154,8 @@ class _Rewriter:
         names: list[str] = []
         for node in self.graph.nodes:
             mod = self.module(node)
-            if type(mod) in (nn.Conv2d, nn.Linear) and node.target not in names:
+            weighted = has_weight_spec(mod) and not isinstance(mod, nn.Embedding)
+            if weighted and node.target not in names:
                 names.append(node.target)
         return names
 
@@ -264,17 +270,20 @@ class _Rewriter:
     def _swap_module(self, node: fx.Node, mod: nn.Module, wrapped: dict[str, int]) -> None:
         if isinstance(mod, FakeQuantizer | FloatLayer) or type(mod) in GRID_PRESERVING:
             return
-        if hasattr(mod, "output_quant"):
+        if hasattr(mod, "output_quant") or hasattr(mod, "weight_quant"):
             return  # already quantized (a module in the type map swapped at an earlier call)
-        weight, activation, skip = self.specs(node.target)
-        qcls = self.mapping.get(type(mod))
+        embedding = isinstance(mod, nn.Embedding)
+        weight, activation, skip = self.specs(node.target, embedding=embedding)
+        qcls = quantized_type(mod, self.mapping, self.recipe)
         if isinstance(mod, Add | Cat) and qcls is not None:
             self._set(node.target, qcls.from_float(mod, activation))
             self.new[node] = node.target
             return
         if qcls is not None and isinstance(getattr(mod, "weight", None), nn.Parameter):
             new: nn.Module = (
-                FloatLayer(mod, activation) if skip else qcls.from_float(mod, weight, activation)
+                FloatLayer(mod, activation)
+                if skip
+                else from_float_named(qcls, node.target, mod, weight, activation)
             )
             self._set(node.target, new)  # shared by every call (one set of weights)
             self.new[node] = node.target
@@ -362,6 +371,9 @@ class _Rewriter:
             def on_grid_input(arg: Any, user: fx.Node = node) -> Any:
                 if not isinstance(arg, fx.Node) or not self.is_float(arg) or self.on_grid(arg):
                     return arg
+                spec = self.recipe.activation
+                if not spec.enabled or spec.dynamic != "none":
+                    return arg  # float or dynamic activations: no static grid to put it on
                 if arg not in requants:
                     name = self.fresh_name(user, "requant")
                     self.install(name, QAct(nn.Identity(), self.specs(name)[1]))

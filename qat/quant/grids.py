@@ -240,7 +240,8 @@ def trace_grids(
         def hook(mod: FakeQuantizer, args: tuple, out: Any) -> None:
             if name == INPUT_QUANT:
                 input_calls[0] += 1
-            if mod.enabled and bool(mod.fake_quant_enabled) and mod.is_initialized:
+            static = mod.spec.dynamic == "none"  # a dynamic grid is each call's own
+            if static and mod.enabled and bool(mod.fake_quant_enabled) and mod.is_initialized:
                 tracker.record(out, act_grid(name, mod))
 
         return hook

@@ -12,11 +12,23 @@ to a module swap: write it through :class:`qat.ops.Add` / :class:`qat.ops.Cat` t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
 from qat.ops import Add, Cat
-from qat.quant.layers import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear
+from qat.quant.layers import (
+    FloatLayer,
+    QAct,
+    QAdd,
+    QCat,
+    QConv1D,
+    QConv2d,
+    QConvBn2d,
+    QEmbedding,
+    QLinear,
+    is_hf_conv1d,
+)
 from qat.quant.overrides import LayerSpecs, check_overrides
 from qat.quant.spec import Recipe
 
@@ -38,6 +50,26 @@ DEFAULT_TYPE_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.Tanh: QAct,
     nn.LeakyReLU: QAct,
 }
+
+
+def quantized_type(
+    module: nn.Module, mapping: Mapping[type[nn.Module], type[nn.Module]], recipe: Recipe
+) -> type[nn.Module] | None:
+    """The quantized type for ``module``: by exact type in ``mapping``; Hugging Face's
+    ``Conv1D`` by duck typing; ``nn.Embedding`` when the recipe quantizes embeddings."""
+    qcls = mapping.get(type(module))
+    if qcls is not None:
+        return qcls
+    if is_hf_conv1d(module):
+        return QConv1D
+    if type(module) is nn.Embedding and recipe.embedding.enabled:
+        return QEmbedding
+    return None
+
+
+def has_weight_spec(module: nn.Module) -> bool:
+    """Layers whose ``from_float`` takes a weight spec (conv, linear, Conv1D, embedding)."""
+    return isinstance(module, nn.Conv2d | nn.Linear | nn.Embedding) or is_hf_conv1d(module)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -110,9 +142,13 @@ def swap_modules(
     candidates = [
         name
         for name, m in model.named_modules()
-        if name and type(m) in mapping and name not in fused_members
+        if name and quantized_type(m, mapping, recipe) is not None and name not in fused_members
     ]
-    weighted = [n for n in candidates if isinstance(model.get_submodule(n), nn.Conv2d | nn.Linear)]
+    weighted = [
+        n
+        for n in candidates
+        if has_weight_spec(m := model.get_submodule(n)) and not isinstance(m, nn.Embedding)
+    ]
     specs = LayerSpecs(recipe, weighted)
     check_overrides(recipe, candidates + extra_names, specs)
     modules = dict(model.named_modules())
@@ -140,14 +176,24 @@ def swap_modules(
         if name in fused_heads:
             continue
         module = modules[name]
-        weight, activation, skip = specs(name)
+        weight, activation, skip = specs(name, embedding=isinstance(module, nn.Embedding))
         if skip:
             new: nn.Module = FloatLayer(module, activation)
         else:
-            qcls = mapping[type(module)]
-            if isinstance(module, nn.Conv2d | nn.Linear):
-                new = qcls.from_float(module, weight, activation)
+            qcls = quantized_type(module, mapping, recipe)
+            if has_weight_spec(module):
+                new = from_float_named(qcls, name, module, weight, activation)
             else:
                 new = qcls.from_float(module, activation)
         set_module(model, name, new)
     return model
+
+
+def from_float_named(
+    qcls: type, name: str, module: nn.Module, weight: Any, activation: Any
+) -> nn.Module:
+    """``qcls.from_float(module, weight, activation)``; a refusal names the layer."""
+    try:
+        return qcls.from_float(module, weight, activation)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None

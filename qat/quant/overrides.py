@@ -40,8 +40,11 @@ class LayerSpecs:
             return self.places.get(pattern) == name
         return fnmatch.fnmatchcase(name, pattern)
 
-    def __call__(self, name: str) -> tuple[QuantSpec, QuantSpec, bool]:
-        weight, activation, skip = self.recipe.weight, self.recipe.activation, False
+    def __call__(self, name: str, embedding: bool = False) -> tuple[QuantSpec, QuantSpec, bool]:
+        """The specs of layer ``name``; with ``embedding``, its weight spec starts from the
+        recipe's ``embedding`` spec instead of ``weight``."""
+        weight = self.recipe.embedding if embedding else self.recipe.weight
+        activation, skip = self.recipe.activation, False
         for ov in self.recipe.overrides:
             if self.matches(name, ov.pattern):
                 if ov.weight:

@@ -139,7 +139,8 @@ def prepare(
     source = model if inplace else copy.deepcopy(model)
     prepared: nn.Module | None = None
     how: dict[str, Any] = {"mode": "modules"}
-    quantize_input = recipe.quantize_input
+    # Dynamic activations are quantized where each layer reads them, not at the model input.
+    quantize_input = recipe.quantize_input and recipe.activation.dynamic == "none"
     if capture != "modules":
         try:
             gm = capture_graph(source, example_inputs)

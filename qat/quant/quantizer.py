@@ -8,7 +8,8 @@ Numerics (see DESIGN.md, "The numerics contract"): ``q = clamp(round(x * (1/s)) 
 ``x̂ = (q − z) · s``, round half to even. Like torch's kernels and its quantized CPU runtime, the
 division is a multiplication by the float32 reciprocal ``1/s``; the two differ only at exact ties.
 The hot path is :mod:`qat.fake_quant` (vectorized STE autograd functions, bitwise equal to
-torch's fused fake-quant kernels and much faster on CPU), never per-element Python.
+torch's fused fake-quant kernels and much faster on CPU), never per-element Python. Groups,
+dynamic scales and GGUF grids: :mod:`qat.quant.blocks`, :mod:`qat.quant.dynamic`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import math
 import torch
 from torch import nn
 
+from qat.quant.blocks import gguf_fake_quantize, gguf_scale, group_view, ungroup
 from qat.quant.distributed import rank_phrase, reduce_across_ranks
+from qat.quant.dynamic import dynamic_fake_quantize
 from qat.quant.fake_quant import fake_quantize, lsq_fake_quantize
 from qat.quant.qparams import SCALE_EPS, guard_scale, qparams_from_range, qrange
 from qat.quant.spec import QuantSpec
 
 ROLES = ("weight", "activation")
+#: The integer codes of GGUF's block grids (signed, after Q4_0's offset of 8).
+GGUF_RANGES = {"q8_0": (-127, 127), "q4_0": (-8, 7)}
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,9 +57,19 @@ class FakeQuantizer(nn.Module):
         role: ``"weight"`` (observer looks at the current tensor only) or ``"activation"``.
         channels: number of channels for per-channel specs (1 otherwise).
         axis: channel axis for per-channel specs.
+        group_axis: with ``spec.group_size``, the axis of the 2-D weight the groups run
+            along (its input dimension); ``channels`` is then the number of groups and the
+            quantizer works per channel on :func:`~qat.quant.blocks.group_view`.
     """
 
-    def __init__(self, spec: QuantSpec, role: str = "activation", channels: int = 1, axis: int = 0):
+    def __init__(
+        self,
+        spec: QuantSpec,
+        role: str = "activation",
+        channels: int = 1,
+        axis: int = 0,
+        group_axis: int = 1,
+    ):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"FakeQuantizer role={role!r} is invalid: allowed: {', '.join(ROLES)}")
@@ -62,7 +77,9 @@ class FakeQuantizer(nn.Module):
             raise ValueError(f"FakeQuantizer channels={channels} is invalid: per-channel needs ≥ 1")
         self.spec = spec
         self.role = role
-        self.axis = axis
+        # Groups are the channels (axis 0) of the grouped view.
+        self.axis = 0 if spec.group_size else axis
+        self.group_axis = group_axis
         #: Qualified name in the model, set by qat.prepare (for error messages; not state).
         self.name = ""
         n = channels if spec.per_channel else 1
@@ -84,6 +101,8 @@ class FakeQuantizer(nn.Module):
             self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
         if spec.learned == "pact":
             self.alpha = nn.Parameter(torch.ones(1))
+        if spec.dynamic != "none":
+            self.initialized.fill_(1)  # no range to observe: each call brings its own
         # Set when the bit width of an initialised LSQ scale changes: the next training forward
         # re-initialises it from that batch (not state: a resume re-sets the bits anyway).
         self._reinit_pending = False
@@ -112,6 +131,8 @@ class FakeQuantizer(nn.Module):
 
     @property
     def quant_range(self) -> tuple[int, int]:
+        if self.spec.grid != "affine":
+            return GGUF_RANGES[self.spec.grid]
         return qrange(self.bits, self.spec.signed, self.spec.narrow_range, self.spec.reduce_range)
 
     @property
@@ -161,6 +182,11 @@ class FakeQuantizer(nn.Module):
             or not (2 <= bits <= 8 or bits in (16, 32))
         ):
             raise ValueError(f"bits={bits!r} is invalid: allowed: 2–8, or 16/32 for float")
+        if self.spec.grid != "affine" and bits not in (self.spec.bits, 16, 32):
+            raise ValueError(
+                f"quantizer '{self.name}': the {self.spec.grid} grid has {self.spec.bits} bits, "
+                "no annealing (set schedule.weight_anneal.epochs=0 / act_anneal.epochs=0)"
+            )
         old = self.bits
         if bits == old:
             return
@@ -283,8 +309,8 @@ class FakeQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_qparams_from_stats(self) -> None:
-        if not self.enabled:
-            return
+        if not self.enabled or self.spec.grid != "affine":
+            return  # a GGUF grid's d is set from the weights themselves (_gguf)
         qmin, qmax = self.quant_range
         scale, zp = qparams_from_range(
             self.min_val, self.max_val, qmin, qmax, self.spec.symmetric, self.spec.signed
@@ -318,6 +344,17 @@ class FakeQuantizer(nn.Module):
         """
         if not self.enabled:
             return torch.relu(x) if relu else x
+        if self.spec.dynamic != "none":
+            x = torch.relu(x) if relu else x
+            return dynamic_fake_quantize(x, self.spec) if self.fake_quant_enabled else x
+        if self.spec.group_size:
+            view = group_view(x, self.spec.group_size, self.group_axis)
+            return ungroup(self._quantize(view, relu), x.shape, self.group_axis)
+        return self._quantize(x, relu)
+
+    def _quantize(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        if self.spec.grid != "affine":
+            return self._gguf(x)
         # Ranges move only in training mode: evaluation and export see a fixed model.
         if self.training and (self.observer_enabled or self._reinit_pending):
             if not self.observer_enabled:
@@ -340,6 +377,16 @@ class FakeQuantizer(nn.Module):
             return self._pact(x, qmin, qmax)
         axis = self.axis if self.spec.per_channel else None
         return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, axis)
+
+    def _gguf(self, blocks: torch.Tensor) -> torch.Tensor:
+        """GGUF grids: ``d`` follows the weights like an observed range (module docstring)."""
+        if self.training and self.observer_enabled:
+            with torch.no_grad():
+                self.scale.copy_(gguf_scale(blocks, self.spec.grid))
+                self.initialized.fill_(1)
+        if not self.fake_quant_enabled or not self.initialized:
+            return blocks
+        return gguf_fake_quantize(blocks, self.scale, self.spec.grid)
 
     def _clamps_at_zero(self, qmin: int) -> bool:
         """True when quantizing clamps negative inputs to exactly 0 (zero point == qmin)."""

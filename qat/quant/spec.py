@@ -28,6 +28,17 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FLOAT_BITS = (16, 32)
 RANGE_METHODS = ("minmax", "ema", "percentile", "mse")
 LEARNED_RANGES = ("none", "lsq", "pact")
+#: ``group_size`` values: 0 (per channel / per tensor) or one scale per this many inputs.
+GROUP_SIZES = (0, 16, 32, 64, 128, 256, 512, 1024)
+#: Dynamic activation scales: ``none`` (static ranges), per ``token`` (each row of the last
+#: dimension) or per ``tensor``, computed from each call's values as ONNX Runtime's
+#: ``DynamicQuantizeLinear`` (and llama.cpp, per block) does.
+DYNAMIC_MODES = ("none", "token", "tensor")
+#: Integer grids: ``affine`` (the numerics contract) or GGUF's block grids, bit for bit as
+#: ggml / ``gguf.quants`` compute them (blocks of 32, fp16 scale ``d``; :mod:`qat.quant.blocks`).
+GRIDS = ("affine", "q8_0", "q4_0")
+GGUF_GRID_BITS = {"q8_0": 8, "q4_0": 4}
+_LLM_FIELDS = {"group_size", "dynamic", "grid"}
 
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
@@ -84,6 +95,18 @@ class QuantSpec:
             activations: ``[0, α]`` unsigned or ``[−α, α]`` signed, zero point 0 either way).
         ema_decay: weight of the old value in the ``ema`` average, in [0, 1).
         percentile: upper percentile kept by the ``percentile`` method, in (50, 100].
+        group_size: 0, or one scale per ``group_size`` consecutive elements along the input
+            dimension: of each output row (linear / embedding weights, ``per_channel=true``),
+            or of each token (dynamic activations). 32 / 64 / 128 are the usual LLM groups.
+        dynamic: activations only: ``none`` (static ranges), ``token`` (scale and zero point
+            from each row of the last dimension, at every call; with ``group_size`` per block
+            of it) or ``tensor`` (one per call, ONNX Runtime's ``DynamicQuantizeLinear``).
+            Layers then quantize their *inputs* and leave their outputs in float.
+        grid: ``affine`` (``clamp(round(x·(1/s)) + z)``, round half to even), or GGUF's
+            ``q8_0`` (8 bits, ``d = amax/127``, round half away from zero) / ``q4_0`` (4 bits,
+            ``d = signed max / −8``): blocks of ``group_size=32``, fp16 ``d``, bit for bit as
+            llama.cpp dequantizes them. These grids fix their own integer range, so
+            ``narrow_range`` / ``reduce_range`` do not apply.
     """
 
     bits: int = 8
@@ -96,6 +119,9 @@ class QuantSpec:
     learned: str = "none"
     ema_decay: float = 0.9
     percentile: float = 99.99
+    group_size: int = 0
+    dynamic: str = "none"
+    grid: str = "affine"
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -122,6 +148,44 @@ class QuantSpec:
             _fail(owner, "ema_decay", self.ema_decay, "expected a number in [0, 1)")
         if not isinstance(self.percentile, int | float) or not 50.0 < self.percentile <= 100.0:
             _fail(owner, "percentile", self.percentile, "expected a number in (50, 100]")
+        self._check_llm_fields(owner)
+
+    def _check_llm_fields(self, owner: str) -> None:
+        """``group_size`` / ``dynamic`` / ``grid``, and how they combine with the rest."""
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g not in GROUP_SIZES:
+            _fail(owner, "group_size", g, f"allowed: {', '.join(map(str, GROUP_SIZES))} (0: off)")
+        if self.dynamic not in DYNAMIC_MODES:
+            _fail(owner, "dynamic", self.dynamic, f"allowed: {', '.join(DYNAMIC_MODES)}")
+        if self.grid not in GRIDS:
+            _fail(owner, "grid", self.grid, f"allowed: {', '.join(GRIDS)}")
+        if self.dynamic != "none":
+            if self.learned != "none":
+                _fail(owner, "learned", self.learned, "dynamic scales are not learned: use none")
+            if self.per_channel:
+                _fail(owner, "per_channel", True, "dynamic scales are per token or per tensor")
+            if self.dynamic == "tensor" and g:
+                _fail(owner, "group_size", g, "dynamic=tensor has one scale: use 0 or token")
+        elif g and not self.per_channel:
+            _fail(
+                owner,
+                "group_size",
+                g,
+                "groups are per output row of a weight (per_channel=true) or per block of a "
+                "token (dynamic=token)",
+            )
+        if self.grid != "affine":
+            bits = GGUF_GRID_BITS[self.grid]
+            if self.bits not in (bits, *FLOAT_BITS):
+                _fail(owner, "bits", self.bits, f"grid={self.grid} has {bits} bits")
+            if g != 32:
+                _fail(owner, "group_size", g, f"grid={self.grid} quantizes blocks of 32: set 32")
+            if not self.signed or not self.symmetric:
+                _fail(owner, "grid", self.grid, "GGUF grids are signed and symmetric")
+            if self.learned != "none":
+                _fail(owner, "learned", self.learned, f"grid={self.grid} fixes d: use none")
+            if self.dynamic == "tensor":
+                _fail(owner, "dynamic", "tensor", f"grid={self.grid} is per block: use token")
 
     @property
     def enabled(self) -> bool:
@@ -169,6 +233,11 @@ def default_activation_spec() -> QuantSpec:
     return QuantSpec(bits=8, signed=False, symmetric=False, per_channel=False, range_method="ema")
 
 
+def default_embedding_spec() -> QuantSpec:
+    """Embedding tables stay in float unless a recipe sets ``embedding.bits`` (weight-only)."""
+    return QuantSpec(bits=32, signed=True, symmetric=True, per_channel=True)
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     """Per-layer changes, for the modules whose qualified name matches ``pattern``.
@@ -196,8 +265,14 @@ class LayerOverride:
             if value is not None and not isinstance(value, Mapping):
                 _fail(owner, name, value, "expected a mapping of QuantSpec fields or null")
             if value is not None:
-                # Validate now against the defaults, so a typo fails at load time.
-                QuantSpec.from_dict(value)
+                # Validate now against the defaults, so a typo fails at load time. The LLM
+                # fields combine with the spec they override (grid q8_0 needs group_size=32
+                # there): those are checked once merged, by Recipe and at prepare time.
+                try:
+                    QuantSpec.from_dict(value)
+                except ValueError:
+                    if not _LLM_FIELDS & set(value):
+                        raise
 
 
 @dataclass(frozen=True)
@@ -213,6 +288,9 @@ class Recipe:
         fuse: explicit groups of module names to fuse, ``[[conv, bn], [conv, bn, relu],
             [conv, relu], [linear, relu]]``, for models that do not build these as adjacent
             children of an ``nn.Sequential`` (adjacent ones are found automatically).
+        embedding: spec for ``nn.Embedding`` tables (weight-only: a lookup's output is a row of
+            the quantized table); bits 32 (the default) leaves them in float. Overrides'
+            ``weight`` fields apply to matching embeddings too.
         quantize_bias: train with each integer conv / linear bias rounded onto the int32 grid
             ``s_in · s_w`` the runtimes add it on (straight-through; :func:`qat.link_bias_quantizers`).
             It matters where that grid is coarse next to the output step (depthwise convs at
@@ -226,6 +304,7 @@ class Recipe:
     fuse_bn: bool = True
     fuse: tuple[tuple[str, ...], ...] = ()
     quantize_bias: bool = False
+    embedding: QuantSpec = field(default_factory=default_embedding_spec)
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, QuantSpec):
@@ -243,6 +322,22 @@ class Recipe:
             )
         if self.weight.learned == "pact":
             _fail("Recipe.weight", "learned", "pact", "PACT is for activations; use lsq or none")
+        if not isinstance(self.embedding, QuantSpec):
+            raise ValueError("Recipe.embedding must be a QuantSpec (use Recipe.from_dict)")
+        for role in ("weight", "embedding"):
+            spec = getattr(self, role)
+            if spec.dynamic != "none":
+                _fail(f"Recipe.{role}", "dynamic", spec.dynamic, "weights are static: use none")
+            if role == "embedding" and spec.enabled and not (spec.signed and spec.symmetric):
+                _fail("Recipe.embedding", "symmetric", spec.symmetric, "signed symmetric only")
+        act = self.activation
+        if act.group_size and act.dynamic == "none":
+            _fail(
+                "Recipe.activation",
+                "group_size",
+                act.group_size,
+                "static activation ranges are per tensor: use 0, or dynamic=token for blocks",
+            )
         _check_bool("Recipe", "quantize_input", self.quantize_input)
         _check_bool("Recipe", "fuse_bn", self.fuse_bn)
         _check_bool("Recipe", "quantize_bias", self.quantize_bias)
@@ -261,6 +356,7 @@ class Recipe:
             if not isinstance(ov, LayerOverride):
                 raise ValueError("Recipe.overrides must hold LayerOverride objects")
             spec = self.weight_for(ov)
+            QuantSpec.from_dict(ov.activation or {}, base=self.activation)
             if spec.enabled and (not spec.signed or not spec.symmetric):
                 raise ValueError(
                     f"override {ov.pattern!r}: weights must be signed and symmetric "
@@ -285,6 +381,9 @@ class Recipe:
         kwargs["weight"] = QuantSpec.from_dict(data.get("weight") or {}, base=default_weight_spec())
         kwargs["activation"] = QuantSpec.from_dict(
             data.get("activation") or {}, base=default_activation_spec()
+        )
+        kwargs["embedding"] = QuantSpec.from_dict(
+            data.get("embedding") or {}, base=default_embedding_spec()
         )
         overrides = []
         for i, ov in enumerate(data.get("overrides") or ()):
@@ -317,4 +416,5 @@ class Recipe:
             "fuse_bn": self.fuse_bn,
             "fuse": [list(g) for g in self.fuse],
             "quantize_bias": self.quantize_bias,
+            "embedding": self.embedding.to_dict(),
         }

@@ -13,12 +13,25 @@ activations) get one here.
 from qat.quant.layers.act import FloatLayer, QAct
 from qat.quant.layers.combine import QAdd, QCat
 from qat.quant.layers.conv import QConv2d
+from qat.quant.layers.conv1d import QConv1D, is_hf_conv1d
 from qat.quant.layers.conv_bn import QConvBn2d
+from qat.quant.layers.embedding import QEmbedding
 from qat.quant.layers.linear import QLinear
 from qat.quant.layers.matmul import QMatMul
 
 #: Quantized layer types, for walkers that need to tell them apart from float ones.
-QUANT_MODULES = (QConv2d, QLinear, QConvBn2d, QAdd, QCat, QMatMul, QAct, FloatLayer)
+QUANT_MODULES = (
+    QConv2d,
+    QLinear,
+    QConvBn2d,
+    QAdd,
+    QCat,
+    QMatMul,
+    QAct,
+    FloatLayer,
+    QEmbedding,
+    QConv1D,
+)
 #: Layers that run on the integer conv / matmul kernels (weight, bias, input grid).
 WEIGHTED_MODULES = (QConv2d, QConvBn2d, QLinear)
 
@@ -29,8 +42,11 @@ __all__ = [
     "QAct",
     "QAdd",
     "QCat",
+    "QConv1D",
     "QConv2d",
     "QConvBn2d",
+    "QEmbedding",
     "QLinear",
     "QMatMul",
+    "is_hf_conv1d",
 ]

@@ -1,4 +1,6 @@
-"""``QLinear``: a Linear with fake-quantized weight (per output row) and output."""
+"""``QLinear``: a Linear with fake-quantized weight (per output row, or per group of it) and
+output; with a dynamic activation spec it quantizes its input instead (``act_quant``) and
+leaves its output in float, as ONNX Runtime's dynamic int8 and llama.cpp's kernels do."""
 
 from __future__ import annotations
 
@@ -6,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.quant.layers.base import copy_weight_bias, output_quantizer, weight_quantizer
+from qat.quant.layers.base import (
+    copy_weight_bias,
+    input_quantizer,
+    output_quantizer,
+    weight_quantizer,
+)
 from qat.quant.numerics import RuntimeNumerics, quantized_output
 from qat.quant.spec import QuantSpec
 
@@ -25,10 +32,14 @@ class QLinear(nn.Linear, RuntimeNumerics):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.relu = relu
-        self.weight_quant = weight_quantizer(weight_spec, out_features, axis=0)
+        shape = (out_features, in_features)
+        self.weight_quant = weight_quantizer(weight_spec, out_features, axis=0, shape=shape)
+        self.act_quant = input_quantizer(activation_spec)
         self.output_quant = output_quantizer(activation_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
         return quantized_output(self, F.linear, x, self.weight_quant(self.weight), self.bias)
 
     @classmethod
