@@ -1,4 +1,4 @@
-"""LightningDataModules for image classification, without torchvision.
+"""LightningDataModules for image classification (without torchvision) and byte-level text.
 
 Every DataModule takes ``data_dir``, ``batch_size``, ``num_workers``, ``val_fraction``, ``seed``
 and ``augment``; exposes ``num_classes``, ``in_channels``, ``image_size`` (to size the model),
@@ -17,6 +17,7 @@ from qat.data.cifar10 import CIFAR10DataModule
 from qat.data.digits import DigitsDataModule
 from qat.data.fashion_mnist import FashionMNISTDataModule, find_fashion_mnist, read_idx
 from qat.data.imagefolder import ImageFolderDataModule
+from qat.data.text import TextDataModule
 
 __all__ = [
     "BaseDataModule",
@@ -25,6 +26,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "TensorImageDataset",
+    "TextDataModule",
     "find_fashion_mnist",
     "read_idx",
 ]
