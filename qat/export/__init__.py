@@ -9,6 +9,11 @@ Public API (what ``qat.lit`` and ``python -m qat.export`` call):
 - :func:`benchmark_artifacts` — latency / throughput / size, float beside integer;
 - :func:`run_export` — all three as one stage, as training runs it.
 
+Language models (``task: language_model``): :func:`export_lm` (``model.gguf`` for llama.cpp,
+``model.onnx`` with ONNX Runtime's ``MatMulNBits`` / dynamic int8 kernels),
+:func:`verify_lm_artifacts` / :func:`check_lm_parity` (next-token agreement, perplexity) and
+:func:`run_lm_export`, the same stage for them.
+
 Layout: :mod:`~qat.export.convert` reads the trained quantizers into :mod:`~qat.export.ir`;
 :mod:`~qat.export.lowering` decides, for every target alike, which layers run on integer
 kernels; :mod:`~qat.export.onnx` and :mod:`~qat.export.torchscript` emit them. Importing this
@@ -26,9 +31,12 @@ Example:
 from qat.export.artifacts import FILENAMES, TARGETS, export_model
 from qat.export.bench import benchmark_artifacts
 from qat.export.convert import check_exportable, convert
+from qat.export.gguf import export_gguf
 from qat.export.ir import ConvertedModel
 from qat.export.stage import parity_failure, run_export
+from qat.export.stage_lm import export_lm, run_lm_export
 from qat.export.verify import ParityError, check_parity, verify_artifacts
+from qat.export.verify_lm import check_lm_parity, verify_lm_artifacts
 
 __all__ = [
     "FILENAMES",
@@ -37,10 +45,15 @@ __all__ = [
     "ParityError",
     "benchmark_artifacts",
     "check_exportable",
+    "check_lm_parity",
     "check_parity",
     "convert",
+    "export_gguf",
+    "export_lm",
     "export_model",
     "parity_failure",
     "run_export",
+    "run_lm_export",
     "verify_artifacts",
+    "verify_lm_artifacts",
 ]

@@ -66,6 +66,17 @@ def check_exportable(model: nn.Module) -> None:
             + ". The exported integer model would not be the model you evaluated; switch it "
             "on (qat.set_fake_quant(model, True)) before exporting"
         )
+    llm = [
+        n
+        for n, q in iter_quantizers(model)
+        if q.enabled and (q.spec.dynamic != "none" or q.spec.group_size or q.spec.grid != "affine")
+    ]
+    if llm:
+        raise ValueError(
+            f"{len(llm)} quantizer(s) use per-group, dynamic or GGUF grids ({', '.join(llm[:3])}"
+            "), which these integer exporters do not run: export language models with "
+            "qat.export.export_lm (targets gguf, onnx)"
+        )
     per_channel = [
         n for n, q in iter_quantizers(model, "activation") if q.enabled and q.per_channel
     ]

@@ -1,0 +1,116 @@
+"""The integer weights of a language model's quantized layers, read from the trained quantizers.
+
+For every linear-like layer (``QLinear``, Hugging Face ``Conv1D`` as ``QConv1D``) and every
+``QEmbedding``: integer codes ``(rows, in)``, one dequantization scale per group of each row,
+and the group size, such that ``codes · scale`` is bit for bit the weight the fake-quant model
+computes with (checked here, so every LM exporter writes exactly the trained model). For GGUF
+grids the scale is the fp16-rounded ``d`` (what the file stores); for affine grids the float32
+scale. Nothing is re-derived from the float weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qat.quant.blocks import fp16_scale, gguf_codes, group_view
+from qat.quant.layers import QConv1D, QEmbedding, QLinear
+from qat.quant.quantizer import FakeQuantizer
+
+__all__ = ["QuantWeight", "quant_weight", "weighted_layers"]
+
+
+@dataclass
+class QuantWeight:
+    """One layer's weight as integers.
+
+    Attributes:
+        codes: ``(rows, in)`` int32 codes in ``[qmin, qmax]`` (rows: output features, or
+            embedding entries).
+        scales: ``(rows, in // group)`` float32 dequantization scales.
+        group: elements per scale along ``in`` (``in`` for per-channel weights).
+        bits: the grid's bit width; ``grid``: ``affine``, ``q8_0`` or ``q4_0``.
+        d32: GGUF grids: the float32 ``d`` the codes were computed with (else None).
+        weight: ``codes · scales`` as ``(rows, in)`` float32: the fake-quant weight.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    group: int
+    bits: int
+    grid: str
+    d32: torch.Tensor | None
+    weight: torch.Tensor
+
+
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every linear-like and embedding layer with quantized weights."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, QLinear | QConv1D | QEmbedding) and m.weight_quant.enabled
+    ]
+
+
+def _rows(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight.detach().float()
+    return w.t() if isinstance(layer, QConv1D) else w
+
+
+@torch.no_grad()
+def quant_weight(layer: nn.Module, name: str = "") -> QuantWeight:
+    """The integer weight of a quantized linear / Conv1D / embedding layer (module docstring).
+
+    Raises:
+        ValueError: the quantizer is off or never saw data, or codes · scales does not
+            reproduce the fake-quant weight (an unsupported quantizer configuration).
+    """
+    q: FakeQuantizer = layer.weight_quant
+    where = name or type(layer).__name__
+    if not (q.enabled and q.fake_quant_enabled and q.is_initialized):
+        raise ValueError(
+            f"layer {where!r}: its weight quantizer is off or never saw data: calibrate or "
+            "train the model (qat.calibrate) before exporting"
+        )
+    spec = q.spec
+    rows = _rows(layer)
+    group = spec.group_size or rows.shape[1]
+    view = group_view(rows, group, 1)  # (rows · groups, group)
+    scale, zero_point = q.qparams()
+    if spec.grid != "affine":
+        d32 = scale.float()
+        codes = gguf_codes(view, d32, spec.grid)
+        deq_scale = fp16_scale(d32)
+    else:
+        d32 = None
+        qmin, qmax = q.quant_range
+        s = scale.float().reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(view.shape[0])
+        elif not spec.group_size and s.numel() != view.shape[0]:
+            raise ValueError(f"layer {where!r}: {s.numel()} weight scales for {rows.shape}")
+        if bool((zero_point != 0).any()):
+            raise ValueError(f"layer {where!r}: weights must be symmetric (zero point 0)")
+        codes = torch.clamp(torch.round(view * (1.0 / s[:, None])), qmin, qmax)
+        deq_scale = s
+    deq = (codes * deq_scale[:, None]).reshape(rows.shape)
+    expected = q(layer.weight).detach().float()
+    expected = expected.t() if isinstance(layer, QConv1D) else expected
+    if not torch.equal(deq, expected):
+        raise ValueError(
+            f"layer {where!r}: integer codes x scales differ from the fake-quant weight "
+            f"(max {float((deq - expected).abs().max()):.3g}); this quantizer setup cannot be "
+            "exported"
+        )
+    ngroups = rows.shape[1] // group
+    return QuantWeight(
+        codes=codes.to(torch.int32).reshape(rows.shape),
+        scales=deq_scale.reshape(rows.shape[0], ngroups).contiguous(),
+        group=group,
+        bits=spec.bits if spec.grid == "affine" else (8 if spec.grid == "q8_0" else 4),
+        grid=spec.grid,
+        d32=None if d32 is None else d32.reshape(rows.shape[0], ngroups),
+        weight=deq,
+    )

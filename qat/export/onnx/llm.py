@@ -1,0 +1,335 @@
+"""ONNX export of quantized language models for ONNX Runtime's 4-bit and dynamic int8 kernels.
+
+Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.export.lm_weights`):
+
+- per-group weights of 2–8 bits (4-bit groups, GGUF's Q4_0 / Q8_0 blocks): ``MatMulNBits``
+  (``com.microsoft``): codes stored unsigned with the default zero point ``2^(b−1)``, one float
+  scale per block (``block_size`` = the group size), so ORT dequantizes exactly the fake-quant
+  weight and, at ``accuracy_level=0``, multiplies in float32;
+- 8-bit per-channel weights with per-tensor dynamic uint8 activations:
+  ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul(s_x · s_w)``, the pattern ONNX Runtime
+  fuses into ``DynamicQuantizeMatMul`` (u8 × s8 integer GEMM, exact int32 sums);
+- other per-channel weights: ``DequantizeLinear`` of int8 codes → ``MatMul``.
+
+Dynamic per-token / per-block activations (torchao's 8da4w, llama.cpp's Q8_0 activations) are
+emitted as the float ops of :mod:`qat.quant.dynamic` (min / max reductions, ``Div``, ``Round``,
+fp16 ``d``), op for op what the fake-quant model computes, then the layer's weight op.
+Quantized embeddings are int8 codes times their block scales, then ``Gather``. Everything else
+(LayerNorm, attention, GELU, residual adds) is the model's own float code, exported by
+``torch.onnx.export(dynamo=False)``, which calls these layers' ``symbolic``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.export.lm_io import LogitsModule
+from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
+from qat.export.onnx.emit import _const, _tracing_off
+from qat.export.onnx.passes import compact_names
+from qat.quant.dynamic import dynamic_quantize
+from qat.quant.layers import QEmbedding
+from qat.quant.prepare import set_module
+from qat.quant.qparams import qrange
+from qat.quant.quantizer import FakeQuantizer
+from qat.quant.spec import QuantSpec
+
+__all__ = ["LM_OPSET", "build_lm_onnx", "float_lm_onnx", "linear_kinds"]
+
+LM_OPSET = 17
+_MS = "com.microsoft"
+
+
+@dataclass
+class _Linear:
+    """What one linear layer exports as (a plain object: it travels through the tracer)."""
+
+    kind: str  # "nbits", "dynamic_int8" or "dq_matmul"
+    weight: QuantWeight
+    bias: torch.Tensor | None
+    act: QuantSpec | None  # dynamic activation spec, or None (float input)
+    accuracy_level: int
+
+
+def _kind(w: QuantWeight, act: QuantSpec | None) -> str:
+    k = w.codes.shape[1]
+    tensor_u8 = (
+        act is not None
+        and act.dynamic == "tensor"
+        and act.bits == 8
+        and not act.signed
+        and not act.symmetric
+    )
+    if tensor_u8 and w.group == k and w.bits == 8 and w.grid == "affine":
+        return "dynamic_int8"
+    if w.group < k and w.bits in (4, 8) and w.group >= 16:
+        return "nbits"
+    return "dq_matmul"
+
+
+def _act_spec(layer: nn.Module) -> QuantSpec | None:
+    aq = getattr(layer, "act_quant", None)
+    if isinstance(aq, FakeQuantizer) and aq.enabled and bool(aq.fake_quant_enabled):
+        return aq.spec
+    return None
+
+
+def _dynamic_ops(g: Any, x: Any, spec: QuantSpec, k: int) -> Any:
+    """:func:`qat.quant.dynamic.dynamic_quantize` as ONNX float ops (the same op order)."""
+    f32 = lambda v: _const(g, torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    block = 32 if spec.grid == "q8_0" else (spec.group_size or k)
+    if spec.dynamic == "tensor":
+        v = g.op("Reshape", x, _const(g, torch.tensor([1, -1], dtype=torch.int64)))
+    else:
+        v = g.op("Reshape", x, _const(g, torch.tensor([-1, block], dtype=torch.int64)))
+    if spec.grid == "q8_0":
+        amax = g.op("ReduceMax", g.op("Abs", v), axes_i=[1], keepdims_i=1)
+        d = g.op("Div", amax, f32(127.0))
+        zero = g.op("Equal", d, f32(0.0))
+        inv = g.op("Where", zero, f32(0.0), g.op("Div", f32(1.0), d))
+        scaled = g.op("Mul", v, inv)
+        a = g.op("Abs", scaled)
+        floored = g.op("Floor", a)
+        frac2 = g.op("Floor", g.op("Mul", f32(2.0), g.op("Sub", a, floored)))
+        codes = g.op("Mul", g.op("Sign", scaled), g.op("Add", floored, frac2))
+        codes = g.op("Clip", codes, f32(-127.0), f32(127.0))
+        d16 = g.op("Cast", g.op("Cast", d, to_i=10), to_i=1)  # fp16, as the file stores d
+        out = g.op("Mul", codes, d16)
+    else:
+        qmin, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
+        lo = g.op("Min", g.op("ReduceMin", v, axes_i=[1], keepdims_i=1), f32(0.0))
+        hi = g.op("Max", g.op("ReduceMax", v, axes_i=[1], keepdims_i=1), f32(0.0))
+        if spec.symmetric:
+            amax = g.op("Max", g.op("Neg", lo), hi) if qmin < 0 else hi
+            scale = g.op("Div", amax, f32(float(qmax)))
+            scale = g.op("Where", g.op("Equal", scale, f32(0.0)), f32(1.0), scale)
+            zp = f32(0.0)
+        else:
+            scale = g.op("Div", g.op("Sub", hi, lo), f32(float(qmax - qmin)))
+            scale = g.op("Where", g.op("Equal", hi, lo), f32(1.0), scale)
+            zp = g.op("Sub", f32(float(qmin)), g.op("Div", lo, scale))
+            zp = g.op("Round", g.op("Clip", zp, f32(float(qmin)), f32(float(qmax))))
+        q = g.op("Add", g.op("Round", g.op("Div", v, scale)), zp)
+        q = g.op("Clip", q, f32(float(qmin)), f32(float(qmax)))
+        out = g.op("Mul", g.op("Sub", q, zp), scale)
+    return g.op("Reshape", out, g.op("Shape", x))
+
+
+def _pack(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """MatMulNBits' ``B`` ``(N, blocks, group·bits/8)`` uint8 and scales ``(N, blocks)``."""
+    n, k = w.codes.shape
+    offset = 1 << (w.bits - 1)
+    u = (w.codes + offset).to(torch.uint8).reshape(n, k // w.group, w.group)
+    if w.bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    return u.contiguous(), w.scales.float().contiguous()
+
+
+def _emit_linear(g: Any, plan: _Linear, x: Any) -> Any:
+    w = plan.weight
+    n, k = w.codes.shape
+    if plan.act is not None and plan.kind != "dynamic_int8":
+        x = _dynamic_ops(g, x, plan.act, k)
+    if plan.kind == "nbits":
+        packed, scales = _pack(w)
+        y = g.op(
+            f"{_MS}::MatMulNBits",
+            x,
+            _const(g, packed),
+            _const(g, scales),
+            K_i=k,
+            N_i=n,
+            bits_i=w.bits,
+            block_size_i=w.group,
+            accuracy_level_i=plan.accuracy_level,
+        )
+        _set_type(y, x, n)
+    elif plan.kind == "dynamic_int8":
+        xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
+        codes = _const(g, w.codes.t().to(torch.int8).contiguous())
+        acc = g.op("MatMulInteger", xq, codes, xz)
+        scale = g.op("Mul", xs, _const(g, w.scales.reshape(-1).float()))
+        y = g.op("Mul", g.op("Cast", acc, to_i=1), scale)
+    else:
+        # Cast · scale rather than DequantizeLinear: ORT rewrites DQ → MatMul into its own
+        # MatMulNBits, which did not reproduce the dequantized weight here.
+        codes = _const(g, w.codes.to(torch.int8).reshape(n, k // w.group, w.group))
+        wt = g.op("Mul", g.op("Cast", codes, to_i=1), _const(g, w.scales.float()[..., None]))
+        wt = g.op("Reshape", wt, _const(g, torch.tensor([n, k], dtype=torch.int64)))
+        y = g.op("MatMul", x, g.op("Transpose", wt, perm_i=[1, 0]))
+    if plan.bias is not None:
+        y = g.op("Add", y, _const(g, plan.bias))
+    return y
+
+
+def _set_type(y: Any, x: Any, n: int) -> None:
+    """Give a contrib op's output its type (the exporter cannot infer it for MatMulNBits)."""
+    try:
+        sizes = x.type().varyingSizes()
+        y.setType(x.type().with_sizes([*sizes[:-1], n]))
+    except (RuntimeError, AttributeError, TypeError):  # unknown input shape: leave it untyped
+        pass
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, plan: _Linear, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        with _tracing_off():
+            if plan.act is not None:
+                x = dynamic_quantize(x, plan.act)
+            return F.linear(x, plan.weight.weight, plan.bias)
+
+    @staticmethod
+    def symbolic(g: Any, plan: _Linear, x: Any) -> Any:
+        return _emit_linear(g, plan, x)
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, w: QuantWeight, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        with _tracing_off():
+            return F.embedding(ids, w.weight)
+
+    @staticmethod
+    def symbolic(g: Any, w: QuantWeight, ids: Any) -> Any:
+        rows, dim = w.codes.shape
+        codes = w.codes.to(torch.int8).reshape(rows, dim // w.group, w.group)
+        scaled = g.op(
+            "Mul",
+            g.op("Cast", _const(g, codes), to_i=1),
+            _const(g, w.scales.float()[..., None]),
+        )
+        table = g.op("Reshape", scaled, _const(g, torch.tensor([rows, dim], dtype=torch.int64)))
+        return g.op("Gather", table, ids, axis_i=0)
+
+
+class _ExportLinear(nn.Module):
+    def __init__(self, plan: _Linear) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearFn.apply(self.plan, x)
+
+
+class _ExportEmbedding(nn.Module):
+    def __init__(self, weight: QuantWeight) -> None:
+        super().__init__()
+        self.qweight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _EmbeddingFn.apply(self.qweight, ids)
+
+
+def linear_kinds(model: nn.Module) -> dict[str, str]:
+    """How each quantized layer exports: ``nbits``, ``dynamic_int8``, ``dq_matmul``, ``gather``."""
+    kinds = {}
+    for name, layer in weighted_layers(model):
+        if isinstance(layer, QEmbedding):
+            kinds[name] = "gather"
+        else:
+            kinds[name] = _kind(quant_weight(layer, name), _act_spec(layer))
+    return kinds
+
+
+def _check_activations(model: nn.Module) -> None:
+    for name, q in model.named_modules():
+        if not isinstance(q, FakeQuantizer) or q.role != "activation" or not q.enabled:
+            continue
+        if q.spec.dynamic == "none" and bool(q.fake_quant_enabled) and q.is_initialized:
+            raise ValueError(
+                f"quantizer {name!r} has a static activation grid: the language-model exporters "
+                "take weight-only or dynamic-activation recipes (quant=lm_*); static grids "
+                "export through the classification targets (torchscript, onnx)"
+            )
+
+
+@torch.no_grad()
+def build_lm_onnx(
+    model: nn.Module,
+    example_ids: torch.Tensor,
+    opset: int = LM_OPSET,
+    accuracy_level: int = 0,
+) -> onnx.ModelProto:
+    """The ONNX model of a quantized language model (module docstring), input ``input_ids``
+    ``(batch, sequence)`` int64, output ``logits``; checked with ``onnx.checker``.
+
+    Args:
+        model: a prepared model with weight-only or dynamic-activation quantizers (unchanged).
+        example_ids: token ids ``(B, T)`` for tracing (both dimensions stay dynamic).
+        opset: the ONNX opset (13–20; ``ReduceMax`` with axis attributes needs ≤ 17).
+        accuracy_level: ``MatMulNBits``' compute type: 0 float32 (exact dequantized weights;
+            the default), 4 int8 (ORT quantizes the activations per block itself: faster,
+            not the fake-quant model's arithmetic).
+
+    Raises:
+        ValueError: an unprepared model, a static activation grid, or a weight whose codes do
+            not reproduce the fake-quant weight.
+    """
+    if not weighted_layers(model):
+        raise ValueError(
+            "no quantized linear / embedding layer found: prepare the model with an LM recipe "
+            "(qat.prepare(model, recipe)) and calibrate it before exporting"
+        )
+    if opset > LM_OPSET:
+        raise ValueError(f"opset={opset} is invalid: 13–{LM_OPSET} (ReduceMax axes attribute)")
+    deploy = copy.deepcopy(model).cpu().eval()
+    _check_activations(deploy)
+    for name, layer in weighted_layers(deploy):
+        qw = quant_weight(layer, name)
+        if isinstance(layer, QEmbedding):
+            set_module(deploy, name, _ExportEmbedding(qw))
+            continue
+        act = _act_spec(layer)
+        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        plan = _Linear(_kind(qw, act), qw, bias, act, accuracy_level)
+        set_module(deploy, name, _ExportLinear(plan))
+    wrapper = LogitsModule(deploy).eval()
+    kinds = {m.plan.kind for m in deploy.modules() if isinstance(m, _ExportLinear)}
+    custom = {_MS: 1} if "nbits" in kinds else {}
+    data = _export(wrapper, example_ids, opset, custom, fold=False)
+    proto = onnx.load_from_string(data)
+    compact_names(proto.graph)  # the exporter's value names are a third of a small file
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _export(
+    wrapper: nn.Module, ids: torch.Tensor, opset: int, custom: dict[str, int], fold: bool
+) -> bytes:
+    buf = io.BytesIO()
+    axes = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated
+        torch.onnx.export(
+            wrapper,
+            (ids.detach().cpu().long(),),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": axes, "logits": axes},
+            custom_opsets=custom,
+            # Not for quantized models: folding would store Cast(codes) · scales as float.
+            do_constant_folding=fold,
+        )
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def float_lm_onnx(model: nn.Module, example_ids: torch.Tensor, opset: int = LM_OPSET) -> bytes:
+    """The float language model as ONNX bytes (the FP32 baseline of the benchmarks)."""
+    wrapper = LogitsModule(copy.deepcopy(model).cpu().eval()).eval()
+    proto = onnx.load_from_string(_export(wrapper, example_ids, opset, {}, fold=True))
+    compact_names(proto.graph)  # as for the quantized files, so their sizes compare fairly
+    return proto.SerializeToString()

@@ -1,0 +1,171 @@
+"""Parity of exported language models with the fake-quant model: next-token agreement, perplexity.
+
+:func:`verify_lm_artifacts` runs the fake-quant model (eval) and every exported runtime
+(ONNX Runtime for ``onnx*`` files, :class:`~qat.export.gguf_runner.GGUFRunner` for ``gguf*``)
+on the same token batches and reports, per runtime, the top-1 next-token agreement with the
+fake-quant model over every position, the perplexity of each on the targets, their relative
+difference, and the logit differences. :func:`check_lm_parity` turns it into pass / fail.
+
+Report layout::
+
+    {"num_tokens": 8192,
+     "fake_quant": {"perplexity": 3.21},
+     "runtimes": {"onnx": {"agreement": 1.0, "perplexity": 3.21, "ppl_rel_diff": 2e-6,
+                           "max_abs_diff": 3e-4, "mean_abs_diff": 1e-6}, "gguf": {...}}}
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.export.lm_io import logits_of
+from qat.export.verify import ParityError
+
+__all__ = ["check_lm_parity", "load_lm_runtime", "perplexity", "verify_lm_artifacts"]
+
+
+def load_lm_runtime(
+    kind: str, path: str | Path, threads: int = 2
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``ids → logits`` for an exported language model (``onnx*`` or ``gguf*`` key)."""
+    if kind.startswith("gguf"):
+        from qat.export.gguf_runner import GGUFRunner
+
+        return GGUFRunner(path)
+    if kind.startswith("onnx"):
+        from qat.export.onnx import make_session
+
+        session = make_session(path, threads=threads, spinning=False)
+
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            out = session.run(None, {"input_ids": ids.cpu().long().numpy()})[0]
+            return torch.from_numpy(np.asarray(out)).float()
+
+        return run
+    raise ValueError(f"unknown LM runtime {kind!r}: expected a key starting with onnx or gguf")
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float(
+        F.cross_entropy(logits.flatten(0, -2).double(), targets.flatten(), reduction="sum")
+    )
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> float:
+    """``exp(mean next-token NLL)`` of ``model`` on ``(ids, targets)`` batches (eval mode)."""
+    was_training = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    try:
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            nll += _nll(logits_of(model, x).float(), y)
+            n += y.numel()
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("perplexity got no batches")
+    return math.exp(nll / n)
+
+
+@torch.no_grad()
+def verify_lm_artifacts(
+    model: nn.Module,
+    artifacts: Mapping[str, str | Path],
+    batches: Iterable[Any],
+    max_batches: int | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """Run the fake-quant model and every artifact on ``batches`` of ``(ids, targets)``.
+
+    Args:
+        model: the fake-quant model that was exported (run in eval mode on a CPU copy).
+        artifacts: runtime name → file (``onnx``, ``gguf``; keys starting with those).
+        batches: ``(ids (B, T), targets (B, T))`` long tensors.
+        max_batches: stop after this many batches.
+        threads: ONNX Runtime intra-op threads.
+
+    Returns:
+        The report described in the module docstring.
+    """
+    ref_model = copy.deepcopy(model).cpu().eval()
+    runtimes = {name: load_lm_runtime(name, path, threads) for name, path in artifacts.items()}
+    stats = {n: {"agree": 0, "nll": 0.0, "max": 0.0, "sum": 0.0, "count": 0} for n in runtimes}
+    ref_nll, tokens = 0.0, 0
+    for i, (x, y) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        ref = logits_of(ref_model, x).float()
+        top = ref.argmax(-1)
+        ref_nll += _nll(ref, y)
+        tokens += y.numel()
+        for name, run in runtimes.items():
+            out = run(x)
+            if out.shape != ref.shape:
+                raise ParityError(
+                    f"{name}: logits of shape {tuple(out.shape)}, the fake-quant model's are "
+                    f"{tuple(ref.shape)}"
+                )
+            s, diff = stats[name], (out - ref).abs()
+            s["agree"] += int((out.argmax(-1) == top).sum())
+            s["nll"] += _nll(out, y)
+            s["max"] = max(s["max"], float(diff.max()))
+            s["sum"] += float(diff.double().sum())
+            s["count"] += diff.numel()
+    if tokens == 0:
+        raise ValueError("verify_lm_artifacts got no batches")
+    ppl = math.exp(ref_nll / tokens)
+    report: dict[str, Any] = {"num_tokens": tokens, "fake_quant": {"perplexity": ppl}}
+    report["runtimes"] = {
+        name: {
+            "agreement": s["agree"] / tokens,
+            "perplexity": math.exp(s["nll"] / tokens),
+            "ppl_rel_diff": abs(math.exp(s["nll"] / tokens) - ppl) / ppl,
+            "max_abs_diff": s["max"],
+            "mean_abs_diff": s["sum"] / max(s["count"], 1),
+        }
+        for name, s in stats.items()
+    }
+    return report
+
+
+def check_lm_parity(
+    report: Mapping[str, Any], min_agreement: float = 0.999, max_ppl_rel_diff: float = 0.005
+) -> None:
+    """Raise :class:`~qat.export.ParityError` if a runtime misses the targets.
+
+    Args:
+        report: :func:`verify_lm_artifacts`' report.
+        min_agreement: least top-1 next-token agreement (fraction).
+        max_ppl_rel_diff: largest relative perplexity difference (0.005: 0.5%).
+    """
+    for name, value in (("min_agreement", min_agreement), ("max_ppl_rel_diff", max_ppl_rel_diff)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(f"{name}={value!r} is invalid: expected a fraction in [0, 1]")
+    failures = []
+    for name, r in report.get("runtimes", {}).items():
+        if not r["agreement"] >= min_agreement:
+            failures.append(
+                f"{name}: next-token agreement {r['agreement']:.4%} < {min_agreement:.4%}"
+            )
+        if not r["ppl_rel_diff"] <= max_ppl_rel_diff:
+            failures.append(
+                f"{name}: perplexity {r['perplexity']:.4f} differs by {r['ppl_rel_diff']:.3%} "
+                f"from the fake-quant model's (allowed {max_ppl_rel_diff:.3%})"
+            )
+    if failures:
+        raise ParityError(
+            f"exported language model(s) disagree with the fake-quant model on "
+            f"{report.get('num_tokens')} tokens: " + "; ".join(failures)
+        )
