@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qat.lit.classifier import ClassifierModule
+from qat.lit.lm import LanguageModelModule
 from qat.lit.qat_callback import QATCallback
 from qat.lit.wandb_report import build_wandb_logger
 from qat.quant.schedule import Schedule
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 
 def build_module(
     cfg: DictConfig, model: nn.Module, teacher: nn.Module | None = None
-) -> ClassifierModule:
-    """The LightningModule from ``cfg.optimizer`` / ``cfg.scheduler`` / ``cfg.module``;
+) -> LightningModule:
+    """The LightningModule (``ClassifierModule``, or ``LanguageModelModule`` for
+    ``task: language_model``) from ``cfg.optimizer`` / ``cfg.scheduler`` / ``cfg.module``;
     ``teacher`` is the network to distil from when ``module.distill_weight > 0``."""
     optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler_cfg = cfg.get("scheduler")
@@ -38,6 +40,16 @@ def build_module(
     )
     options = OmegaConf.to_container(cfg.get("module") or {}, resolve=True)
     assert isinstance(options, dict)
+    if cfg.get("task", "classification") == "language_model":
+        # The classifier-only options (channels_last, distillation) do not apply; validation
+        # refused distillation already.
+        keys = ("scheduler_interval", "label_smoothing")
+        return LanguageModelModule(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            **{k: v for k, v in options.items() if k in keys},
+        )
     return ClassifierModule(
         model=model,
         optimizer=optimizer,

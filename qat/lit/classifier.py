@@ -16,8 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,18 +24,11 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from qat.lit.optim import ConfiguresOptimizers, OptimizerFactory, SchedulerFactory
 from qat.quant.numerics import runtime_numerics
-from qat.quant.quantizer import FakeQuantizer
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[..., Any]
-
-#: Scheduler arguments that mean "length of the run"; filled in from the Trainer when the
-#: config leaves them out, in steps or epochs depending on ``scheduler_interval``.
-_LENGTH_ARGS = ("T_max", "total_steps", "total_iters")
 
 
-class ClassifierModule(LightningModule):
+class ClassifierModule(ConfiguresOptimizers, LightningModule):
     """Cross-entropy classification with top-1 accuracy for train / val / test.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
@@ -190,49 +181,3 @@ class ClassifierModule(LightningModule):
         self.test_acc(preds, y)
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True, prog_bar=True)
-
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_factory is None:
-            raise ValueError("ClassifierModule needs an optimizer factory to train")
-        optimizer = self.optimizer_factory(self._param_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, **self._length_kwargs())
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
-        }
-
-    def _param_groups(self) -> list[dict[str, Any]]:
-        """All trainable parameters; learned quantizer ranges (LSQ step sizes, PACT clips)
-        without weight decay, which would otherwise shrink them towards zero."""
-        quant_ids = {
-            id(p)
-            for m in self.modules()
-            if isinstance(m, FakeQuantizer)
-            for p in m.parameters(recurse=False)
-        }
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if id(p) not in quant_ids]}]
-        quant = [p for p in params if id(p) in quant_ids]
-        if quant:
-            groups.append({"params": quant, "weight_decay": 0.0})
-        return groups
-
-    def _length_kwargs(self) -> dict[str, int]:
-        """Fill in the scheduler's run length (steps or epochs) when the config left it out."""
-        factory = self.scheduler_factory
-        given = set(getattr(factory, "keywords", {}) or {})
-        target = getattr(factory, "func", factory)
-        try:
-            params = inspect.signature(target).parameters
-        except (TypeError, ValueError):
-            return {}
-        for name in _LENGTH_ARGS:
-            if name in params and name not in given:
-                if self.scheduler_interval == "step":
-                    length = int(self.trainer.estimated_stepping_batches)
-                else:
-                    length = int(self.trainer.max_epochs or 1)
-                return {name: max(1, length)}
-        return {}

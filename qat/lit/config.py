@@ -56,6 +56,8 @@ __all__ = [
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 EXPORT_TARGETS = ("torchscript", "onnx")
+#: What ``task`` may be, and the export targets of each.
+TASK_TARGETS = {"classification": EXPORT_TARGETS, "language_model": ("gguf", "onnx")}
 
 
 @dataclass
@@ -85,6 +87,12 @@ def _check_schedule(cfg: DictConfig, schedule: Schedule, qmodel: nn.Module) -> N
     for role in ROLES:
         name = "weight_anneal" if role == "weight" else "act_anneal"
         anneal = schedule.anneal_for(role)
+        fixed = [n for n, q in iter_quantizers(qmodel, role) if q.spec.grid != "affine"]
+        if anneal.epochs > 0 and fixed:
+            raise ConfigError(
+                f"schedule.{name}.epochs={anneal.epochs}: {fixed[0]} is on a GGUF grid, whose bit "
+                f"width is fixed; set schedule.{name}.epochs=0"
+            )
         bits = [q.spec.bits for _, q in iter_quantizers(qmodel, role) if q.spec.enabled]
         if not bits:
             continue
@@ -108,6 +116,28 @@ def _check_schedule(cfg: DictConfig, schedule: Schedule, qmodel: nn.Module) -> N
             )
 
 
+def _check_task_recipe(task: str, recipe: Recipe | None, export: Any) -> None:
+    """Static activation grids are for the classification exporters; dynamic and weight-only
+    schemes for the language-model ones."""
+    if recipe is None:
+        return
+    act = recipe.activation
+    static = act.enabled and act.dynamic == "none"
+    if task == "language_model" and static:
+        raise ConfigError(
+            f"quant.activation (bits={act.bits}, dynamic=none): language models take weight-only "
+            "or dynamic activations: quant=lm_q4_0 (llama.cpp), lm_q8_0, lm_w8da8 (ONNX int8), "
+            "lm_8da4w or lm_w4g32"
+        )
+    exporting = export is not None and export.get("enabled", False)
+    if task == "classification" and act.dynamic != "none" and exporting:
+        raise ConfigError(
+            f"quant.activation.dynamic={act.dynamic}: the classification exporters (torchscript, "
+            "onnx QDQ) need static activation grids: set quant.activation.dynamic=none, or "
+            "export.enabled=false"
+        )
+
+
 def validate_config(
     cfg: DictConfig, check_data: bool = True, check_schedule: bool = True
 ) -> Validated:
@@ -127,15 +157,33 @@ def validate_config(
         schedule = Schedule.from_dict(cfg.get("schedule"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    task = cfg.get("task", "classification")
+    if task not in TASK_TARGETS:
+        raise ConfigError(
+            f"task={task!r} is invalid: allowed: {', '.join(TASK_TARGETS)} (language_model with "
+            "data=text model=gpt quant=lm_q4_0, or +experiment=gpt_int4)"
+        )
     export = cfg.get("export")
     if export is not None and export.get("enabled", False):
         targets = list(export.get("targets") or [])
-        bad = [t for t in targets if t not in EXPORT_TARGETS]
+        allowed = TASK_TARGETS[task]
+        bad = [t for t in targets if t not in allowed]
         if bad or not targets:
-            raise ConfigError(
-                f"export.targets={targets} is invalid: choose from {', '.join(EXPORT_TARGETS)}"
+            other = next(
+                (k for k, v in TASK_TARGETS.items() if k != task and set(bad) <= set(v)), None
             )
+            hint = f" ({', '.join(bad)}: for task={other})" if bad and other else ""
+            raise ConfigError(
+                f"export.targets={targets} is invalid for task={task}: choose from "
+                f"{', '.join(allowed)}{hint}"
+            )
+    _check_task_recipe(task, recipe, export)
     distill = (cfg.get("module") or {}).get("distill_weight")
+    if distill and task == "language_model":
+        raise ConfigError(
+            f"module.distill_weight={distill}: distillation is for task=classification; set "
+            "module.distill_weight=0"
+        )
     if distill and not cfg.get("init_from"):
         raise ConfigError(
             f"module.distill_weight={distill} distils from the float model given as "
@@ -148,6 +196,16 @@ def validate_config(
     check_trainer(cfg)
     check_optimizer(cfg)
     dm = build_datamodule(cfg, check=check_data)
+    text = getattr(dm, "vocab_size", None) is not None
+    if text != (task == "language_model"):
+        raise ConfigError(
+            f"task={task} with data {type(dm).__name__} ({'token ids' if text else 'images'}): "
+            + (
+                "set task=language_model (model=gpt, quant=lm_*) for text"
+                if text
+                else "a language model needs token data: data=text"
+            )
+        )
     model = build_model(cfg)
     if check_data:
         check_fit(cfg, dm, model)

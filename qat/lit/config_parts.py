@@ -24,9 +24,9 @@ __all__ = [
     "model_name",
 ]
 
-#: Keys of the ``data`` group that describe the images (read by the model config through
-#: ``${data.*}``); passed to the DataModule only when its constructor takes them.
-DATA_INFO_KEYS = ("num_classes", "in_channels", "image_size")
+#: Keys of the ``data`` group that describe the images or tokens (read by the model config
+#: through ``${data.*}``); passed to the DataModule only when its constructor takes them.
+DATA_INFO_KEYS = ("num_classes", "in_channels", "image_size", "vocab_size")
 
 
 def _info_value(cfg: DictConfig, key: str) -> Any:
@@ -118,7 +118,11 @@ MODEL_DATA_ARGS = {
 
 def example_input(dm: Any) -> torch.Tensor | None:
     """Two random images of the data's shape (fixed seed), or None when the shape is unknown:
-    what graph capture traces and checks, in validation and in training alike."""
+    what graph capture traces and checks, in validation and in training alike. For text data
+    (a ``vocab_size``), two random windows of token ids."""
+    vocab, seq_len = getattr(dm, "vocab_size", None), getattr(dm, "seq_len", None)
+    if vocab and seq_len:
+        return torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(0))
     channels, size = getattr(dm, "in_channels", None), getattr(dm, "image_size", None)
     if not channels or not size:
         return None
@@ -159,7 +163,43 @@ def build_model(cfg: DictConfig) -> nn.Module:
         raise ConfigError(f"model ({model_name(cfg)}): {cause}") from None
 
 
+def _check_lm_fit(cfg: DictConfig, dm: Any, model: nn.Module) -> None:
+    """A language model must cover the data's vocabulary and window length."""
+    vocab, seq_len = dm.vocab_size, dm.seq_len
+    model_vocab = getattr(model, "vocab_size", None) or getattr(
+        getattr(model, "config", None), "vocab_size", None
+    )
+    if model_vocab is not None and model_vocab < vocab:
+        raise ConfigError(
+            f"model.vocab_size={model_vocab} is smaller than the data's {vocab} tokens; set "
+            "model.vocab_size=${data.vocab_size}"
+        )
+    context = getattr(model, "context_length", None)
+    if context is not None and context < seq_len:
+        raise ConfigError(
+            f"model.context_length={context} is shorter than data.seq_len={seq_len}; set "
+            "model.context_length=${data.seq_len} (or a smaller data.seq_len)"
+        )
+    from qat.export.lm_io import logits_of
+
+    ids = example_input(dm)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits_of(model, ids)
+    except Exception as err:
+        raise ConfigError(
+            f"model {model_name(cfg)!r} cannot run on token ids of shape {tuple(ids.shape)}: {err}"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
 def check_fit(cfg: DictConfig, dm: Any, model: nn.Module) -> None:
+    if getattr(dm, "vocab_size", None):
+        _check_lm_fit(cfg, dm, model)
+        return
     for key in DATA_INFO_KEYS:
         want, got = getattr(dm, key, None), getattr(model, key, None)
         if want is None or got is None or want == got:

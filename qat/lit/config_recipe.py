@@ -15,6 +15,7 @@ from qat.quant.spec import (
     QuantSpec,
     Recipe,
     default_activation_spec,
+    default_embedding_spec,
     default_weight_spec,
 )
 
@@ -70,7 +71,11 @@ def _recipe_error(fields: dict[str, Any], err: ValueError) -> ConfigError:
     The recipe is rebuilt piece by piece (specs, then the recipe without overrides, then one
     override more at a time) to find which key the error belongs to.
     """
-    specs = (("weight", default_weight_spec), ("activation", default_activation_spec))
+    specs = (
+        ("weight", default_weight_spec),
+        ("activation", default_activation_spec),
+        ("embedding", default_embedding_spec),
+    )
     for role, base in specs:
         value = fields.get(role)
         if value is None:

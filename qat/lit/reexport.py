@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qat.export.stage import parity_failure, run_export
+from qat.export.stage_lm import LM_TARGETS, run_lm_export
 from qat.lit.checkpoint import load_checkpoint
 from qat.lit.config import ConfigError, build_model, validate_config
 from qat.lit.config_parts import example_input
@@ -86,13 +87,24 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.export.get("out_dir") or run_dir / "export")
     report_path = out_dir / "export_report.json"
     report: dict[str, Any] = {"ckpt_path": str(ckpt), "run_dir": str(run_dir)}
-    if cfg.get("snap_bias", True):
+    if train_cfg.get("task", "classification") == "language_model":
+        targets = list(cfg.export.get("targets") or [])
+        if not set(targets) <= set(LM_TARGETS):
+            raise ConfigError(
+                f"export.targets={targets}: {run_dir} trained a language model, whose targets "
+                f"are {', '.join(LM_TARGETS)}: pass export.targets=[gguf,onnx]"
+            )
+        report.update(
+            run_lm_export(model, dm_test_loader(dm), cfg.export, out_dir, build_model(train_cfg))
+        )
+    elif cfg.get("snap_bias", True):
         # As the training pipeline does before its test: the checkpoint holds the unsnapped
         # model, snapping again gives the same biases.
         report["snapped_bias_layers"] = len(snap_model_bias(model, dm))
-    report.update(
-        run_export(model, dm_test_loader(dm), cfg.export, out_dir, build_model(train_cfg))
-    )
+    if "artifacts" not in report:
+        report.update(
+            run_export(model, dm_test_loader(dm), cfg.export, out_dir, build_model(train_cfg))
+        )
     write_json_atomic(report_path, report)
     failure = parity_failure(report)
     if failure is not None:

@@ -114,6 +114,7 @@ def build_results(
         "task_name": cfg.get("task_name"),
         "run_dir": str(cfg.paths.output_dir),
         "config": {
+            "task": cfg.get("task", "classification"),
             "model": model_name(cfg),
             "data": data_name,
             "image_size": cfg.data.get("image_size"),
@@ -139,6 +140,9 @@ def build_results(
             "test_acc": metrics.get("test/acc"),
             "test_loss": metrics.get("test/loss"),
             "train_acc": metrics.get("train/acc"),
+            # Language models (task=language_model): perplexity of the final model.
+            "val_ppl": metrics.get("val/ppl"),
+            "test_ppl": metrics.get("test/ppl"),
             # Per-layer statistics are under "layer_stats"; the rest of what was logged here.
             "all": {k: v for k, v in metrics.items() if not _is_layer_stat(k)},
         },

@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from qat.export.stage import parity_failure, run_export
+from qat.export.stage_lm import run_lm_export
 from qat.lit.builders import build_callbacks, build_loggers, build_module, log_hyperparameters
 from qat.lit.checkpoint import load_float_weights, resolve_ckpt_path
 from qat.lit.classifier import ClassifierModule
@@ -197,7 +198,7 @@ def snap_biases(run: Run) -> None:
     The test then measures the model the integer runtimes compute, whether or not this run
     exports it.
     """
-    if run.quantized and run.cfg.get("snap_bias", True):
+    if run.quantized and run.cfg.get("snap_bias", True) and not _is_lm(run.cfg):
         run.snapped = snap_model_bias(run.module.model, run.parts.datamodule)
 
 
@@ -228,11 +229,17 @@ def export(run: Run, results: dict[str, Any]) -> Exception | None:
     out_dir = Path(options.get("out_dir") or run.run_dir / "export")
     dm = run.parts.datamodule
     try:
-        if run.snapped is None and run.cfg.get("snap_bias", True):
-            run.snapped = snap_model_bias(run.module.model, dm)
-        report = run_export(
-            run.module.model, dm_test_loader(dm), options, out_dir, build_model(run.cfg)
-        )
+        if _is_lm(run.cfg):
+            # No int32 bias grid to snap to: the LM kernels add float biases.
+            report = run_lm_export(
+                run.module.model, dm_test_loader(dm), options, out_dir, build_model(run.cfg)
+            )
+        else:
+            if run.snapped is None and run.cfg.get("snap_bias", True):
+                run.snapped = snap_model_bias(run.module.model, dm)
+            report = run_export(
+                run.module.model, dm_test_loader(dm), options, out_dir, build_model(run.cfg)
+            )
     except Exception as err:
         results["status"] = "export_failed"
         results["export"] = {"error": f"{type(err).__name__}: {err}"}
@@ -254,6 +261,10 @@ def write_results(run: Run, results: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- helpers
+def _is_lm(cfg: DictConfig) -> bool:
+    return cfg.get("task", "classification") == "language_model"
+
+
 def dm_test_loader(dm: Any) -> Any:
     """The DataModule's test loader (set up first if needed)."""
     if getattr(dm, "test_set", None) is None:

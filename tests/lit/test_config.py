@@ -62,14 +62,17 @@ def test_defaults(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates(name: str, tmp_path: Path, fashion_data: str) -> None:
-    # fashion_data: the experiments' Fashion-MNIST as tiny IDX files (no package, no download).
-    cfg = compose_train([f"+experiment={name}", fashion_data], tmp_path)
+    # fashion_data: the experiments' Fashion-MNIST as tiny IDX files (no package, no download);
+    # the language models (gpt_*) read the stdlib's sources.
+    lm = name.startswith("gpt_")
+    cfg = compose_train([f"+experiment={name}", *([] if lm else [fashion_data])], tmp_path)
     assert cfg.task_name == name
+    assert cfg.task == ("language_model" if lm else "classification")
     schedule = Schedule.from_dict(cfg.schedule)
     # Every scheduled change happens within the run.
     assert schedule.end_epoch() < cfg.trainer.max_epochs
     recipe = build_recipe(cfg.quant)
-    assert recipe is not None
+    assert (recipe is None) == (name == "gpt_float")  # the float LM every LM row starts from
     # Cheap checks only (the data files are found but not loaded here).
     validate_config(cfg)
 
@@ -96,7 +99,9 @@ def test_resnet_int4_keeps_first_and_last_layer_at_8_bits(
 
 @pytest.mark.parametrize("preset", QUANT_PRESETS)
 def test_quant_presets_build_recipes(preset: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"quant={preset}"], tmp_path)
+    # The language-model presets (dynamic / weight-only) with the LM experiment's task and data.
+    lm = ["+experiment=gpt_float"] if preset.startswith("lm_") else []
+    cfg = compose_train([*lm, f"quant={preset}"], tmp_path)
     recipe = build_recipe(cfg.quant)
     if preset in ("none", "float"):
         assert recipe is None
