@@ -349,7 +349,12 @@ class FakeQuantizer(nn.Module):
             return dynamic_fake_quantize(x, self.spec) if self.fake_quant_enabled else x
         if self.spec.group_size:
             view = group_view(x, self.spec.group_size, self.group_axis)
-            return ungroup(self._quantize(view, relu), x.shape, self.group_axis)
+            out = self._quantize(view, relu)
+            if out is view:
+                # x itself: under no_grad a reshaped parameter has requires_grad but no grad_fn,
+                # which breaks Lightning's FLOP-counting model summary.
+                return x
+            return ungroup(out, x.shape, self.group_axis)
         return self._quantize(x, relu)
 
     def _quantize(self, x: torch.Tensor, relu: bool) -> torch.Tensor:

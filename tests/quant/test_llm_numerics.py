@@ -150,6 +150,24 @@ def test_embedding_weight_only_per_group() -> None:
     assert torch.equal(out.detach(), table[ids])
 
 
+def test_grouped_quantizer_switched_off_passes_the_tensor_itself() -> None:
+    # Lightning's model summary counts FLOPs under no_grad with hooks on the autograd graph;
+    # a reshape round trip of the table there has requires_grad and no grad_fn (a crash).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    recipe = {
+        "embedding": {"bits": 4, "group_size": 32, "grid": "q4_0"},
+        "activation": {"bits": 32},
+    }
+    model = qat.prepare(nn.Sequential(nn.Embedding(40, 64)), recipe, capture="modules")
+    qemb = model[0]
+    qemb.weight_quant.enable_fake_quant(False)
+    assert qemb.weight_quant(qemb.weight) is qemb.weight
+    with torch.no_grad(), FlopCounterMode(display=False):
+        out = model(torch.arange(40).reshape(4, 10))
+    assert torch.equal(out, qemb.weight.detach()[torch.arange(40).reshape(4, 10)])
+
+
 @pytest.mark.parametrize(
     "fields,key",
     [
