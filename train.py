@@ -20,7 +20,9 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qat.lit.config import ConfigError
+from qat.lit.divergence import DivergenceError
 from qat.lit.train import train
+from qat.quant.quantizer import NonFiniteError
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -31,6 +33,11 @@ def main(cfg: DictConfig) -> float | dict | None:
         # A config mistake: one clear line, not a traceback.
         logging.getLogger("qat").error("invalid config: %s", err)
         sys.exit(2)
+    except (DivergenceError, NonFiniteError) as err:
+        # Training went wrong in a way the message explains (and says how to go on from the
+        # last checkpoint): one line too.
+        logging.getLogger("qat").error("training stopped: %s", err)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

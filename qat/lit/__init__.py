@@ -6,7 +6,8 @@ validated (:mod:`qat.lit.config`) before any work. Imports Lightning; ``import q
 """
 
 from qat.lit.classifier import ClassifierModule
+from qat.lit.divergence import DivergenceError
 from qat.lit.epoch_seed import EpochSeed
 from qat.lit.qat_callback import QATCallback
 
-__all__ = ["ClassifierModule", "EpochSeed", "QATCallback"]
+__all__ = ["ClassifierModule", "DivergenceError", "EpochSeed", "QATCallback"]

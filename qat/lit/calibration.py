@@ -1,9 +1,10 @@
-"""Calibration and BN re-estimation on the training data, the same batches on every rank."""
+"""Calibration, BN re-estimation and bias links on the training data, the same on every rank."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from qat.quant.bn_reestimate import reestimate_bn
 from qat.quant.calibrate import calibrate
 from qat.quant.control import iter_quantizers
+from qat.quant.integer_bias import link_bias_quantizers
 from qat.quant.layers import QConvBn2d
 
 
@@ -105,3 +107,22 @@ def calibration_loader(trainer: Trainer | None, seed: int) -> DataLoader | None:
         collate_fn=source.collate_fn,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def activations_quantized(model: nn.Module) -> bool:
+    """True once some activation quantizer of ``model`` quantizes (calibrated and on)."""
+    acts = [q for _, q in iter_quantizers(model, "activation") if q.enabled]
+    return any(q.fake_quant_enabled and q.is_initialized for q in acts)
+
+
+def link_bias_on_batch(model: nn.Module, x: Any, samples: int) -> None:
+    """:func:`qat.link_bias_quantizers` on the first ``samples`` inputs of a batch."""
+    if not isinstance(x, torch.Tensor):
+        rank_zero_warn(
+            "QATCallback: quantize_bias needs batches whose first element is the model "
+            f"input tensor (got {type(x).__name__}); the biases train in float"
+        )
+        return
+    with isolate_rng():
+        linked = link_bias_quantizers(model, x[:samples])
+    rank_zero_info(f"QAT: {len(linked)} layers train their bias on the int32 grid")

@@ -1,38 +1,15 @@
 """``QATCallback``: quantization-aware training around an ordinary ``LightningModule``.
 
-It does everything quantization needs around an ordinary ``LightningModule``:
-
-- ``setup()`` swaps ``pl_module.model``'s layers for fake-quant layers (:func:`qat.prepare`).
-  Lightning calls ``Callback.setup`` before ``configure_optimizers`` and before a checkpoint is
-  restored into the model, so learned ranges (LSQ / PACT parameters) reach the optimizer and a
-  checkpoint's quantizer buffers load into quantizers that exist. It runs for every stage and
-  is idempotent (the second call sees a prepared model and checks it has the same recipe).
-- at each training epoch start it applies the :class:`qat.Schedule`: float warm-up,
-  calibration when quantization starts, weights then activations on, bit-width annealing, BN
-  statistics and observer freezing. Nothing changes during Lightning's sanity check (the hooks
-  used are training hooks) and observers never move in validation (they only update in training
-  mode).
-- while quantized with live BN, before each validation of ``fit`` and before the BN freeze, it
-  re-estimates the BN statistics on ``schedule.bn_reestimate_batches`` training batches
-  (:func:`qat.reestimate_bn`; the folded integer weights stay the same), so validation,
-  checkpoints and export see population statistics, not averages over oscillating weights.
-- with ``quantize_bias``, it links each layer to its input's quantizer at the first batch of
-  every quantized training epoch, and at the first batch of an evaluation that comes before
-  any (``trainer.test`` / ``validate`` / ``predict`` of a checkpoint): the links are not in
-  checkpoints, and without them a layer adds its float bias, not the int32-grid one.
-- it logs the bit widths (``quant/weight_bits``, ``quant/act_bits``) every epoch and, on one
-  batch per epoch, per-layer scale, clipping rate and SQNR (``quant/<layer>/act_sqnr_db`` ...).
-- a non-finite training loss stops the run with a :class:`qat.NonFiniteError` naming where the
-  NaN / inf first appears (input batch, a parameter or quantizer scale, or the first layer whose
-  output is non-finite): observers catch it as it happens while they are on; this catches it
-  once they are frozen, and in learned (LSQ / PACT) ranges.
-- its ``state_dict`` (saved in every checkpoint) holds the recipe and the schedule position, so
-  ``trainer.fit(..., ckpt_path=...)`` resumes with the same bits, phase and BN-freeze state (the
-  quantizers' own state is in the model's state_dict already).
-
-Under DDP every rank runs the same schedule on the same epoch numbers; observer statistics are
-all-reduced inside the quantizers and calibration uses the same batches on every rank, so the
-quantizer state is identical across ranks.
+``setup()`` prepares ``pl_module.model`` (:func:`qat.prepare`: before ``configure_optimizers``
+and the checkpoint restore, so learned ranges reach the optimizer and a checkpoint's quantizer
+state loads); each training epoch applies the :class:`qat.Schedule` (warm-up, calibration,
+weights / activations on, annealing, BN and observer freezes); BN statistics are re-estimated
+before each validation and the BN freeze; the loss is watched around each schedule step
+(:mod:`qat.lit.divergence`); grid biases are linked; bit widths and per-layer statistics are
+logged; a non-finite loss stops the run naming where it started; the ``state_dict`` holds the
+recipe and the schedule position, so a resume continues exactly. Under DDP every rank runs the
+same schedule and observer statistics are all-reduced, so quantizer state stays identical.
+docs/design.md ("The QAT callback") says why each piece is there.
 """
 
 from __future__ import annotations
@@ -46,14 +23,25 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
-from qat.lit.calibration import calibrate_on_training_data, reestimate_bn_on_training_data
+from qat.lit.calibration import (
+    activations_quantized,
+    calibrate_on_training_data,
+    link_bias_on_batch,
+    reestimate_bn_on_training_data,
+)
+from qat.lit.divergence import (
+    DivergenceError,
+    DivergenceGuard,
+    Snapshot,
+    check_finite_loss,
+    describe_steps,
+    divergence_message,
+)
 from qat.quant.control import anneal_bits, is_prepared, iter_quantizers, uninitialized_quantizers
-from qat.quant.diagnostics import flatten_stats, locate_non_finite, quantization_stats
-from qat.quant.distributed import first_bad_rank, rank_phrase
-from qat.quant.integer_bias import link_bias_quantizers
+from qat.quant.diagnostics import flatten_stats, quantization_stats
+from qat.quant.distributed import first_bad_rank
 from qat.quant.layers import QConvBn2d
 from qat.quant.prepare import prepare
-from qat.quant.quantizer import NonFiniteError
 from qat.quant.schedule import ROLES, Phase, Schedule
 from qat.quant.spec import Recipe
 
@@ -108,6 +96,9 @@ class QATCallback(Callback):
         self._restored: dict[str, Any] | None = None
         self._bn_reestimated_at: int | None = None  # global step of the last re-estimation
         self._bias_linked_epoch: int | None = None
+        self._guard = DivergenceGuard(
+            self.schedule.divergence_factor, self.schedule.divergence_window
+        )
 
     # ------------------------------------------------------------------ helpers
     def _model(self, pl_module: LightningModule) -> nn.Module:
@@ -182,9 +173,27 @@ class QATCallback(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         self._bits = {}  # re-read the quantizers: a checkpoint may have set them
+        steps = self._guard.pending(self.schedule.steps_at(epoch, self._targets))
+        rollback = steps and self.schedule.on_divergence == "rollback"
+        snapshot = Snapshot.take(self._model(pl_module), trainer) if rollback else None
         self.apply_schedule(trainer, pl_module, epoch)
+        self._guard.arm(steps, epoch, snapshot)
         if self._restored is not None:
             self._check_restored(epoch)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        mean = self._guard.observe(float(loss.detach()))
+        if mean is None:
+            return
+        # Collective: under DDP every rank rolls back (or stops) at the same batch, or none.
+        bad_rank = first_bad_rank(self._guard.jumped(mean), loss.device)
+        if bad_rank is not None:
+            self._diverged(trainer, pl_module, mean)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Only fit's own validations: sanity checks, trainer.validate() and trainer.test()
@@ -231,26 +240,12 @@ class QATCallback(Callback):
     ) -> None:
         # Before backward and the optimizer step: a NaN loss would otherwise spread NaN through
         # every parameter, and the layer where it started could no longer be told apart.
-        if not trainer.training:
-            return
-        # Collective under DDP: every rank stops at the same step, none is left waiting in the
-        # gradient all-reduce for a rank that has raised.
-        bad_rank = first_bad_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device)
-        if bad_rank is None:
-            return
-        epoch, batch_idx, x = self._batch or (trainer.current_epoch, None, None)
-        if bad_rank == trainer.global_rank:
-            where = locate_non_finite(self._model(pl_module), x)
-        else:
-            where = "see that rank's error for where it started"
-        phase = self._phase.name if self._phase else "float"
-        raise NonFiniteError(
-            f"non-finite training loss{rank_phrase(bad_rank)} at epoch {epoch}, batch "
-            f"{batch_idx} (phase {phase}): {where}; lower the learning rate, check the input "
-            "data, or resume from the last good checkpoint"
-        )
+        if trainer.training:
+            phase = self._phase.name if self._phase else "float"
+            check_finite_loss(trainer, loss, self._model(pl_module), self._batch, phase)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._guard.disarm()
         wbits, abits = self.current_bits("weight"), self.current_bits("activation")
         # Same value on every rank; sync_dist only keeps Lightning's DDP epoch-logging contract.
         for key, value in (("quant/weight_bits", wbits), ("quant/act_bits", abits)):
@@ -298,6 +293,7 @@ class QATCallback(Callback):
             # A resume at a BN freeze must not re-estimate what this step already did.
             "bn_reestimated_at": self._bn_reestimated_at,
             "history": list(self.history),
+            "skipped_steps": dict(self._guard.skipped),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -318,6 +314,7 @@ class QATCallback(Callback):
         self.calibrated = bool(state_dict.get("calibrated", False))
         self.history = list(state_dict.get("history", []))
         self._bn_reestimated_at = state_dict.get("bn_reestimated_at")
+        self._guard.skipped = dict(state_dict.get("skipped_steps") or {})
         self._restored = dict(state_dict)
 
     def _check_restored(self, epoch: int) -> None:
@@ -341,7 +338,7 @@ class QATCallback(Callback):
         quantization first starts (not again after a resume: the ranges are in the checkpoint).
         """
         model = self._model(pl_module)
-        phase = self.schedule.phase(epoch)
+        phase = self._guard.adjust(self.schedule.phase(epoch))  # rolled-back steps stay undone
         self._phase, self._epoch = phase, epoch
         if phase.quantized:
             # Bits first, so calibrated scales are computed on the grid they will be used with.
@@ -380,39 +377,51 @@ class QATCallback(Callback):
             target = self._targets.get(role)
             if target is None:
                 continue
-            bits = self.schedule.bits(role, target, epoch, fraction)
+            bits = self._guard.held_bits(role, self.schedule.bits(role, target, epoch, fraction))
             if self._bits.get(role) != bits:
                 anneal_bits(model, bits, role)
                 self._bits[role] = bits
 
+    def _diverged(self, trainer: Trainer, pl_module: LightningModule, mean: float) -> None:
+        guard, action = self._guard, self.schedule.on_divergence
+        model = self._model(pl_module)
+        what = describe_steps(guard.steps)
+        with isolate_rng():
+            x = self._batch[2] if self._batch else None  # this batch, as the loss saw it
+            message = divergence_message(
+                guard, mean, model, x[: self.stats_samples] if x is not None else None
+            )
+        if action == "stop":
+            raise DivergenceError(
+                message + "; schedule.on_divergence=rollback skips the step instead, or lower "
+                "the learning rate"
+            )
+        if action == "rollback" and guard.snapshot is not None:
+            guard.snapshot.restore(model, trainer)
+            guard.skip()
+            self._bits = {}
+            self.apply_schedule(trainer, pl_module, guard.epoch)
+            message += f"; rolled back to before the step, and {what} is skipped from now on"
+        else:
+            message += " (schedule.on_divergence=rollback undoes such a step)"
+        rank_zero_warn(message)
+        guard.disarm()
+
     def _link_bias_for_evaluation(self, pl_module: LightningModule, batch: Any) -> None:
-        # A quantized model evaluated before any training batch of this process (trainer.test /
-        # validate / predict from a checkpoint, `train=false ckpt_path=...`, a resumed run's
-        # sanity check) has no links: they are references, not state, so no checkpoint carries
-        # them, and the forward would add the float bias, not the grid bias it trained with
-        # (the MobileNetV2 W2A2 table checkpoint: 42% on 2,048 validation images, 71% with the
-        # grid bias). Training relinks every epoch.
+        # An evaluation before any training batch of this process (a checkpoint's test, a
+        # resumed run's sanity check) has no links: they are references, not state, and the
+        # forward would add the float bias, not the grid bias it trained with (a MobileNetV2
+        # W2A2 checkpoint: 42% validation accuracy, 71% with the grid bias).
         if not self.recipe.quantize_bias or self._bias_linked_epoch is not None:
             return
         model = self._model(pl_module)
-        acts = [q for _, q in iter_quantizers(model, "activation") if q.enabled]
-        if not any(q.fake_quant_enabled and q.is_initialized for q in acts):
-            return  # float so far: a quantized training epoch links when it starts
-        self._link_bias(pl_module, batch[0] if isinstance(batch, list | tuple) else batch)
-        self._bias_linked_epoch = -1  # before any training epoch: the first one links again
+        if activations_quantized(model):  # else a quantized training epoch links when it starts
+            self._link_bias(pl_module, batch[0] if isinstance(batch, list | tuple) else batch)
+            self._bias_linked_epoch = -1  # before any training epoch: the first one links again
 
     def _link_bias(self, pl_module: LightningModule, x: Any) -> None:
         # Each quantized epoch: the schedule may have switched input quantizers on since.
-        if not isinstance(x, torch.Tensor):
-            rank_zero_warn(
-                "QATCallback: quantize_bias needs batches whose first element is the model "
-                f"input tensor (got {type(x).__name__}); the biases train in float"
-            )
-            return
-        model = self._model(pl_module)
-        with isolate_rng():
-            linked = link_bias_quantizers(model, x[: self.stats_samples])
-        rank_zero_info(f"QAT: {len(linked)} layers train their bias on the int32 grid")
+        link_bias_on_batch(self._model(pl_module), x, self.stats_samples)
 
     def _calibrate(self, trainer: Trainer | None, model: nn.Module) -> None:
         calibrate_on_training_data(

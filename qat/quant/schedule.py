@@ -36,6 +36,7 @@ from typing import Any
 from qat.quant.spec import check_keys, to_plain
 
 ANNEAL_MODES = ("step", "linear", "cosine")
+DIVERGENCE_ACTIONS = ("warn", "rollback", "stop")
 ROLES = ("weight", "activation")
 
 
@@ -164,6 +165,14 @@ class Schedule:
         calibration_batches: training batches used to calibrate ranges when quantization starts.
         bn_reestimate_batches: training batches BN statistics are re-estimated on before each
             validation and the BN freeze, while quantized (0: never; keep the running averages).
+        on_divergence: what the training loop does when the loss jumps after a schedule step
+            (a bit-width step, the BN or observer freeze): ``warn`` (say so, with the layer
+            statistics), ``rollback`` (restore the model and optimizer from before the step
+            and skip the step for the rest of the run) or ``stop`` (end the run with an error).
+        divergence_factor: the jump: the mean loss of ``divergence_window`` batches after the
+            step above this many times the mean of the last ``divergence_window`` before it
+            (and at least 0.1 higher).
+        divergence_window: batches each of those means is taken over.
     """
 
     warmup_epochs: int = 0
@@ -174,6 +183,9 @@ class Schedule:
     freeze_observer_epoch: int | None = None
     calibration_batches: int = 16
     bn_reestimate_batches: int = 32
+    on_divergence: str = "warn"
+    divergence_factor: float = 2.0
+    divergence_window: int = 10
 
     def __post_init__(self) -> None:
         _check_epoch("warmup_epochs", self.warmup_epochs)
@@ -197,6 +209,12 @@ class Schedule:
             0,
             "expected an integer >= 0 (0: keep the running averages)",
         )
+        if self.on_divergence not in DIVERGENCE_ACTIONS:
+            _fail("on_divergence", self.on_divergence, f"allowed: {', '.join(DIVERGENCE_ACTIONS)}")
+        factor = self.divergence_factor
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
+            _fail("divergence_factor", factor, "expected a number > 1 (e.g. 2.0)")
+        _check_count("divergence_window", self.divergence_window, 1, "expected an integer >= 1")
         self._check_bn_freeze_after_anneal()
 
     def _check_bn_freeze_after_anneal(self) -> None:
@@ -299,6 +317,29 @@ class Schedule:
     def steps_within_epoch(self) -> bool:
         """True when a bit width can change inside an epoch (linear / cosine annealing)."""
         return any(a.mode != "step" and a.epochs > 0 for a in (self.weight_anneal, self.act_anneal))
+
+    def steps_at(self, epoch: int, targets: Mapping[str, int | None]) -> dict[str, tuple]:
+        """The steps taken at the start of ``epoch`` once quantization runs, for the guard:
+        ``bn_freeze`` / ``observer_freeze`` (``()``) and ``weight_bits`` / ``act_bits``
+        (``(old, new)`` widths, for a role quantized in the epoch before); ``targets`` are the
+        lowest target widths per role (as for :meth:`bits`)."""
+        if epoch == 0:
+            return {}
+        before, now = self.phase(epoch - 1), self.phase(epoch)
+        steps: dict[str, tuple] = {}
+        if now.bn_frozen and not before.bn_frozen:
+            steps["bn_freeze"] = ()
+        if now.observers_frozen and not before.observers_frozen:
+            steps["observer_freeze"] = ()
+        for role, key in zip(ROLES, ("weight_bits", "act_bits"), strict=True):
+            target = targets.get(role)
+            was_on = before.weights_on if role == "weight" else before.acts_on
+            if target is None or not was_on:
+                continue
+            old, new = self.bits(role, target, epoch - 1, 1.0), self.bits(role, target, epoch)
+            if new < old:
+                steps[key] = (old, new)
+        return steps
 
     def end_epoch(self) -> int:
         """First epoch at which every scheduled change has happened."""

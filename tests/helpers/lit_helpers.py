@@ -55,6 +55,20 @@ def compose_train(overrides: Sequence[str], output_dir: Path | str) -> DictConfi
     return cfg
 
 
+def quiet_trainer(callbacks: list[Callback], **kwargs: Any) -> Trainer:
+    """A CPU ``Trainer`` for in-process fits: no logger, checkpoints, bars, summary or sanity check."""
+    options = {
+        "limit_val_batches": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        **kwargs,
+    }
+    return Trainer(callbacks=callbacks, **options)
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """IDX writer (the format ``qat.data.fashion_mnist.read_idx`` parses); gzipped for ``.gz``."""
     codes = {np.dtype("uint8"): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}

@@ -237,8 +237,9 @@ def test_ddp_cpu_nan_on_one_rank_stops_both_ranks(
     )
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    for rank in (0, 1):  # the same error on both ranks
-        assert f"[rank{rank}]: qat.quant.quantizer.NonFiniteError: {message}" in out, _show(proc)
+    # The same one-line error on both ranks (train.py logs it instead of a traceback).
+    assert out.count(f"training stopped: {message}") == 2, _show(proc)
+    assert proc.returncode == 3 and "Traceback" not in out, _show(proc)
     assert "Connection closed by peer" not in out, _show(proc)
     if observers == "frozen":
         assert "the input batch holds NaN or inf" in out, _show(proc)  # rank 1 located it

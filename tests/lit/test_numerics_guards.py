@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lit_helpers import FAST, compose_train
+from lit_helpers import FAST, compose_train, quiet_trainer
 
 import qat
 from qat.export import run_export
@@ -46,17 +46,7 @@ def _fit(tmp_path: Path, overrides: list[str], poison: Poison) -> None:
     module = build_module(cfg, parts.model)
     # The QAT callback after the poison: it checks the loss of the step the poison ruined.
     callbacks = [poison, QATCallback(parts.recipe, parts.schedule, layer_stats=False)]
-    trainer = Trainer(
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(callbacks, max_epochs=2, limit_train_batches=2)
     trainer.fit(module, datamodule=parts.datamodule)
 
 
