@@ -85,7 +85,6 @@ def _build(
     converted: ConvertedModel,
     int4_packed: bool,
     opset: int | None,
-    fused_add: bool,
 ) -> bytes:
     example = args if len(args) > 1 else args[0]
     if target == "torchscript":
@@ -101,9 +100,7 @@ def _build(
         return buf.getvalue()
     from qat.export.onnx import build_onnx_model
 
-    proto = build_onnx_model(
-        model, example, converted, opset=opset, int4_packed=int4_packed, fused_add=fused_add
-    )
+    proto = build_onnx_model(model, example, converted, opset=opset, int4_packed=int4_packed)
     return proto.SerializeToString()
 
 
@@ -114,7 +111,6 @@ def export_model(
     targets: Sequence[str] = TARGETS,
     int4_packed: bool = False,
     opset: int | None = None,
-    fused_add: bool = False,
 ) -> dict[str, Path]:
     """Export a trained fake-quant model to integer TorchScript and / or QDQ ONNX.
 
@@ -134,9 +130,6 @@ def export_model(
         int4_packed: ONNX only: store weights whose levels fit 4 bits as packed INT4
             (opset 21): about half the file; ONNX Runtime runs those convs in float.
         opset: ONNX opset (default 17, or 21 with ``int4_packed``).
-        fused_add: ONNX only: residual adds on ``QLinearAdd`` (faster at large batches, but
-            it rounds near-ties differently from the fake-quant model); default: float
-            islands that round exactly as the fake-quant model (see :mod:`qat.export.onnx`).
 
     Returns:
         ``{"torchscript": out_dir/model.ts, "onnx": out_dir/model.onnx}`` for the targets.
@@ -166,7 +159,7 @@ def export_model(
     staged: dict[str, Path] = {}
     try:
         for target in targets:
-            data = _build(target, model, args, converted, int4_packed, opset, fused_add)
+            data = _build(target, model, args, converted, int4_packed, opset)
             final = out_dir / FILENAMES[target]
             staged[target] = write_staged(final, data)
             smoke = _smoke_torchscript if target == "torchscript" else _smoke_onnx

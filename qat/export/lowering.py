@@ -39,37 +39,33 @@ class TargetCaps:
             ``quantized::conv2d`` pads symmetrically).
         integer_matmul: an integer matmul of two activations (ONNX Runtime fuses
             ``QLinearMatMul``; PyTorch's ``quantized::matmul`` dequantizes and runs in float).
-        exact_add: its integer residual add rounds as the fake-quant model does (PyTorch's
-            ``quantized::add``); ONNX Runtime's ``QLinearAdd`` rounds near-ties otherwise, so
-            there an add is a float island unless ``fused_add`` asks for the kernel.
+        integer_add: an integer residual add kernel whose arithmetic the fake-quant model
+            reproduces under :func:`qat.runtime_numerics` (PyTorch's ``quantized::add``, ONNX
+            Runtime's ``QLinearAdd``: :mod:`qat.quant.runtime_add`).
     """
 
     float_output: bool
     asymmetric_padding: bool
     integer_matmul: bool
-    exact_add: bool
+    integer_add: bool
 
 
 #: The export targets and their integer kernels' capabilities.
 TARGETS: dict[str, TargetCaps] = {
     "onnx": TargetCaps(
-        float_output=True, asymmetric_padding=True, integer_matmul=True, exact_add=False
+        float_output=True, asymmetric_padding=True, integer_matmul=True, integer_add=True
     ),
     "torchscript": TargetCaps(
-        float_output=False, asymmetric_padding=False, integer_matmul=False, exact_add=True
+        float_output=False, asymmetric_padding=False, integer_matmul=False, integer_add=True
     ),
 }
 
 
-def lower(desc: LayerDesc, target: str, fused_add: bool = False) -> str:
-    """How ``target`` runs the layer: ``conv``, ``linear``, ``add``, ``cat``, ``matmul``, ``float``.
-
-    ``fused_add``: run residual adds on the target's integer add kernel even where it rounds
-    near-ties differently from the fake-quant model.
-    """
+def lower(desc: LayerDesc, target: str) -> str:
+    """How ``target`` runs the layer: ``conv``, ``linear``, ``add``, ``cat``, ``matmul``, ``float``."""
     caps = TARGETS[target]
     if desc.kind == "add":
-        return "add" if caps.exact_add or fused_add else FLOAT
+        return "add" if caps.integer_add else FLOAT
     if desc.kind == "cat":
         return desc.kind
     if desc.kind == "matmul":
@@ -85,9 +81,9 @@ def lower(desc: LayerDesc, target: str, fused_add: bool = False) -> str:
     return desc.kind
 
 
-def placement(converted: ConvertedModel, target: str, fused_add: bool = False) -> dict[str, str]:
+def placement(converted: ConvertedModel, target: str) -> dict[str, str]:
     """``{layer name: lowering}`` for every layer of ``converted``, in call order."""
-    return {name: lower(desc, target, fused_add) for name, desc in converted.layers.items()}
+    return {name: lower(desc, target) for name, desc in converted.layers.items()}
 
 
 def layer_macs(desc: LayerDesc) -> int:
@@ -115,9 +111,7 @@ def layer_macs(desc: LayerDesc) -> int:
     return 0
 
 
-def placement_report(
-    model: nn.Module, example_input: Any, fused_add: bool = False
-) -> dict[str, Any]:
+def placement_report(model: nn.Module, example_input: Any) -> dict[str, Any]:
     """Per layer: what it is, how each target runs it, its MACs; per target the share of MACs
     on integer kernels (the rest run in float islands). JSON-able.
     """
@@ -128,7 +122,7 @@ def placement_report(
         macs = layer_macs(desc)
         row = {"name": name, "kind": desc.kind, "macs": macs}
         for target in TARGETS:
-            how = lower(desc, target, fused_add)
+            how = lower(desc, target)
             row[target] = how
             totals[target][1] += macs
             if how != FLOAT:

@@ -55,7 +55,7 @@ def run_export(
         model: the final fake-quant model (biases snapped: :func:`qat.snap_bias`).
         test_batches: ``(x, y)`` batches; the first ``options["verify_batches"]`` are used
             (all when null), the first image is the export's example input.
-        options: the ``export`` config group (targets, int4_packed, fused_add, verify, parity,
+        options: the ``export`` config group (targets, int4_packed, verify, parity,
             fail_on_parity, bench, bench_batch_sizes).
         out_dir: where the artifacts go.
         float_model: the float model, for the benchmark's FP32 baselines.
@@ -80,7 +80,6 @@ def run_export(
         example,
         targets=targets,
         int4_packed=bool(options.get("int4_packed")),
-        fused_add=bool(options.get("fused_add")),
     )
     report: dict[str, Any] = {
         "out_dir": str(out_dir),
@@ -90,7 +89,7 @@ def run_export(
         },
         "export_time_s": round(time.perf_counter() - t0, 2),
         # Which layers run on integer kernels in each target, and the share of MACs they hold.
-        "placement": placement_report(model, example, bool(options.get("fused_add"))),
+        "placement": placement_report(model, example),
     }
     if options.get("verify", True):
         parity = verify_artifacts(model, artifacts, batches)

@@ -13,7 +13,7 @@ from the training run's Hydra config. Options (Hydra overrides, composed with
 
     export.targets=[onnx,torchscript]  export.int4_packed=true  export.out_dir=...
     export.verify=false  export.bench=false  export.verify_batches=20
-    export.fused_add=true  export.fail_on_parity=false  snap_bias=false
+    export.fail_on_parity=false  snap_bias=false
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         if not set(targets) <= set(LM_TARGETS):
             raise ConfigError(
                 f"export.targets={targets}: {run_dir} trained a language model, whose targets "
-                f"are {', '.join(LM_TARGETS)}: pass export.targets=[gguf,onnx]"
+                f"are {', '.join(LM_TARGETS)}: pass export=lm (or export.targets=[gguf,onnx])"
             )
         report.update(
             run_lm_export(model, dm_test_loader(dm), cfg.export, out_dir, build_model(train_cfg))

@@ -37,31 +37,47 @@ class RuntimeNumerics:
 
     #: Compute as the integer runtimes do; set for a block by :func:`runtime_numerics`.
     exact_numerics: bool = False
+    #: Whose kernels, where the runtimes differ (residual adds): ``"onnx"`` or ``"torchscript"``.
+    numerics_target: str = "onnx"
     #: The input scale the layer's int32 bias was rounded for, pinned by :func:`qat.snap_bias`.
     runtime_input_scale: float | None = None
 
 
+#: The runtimes :func:`runtime_numerics` can compute as.
+NUMERICS_TARGETS = ("onnx", "torchscript")
+
+
 @contextmanager
-def runtime_numerics(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+def runtime_numerics(
+    model: nn.Module, enabled: bool = True, target: str = "onnx"
+) -> Iterator[nn.Module]:
     """Evaluate ``model``'s integer layers as the integer runtimes compute (module docstring).
+
+    Convs, linears and matmuls compute the same in both runtimes; residual adds do not
+    (:mod:`qat.quant.runtime_add`): ``target`` picks ONNX Runtime's ``QLinearAdd`` (``"onnx"``)
+    or PyTorch's ``quantized::add`` (``"torchscript"``, the fake-quant rounding).
 
     Example:
         >>> qat.snap_bias(qmodel, example)
         >>> with torch.no_grad(), qat.runtime_numerics(qmodel.eval()):
-        ...     logits = qmodel(x)  # what model.onnx / model.ts compute, to the output level
+        ...     logits = qmodel(x)  # what model.onnx computes, to the output level
     """
+    if target not in NUMERICS_TARGETS:
+        raise ValueError(f"runtime_numerics: target={target!r}; allowed: {NUMERICS_TARGETS}")
     layers = [m for m in model.modules() if isinstance(m, RuntimeNumerics)]
-    before = [m.__dict__.get("exact_numerics") for m in layers]
+    keys = ("exact_numerics", "numerics_target")
+    before = [{k: m.__dict__.get(k) for k in keys} for m in layers]
     for m in layers:
-        m.exact_numerics = enabled
+        m.exact_numerics, m.numerics_target = enabled, target
     try:
         yield model
     finally:
         for m, old in zip(layers, before, strict=True):
-            if old is None:
-                m.__dict__.pop("exact_numerics", None)
-            else:
-                m.exact_numerics = old
+            for key, value in old.items():
+                if value is None:
+                    m.__dict__.pop(key, None)
+                else:
+                    setattr(m, key, value)
 
 
 def _linear_op(

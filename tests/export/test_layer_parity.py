@@ -15,12 +15,13 @@ import torch
 from export_helpers import Wrap, max_steps, quantize, recipe
 from torch import nn
 
-from qat import snap_bias
+from qat import runtime_numerics, snap_bias
 from qat.export.convert import convert
 from qat.export.ir import ConvertedModel
-from qat.export.onnx import build_onnx_model
+from qat.export.onnx import build_onnx_model, optimized_op_types
 from qat.export.torchscript import build_integer_model, integer_ops, trace_integer_model
 from qat.ops import Add, Cat
+from qat.quant.runtime_add import qlinear_add_levels
 
 TOL = 1.0 + 1e-4  # one output step (float rounding of the division aside)
 
@@ -240,26 +241,36 @@ def _add_codes(proto, x: torch.Tensor) -> tuple:
 
 
 @pytest.mark.parametrize("bits", [8, 4], ids=["a8", "a4"])
-def test_residual_add_runs_the_fake_quant_formula_exactly(bits: int) -> None:
-    """By default the add is a float island, DQ → Add → [Relu] → Mul(1/s) → Q(1), left unfused:
-    every output code is round((x̂a + x̂b) · float32(1/s)) + z (float32), exactly what the fake
-    quantizer computes from its input codes. Fused (``QLinearAdd``) ORT computes from the
-    scale ratios instead and may settle rounding ties the other way (see qat.export.onnx)."""
+def test_residual_add_runs_qlinear_add_and_the_fake_quant_model_computes_it(
+    bits: int, tmp_path
+) -> None:
+    """The add is ``DQ, DQ → Add → Q``, which ONNX Runtime fuses into ``QLinearAdd``; its output
+    codes are :func:`qlinear_add_levels` of its input codes (then the ReLU / 4-bit Clip), and
+    the fake-quant add computes the same codes from the same inputs under runtime numerics."""
     q, shape = _build("residual", bits, True)
     x = torch.randn(256, *shape) * 1.2
     proto = build_onnx_model(q, x[:4])
-    ops = [n.op_type for n in proto.graph.node]
-    assert "Add" in ops and "Mul" in ops
+    assert "Add" in [n.op_type for n in proto.graph.node]
+    path = tmp_path / "model.onnx"
+    path.write_bytes(proto.SerializeToString())
+    ops = optimized_op_types(path)
+    assert ops["QLinearAdd"] == 1 and "Add" not in ops, ops
     a, b, c, ((sa, za), (sb, zb), (sc, zc)) = _add_codes(proto, x)
-    f32 = np.float32
-    xa = (a.astype(f32) - f32(za)) * f32(sa)
-    xb = (b.astype(f32) - f32(zb)) * f32(sb)
+    grids = [(float(sa), int(za)), (float(sb), int(zb)), (float(sc), int(zc))]
+    levels = qlinear_add_levels(torch.from_numpy(a), torch.from_numpy(b), *grids)
     top = 2**bits - 1  # the grid's top level (its integer Clip below 8 bits)
-    expect = np.clip(np.rint((xa + xb) * (f32(1) / f32(sc))) + f32(zc), f32(zc), top)
-    np.testing.assert_array_equal(c.astype(f32), expect)  # add + ReLU
-    with torch.no_grad():  # the fake quantizer on the same input codes
-        fq = q.body.add.output_quant(torch.from_numpy(xa + xb), relu=True)
+    expect = levels.clamp(int(zc), top).numpy()  # add + ReLU
+    np.testing.assert_array_equal(c.astype(np.float32), expect)
+    f32 = np.float32
+    xa = torch.from_numpy((a.astype(f32) - f32(za)) * f32(sa))
+    xb = torch.from_numpy((b.astype(f32) - f32(zb)) * f32(sb))
+    add = q.body.add
+    assert add.runtime_input_grids == tuple(grids[:2])  # pinned by snap_bias
+    with torch.no_grad(), runtime_numerics(q):
+        fq = add(xa, xb)
     np.testing.assert_array_equal(np.rint(fq.numpy() / f32(sc)) + f32(zc), expect)
-
-    fused = build_onnx_model(q, x[:4], fused_add=True)
-    assert "Mul" not in [n.op_type for n in fused.graph.node]
+    with torch.no_grad(), runtime_numerics(q, target="torchscript"):
+        fq_ts = add(xa, xb)  # quantized::add's rounding: round((a + b) · (1/s))
+    with torch.no_grad():
+        plain = add.output_quant(xa + xb, relu=True)
+    assert torch.equal(fq_ts, plain)

@@ -8,17 +8,16 @@ optimizer turns into integer kernels on CPU:
   ``Gemm`` (``transB=1``, weights ``(N, K)``, per-channel axis 0) becomes ``QGemm``;
   ``Concat`` becomes ``QLinearConcat``, ``GlobalAveragePool`` ``QLinearGlobalAveragePool``;
   ``MaxPool`` / ``Flatten`` / ``Reshape`` between ``DQ`` and ``Q`` run on uint8 directly;
-- float islands (activations, LayerNorm, softmax, products of activations, and residual adds
-  by default) are ``DQ → op → Mul(1/s) → Q(scale 1)``: ``QuantizeLinear`` divides by the scale
+- residual adds are ``DQ, DQ → Add → Q``, fused into ``QLinearAdd``, whose x86 kernel adds
+  the stored levels with scale ratios and FMAs; the fake-quant model computes the same under
+  :func:`qat.runtime_numerics` (:mod:`qat.quant.runtime_add`), so they agree exactly;
+- float islands (activations, LayerNorm, softmax, products of activations) are
+  ``DQ → op → Mul(1/s) → Q(scale 1)``: ``QuantizeLinear`` divides by the scale
   while the fake-quant model multiplies by the float32 reciprocal, which rounds a value within
   an ulp of a level boundary the other way; multiplied first, the island rounds exactly as
   the fake-quant model does, and ONNX Runtime does not fuse it into an integer kernel that
   rounds otherwise (``QLinearSoftmax``, ``QLinearSigmoid``, ``QLinearMul``). Average pooling
-  keeps a plain ``Q`` so that it fuses into ``QLinearGlobalAveragePool``. With
-  ``fused_add=True`` a residual add is ``DQ → Add → Q``, fused into ``QLinearAdd``: faster,
-  but its x86 kernel computes from the scale ratios, and sums that lie within float error of
-  a rounding boundary round the other way (on MobileNetV2 W4A8, 0.44% of the test
-  predictions changed);
+  keeps a plain ``Q`` so that it fuses into ``QLinearGlobalAveragePool``;
 - weights are int8 initializers (sub-8-bit weights as int8 holding the narrow grid, or packed
   INT4 with ``int4_packed=True``), never ``Q → DQ`` of float weights; biases are int32
   initializers; activations are uint8 with zero points (the fast u8 × s8 path on x86);

@@ -75,7 +75,6 @@ def build_onnx_model(
     converted: ConvertedModel | None = None,
     opset: int | None = None,
     int4_packed: bool = False,
-    fused_add: bool = False,
 ) -> onnx.ModelProto:
     """The QDQ ONNX model of a prepared fake-quant model (checked with ``onnx.checker``).
 
@@ -87,16 +86,13 @@ def build_onnx_model(
         opset: ONNX opset (default 17; 21 with ``int4_packed``).
         int4_packed: store weights whose levels fit 4 bits as INT4 (half the bytes of int8;
             ONNX Runtime then runs those convs in float: same outputs, slower).
-        fused_add: residual adds on ``QLinearAdd`` (faster; rounds near-ties differently
-            from the fake-quant model, see the package docstring). Default: float islands
-            that round exactly as the fake-quant model does.
     """
     opset = resolve_opset(opset, int4_packed)
     if converted is None:
         converted = convert(model, example_input)
     if isinstance(example_input, dict):
         raise ValueError("ONNX export takes positional inputs (a tensor or a tuple)")
-    deploy = deploy_model(model, converted, fused_add)
+    deploy = deploy_model(model, converted)
     proto = _export_torch(deploy, example_input, opset)
     return finalize(proto, opset, int4_packed)
 
@@ -108,10 +104,9 @@ def export_onnx(
     converted: ConvertedModel | None = None,
     opset: int | None = None,
     int4_packed: bool = False,
-    fused_add: bool = False,
 ) -> Path:
     """Build the QDQ model (:func:`build_onnx_model`) and write it to ``path``."""
-    proto = build_onnx_model(model, example_input, converted, opset, int4_packed, fused_add)
+    proto = build_onnx_model(model, example_input, converted, opset, int4_packed)
     path = Path(path)
     path.write_bytes(proto.SerializeToString())
     return path

@@ -329,19 +329,14 @@ class _OnnxFloatIsland(nn.Module):
                     a if gr is None or len(shp) < 2 else _FloatInputFn.apply(a, gr, int(shp[1]))
                     for a, gr, shp in zip(args, grids, shapes, strict=True)
                 )
-        relu = False
-        if self.desc.kind == "add" and self.desc.output is not None:
-            # The fused ReLU as the integer clamp at the zero point, as the quantizer applies it.
-            y, relu = args[0] + args[1], self.desc.relu
-        else:
-            y = float_forward(self.desc, *args, **kwargs)
+        y = float_forward(self.desc, *args, **kwargs)
         if self.desc.output is None:
             return y
-        return _QDQFn.apply(y, self.desc.output, pooling, relu)
+        return _QDQFn.apply(y, self.desc.output, pooling)
 
 
-def _onnx_layer(desc: LayerDesc, fused_add: bool) -> nn.Module:
-    return _OnnxFloatIsland(desc) if lower(desc, "onnx", fused_add) == FLOAT else _OnnxLayer(desc)
+def _onnx_layer(desc: LayerDesc) -> nn.Module:
+    return _OnnxFloatIsland(desc) if lower(desc, "onnx") == FLOAT else _OnnxLayer(desc)
 
 
 class _OnnxModel(nn.Module):
@@ -358,14 +353,12 @@ class _OnnxModel(nn.Module):
         return self.body(*args)
 
 
-def deploy_model(
-    model: nn.Module, converted: ConvertedModel, fused_add: bool = False
-) -> _OnnxModel:
+def deploy_model(model: nn.Module, converted: ConvertedModel) -> _OnnxModel:
     body = copy.deepcopy(model).cpu().eval()
     remove_input_quant_hook(body)
     modules = dict(body.named_modules())
     for name, desc in converted.layers.items():
         desc = copy.copy(desc)
         desc.module = modules[name]
-        set_module(body, name, _onnx_layer(desc, fused_add))
+        set_module(body, name, _onnx_layer(desc))
     return _OnnxModel(body, converted.input).eval()

@@ -1,7 +1,10 @@
 """``QAdd`` and ``QCat``: ops over several tensors, each with its own output quantizer.
 
 Requantize after add: the residual add (or concat) gets the output grid the integer runtimes
-requantize its result to, so the graph trained is the graph they execute.
+requantize its result to, so the graph trained is the graph they execute. Under
+:func:`qat.runtime_numerics` (target ``onnx``), once :func:`qat.snap_bias` pinned both input
+grids, an add computes what ONNX Runtime's ``QLinearAdd`` computes
+(:mod:`qat.quant.runtime_add`).
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ from torch import nn
 
 from qat.ops import Add, Cat
 from qat.quant.layers.base import output_quantizer
+from qat.quant.numerics import RuntimeNumerics
+from qat.quant.runtime_add import Grid, qlinear_add_levels
 from qat.quant.spec import QuantSpec
 
 
-class QAdd(nn.Module):
+class QAdd(nn.Module, RuntimeNumerics):
     """``a + b`` (→ ReLU) with its own output quantizer: requantize after add."""
+
+    #: Both inputs' container grids ``(scale, zero point)``, pinned by :func:`qat.snap_bias`.
+    runtime_input_grids: tuple[Grid, Grid] | None = None
 
     def __init__(self, relu: bool = False, activation_spec: QuantSpec | None = None) -> None:
         super().__init__()
@@ -23,8 +31,37 @@ class QAdd(nn.Module):
         self.output_quant = output_quantizer(activation_spec)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        y = a + b
-        return self.output_quant(y, relu=self.relu)
+        y = self._runtime_sum(a, b)
+        return self.output_quant(a + b if y is None else y, relu=self.relu)
+
+    def _runtime_sum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """``QLinearAdd``'s output as a value on the output grid, or None where it does not
+        apply (not ONNX numerics, nothing pinned, broadcasting, an input off its grid)."""
+        grids, oq = self.runtime_input_grids, self.output_quant
+        if not self.exact_numerics or self.numerics_target != "onnx" or self.training:
+            return None
+        if grids is None or a.shape != b.shape or oq.per_channel or oq.learned == "pact":
+            return None
+        if oq.spec.dynamic != "none":
+            return None
+        if not (oq.enabled and oq.fake_quant_enabled and oq.is_initialized):
+            return None
+        levels = []
+        for x, (s, z) in zip((a, b), grids, strict=True):
+            if x.dtype != torch.float32:
+                return None
+            s32 = torch.tensor(s, dtype=torch.float32, device=x.device)
+            codes = torch.round(x.double() / s32.double())
+            if not torch.equal(codes.float() * s32, x):
+                return None  # off the pinned grid: ranges moved since
+            levels.append(codes + z)
+        s_out, z_out = oq.qparams()
+        qmin, _ = oq.quant_range
+        out = (float(s_out.float().reshape(-1)[0]), int(z_out.reshape(-1)[0]) - qmin)
+        c = qlinear_add_levels(levels[0], levels[1], grids[0], grids[1], out)
+        # Back to a value on the output grid, which the output quantizer keeps as it is (and
+        # clamps to its range and the ReLU, as the exported Clip does).
+        return (c - out[1]) * torch.tensor(out[0], dtype=torch.float32, device=c.device)
 
     @classmethod
     def from_float(cls, add: Add, activation_spec: QuantSpec | None = None) -> QAdd:
