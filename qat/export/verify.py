@@ -102,6 +102,7 @@ def _runtimes_differ(model: nn.Module) -> bool:
     return any(getattr(m, "runtime_input_grids", None) is not None for m in model.modules())
 
 
+@torch.no_grad()
 def verify_artifacts(
     model: nn.Module,
     artifacts: Mapping[str, str | Path],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qat.quant.bias import grid_bias, linked_input_quantizer
@@ -74,7 +75,7 @@ class QConvBn2d(nn.Conv2d, RuntimeNumerics):
         # conv(x, fq(W·f)) / f == conv(x, fq(W·f) / f): un-scale the (small) weight rather
         # than the activation, which saves a full pass over the output forward and backward.
         z = self._conv_forward(x, self.weight_quant(self.weight * f) / f, self.bias)
-        y = self._frozen_bn(z) if self.bn_frozen else self.bn(z)
+        y = self._frozen_bn(z) if self.bn_frozen else self._live_bn(z)
         if linked_input_quantizer(self) is not None:
             with torch.no_grad():
                 folded_b = fold_bn_bias(self.bias, self.bn)
@@ -85,12 +86,49 @@ class QConvBn2d(nn.Conv2d, RuntimeNumerics):
                 y = y + (snapped - folded_b).reshape(1, -1, 1, 1)
         return self.output_quant(y, relu=self.relu)
 
-    def _frozen_bn(self, z: torch.Tensor) -> torch.Tensor:
-        """BN with the frozen running statistics (see :class:`_FrozenBatchNorm`)."""
+    def _live_bn(self, z: torch.Tensor) -> torch.Tensor:
+        """Batch norm with the batch statistics, updating the running ones.
+
+        Under ``torch.compile`` the running statistics are replaced, not updated in place:
+        the training forward reads ``running_var`` for the fold factor, AOTAutograd may save
+        that very tensor for the backward, and an in-place update then fails the backward's
+        version check (PyTorch issue 185497; eager mode keeps the in-place update, which DDP's
+        buffer broadcast relies on).
+        """
         bn = self.bn
-        return _FrozenBatchNorm.apply(
-            z, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
-        )
+        if not torch.compiler.is_compiling():
+            return bn(z)
+        y = F.batch_norm(z, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        with torch.no_grad():
+            dims = [d for d in range(z.dim()) if d != 1]
+            var, mean = torch.var_mean(z.detach(), dim=dims, correction=1)
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum
+            if momentum is None:  # a cumulative moving average, as BatchNorm2d keeps it
+                momentum = 1.0 / bn.num_batches_tracked.float()
+            bn.running_mean = bn.running_mean * (1 - momentum) + mean * momentum
+            bn.running_var = bn.running_var * (1 - momentum) + var * momentum
+        return y
+
+    def _frozen_bn(self, z: torch.Tensor) -> torch.Tensor:
+        """BN with the frozen running statistics, and the gradient of exactly that.
+
+        The values are the folded graph's (what evaluation and the exporters compute), and so
+        is the gradient: ``γ/σ · g`` for ``z``, including the components along each channel's
+        batch mean and scale that live batch norm removes. Those are what lets the frozen
+        network correct the drift of its own statistics as its weights move; with them
+        projected out (batch norm's gradient at the frozen scale, which an earlier version
+        used), ResNet-20 W4A4 lost 3 pt of validation accuracy in its freeze epoch on a 32×32
+        pattern folder (93.6% against 96.6% live; 96.8% with this gradient). Their size is the
+        risk (``lr · f²``, large once weight decay has shrunk the weights): the default
+        gradient-norm clip (``trainer.gradient_clip_val``) bounds it (docs/design.md,
+        "Simulated BN folding").
+        """
+        bn = self.bn
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        inv_std = torch.rsqrt(bn.running_var + bn.eps).reshape(shape)
+        normalized = (z - bn.running_mean.reshape(shape)) * inv_std
+        return normalized * bn.weight.reshape(shape) + bn.bias.reshape(shape)
 
     @classmethod
     def from_float(
@@ -137,46 +175,3 @@ class QConvBn2d(nn.Conv2d, RuntimeNumerics):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
-
-
-class _FrozenBatchNorm(torch.autograd.Function):
-    """``γ · (z − μ) / σ + β`` with the frozen running statistics, and BN's projected gradient.
-
-    The forward is the folded graph's values (what evaluation and the exporters compute). The
-    folded graph's own gradient for ``z`` is ``f · g`` (``f = γ/σ``): with the components along
-    the channel's mean and scale that batch norm removes, and nothing renormalises after the
-    step. From a ResNet-20 W8A8 whose weights shrank under weight decay for six epochs on
-    32×32 photos, one epoch of that took validation accuracy from 94.4% to 69.0% (95.6% with
-    statistics kept live). So ``z`` gets ``f · (g − mean(g) − ẑ · mean(g · ẑ))``, with ``ẑ`` the
-    batch-normalised ``z``: the directions batch norm trained under, at the frozen graph's
-    scale. Not BN's own ``γ/σ_batch``: where a quantized channel is nearly constant in a batch
-    that factor explodes (MobileNetV2 on 8×8 digits diverged with live statistics). ``γ`` and
-    ``β`` get the frozen forward's own gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, z, weight, bias, mean, var, eps):  # type: ignore[override]
-        shape = (1, -1) + (1,) * (z.dim() - 2)
-        inv_std = torch.rsqrt(var + eps)
-        normalized = (z - mean.reshape(shape)) * inv_std.reshape(shape)
-        dims = [d for d in range(z.dim()) if d != 1]
-        batch_var, batch_mean = torch.var_mean(z.detach(), dim=dims, unbiased=False, keepdim=True)
-        z_hat = (z.detach() - batch_mean) * torch.rsqrt(batch_var + eps)
-        ctx.save_for_backward(normalized, z_hat, weight, inv_std)
-        ctx.dims = dims
-        return normalized * weight.reshape(shape) + bias.reshape(shape)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        normalized, z_hat, weight, inv_std = ctx.saved_tensors
-        dims = ctx.dims
-        shape = (1, -1) + (1,) * (grad.dim() - 2)
-        projected = (
-            grad
-            - grad.mean(dim=dims, keepdim=True)
-            - z_hat * (grad * z_hat).mean(dim=dims, keepdim=True)
-        )
-        grad_z = projected * (weight * inv_std).reshape(shape)
-        grad_weight = (grad * normalized).sum(dim=dims)
-        grad_bias = grad.sum(dim=dims)
-        return grad_z, grad_weight, grad_bias, None, None, None
