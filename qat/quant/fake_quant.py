@@ -90,6 +90,10 @@ class _CompiledOrEager:
 
     def __call__(self, x, *args):  # type: ignore[no-untyped-def]
         args = (x, *args)
+        if torch.compiler.is_compiling():
+            # Inside a compiled model: the functional kernel, which the model's own graph
+            # fuses (the eager one's in-place ops and float(qmin) would break that graph).
+            return self.fn(*args)
         small = x.numel() < self.MIN_NUMEL or any(a.dim() > 0 for a in args[1:])
         if self.failed or small or torch.jit.is_tracing() or torch.jit.is_scripting():
             return self.eager(*args)
