@@ -2,10 +2,11 @@
 
 :func:`verify_artifacts` runs the fake-quant model (eval, under :func:`qat.runtime_numerics` for
 each runtime: ONNX Runtime's and PyTorch's residual adds round differently) and every exported
-runtime on the same batches and reports, per runtime: accuracy, top-1 agreement with the fake-quant model, max and
-mean absolute logit difference, and the max difference in output-quantization steps (the final
-output quantizer's scale; ``None`` when the output is float). :func:`check_parity` turns that
-report into a pass / fail with the numbers in the message.
+runtime on the same batches and reports, per runtime: accuracy, top-1 agreement with the
+fake-quant model, max and mean absolute logit difference, and the max difference in
+output-quantization steps (the final output quantizer's scale; ``None`` when the output is
+float). :func:`check_parity` turns that report into a pass / fail with the numbers in the
+message.
 
 Report layout::
 
@@ -92,7 +93,6 @@ def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return batch, None
 
 
-@torch.no_grad()
 def _numerics_target(runtime: str) -> str:
     return "torchscript" if runtime.startswith("torchscript") else "onnx"
 
