@@ -70,7 +70,7 @@ def _goals(rows: list[dict[str, Any]], recovered: dict[str, dict[str, float]]) -
 
 def write_page(report: dict[str, Any], path: Path) -> None:
     rows, meta = report["rows"], report["meta"]
-    float_ppl = next(r["ppl"] for r in rows if r["method"] == REFERENCE)
+    ref_ppl = next(r["ppl"] for r in rows if r["method"] == REFERENCE)
     lines = [
         "# Language models: results",
         "",
@@ -107,7 +107,7 @@ def write_page(report: dict[str, Any], path: Path) -> None:
     for r in rows:
         rec = recovered.get(r["bits"], {}).get(r["method"])
         rec_s = "–" if rec is None or r["method"] == "RTN" else f"{rec:.0%}"
-        rel = (r["ppl"] - float_ppl) / float_ppl
+        rel = (r["ppl"] - ref_ppl) / ref_ppl
         lines.append(
             f"| {r['bits']} | {r['method']} | {r['ppl']:.4f} | {rel:+.2%} | {rec_s} | "
             f"{_mb(r['sizes'].get('gguf'))} | {_mb(r['sizes'].get('onnx'))} | {_parity(r)} |"

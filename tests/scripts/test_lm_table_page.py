@@ -56,11 +56,14 @@ def _report(w8_qat: float, onnx_agreement: float) -> dict:
     return {"rows": rows, "meta": meta, "bench": _bench(), "bench_one_token": _bench()}
 
 
-def test_goals_compare_with_the_float_model_trained_as_long(tmp_path: Path) -> None:
-    page = _page_module()
+def _page_text(tmp_path: Path, w8_qat: float, onnx_agreement: float) -> str:
     out = tmp_path / "lm.md"
-    page.write_page(_report(w8_qat=3.02, onnx_agreement=0.9995), out)
-    text = out.read_text()
+    _page_module().write_page(_report(w8_qat, onnx_agreement), out)
+    return out.read_text()
+
+
+def test_goals_compare_with_the_float_model_trained_as_long(tmp_path: Path) -> None:
+    text = _page_text(tmp_path, w8_qat=3.02, onnx_agreement=0.9995)
     # RTN 4.0 → reference 3.0: QAT at 3.2 closes 80%, GPTQ 50%, AWQ 20%.
     assert "✓ W4 g32: QAT recovers 80% of the RTN → float perplexity gap" in text
     assert "✓ W4 g32: QAT above GPTQ and AWQ (GPTQ 50%, AWQ 20%)" in text
@@ -69,9 +72,6 @@ def test_goals_compare_with_the_float_model_trained_as_long(tmp_path: Path) -> N
 
 
 def test_a_missed_goal_is_marked(tmp_path: Path) -> None:
-    page = _page_module()
-    out = tmp_path / "lm.md"
-    page.write_page(_report(w8_qat=3.1, onnx_agreement=0.998), out)
-    text = out.read_text()
+    text = _page_text(tmp_path, w8_qat=3.1, onnx_agreement=0.998)
     assert "✗ W8: QAT perplexity +3.33% from the float model trained as long" in text
     assert "✗ every QAT export agrees" in text and "lowest next-token agreement 99.80%" in text
