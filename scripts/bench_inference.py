@@ -107,8 +107,9 @@ def train_float(model: torch.nn.Module, data: list, steps: int) -> torch.nn.Modu
     return model.eval()
 
 
-def qat_w8a8(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn.Module:
-    recipe = {"weight": {"bits": 8}, "activation": {"bits": 8}}
+def quantized(model: torch.nn.Module, bits: int, calib: list[torch.Tensor]) -> torch.nn.Module:
+    """A calibrated WbAb copy of ``model`` with its biases on the int32 grid."""
+    recipe = {"weight": {"bits": bits}, "activation": {"bits": bits}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = qat.prepare(copy.deepcopy(model), recipe, example_inputs=calib[0][:2])
@@ -220,7 +221,7 @@ def bench_model(name: str, data: list, args: argparse.Namespace, out: Path) -> d
     train_float(float_model, data, args.train_steps)
     calib = [x for x, _ in data[:4]]
     test = data[4:10]
-    q = qat_w8a8(float_model, calib)
+    q = quantized(float_model, 8, calib)
     paths = export_model(q, out / "qat", calib[0][:1])
     parity = verify_artifacts(q, paths, test)
     fp32 = export_float_onnx(float_model, out / "float.onnx", calib[0][:1])

@@ -27,7 +27,7 @@ import argparse
 import tempfile
 
 import torch
-from bench_inference import data_batches, quantized, train_float
+from bench_inference import digits_rgb, quantized, train_float
 
 from qat.export import benchmark_artifacts, export_model
 from qat.export.torchscript import ENGINE, load_torchscript
@@ -77,7 +77,7 @@ def main() -> None:
     float_model = create_model(
         args.model, num_classes=10, in_channels=3, image_size=32, **kwargs
     ).eval()
-    data = data_batches("digits")
+    data = digits_rgb()
     train_float(float_model, data, args.train_steps)
     calib = [x for x, _ in data[:4]]
     check = [x for x, _ in data[4:]]
