@@ -1,8 +1,10 @@
 """Fake quantizers: observer + fake quantization with a straight-through estimator.
 
 One :class:`FakeQuantizer` serves training and export. Its whole state (scale, zero point, bit
-width, observer statistics, mode flags, learned range) lives in buffers and parameters, so
-``state_dict()`` round-trips exactly and the exporters read the very numbers training used.
+width, observer statistics, mode flags, learned range) is in its ``state_dict``, which
+round-trips exactly, so the exporters read the very numbers training used. The bit width and
+mode flags are Python attributes saved as tensors (:mod:`qat.quant.py_state`): the forward
+branches on them without a graph break under ``torch.compile``.
 
 Numerics (see DESIGN.md, "The numerics contract"): ``q = clamp(round(x * (1/s)) + z, qmin, qmax)``,
 ``x̂ = (q − z) · s``, round half to even. Like torch's kernels and its quantized CPU runtime, the
@@ -20,10 +22,12 @@ import torch
 from torch import nn
 
 from qat.quant.blocks import gguf_fake_quantize, gguf_scale, group_view, ungroup
-from qat.quant.distributed import rank_phrase, reduce_across_ranks
+from qat.quant.distributed import is_distributed, rank_phrase, reduce_across_ranks
 from qat.quant.dynamic import dynamic_fake_quantize
 from qat.quant.fake_quant import fake_quantize, lsq_fake_quantize
+from qat.quant.py_state import PyStateDict
 from qat.quant.qparams import SCALE_EPS, guard_scale, qparams_from_range, qrange
+from qat.quant.ranges import all_finite, finite_range, mse_range, percentile_range
 from qat.quant.spec import QuantSpec
 
 ROLES = ("weight", "activation")
@@ -35,14 +39,15 @@ class NonFiniteError(FloatingPointError):
     """NaN or inf reached a quantizer: training has diverged at (or before) the named layer."""
 
 
-class FakeQuantizer(nn.Module):
+class FakeQuantizer(PyStateDict, nn.Module):
     """Observer + fake quantizer for one tensor, configured by a :class:`QuantSpec`.
 
-    Modes (two flags, both buffers): ``observer_enabled`` updates the range from data (in
+    Modes (two flags, Python bools): ``observer_enabled`` updates the range from data (in
     training mode only, so validation never moves a range);
     ``fake_quant_enabled`` quantizes the output. Both off is float; observe-only is
     calibration; both on is QAT with live ranges; quantize-only is QAT with frozen ranges. A
-    quantizer that has never observed data (``initialized == 0``) passes its input through.
+    quantizer that has never observed data (``initialized`` False) passes its input through.
+    Set the flags with :meth:`enable_observer`, :meth:`enable_fake_quant` and :meth:`set_bits`.
 
     Learned ranges: ``lsq`` makes ``scale`` (and, when asymmetric, ``zero_point``) parameters
     trained with LSQ's gradient (scale gradient multiplied by ``1/sqrt(N·qmax)``); ``pact``
@@ -61,6 +66,14 @@ class FakeQuantizer(nn.Module):
             along (its input dimension); ``channels`` is then the number of groups and the
             quantizer works per channel on :func:`~qat.quant.blocks.group_view`.
     """
+
+    #: Saved under the keys and dtypes of the buffers these once were (old checkpoints load).
+    PY_STATE = (
+        ("bit_width", "_bits", torch.int64),
+        ("observer_enabled", "observer_enabled", torch.uint8),
+        ("fake_quant_enabled", "fake_quant_enabled", torch.uint8),
+        ("initialized", "initialized", torch.uint8),
+    )
 
     def __init__(
         self,
@@ -83,10 +96,11 @@ class FakeQuantizer(nn.Module):
         #: Qualified name in the model, set by qat.prepare (for error messages; not state).
         self.name = ""
         n = channels if spec.per_channel else 1
-        self.register_buffer("bit_width", torch.tensor(spec.bits, dtype=torch.int64))
-        self.register_buffer("observer_enabled", torch.tensor(1, dtype=torch.uint8))
-        self.register_buffer("fake_quant_enabled", torch.tensor(1, dtype=torch.uint8))
-        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._bits = int(spec.bits)
+        self.observer_enabled = True
+        self.fake_quant_enabled = True
+        # No range to observe for dynamic specs: each call brings its own.
+        self.initialized = spec.dynamic != "none"
         self.register_buffer("min_val", torch.zeros(n))
         self.register_buffer("max_val", torch.zeros(n))
         if spec.learned == "lsq":
@@ -101,8 +115,6 @@ class FakeQuantizer(nn.Module):
             self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
         if spec.learned == "pact":
             self.alpha = nn.Parameter(torch.ones(1))
-        if spec.dynamic != "none":
-            self.initialized.fill_(1)  # no range to observe: each call brings its own
         # Set when the bit width of an initialised LSQ scale changes: the next training forward
         # re-initialises it from that batch (not state: a resume re-sets the bits anyway).
         self._reinit_pending = False
@@ -110,7 +122,7 @@ class FakeQuantizer(nn.Module):
     # ------------------------------------------------------------------ introspection
     @property
     def bits(self) -> int:
-        return int(self.bit_width)
+        return self._bits
 
     @property
     def enabled(self) -> bool:
@@ -137,7 +149,7 @@ class FakeQuantizer(nn.Module):
 
     @property
     def is_initialized(self) -> bool:
-        return bool(self.initialized)
+        return self.initialized
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact ``(scale float32, zero_point int32)`` the forward pass uses, detached."""
@@ -160,11 +172,11 @@ class FakeQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ mode switches
     def enable_observer(self, enabled: bool = True) -> FakeQuantizer:
-        self.observer_enabled.fill_(int(enabled))
+        self.observer_enabled = bool(enabled)
         return self
 
     def enable_fake_quant(self, enabled: bool = True) -> FakeQuantizer:
-        self.fake_quant_enabled.fill_(int(enabled))
+        self.fake_quant_enabled = bool(enabled)
         return self
 
     def set_bits(self, bits: int) -> None:
@@ -190,7 +202,7 @@ class FakeQuantizer(nn.Module):
         old = self.bits
         if bits == old:
             return
-        self.bit_width.fill_(bits)
+        self._bits = bits
         if bits > 8 or old > 8 or not self.is_initialized:
             # Back from float: observed ranges are re-expressed; learned ones are kept as trained.
             if bits <= 8 and self.is_initialized and self.learned == "none":
@@ -218,13 +230,20 @@ class FakeQuantizer(nn.Module):
         if relu and self.spec.range_method in ("percentile", "mse"):
             x = torch.relu(x)
         lo, hi = self._batch_range(x)
-        bad = not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
-        if bad:
+        # Inside a compiled graph nothing can raise on data without a graph break: there a
+        # non-finite batch leaves the range as it was (below) and the loss check reports the
+        # divergence. Under DDP the collective's flag needs the eager path (a graph break).
+        traced = torch.compiler.is_compiling() and not is_distributed()
+        ok = finite_range(lo, hi) if traced else None
+        bad = False if traced else not all_finite(lo, hi)
+        if ok is not None:
+            lo, hi = torch.where(ok, lo, 0.0), torch.where(ok, hi, 0.0)
+        elif bad:
             lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)  # keep NaN out of the reduction
         if relu:
             # min/max of relu(x) are those of x clamped at 0: no pass over relu(x) needed.
             lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
-        bad_rank = reduce_across_ranks(lo, hi, bad)
+        bad_rank = None if traced else reduce_across_ranks(lo, hi, bad)
         if bad_rank is not None:
             where = self.name or repr(self)
             raise NonFiniteError(
@@ -240,14 +259,16 @@ class FakeQuantizer(nn.Module):
             d = self.spec.ema_decay
             lo = self.min_val * d + lo * (1.0 - d)
             hi = self.max_val * d + hi * (1.0 - d)
+        if ok is not None:
+            lo, hi = torch.where(ok, lo, self.min_val), torch.where(ok, hi, self.max_val)
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
-        self.initialized.fill_(1)
+        self.initialized = True
         self._update_qparams_from_stats()
 
     def reset_observer(self) -> None:
         """Forget the observed range (the next observation starts afresh)."""
-        self.initialized.fill_(0)
+        self.initialized = False
         self.min_val.zero_()
         self.max_val.zero_()
 
@@ -262,10 +283,9 @@ class FakeQuantizer(nn.Module):
             return self._minmax(x)
         flat = self._channels_first(x).float()
         if method == "percentile":
-            lo, hi = self._percentile_range(flat)
-        else:
-            lo, hi = self._mse_range(flat)
-        return lo, hi
+            return percentile_range(flat, self.spec.percentile)
+        qmin, qmax = self.quant_range
+        return mse_range(flat, qmin, qmax, self.spec.symmetric, self.spec.signed)
 
     def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.spec.per_channel:
@@ -273,39 +293,6 @@ class FakeQuantizer(nn.Module):
             lo, hi = torch.aminmax(x)
             return lo.float().reshape(1), hi.float().reshape(1)
         return torch.aminmax(self._channels_first(x).float(), dim=1)
-
-    def _sample(self, flat: torch.Tensor, limit: int = 1 << 18) -> torch.Tensor:
-        # Deterministic strided subsample: percentile / MSE search on a few 100k values is
-        # accurate enough and keeps calibration fast on large activations.
-        step = max(1, flat.shape[1] // limit)
-        return flat[:, ::step]
-
-    def _percentile_range(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = self._sample(flat)
-        p = self.spec.percentile / 100.0
-        q = torch.quantile(sample, torch.tensor([1.0 - p, p], dtype=sample.dtype), dim=1)
-        return q[0], q[1]
-
-    def _mse_range(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = self._sample(flat)
-        lo, hi = torch.aminmax(sample, dim=1)
-        qmin, qmax = self.quant_range
-        best_err = torch.full_like(lo, float("inf"))
-        best_lo, best_hi = lo.clone(), hi.clone()
-        # Geometric grid of clip ratios: an outlier can make the best clip 1000x below the max.
-        for ratio in torch.logspace(-10, 0, 64, base=2.0).tolist():
-            c_lo, c_hi = lo * ratio, hi * ratio
-            scale, zp = qparams_from_range(
-                c_lo, c_hi, qmin, qmax, self.spec.symmetric, self.spec.signed
-            )
-            inv = 1.0 / scale[:, None]
-            q = torch.clamp(torch.round(sample * inv) + zp[:, None], qmin, qmax)
-            err = ((q - zp[:, None]) * scale[:, None] - sample).pow(2).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo = torch.where(better, c_lo, best_lo)
-            best_hi = torch.where(better, c_hi, best_hi)
-        return best_lo, best_hi
 
     @torch.no_grad()
     def _update_qparams_from_stats(self) -> None:
@@ -371,8 +358,8 @@ class FakeQuantizer(nn.Module):
         if not self.fake_quant_enabled or not self.initialized:
             return torch.relu(x) if relu else x
         qmin, qmax = self.quant_range
-        if relu and not self._clamps_at_zero(qmin):
-            x = torch.relu(x)
+        if relu:
+            x = self._relu_unless_clamped(x, qmin)
         learned = self.spec.learned
         if learned == "lsq":
             if self.training:
@@ -388,18 +375,24 @@ class FakeQuantizer(nn.Module):
         if self.training and self.observer_enabled:
             with torch.no_grad():
                 self.scale.copy_(gguf_scale(blocks, self.spec.grid))
-                self.initialized.fill_(1)
+                self.initialized = True
         if not self.fake_quant_enabled or not self.initialized:
             return blocks
         return gguf_fake_quantize(blocks, self.scale, self.spec.grid)
 
-    def _clamps_at_zero(self, qmin: int) -> bool:
-        """True when quantizing clamps negative inputs to exactly 0 (zero point == qmin)."""
+    def _relu_unless_clamped(self, x: torch.Tensor, qmin: int) -> torch.Tensor:
+        """``relu(x)``, or ``x`` itself where quantizing clamps negative inputs to exactly 0
+        (zero point == qmin): the clamp is then the ReLU (see :meth:`forward`)."""
         if self.spec.learned == "pact":
-            return not self.spec.signed
+            return x if not self.spec.signed else torch.relu(x)
         if qmin != 0 and self.spec.symmetric:
-            return False
-        return bool((torch.round(self.zero_point.detach().float()) == qmin).all())
+            return torch.relu(x)
+        zp = self.zero_point.detach()
+        at_qmin = ((torch.round(zp) if zp.is_floating_point() else zp) == qmin).all()
+        if torch.compiler.is_compiling():
+            # The same values and gradients as the branch below, without reading the flag.
+            return torch.where(at_qmin, x, torch.relu(x))
+        return x if bool(at_qmin) else torch.relu(x)
 
     def lsq_grad_factor(self, x: torch.Tensor) -> float:
         """LSQ's gradient scale ``1/sqrt(N·Qp)``, N the elements sharing one scale."""
@@ -419,7 +412,14 @@ class FakeQuantizer(nn.Module):
         lo, hi = self._minmax(x)
         if relu:
             lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
-        finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        if torch.compiler.is_compiling() and not is_distributed():
+            # No data-dependent branch in a graph: a non-finite batch caps nothing.
+            ok = finite_range(lo, hi)
+            lo, hi = torch.where(ok, lo, 0.0), torch.where(ok, hi, 0.0)
+            cap, _ = qparams_from_range(lo, hi, qmin, qmax, self.spec.symmetric, self.spec.signed)
+            self.scale.copy_(torch.where(ok, torch.minimum(self.scale, cap), self.scale))
+            return
+        finite = all_finite(lo, hi)
         if self.role == "activation":
             # Every rank must cap with the same bound, or the replicas' scales drift apart. A
             # non-finite batch is the loss check's to report; here it only skips the cap.

@@ -55,3 +55,15 @@ def test_a_compiled_fake_quant_model_trains_like_the_eager_one(frozen: bool) -> 
         eager.state_dict().items(), compiled.state_dict().values(), strict=True
     ):
         assert torch.allclose(a.float(), b.float(), atol=1e-4), name  # BN statistics too
+
+
+@pytest.mark.slow
+def test_a_calibrated_training_model_compiles_to_one_graph() -> None:
+    """Bit widths and mode flags are Python state: Dynamo traces every branch on them."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    model = qat.prepare(_Net(), example_inputs=x[:2])
+    qat.calibrate(model, [x])
+    explanation = torch._dynamo.explain(model.train())(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

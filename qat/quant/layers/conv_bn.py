@@ -16,10 +16,11 @@ from qat.quant.layers.base import (
     weight_quantizer,
 )
 from qat.quant.numerics import RuntimeNumerics, quantized_output
+from qat.quant.py_state import PyStateDict
 from qat.quant.spec import QuantSpec
 
 
-class QConvBn2d(nn.Conv2d, RuntimeNumerics):
+class QConvBn2d(PyStateDict, nn.Conv2d, RuntimeNumerics):
     """Conv2d → BatchNorm2d (→ ReLU) with BN folding simulated during training.
 
     Training with live BN statistics follows Jacob et al. (2018) as torch.ao does: the weight
@@ -32,6 +33,9 @@ class QConvBn2d(nn.Conv2d, RuntimeNumerics):
     ``conv(x, fq(W·f)) + b_folded`` with the running statistics, computed by
     :func:`qat.fold_bn_params` exactly as the exporters compute it.
     """
+
+    #: The freeze flag is a Python bool (no graph break), saved as the buffer it once was.
+    PY_STATE = (("bn_frozen", "bn_frozen", torch.uint8),)
 
     def __init__(
         self,
@@ -48,18 +52,18 @@ class QConvBn2d(nn.Conv2d, RuntimeNumerics):
         self.bn = nn.BatchNorm2d(self.out_channels, eps=bn_eps, momentum=bn_momentum)
         self.weight_quant = weight_quantizer(weight_spec, self.out_channels, axis=0)
         self.output_quant = output_quantizer(activation_spec)
-        self.register_buffer("bn_frozen", torch.tensor(0, dtype=torch.uint8))
+        self.bn_frozen = False
 
     # Channels whose γ/σ is ~0 would divide by zero in the training path's un-scaling.
     _MIN_FACTOR = 1e-6
 
     def freeze_bn_stats(self, frozen: bool = True) -> None:
         """Stop updating BN running statistics and train on the folded graph from now on."""
-        self.bn_frozen.fill_(int(frozen))
+        self.bn_frozen = bool(frozen)
 
     @property
     def is_bn_frozen(self) -> bool:
-        return bool(self.bn_frozen)
+        return self.bn_frozen
 
     def folded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact float ``(weight, bias)`` of conv+BN with running statistics."""

@@ -70,7 +70,7 @@ def set_weight(layer: nn.Module, values: torch.Tensor, scales: torch.Tensor, nam
     q: FakeQuantizer = layer.weight_quant
     layer.weight.copy_((values.t() if isinstance(layer, QConv1D) else values).to(layer.weight))
     q.scale.copy_(scales.reshape(q.scale.shape).to(q.scale))
-    q.initialized.fill_(1)
+    q.initialized = True
     q.enable_observer(False)
     was_training = q.training
     q.eval()

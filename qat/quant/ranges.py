@@ -1,0 +1,63 @@
+"""Batch ranges for the observers: finiteness checks, percentile and MSE clip search.
+
+:class:`~qat.quant.quantizer.FakeQuantizer` reduces a tensor to per-channel (or per-tensor)
+``(lo, hi)``; min/max and its moving average live there, the searched clips here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qat.quant.qparams import qparams_from_range
+
+
+def finite_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: every value of ``lo`` and ``hi`` is finite (no host sync)."""
+    return torch.isfinite(lo).all() & torch.isfinite(hi).all()
+
+
+def all_finite(lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """:func:`finite_range` as a Python bool."""
+    if lo.numel() == 1 and hi.numel() == 1:
+        # Per-tensor ranges: two scalar reads cost less than five tensor ops.
+        return math.isfinite(lo.item()) and math.isfinite(hi.item())
+    return bool(finite_range(lo, hi))
+
+
+def _sample(flat: torch.Tensor, limit: int = 1 << 18) -> torch.Tensor:
+    # Deterministic strided subsample: percentile / MSE search on a few 100k values is
+    # accurate enough and keeps calibration fast on large activations.
+    step = max(1, flat.shape[1] // limit)
+    return flat[:, ::step]
+
+
+def percentile_range(flat: torch.Tensor, percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(100 − p, p)`` percentiles of a ``(C, N)`` float tensor."""
+    sample = _sample(flat)
+    p = percentile / 100.0
+    q = torch.quantile(sample, torch.tensor([1.0 - p, p], dtype=sample.dtype), dim=1)
+    return q[0], q[1]
+
+
+def mse_range(
+    flat: torch.Tensor, qmin: int, qmax: int, symmetric: bool, signed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row clip ``(lo, hi)`` of a ``(C, N)`` float tensor with the least quantization MSE."""
+    sample = _sample(flat)
+    lo, hi = torch.aminmax(sample, dim=1)
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    # Geometric grid of clip ratios: an outlier can make the best clip 1000x below the max.
+    for ratio in torch.logspace(-10, 0, 64, base=2.0).tolist():
+        c_lo, c_hi = lo * ratio, hi * ratio
+        scale, zp = qparams_from_range(c_lo, c_hi, qmin, qmax, symmetric, signed)
+        inv = 1.0 / scale[:, None]
+        q = torch.clamp(torch.round(sample * inv) + zp[:, None], qmin, qmax)
+        err = ((q - zp[:, None]) * scale[:, None] - sample).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, c_lo, best_lo)
+        best_hi = torch.where(better, c_hi, best_hi)
+    return best_lo, best_hi
