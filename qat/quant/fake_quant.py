@@ -13,7 +13,9 @@ and, for a learned zero point (LSQ+), ``∂x̂/∂z = −s`` outside the range, 
 Why not torch's fused kernels: on this project's CI CPU their per-element scalar loop ran
 70–100x slower than a ReLU pass over the same tensor (8–12 ms vs 0.12 ms for a 2M-element
 activation), which alone made W8A8 QAT steps ~1.8x the float step. These few vectorized ops keep
-the exact same numerics and run at memory speed.
+the exact same numerics and run at memory speed. A quantizer that observes its input in the
+same call (training with live ranges) runs one fused kernel for both instead:
+:mod:`qat.quant.fused_observer`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def _in_range_mask(clamped: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.eq(clamped, q, out=torch.empty_like(q))
 
 
+def _fake_quant_levels(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: torch.Tensor,
+    qmax: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, clamp(q))`` with ``q = round(x · (1/s)) + z``: one definition for every kernel, so
+    the backward's recomputed mask is bitwise the forward's."""
+    q = torch.round(x * (1.0 / scale)) + zero_point
+    return q, torch.clamp(q, qmin, qmax)
+
+
 def _fake_quant_forward(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -58,9 +73,21 @@ def _fake_quant_forward(
     qmax: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x̂, mask)``; ``scale`` / ``zero_point`` already broadcast against ``x``."""
-    q = torch.round(x * (1.0 / scale)) + zero_point
-    clamped = torch.clamp(q, qmin, qmax)
+    q, clamped = _fake_quant_levels(x, scale, zero_point, qmin, qmax)
     return (clamped - zero_point) * scale, (clamped == q).to(x.dtype)
+
+
+def _fake_quant_values(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+    """``x̂`` alone: the fused forward writes no mask (the backward recomputes it)."""
+    _, clamped = _fake_quant_levels(x, scale, zero_point, qmin, qmax)
+    return (clamped - zero_point) * scale
+
+
+def _ste_grad(grad, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+    """``grad · mask``, the mask recomputed from ``x``: one fused pass instead of reading a
+    float mask the forward wrote (bitwise the same product)."""
+    q, clamped = _fake_quant_levels(x, scale, zero_point, qmin, qmax)
+    return grad * (clamped == q).to(grad.dtype)
 
 
 def _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
@@ -71,47 +98,87 @@ def _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax):  # type: ignore
     return clamped.sub_(zero_point).mul_(scale), mask
 
 
-class _CompiledOrEager:
-    """``torch.compile`` a forward kernel once; fall back to eager if compiling fails.
+def _fake_quant_values_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+    return _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax)[0]
 
-    Compiled, the fake-quant forward is one fused loop over ``x`` instead of five passes, which
-    is most of what keeps a W8A8 QAT step near the float step on CPU. Set ``QAT_COMPILE=0`` to
-    stay eager (bitwise the same results).
+
+def _ste_grad_eager(grad, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+    return grad * _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax)[1]
+
+
+class _FusedKernels:
+    """The per-tensor fake-quant forward and STE backward, each ``torch.compile``d once.
+
+    Compiled, each is one loop over ``x`` instead of five passes, which is most of what keeps
+    a W8A8 QAT step near the float step on CPU. The forward writes only ``x̂``; the backward
+    recomputes the in-range mask from the saved ``x`` inside its multiply, which saves writing
+    and reading a float mask the size of every activation. If compiling fails, both fall back
+    to the eager kernels for good (bitwise the same results). Set ``QAT_COMPILE=0`` to stay
+    eager.
     """
-
-    def __init__(self, fn, eager) -> None:  # type: ignore[no-untyped-def]
-        self.fn, self.eager = fn, eager
-        self.compiled = None
-        self.failed = os.environ.get("QAT_COMPILE", "1") == "0"
 
     #: Below this many elements (weights, pooled features) a fused loop saves less than the
     #: compiled function's guard checks cost; those tensors stay eager.
     MIN_NUMEL = 1 << 16
 
-    def __call__(self, x, *args):  # type: ignore[no-untyped-def]
-        args = (x, *args)
-        if torch.compiler.is_compiling():
-            # Inside a compiled model: the functional kernel, which the model's own graph
-            # fuses (the eager one's in-place ops and float(qmin) would break that graph).
-            return self.fn(*args)
-        small = x.numel() < self.MIN_NUMEL or any(a.dim() > 0 for a in args[1:])
-        if self.failed or small or torch.jit.is_tracing() or torch.jit.is_scripting():
-            return self.eager(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)
-        try:
-            return self.compiled(*args)
-        except Exception as err:  # e.g. no C++ compiler on this machine
-            self.failed = True
-            warnings.warn(
-                f"torch.compile of the fake-quant kernel failed ({type(err).__name__}); "
-                "using the eager kernel (same results, slower). Set QAT_COMPILE=0 to skip.",
-                stacklevel=2,
-            )
-            return self.eager(*args)
+    def __init__(self) -> None:
+        self.failed = os.environ.get("QAT_COMPILE", "1") == "0"
+        self._compiled: dict[str, object] = {}
+
+    def takes(self, x: torch.Tensor, min_numel: int = MIN_NUMEL) -> bool:
+        """Whether ``x`` takes the fused kernels (large enough, not being traced)."""
+        return not (
+            self.failed
+            or x.numel() < min_numel
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+        )
+
+    def run(self, fn, eager, *args):  # type: ignore[no-untyped-def]
+        """``fn(*args)`` compiled (once per function), or ``eager(*args)`` once that failed."""
+        if not self.failed:
+            compiled = self._compiled.get(fn.__name__)
+            if compiled is None:
+                compiled = self._compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+            try:
+                return compiled(*args)  # type: ignore[operator]
+            except Exception as err:  # e.g. no C++ compiler on this machine
+                self.failed = True
+                warnings.warn(
+                    f"torch.compile of the fake-quant kernel failed ({type(err).__name__}); "
+                    "using the eager kernel (same results, slower). Set QAT_COMPILE=0 to skip.",
+                    stacklevel=3,
+                )
+        return eager(*args)
+
+    def forward(self, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+        args = (x, scale, zero_point, qmin, qmax)
+        return self.run(_fake_quant_values, _fake_quant_values_eager, *args)
+
+    def backward(self, grad, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+        return self.run(_ste_grad, _ste_grad_eager, grad, x, scale, zero_point, qmin, qmax)
 
 
-fake_quant_forward = _CompiledOrEager(_fake_quant_forward, _fake_quant_forward_eager)
+fused = _FusedKernels()
+#: Kept for callers of the old name (its ``MIN_NUMEL``).
+fake_quant_forward = fused
+
+_GRIDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _grid(qmin: int, qmax: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qmin`` / ``qmax`` as 0-dim tensors of ``x``'s dtype: a changed bit width must not
+    recompile the fused kernels. Cached outside compiled code (the kernels never write them)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(float(qmin), dtype=x.dtype), torch.tensor(float(qmax), dtype=x.dtype)
+    key = (qmin, qmax, x.dtype, x.device)
+    grid = _GRIDS.get(key)
+    if grid is None:
+        grid = _GRIDS[key] = (
+            torch.tensor(float(qmin), dtype=x.dtype, device=x.device),
+            torch.tensor(float(qmax), dtype=x.dtype, device=x.device),
+        )
+    return grid
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -119,17 +186,32 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
         s = _broadcast(scale, x, axis)
         z = _broadcast(zero_point.to(x.dtype), x, axis)
-        # qmin / qmax as tensors: a changed bit width must not trigger a recompile.
-        lo = torch.tensor(float(qmin), dtype=x.dtype)
-        hi = torch.tensor(float(qmax), dtype=x.dtype)
-        out, mask = fake_quant_forward(x.detach(), s, z, lo, hi)
+        lo, hi = _grid(qmin, qmax, x)
+        x = x.detach()
+        per_tensor = s.dim() == 0 and z.dim() == 0
+        ctx.recompute = per_tensor and not torch.compiler.is_compiling() and fused.takes(x)
+        if ctx.recompute:
+            # Copies of s and z: the observer updates the buffers in place on the next call,
+            # which must not change (or trip the version check of) this call's backward.
+            ctx.save_for_backward(x, s.clone(), z.clone(), lo, hi)
+            return fused.forward(x, s, z, lo, hi)
+        if torch.compiler.is_compiling():
+            # Inside a compiled model: the functional kernel, which the model's own graph
+            # fuses (the eager one's in-place ops and float(qmin) would break that graph).
+            out, mask = _fake_quant_forward(x, s, z, lo, hi)
+        else:
+            out, mask = _fake_quant_forward_eager(x, s, z, lo, hi)
         ctx.save_for_backward(mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None, None
+        if ctx.recompute:
+            grad_x = fused.backward(grad, *ctx.saved_tensors)
+        else:
+            (mask,) = ctx.saved_tensors
+            grad_x = grad * mask
+        return grad_x, None, None, None, None, None
 
 
 class _LSQFakeQuantize(torch.autograd.Function):

@@ -21,13 +21,20 @@ import math
 import torch
 from torch import nn
 
+from qat.quant import fused_observer
 from qat.quant.blocks import gguf_fake_quantize, gguf_scale, group_view, ungroup
 from qat.quant.distributed import is_distributed, rank_phrase, reduce_across_ranks
 from qat.quant.dynamic import dynamic_fake_quantize
 from qat.quant.fake_quant import fake_quantize, lsq_fake_quantize
 from qat.quant.py_state import PyStateDict
 from qat.quant.qparams import SCALE_EPS, guard_scale, qparams_from_range, qrange
-from qat.quant.ranges import all_finite, finite_range, mse_range, percentile_range
+from qat.quant.ranges import (
+    all_finite,
+    cap_lsq_scale,
+    finite_range,
+    mse_range,
+    percentile_range,
+)
 from qat.quant.spec import QuantSpec
 
 ROLES = ("weight", "activation")
@@ -245,13 +252,7 @@ class FakeQuantizer(PyStateDict, nn.Module):
             lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
         bad_rank = None if traced else reduce_across_ranks(lo, hi, bad)
         if bad_rank is not None:
-            where = self.name or repr(self)
-            raise NonFiniteError(
-                f"NaN or inf in the {self.role} observed by quantizer '{where}'"
-                f"{rank_phrase(bad_rank)}: training has diverged at or before this layer "
-                "(lower the learning rate, check the input data, or resume from the last good "
-                "checkpoint)"
-            )
+            self._raise_non_finite(bad_rank)
         keep_history = self.role == "activation" and self.is_initialized
         if keep_history and self.spec.range_method == "minmax":
             lo, hi = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
@@ -265,6 +266,14 @@ class FakeQuantizer(PyStateDict, nn.Module):
         self.max_val.copy_(hi)
         self.initialized = True
         self._update_qparams_from_stats()
+
+    def _raise_non_finite(self, rank: int) -> None:
+        raise NonFiniteError(
+            f"NaN or inf in the {self.role} observed by quantizer '{self.name or repr(self)}'"
+            f"{rank_phrase(rank)}: training has diverged at or before this layer "
+            "(lower the learning rate, check the input data, or resume from the last good "
+            "checkpoint)"
+        )
 
     def reset_observer(self) -> None:
         """Forget the observed range (the next observation starts afresh)."""
@@ -288,11 +297,12 @@ class FakeQuantizer(PyStateDict, nn.Module):
         return mse_range(flat, qmin, qmax, self.spec.symmetric, self.spec.signed)
 
     def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # amin + amax, not aminmax: two vectorized passes ran 1.6x faster than aminmax's one
+        # over a tensor and 10x faster per row (torch 2.13, AVX-512 CPU); the values are equal.
         if not self.spec.per_channel:
-            # A full reduction is ~40x faster than aminmax(dim=1) over a (1, N) view.
-            lo, hi = torch.aminmax(x)
-            return lo.float().reshape(1), hi.float().reshape(1)
-        return torch.aminmax(self._channels_first(x).float(), dim=1)
+            return torch.amin(x).float().reshape(1), torch.amax(x).float().reshape(1)
+        flat = self._channels_first(x).float()
+        return torch.amin(flat, dim=1), torch.amax(flat, dim=1)
 
     @torch.no_grad()
     def _update_qparams_from_stats(self) -> None:
@@ -347,6 +357,11 @@ class FakeQuantizer(PyStateDict, nn.Module):
     def _quantize(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         if self.spec.grid != "affine":
             return self._gguf(x)
+        if fused_observer.applies(self, x, relu):
+            out, finite = fused_observer.observe_fake_quantize(self, x, relu)
+            if not finite:
+                self._raise_non_finite(0)
+            return out
         # Ranges move only in training mode: evaluation and export see a fixed model.
         if self.training and (self.observer_enabled or self._reinit_pending):
             if not self.observer_enabled:
@@ -363,7 +378,7 @@ class FakeQuantizer(PyStateDict, nn.Module):
         learned = self.spec.learned
         if learned == "lsq":
             if self.training:
-                self._cap_lsq_scale(x, qmin, qmax, relu)
+                cap_lsq_scale(self, x, qmin, qmax, relu)
             return self._lsq(x, qmin, qmax)
         if learned == "pact":
             return self._pact(x, qmin, qmax)
@@ -399,37 +414,6 @@ class FakeQuantizer(PyStateDict, nn.Module):
         _, qmax = self.quant_range
         n = x.numel() // (x.shape[self.axis] if self.spec.per_channel else 1)
         return 1.0 / math.sqrt(max(n, 1) * qmax)
-
-    @torch.no_grad()
-    def _cap_lsq_scale(self, x: torch.Tensor, qmin: int, qmax: int, relu: bool) -> None:
-        """Keep a learned scale at or below the min/max scale of this batch (a projection).
-
-        A larger step only leaves levels unused, and past twice it every value rounds to zero:
-        BN then normalises a constant channel, its gradient is amplified by ``1/√eps`` and the
-        scale runs away (ResNet-20 annealed to W2A2 with its 8-bit clip ranges kept: a weight
-        scale of 1e15 within 40 steps at 2 bits).
-        """
-        lo, hi = self._minmax(x)
-        if relu:
-            lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
-        if torch.compiler.is_compiling() and not is_distributed():
-            # No data-dependent branch in a graph: a non-finite batch caps nothing.
-            ok = finite_range(lo, hi)
-            lo, hi = torch.where(ok, lo, 0.0), torch.where(ok, hi, 0.0)
-            cap, _ = qparams_from_range(lo, hi, qmin, qmax, self.spec.symmetric, self.spec.signed)
-            self.scale.copy_(torch.where(ok, torch.minimum(self.scale, cap), self.scale))
-            return
-        finite = all_finite(lo, hi)
-        if self.role == "activation":
-            # Every rank must cap with the same bound, or the replicas' scales drift apart. A
-            # non-finite batch is the loss check's to report; here it only skips the cap.
-            if not finite:
-                lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)
-            finite = reduce_across_ranks(lo, hi, not finite) is None
-        if not finite:
-            return
-        cap, _ = qparams_from_range(lo, hi, qmin, qmax, self.spec.symmetric, self.spec.signed)
-        self.scale.copy_(torch.minimum(self.scale, cap))
 
     def _lsq(self, x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
         scale = self.scale.clamp_min(SCALE_EPS)

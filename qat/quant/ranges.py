@@ -1,16 +1,22 @@
-"""Batch ranges for the observers: finiteness checks, percentile and MSE clip search.
+"""Batch ranges for the observers: finiteness checks, percentile and MSE clip search, LSQ cap.
 
 :class:`~qat.quant.quantizer.FakeQuantizer` reduces a tensor to per-channel (or per-tensor)
-``(lo, hi)``; min/max and its moving average live there, the searched clips here.
+``(lo, hi)``; min/max and its moving average live there, the searched clips here, and the
+bound a batch's min/max puts on a learned LSQ scale.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
+from qat.quant.distributed import is_distributed, reduce_across_ranks
 from qat.quant.qparams import qparams_from_range
+
+if TYPE_CHECKING:
+    from qat.quant.quantizer import FakeQuantizer
 
 
 def finite_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -61,3 +67,35 @@ def mse_range(
         best_lo = torch.where(better, c_lo, best_lo)
         best_hi = torch.where(better, c_hi, best_hi)
     return best_lo, best_hi
+
+
+@torch.no_grad()
+def cap_lsq_scale(q: FakeQuantizer, x: torch.Tensor, qmin: int, qmax: int, relu: bool) -> None:
+    """Keep a learned scale at or below the min/max scale of this batch (a projection).
+
+    A larger step only leaves levels unused, and past twice it every value rounds to zero:
+    BN then normalises a constant channel, its gradient is amplified by ``1/√eps`` and the
+    scale runs away (ResNet-20 annealed to W2A2 with its 8-bit clip ranges kept: a weight
+    scale of 1e15 within 40 steps at 2 bits).
+    """
+    lo, hi = q._minmax(x)
+    if relu:
+        lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
+    if torch.compiler.is_compiling() and not is_distributed():
+        # No data-dependent branch in a graph: a non-finite batch caps nothing.
+        ok = finite_range(lo, hi)
+        lo, hi = torch.where(ok, lo, 0.0), torch.where(ok, hi, 0.0)
+        cap, _ = qparams_from_range(lo, hi, qmin, qmax, q.spec.symmetric, q.spec.signed)
+        q.scale.copy_(torch.where(ok, torch.minimum(q.scale, cap), q.scale))
+        return
+    finite = all_finite(lo, hi)
+    if q.role == "activation":
+        # Every rank must cap with the same bound, or the replicas' scales drift apart. A
+        # non-finite batch is the loss check's to report; here it only skips the cap.
+        if not finite:
+            lo, hi = torch.zeros_like(lo), torch.zeros_like(hi)
+        finite = reduce_across_ranks(lo, hi, not finite) is None
+    if not finite:
+        return
+    cap, _ = qparams_from_range(lo, hi, qmin, qmax, q.spec.symmetric, q.spec.signed)
+    q.scale.copy_(torch.minimum(q.scale, cap))
