@@ -49,7 +49,9 @@ def test_flags_round_trip_through_a_strict_load() -> None:
     fresh = qat.prepare(_net(), example_inputs=torch.randn(2, 3, 5, 5))
     assert not any(q.is_initialized for _, q in qat.iter_quantizers(fresh))
     fresh.load_state_dict(sd, strict=True)
-    for (_, a), (_, b) in zip(qat.iter_quantizers(trained), qat.iter_quantizers(fresh), strict=True):
+    for (_, a), (_, b) in zip(
+        qat.iter_quantizers(trained), qat.iter_quantizers(fresh), strict=True
+    ):
         assert (a.bits, a.observer_enabled, a.fake_quant_enabled, a.initialized) == (
             b.bits,
             b.observer_enabled,
