@@ -46,7 +46,7 @@ def export_lm(
     out_dir: str | Path,
     example_ids: torch.Tensor,
     targets: Sequence[str] = LM_TARGETS,
-    accuracy_level: int = 0,
+    accuracy_level: int | None = None,
 ) -> dict[str, Path]:
     """Write ``model.gguf`` / ``model.onnx`` of a quantized language model, atomically.
 
@@ -155,7 +155,8 @@ def run_lm_export(
     example = batches[0][0][:1].contiguous()
     t0 = time.perf_counter()
     targets = tuple(options.get("targets") or LM_TARGETS)
-    level = int(options.get("accuracy_level") or 0)
+    level = options.get("accuracy_level")
+    level = None if level is None else int(level)
     artifacts = export_lm(model, out_dir, example, targets, accuracy_level=level)
     from qat.export.onnx.llm import linear_kinds
 

@@ -5,7 +5,9 @@ Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.expo
 - per-group weights of 2–8 bits (4-bit groups, GGUF's Q4_0 / Q8_0 blocks): ``MatMulNBits``
   (``com.microsoft``): codes stored unsigned with the default zero point ``2^(b−1)``, one float
   scale per block (``block_size`` = the group size), so ORT dequantizes exactly the fake-quant
-  weight and, at ``accuracy_level=0``, multiplies in float32;
+  weight. After Q8_0 activations it runs at ``accuracy_level=4`` (int8: ORT re-quantizes the
+  Q8_0 values to the same codes and sums each block exactly), with the bias as the kernel's
+  input; after float activations at ``accuracy_level=0`` (float32);
 - 8-bit per-channel weights with per-tensor dynamic uint8 activations:
   ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul(s_x · s_w)``, the pattern ONNX Runtime
   fuses into ``DynamicQuantizeMatMul`` (u8 × s8 integer GEMM, exact int32 sums);
@@ -14,9 +16,16 @@ Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.expo
 Dynamic per-token / per-block activations (torchao's 8da4w, llama.cpp's Q8_0 activations) are
 emitted as the float ops of :mod:`qat.quant.dynamic` (min / max reductions, ``Div``, ``Round``,
 fp16 ``d``), op for op what the fake-quant model computes, then the layer's weight op.
-Quantized embeddings are int8 codes times their block scales, then ``Gather``. Everything else
-(LayerNorm, attention, GELU, residual adds) is the model's own float code, exported by
-``torch.onnx.export(dynamo=False)``, which calls these layers' ``symbolic``.
+Quantized embeddings are int8 codes times their block scales, then ``Gather``. Float islands
+(LayerNorm, attention, GELU: a ``QAct`` with a float output) compute in float64, cast back to
+float32 (:mod:`qat.quant.float_island`). Everything else (residual adds, reshapes) is the
+model's own float code, exported by ``torch.onnx.export(dynamo=False)``, which calls these
+layers' ``symbolic``.
+
+The fake-quant model evaluated under :func:`qat.runtime_numerics` computes what this graph
+computes on ONNX Runtime's x86 AVX-512 VNNI kernels, bit for bit
+(:mod:`qat.quant.runtime_matmul`), so the parity check compares equal logits, not logits
+one float32 rounding apart that a dynamic quantizer turns into a different next token.
 """
 
 from __future__ import annotations
@@ -37,10 +46,11 @@ from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
 from qat.export.onnx.emit import _const, _tracing_off
 from qat.export.onnx.passes import compact_names
 from qat.quant.dynamic import dynamic_quantize
-from qat.quant.layers import QEmbedding
+from qat.quant.layers import QAct, QEmbedding
 from qat.quant.prepare import set_module
 from qat.quant.qparams import qrange
 from qat.quant.quantizer import FakeQuantizer
+from qat.quant.runtime_matmul import ort_linear_kind
 from qat.quant.spec import QuantSpec
 
 __all__ = ["LM_OPSET", "build_lm_onnx", "float_lm_onnx", "linear_kinds"]
@@ -221,6 +231,25 @@ class _ExportLinear(nn.Module):
         return _LinearFn.apply(self.plan, x)
 
 
+class _ExportIsland(nn.Module):
+    """A float island (a :class:`~qat.QAct` with a float output) in float64, rounded to float32:
+    ``Cast(double) → the op's own ONNX ops → Cast(float)``, as the reference computes it under
+    :func:`qat.runtime_numerics` (:mod:`qat.quant.float_island`)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act.double()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.double() if _is_f32(a) else a for a in args)
+        out = self.act(*args, **{k: v.double() if _is_f32(v) else v for k, v in kwargs.items()})
+        return out.float() if isinstance(out, torch.Tensor) else out
+
+
+def _is_f32(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float32
+
+
 class _ExportEmbedding(nn.Module):
     def __init__(self, weight: QuantWeight) -> None:
         super().__init__()
@@ -258,7 +287,7 @@ def build_lm_onnx(
     model: nn.Module,
     example_ids: torch.Tensor,
     opset: int = LM_OPSET,
-    accuracy_level: int = 0,
+    accuracy_level: int | None = None,
 ) -> onnx.ModelProto:
     """The ONNX model of a quantized language model (module docstring), input ``input_ids``
     ``(batch, sequence)`` int64, output ``logits``; checked with ``onnx.checker``.
@@ -267,9 +296,11 @@ def build_lm_onnx(
         model: a prepared model with weight-only or dynamic-activation quantizers (unchanged).
         example_ids: token ids ``(B, T)`` for tracing (both dimensions stay dynamic).
         opset: the ONNX opset (13–20; ``ReduceMax`` with axis attributes needs ≤ 17).
-        accuracy_level: ``MatMulNBits``' compute type: 0 float32 (exact dequantized weights;
-            the default), 4 int8 (ORT quantizes the activations per block itself: faster,
-            not the fake-quant model's arithmetic).
+        accuracy_level: ``MatMulNBits``' compute type. None (the default): per layer, the one
+            that computes the fake-quant model's arithmetic: 4 (int8) where the activations
+            are Q8_0 blocks, which ORT's int8 kernel takes as they are
+            (:mod:`qat.quant.runtime_matmul` reproduces its sums), else 0 (float32 on the
+            exact dequantized weights). 0 or 4 sets it for every layer.
 
     Raises:
         ValueError: an unprepared model, a static activation grid, or a weight whose codes do
@@ -291,16 +322,67 @@ def build_lm_onnx(
             continue
         act = _act_spec(layer)
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
-        plan = _Linear(_kind(qw, act), qw, bias, act, accuracy_level)
+        level = accuracy_level
+        if level is None:
+            level = 4 if ort_linear_kind(layer) == "nbits_int8" else 0
+        plan = _Linear(_kind(qw, act), qw, bias, act, level)
         set_module(deploy, name, _ExportLinear(plan))
+    islands = [
+        name
+        for name, m in deploy.named_modules()
+        if isinstance(m, QAct) and not m.output_quant.enabled
+    ]
+    for name in islands:
+        set_module(deploy, name, _ExportIsland(deploy.get_submodule(name).act))
     wrapper = LogitsModule(deploy).eval()
     kinds = {m.plan.kind for m in deploy.modules() if isinstance(m, _ExportLinear)}
     custom = {_MS: 1} if "nbits" in kinds else {}
     data = _export(wrapper, example_ids, opset, custom, fold=False)
     proto = onnx.load_from_string(data)
+    bias_into_matmulnbits(proto.graph)
     compact_names(proto.graph)  # the exporter's value names are a third of a small file
     onnx.checker.check_model(proto)
     return proto
+
+
+def bias_into_matmulnbits(graph: onnx.GraphProto) -> int:
+    """Give each ``MatMulNBits → Add(constant bias)`` its bias as the kernel's own input.
+
+    The kernel adds it inside its epilogue, before the zero-point term, which rounds
+    differently from an ``Add`` after it; ORT's optimizer makes the same fusion at its default
+    level but not with optimizations off, so the file states it and every level computes what
+    :mod:`qat.quant.runtime_matmul` reproduces. Returns the number of layers rewritten.
+    """
+    consts = {
+        n.output[0]: n
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    dropped = []
+    for mm in graph.node:
+        if mm.op_type != "MatMulNBits" or len(mm.input) > 3:
+            continue
+        users = readers.get(mm.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add" or users[0].input[0] != mm.output[0]:
+            continue
+        add, bias = users[0], users[0].input[1]
+        if bias not in consts or len(consts[bias].attribute[0].t.dims) != 1:
+            continue
+        mm.input.extend(["", "", bias])  # zero_points, g_idx: absent
+        mm.output[0] = add.output[0]  # the Add was the kernel's only reader
+        # An initializer: the Constant node may come after the kernel in the node order.
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(consts[bias].attribute[0].t)
+        tensor.name = bias
+        graph.initializer.append(tensor)
+        dropped += [add, consts[bias]]
+    for node in dropped:
+        graph.node.remove(node)
+    return len(dropped) // 2
 
 
 def _export(

@@ -5,15 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat.quant.float_island import float64_call
 from qat.quant.layers.base import output_quantizer
+from qat.quant.numerics import RuntimeNumerics
 from qat.quant.spec import QuantSpec
 
 
-class QAct(nn.Module):
+class QAct(nn.Module, RuntimeNumerics):
     """Any activation / pooling module followed by an output quantizer.
 
     Used for ops whose output leaves the integer grid of their input (average pooling,
     sigmoid, hardswish, GELU, ...). ReLU and max-pool keep the grid and are left alone.
+
+    A float island (output not quantized: LayerNorm, attention, GELU between a language
+    model's dynamically quantized layers) evaluates under :func:`qat.runtime_numerics` in
+    float64, rounded to float32 (:mod:`qat.quant.float_island`), as the ONNX export computes it.
     """
 
     def __init__(self, act: nn.Module, activation_spec: QuantSpec | None = None) -> None:
@@ -22,6 +28,8 @@ class QAct(nn.Module):
         self.output_quant = output_quantizer(activation_spec)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.exact_numerics and not self.training and not self.output_quant.enabled:
+            return self.output_quant(float64_call(self.act, args, kwargs))
         return self.output_quant(self.act(*args, **kwargs))
 
     @classmethod

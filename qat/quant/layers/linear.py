@@ -15,6 +15,7 @@ from qat.quant.layers.base import (
     weight_quantizer,
 )
 from qat.quant.numerics import RuntimeNumerics, quantized_output
+from qat.quant.runtime_matmul import runtime_dynamic_linear
 from qat.quant.spec import QuantSpec
 
 
@@ -39,6 +40,11 @@ class QLinear(nn.Linear, RuntimeNumerics):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
+            if self.exact_numerics and not self.training and self.numerics_target == "onnx":
+                # ONNX Runtime's dynamic int8 / MatMulNBits kernels, bit for bit.
+                y = runtime_dynamic_linear(self, x)
+                if y is not None:
+                    return self.output_quant(y)
             x = self.act_quant(x)
         return quantized_output(self, F.linear, x, self.weight_quant(self.weight), self.bias)
 
