@@ -25,7 +25,7 @@ from qat.quant import fused_observer
 from qat.quant.blocks import gguf_fake_quantize, gguf_scale, group_view, ungroup
 from qat.quant.distributed import is_distributed, rank_phrase, reduce_across_ranks
 from qat.quant.dynamic import dynamic_fake_quantize
-from qat.quant.fake_quant import fake_quantize, lsq_fake_quantize
+from qat.quant.fake_quant import compiled_relu, fake_quantize, lsq_fake_quantize
 from qat.quant.py_state import PyStateDict
 from qat.quant.qparams import SCALE_EPS, guard_scale, qparams_from_range, qrange
 from qat.quant.ranges import (
@@ -406,7 +406,7 @@ class FakeQuantizer(PyStateDict, nn.Module):
         at_qmin = ((torch.round(zp) if zp.is_floating_point() else zp) == qmin).all()
         if torch.compiler.is_compiling():
             # The same values and gradients as the branch below, without reading the flag.
-            return torch.where(at_qmin, x, torch.relu(x))
+            return torch.where(at_qmin, x, compiled_relu(x))
         return x if bool(at_qmin) else torch.relu(x)
 
     def lsq_grad_factor(self, x: torch.Tensor) -> float:

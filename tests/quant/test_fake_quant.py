@@ -207,3 +207,27 @@ def test_pact_alpha_gradient_is_clip_indicator() -> None:
     out.sum().backward()
     assert float(fq.alpha.grad) == pytest.approx(float((x >= 2.0).sum()))
     assert float(out.detach().max()) == pytest.approx(2.0) and float(out.detach().min()) == 0.0
+
+
+def test_the_compiled_model_kernels_equal_the_eager_ones_on_finite_inputs() -> None:
+    """The comparison-free mask and ReLU gradient used inside torch.compile (no bool tensors
+    for the partitioner to save) give the eager kernels' values."""
+    from qat.quant.fake_quant import (
+        _fake_quant_forward,
+        _fake_quant_forward_eager,
+        compiled_relu,
+    )
+
+    x = torch.randn(64, 999) * 4
+    x[0, :4] = torch.tensor([0.0, -0.0, 0.0173 * 0.5, -0.0173 * 300])
+    s, z = torch.tensor(0.0173), torch.tensor(37.0)
+    lo, hi = torch.tensor(0.0), torch.tensor(255.0)
+    out, mask = _fake_quant_forward(x, s, z, lo, hi)
+    ref_out, ref_mask = _fake_quant_forward_eager(x.clone(), s, z, lo, hi)
+    assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
+    assert 0 < mask.sum() < mask.numel()
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(x.shape)
+    compiled_relu(a).backward(g)
+    torch.relu(b).backward(g)
+    assert torch.equal(a.grad, b.grad)
