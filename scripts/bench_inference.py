@@ -10,7 +10,8 @@ rounds, medians) at batch 1 and 64:
 - ``ort_quantize_static``: ONNX Runtime's own ``quantize_static`` on the float ONNX model (QDQ,
   u8 activations, s8 per-channel weights): the peer a user gets in one call;
 - ``torch_fp32``: the float model in eager PyTorch;
-- ``qat_ts_int8``: qat's TorchScript export (PyTorch INT8 kernels, ``fbgemm``);
+- ``qat_ts_int8``: qat's TorchScript export (PyTorch INT8 kernels, the export's engine ``x86``;
+  ``--ts-engines x86 fbgemm`` adds ``qat_ts_int8_fbgemm``, the same file loaded under fbgemm);
 - ``torch_ao_fx_int8``: torch.ao FX post-training quantization (``fbgemm`` qconfig), scripted:
   the other peer.
 
@@ -23,7 +24,7 @@ the machine's ceiling: ONNX Runtime's u8 x s8 ``MatMulInteger`` against FP32 ``M
 
 Usage:
     python scripts/bench_inference.py [--models resnet20 mobilenetv2 resnet18] [--rounds 7]
-        [--threads 2] [--train-steps 40] [--json results.json]
+        [--threads 2] [--train-steps 40] [--ts-engines x86 fbgemm] [--json results.json]
 
 Read the ratios (taken within one round), not the absolute times: the machine is shared. Idle
 threads sleep (``OMP_WAIT_POLICY=PASSIVE`` before torch loads, ``allow_spinning=0`` in ONNX
@@ -55,7 +56,7 @@ from qat.export import export_model, verify_artifacts
 from qat.export.bench import make_batch, time_interleaved
 from qat.export.onnx import export_float_onnx, make_session
 from qat.export.onnx.runtime import optimized_op_types
-from qat.export.torchscript import load_torchscript
+from qat.export.torchscript import ENGINE, EXACT_ENGINES, load_torchscript
 from qat.models import create_model
 
 MODELS = ("resnet20", "mobilenetv2", "resnet18")
@@ -223,7 +224,10 @@ def bench_model(name: str, data: list, args: argparse.Namespace, out: Path) -> d
     test = data[4:10]
     q = quantized(float_model, 8, calib)
     paths = export_model(q, out / "qat", calib[0][:1])
-    parity = verify_artifacts(q, paths, test)
+    ts_keys = _ts_keys(args.ts_engines)
+    # Each TorchScript engine against the fake-quant numerics it computes (qat.export.verify).
+    extra = {f"torchscript_{e}": paths["torchscript"] for e in args.ts_engines[1:]}
+    parity = verify_artifacts(q, {**paths, **extra}, test)
     fp32 = export_float_onnx(float_model, out / "float.onnx", calib[0][:1])
     peer = ort_quantize_static(fp32, out / "ort_quantize_static.onnx", calib)
     fx = torch_ao_fx(float_model, calib)
@@ -258,19 +262,25 @@ def bench_model(name: str, data: list, args: argparse.Namespace, out: Path) -> d
         "qat_ort_int8": make_session(paths["onnx"], threads=args.threads, spinning=False),
         "ort_quantize_static": make_session(peer, threads=args.threads, spinning=False),
     }
-    ts = load_torchscript(paths["torchscript"])
     for bs in args.batch_sizes:
         x = make_batch(calib[0], bs)
         fns = {k: _ort_run(s, x) for k, s in sessions.items()}
-        for key, module in (
-            ("torch_fp32", float_model),
-            ("qat_ts_int8", ts),
-            ("torch_ao_fx_int8", fx),
-        ):
+        for key, module in (("torch_fp32", float_model), ("torch_ao_fx_int8", fx)):
             fns[key] = _torch_run(module, x)
-        t = time_interleaved({k: fns[k] for k in VARIANTS}, rounds=args.rounds, min_time=0.3)
+        for key, engine in ts_keys.items():
+            # Loaded afresh per batch size: x86's oneDNN convs keep the first shape's primitive.
+            ts = load_torchscript(paths["torchscript"], engine=engine)
+            fns[key] = _torch_run(ts, x)
+            fns[key]()
+        keys = [k for k in VARIANTS if k != "qat_ts_int8"] + list(ts_keys)
+        t = time_interleaved({k: fns[k] for k in keys}, rounds=args.rounds, min_time=0.3)
         result["latency_ms"][str(bs)] = {k: 1e3 * v for k, v in t.items()}
     return result
+
+
+def _ts_keys(engines: list[str]) -> dict[str, str]:
+    """Latency key → quantized engine: the first engine is ``qat_ts_int8``."""
+    return {"qat_ts_int8" + ("" if i == 0 else f"_{e}"): e for i, e in enumerate(engines)}
 
 
 def _ort_run(session: Any, x: torch.Tensor) -> Any:
@@ -294,6 +304,11 @@ def ratios(lat: dict[str, float]) -> dict[str, float]:
         "qat_ts_vs_torch_fp32": lat["torch_fp32"] / lat["qat_ts_int8"],
         "torch_ao_fx_vs_torch_fp32": lat["torch_fp32"] / lat["torch_ao_fx_int8"],
         "qat_ts_vs_qat_ort": lat["qat_ort_int8"] / lat["qat_ts_int8"],
+        **{
+            f"{k.replace('_int8', '')}_vs_qat_ort": lat["qat_ort_int8"] / lat[k]
+            for k in lat
+            if k.startswith("qat_ts_int8_")
+        },
     }
 
 
@@ -328,7 +343,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--ts-engines",
+        nargs="+",
+        default=[ENGINE],
+        choices=EXACT_ENGINES,
+        help="quantized engines to time qat's TorchScript under (the first is qat_ts_int8)",
+    )
     args = parser.parse_args(argv)
+    if len(set(args.ts_engines)) != len(args.ts_engines):
+        parser.error(f"--ts-engines {args.ts_engines}: name each engine once")
     torch.set_num_threads(args.threads)
     data = digits_rgb()
     ceiling = gemm_ceiling(args.threads, args.rounds)

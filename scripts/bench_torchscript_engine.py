@@ -1,13 +1,14 @@
-"""TorchScript INT8 under PyTorch's two x86 quantized engines: what pinning ``fbgemm`` costs.
+"""TorchScript INT8 under PyTorch's two x86 quantized engines, each exact, side by side.
 
-``qat.export`` builds, verifies and loads TorchScript under ``fbgemm`` (qat/export/torchscript.py
-says why: on a VNNI CPU the default ``x86`` engine runs convs through oneDNN, which rounds some
-requantization near-ties one level the other way). This script exports one model, loads the
-same ``model.ts`` once under each engine (the weights are packed at load time, so each module
-keeps its engine's kernels), and prints for each: top-1 agreement and max logit difference
-with the fake-quant model, and latency at batch 1 and 64, timed interleaved in one process
-(median of rounds; ``qat.export.benchmark_artifacts`` loads each afresh per batch size), with
-the x86 / fbgemm ratio.
+``qat.export`` builds, verifies and loads TorchScript under ``x86``; on a VNNI CPU its oneDNN
+convs round some requantization near-ties one level the other way from ``fbgemm``, and the
+fake-quant model reproduces each engine (``qat.runtime_numerics`` with the target
+``qat.export.torchscript.numerics_target`` names; qat/export/torchscript.py). This script
+exports one model, loads the same ``model.ts`` once under each engine (the weights are packed at
+load time, so each module keeps its engine's kernels), and prints for each: top-1 agreement and
+max logit difference with the fake-quant model evaluated for that engine, and latency at batch 1
+and 64, timed interleaved in one process (median of rounds; ``qat.export.benchmark_artifacts``
+loads each afresh per batch size), with the x86 / fbgemm ratio.
 
 Usage:
     python scripts/bench_torchscript_engine.py [--model resnet20|mobilenetv2] [--bits 8 4]
@@ -29,21 +30,23 @@ import tempfile
 import torch
 from bench_inference import digits_rgb, quantized, train_float
 
+import qat
 from qat.export import benchmark_artifacts, export_model
-from qat.export.torchscript import ENGINE, load_torchscript
+from qat.export.torchscript import load_torchscript, numerics_target
 from qat.models import create_model
 
-ENGINES = (ENGINE, "x86")  # the first keeps the artifact's name in benchmark_artifacts
-NAMES = {ENGINE: "torchscript", "x86": "torchscript_x86"}
+ENGINES = ("fbgemm", "x86")  # the first keeps the artifact's name in benchmark_artifacts
+NAMES = {"fbgemm": "torchscript", "x86": "torchscript_x86"}
 
 
 def agreement(
-    model: torch.nn.Module, runtime: torch.nn.Module, batches: list
+    model: torch.nn.Module, runtime: torch.nn.Module, batches: list, engine: str
 ) -> tuple[float, float]:
-    """Top-1 agreement of ``runtime`` with ``model`` and their max absolute logit difference."""
+    """Top-1 agreement of ``runtime`` with ``model`` evaluated as ``engine`` computes, and their
+    max absolute logit difference."""
     same = total = 0
     diff = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), qat.runtime_numerics(model, target=numerics_target(engine)):
         for x in batches:
             ref, out = model(x), runtime(x)
             same += int((ref.argmax(1) == out.argmax(1)).sum())
@@ -94,7 +97,7 @@ def main() -> None:
             )
             runtimes = {e: load_torchscript(path, engine=e) for e in ENGINES}
             for engine, rt in runtimes.items():
-                agree, diff = agreement(q, rt, check)
+                agree, diff = agreement(q, rt, check, engine)
                 n = sum(x.shape[0] for x in check)
                 print(
                     f"W{bits}A{bits} {engine:>6}: agreement with fake-quant {agree:.2%} "
@@ -114,7 +117,7 @@ def main() -> None:
                 print(
                     f"W{bits}A{bits} batch {bs:>2}: "
                     + " | ".join(f"{e} {lat[e][bs]:8.2f} ms" for e in ENGINES)
-                    + f" | x86 / {ENGINE} {lat['x86'][bs] / lat[ENGINE][bs]:.2f}x"
+                    + f" | x86 / fbgemm {lat['x86'][bs] / lat['fbgemm'][bs]:.2f}x"
                 )
 
 

@@ -126,8 +126,8 @@ def benchmark_artifacts(
         float_onnx_path: where to write the float ONNX model (default: a temporary file).
         spinning: let idle ONNX Runtime workers spin (see the module docstring).
         torchscript_engines: PyTorch quantized engines to load each TorchScript artifact under
-            (default: only the one the export verifies under, ``fbgemm``); the first keeps the
-            artifact's name, the others add ``_<engine>`` (``torchscript_x86``), all timed in
+            (default: only the one the export verifies under, ``x86``); the first keeps the
+            artifact's name, the others add ``_<engine>`` (``torchscript_fbgemm``), all timed in
             the same interleaved rounds.
 
     Returns:

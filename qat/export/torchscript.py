@@ -19,30 +19,34 @@ on quantized tensors (u8 activations with a zero point, s8 per-channel weights):
   requantization;
 - the model input is quantized with ``quantize_per_tensor``; the output is dequantized.
 
-Bias: these kernels take a float bias and add it in their float requantization epilogue as
-``b / (s_in · s_w)`` without rounding it to an integer (fbgemm's ``ReQuantizeOutput`` with a
-float bias), which is what the fake-quant forward computes. Rounding it to the int32 grid first
-(as ONNX's ``QLinearConv`` must) moves outputs that lie within ``s_in·s_w/2`` of a rounding
-boundary by one level: ~0.05% of conv outputs at W8A8 and ~1.5% at W4A4 in our tests, against
-~0.005% (float ties) with the float bias. So the TorchScript model keeps the float bias.
+Bias: these kernels add the trained float bias in their float requantization epilogue, unrounded
+(ONNX's ``QLinearConv`` must round it to the int32 grid ``s_in · s_w``, which moves ~0.05% of conv
+outputs across a rounding boundary at W8A8 and ~1.5% at W4A4 in our tests), so the TorchScript
+model keeps it.
 
 Grid-preserving ops in the forward (ReLU, max-pool, flatten, view, dropout) run on the quantized
 tensors as they are. The result is traced with ``torch.jit.trace`` and loads with
 ``torch.jit.load`` in a process that never imports qat.
 
-Engine: the saved file holds unpacked weights, and ``torch.jit.load`` packs them again for
-whatever ``torch.backends.quantized.engine`` is set *when it loads*. On a CPU with VNNI the
-default ``x86`` engine packs convs for oneDNN, which rounds some requantization near-ties one
-level the other way from fbgemm, ONNX Runtime and the fake-quant model (MobileNetV2 W4A4: 99.85%
-agreement under ``x86``, 100% and max Δ 0 under ``fbgemm``, same file). So this module builds
-and loads under :data:`ENGINE` (``fbgemm``) and restores the caller's engine afterwards; a user
-loading ``model.ts`` without qat sets ``torch.backends.quantized.engine = "fbgemm"`` first.
+Engine: ``torch.jit.load`` packs the saved weights for the ``torch.backends.quantized.engine``
+set *when it loads*, and the engines round differently. ``fbgemm`` requantizes as ONNX Runtime
+does, ``round(float32(acc + b/(s_in·s_w)) · M) + z``. The default ``x86`` engine, on a Linux CPU
+with AVX-512 VNNI, runs convs of at most 100 groups on oneDNN, which applies the scales one by
+one and adds the zero point before it rounds (:func:`qat.quant.numerics.onednn_levels`, matched
+bit for bit on millions of near-tie outputs), so near-ties land one level apart (MobileNetV2
+W4A4: 99.85% top-1 agreement with fbgemm's numerics); wider depthwise convs, linears, adds and
+concats run as under ``fbgemm``. Each engine is exact against the fake-quant model evaluated
+for it (:func:`qat.runtime_numerics` with the target :func:`numerics_target` names), and ``x86``
+ran batch 64 faster (ResNet-20 1.9-4.3x, MobileNetV2 1.03-2.3x: docs/benchmarks.md). So this module builds, loads and verifies under
+:data:`ENGINE` (``x86``) and restores the caller's engine afterwards; ``fbgemm`` stays available
+(``engine=``). Without qat, set the engine the model was verified under, then ``torch.jit.load``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +71,7 @@ __all__ = [
     "export_torchscript",
     "integer_ops",
     "load_torchscript",
+    "numerics_target",
     "quantized_engine",
     "run_torchscript",
     "save_torchscript",
@@ -87,7 +92,10 @@ QUANTIZED_OPS = (
 
 
 #: The quantized engine the TorchScript model is built, verified and timed under (see above).
-ENGINE = "fbgemm"
+ENGINE = "x86"
+
+#: The engines whose numerics the fake-quant model reproduces (:func:`numerics_target`).
+EXACT_ENGINES = ("x86", "fbgemm")
 
 
 @contextlib.contextmanager
@@ -110,6 +118,34 @@ def quantized_engine(name: str = ENGINE) -> Iterator[None]:
         yield
     finally:
         torch.backends.quantized.engine = before
+
+
+def numerics_target(engine: str = ENGINE) -> str:
+    """The :func:`qat.runtime_numerics` target that computes what ``engine`` computes here:
+    ``"torchscript_x86"`` where ``x86`` runs convs on oneDNN (a Linux CPU with AVX-512 VNNI),
+    else ``"torchscript"`` (fbgemm's rounding).
+
+    Raises:
+        ValueError: ``engine`` is not one of :data:`EXACT_ENGINES`.
+    """
+    if engine not in EXACT_ENGINES:
+        raise ValueError(f"engine={engine!r}: the fake-quant model reproduces only {EXACT_ENGINES}")
+    return "torchscript_x86" if engine == "x86" and _x86_convs_on_onednn() else "torchscript"
+
+
+@functools.cache
+def _x86_convs_on_onednn() -> bool:
+    """Asks the kernel rather than the CPU flags: one conv output lies on an exact tie
+    (``acc · M = 1 · 1 · 1/2``) with zero point 1; oneDNN rounds ``0.5 + 1`` to 2, fbgemm
+    ``round(0.5) + 1`` to 1."""
+    with _deprecations_silenced(), quantized_engine("x86"):
+        conv = nnq.Conv2d(1, 1, 1, bias=False)
+        conv.set_weight_bias(
+            torch.quantize_per_tensor(torch.ones(1, 1, 1, 1), 1.0, 0, torch.qint8), None
+        )
+        conv.scale, conv.zero_point = 2.0, 1
+        x = torch.quantize_per_tensor(torch.ones(1, 1, 1, 1), 1.0, 0, torch.quint8)
+        return int(conv(x).int_repr().item()) == 2
 
 
 @contextlib.contextmanager
@@ -140,8 +176,10 @@ def _clamp(q: torch.Tensor, grid: ActGrid, relu: bool = False) -> torch.Tensor:
 
 
 def _dequant(obj: Any) -> Any:
+    # NCHW as in the fake-quant model: average pooling sums channels-last tensors (the convs'
+    # output) in another order, which flipped an output level of ResNet-20 on 1 of 512 images.
     if isinstance(obj, torch.Tensor):
-        return obj.dequantize() if obj.is_quantized else obj
+        return obj.dequantize().contiguous() if obj.is_quantized else obj
     if isinstance(obj, list | tuple):
         return type(obj)(_dequant(o) for o in obj)
     return obj
@@ -288,7 +326,10 @@ class IntegerModel(nn.Module):
 
 
 def build_integer_model(
-    model: nn.Module, example_input: Any, converted: ConvertedModel | None = None
+    model: nn.Module,
+    example_input: Any,
+    converted: ConvertedModel | None = None,
+    engine: str = ENGINE,
 ) -> IntegerModel:
     """An eager integer model on torch's quantized kernels, equal to ``model`` within one step.
 
@@ -300,10 +341,12 @@ def build_integer_model(
         example_input: one batch (a tensor or a tuple of positional arguments).
         converted: the result of :func:`qat.export.convert.convert` for the same model and
             input, if already computed.
+        engine: the quantized engine the layers pack their weights for (and so compute
+            with, until the traced model is saved and loaded again).
     """
     if converted is None:
         converted = convert(model, example_input)
-    fast = _build(model, converted, contiguous=False)
+    fast = _build(model, converted, contiguous=False, engine=engine)
     try:
         with torch.no_grad():
             fast(*_example_args(example_input))
@@ -311,15 +354,17 @@ def build_integer_model(
     except RuntimeError as err:
         if "view" not in str(err):
             raise
-    return _build(model, converted, contiguous=True)
+    return _build(model, converted, contiguous=True, engine=engine)
 
 
-def _build(model: nn.Module, converted: ConvertedModel, contiguous: bool) -> IntegerModel:
+def _build(
+    model: nn.Module, converted: ConvertedModel, contiguous: bool, engine: str
+) -> IntegerModel:
     body = copy.deepcopy(model).cpu().eval()
     remove_input_quant_hook(body)
     modules = dict(body.named_modules())
-    # The integer layers pack their weights when built: under ENGINE, as a load would.
-    with _deprecations_silenced(), quantized_engine():
+    # The integer layers pack their weights when built: under the engine, as a load would.
+    with _deprecations_silenced(), quantized_engine(engine):
         for name, desc in converted.layers.items():
             # The float islands compute with the copy's modules (never the caller's).
             desc = copy.copy(desc)
@@ -371,16 +416,15 @@ def load_torchscript(path: str | Path | BinaryIO, engine: str = ENGINE) -> torch
     """Load an exported model with ``torch.jit.load`` under a quantized engine.
 
     The engine matters only while loading (the weights are packed then); the caller's engine is
-    restored before this returns. Without qat: set ``torch.backends.quantized.engine =
-    "fbgemm"``, then ``torch.jit.load``.
+    restored before this returns. Without qat: set ``torch.backends.quantized.engine``, then
+    ``torch.jit.load``.
 
     Args:
         path: the ``model.ts`` file (or a binary file object).
-        engine: :data:`ENGINE` (``fbgemm``, what the export was verified under) or ``x86``:
-            on a VNNI CPU ``x86`` ran batch 64 2-4x faster (docs/benchmarks.md), with some
-            outputs one level off at near-ties, so its agreement with the fake-quant model can
-            fall below 100%. Warm an ``x86`` module up at the batch size it will serve (its
-            oneDNN convs keep the primitive of the first input shape).
+        engine: :data:`ENGINE` (``x86``) or ``fbgemm``; each is exact against the fake-quant
+            model evaluated for it (:func:`numerics_target`). Warm an ``x86`` module up at the
+            batch size it will serve (its oneDNN convs keep the primitive of the first input
+            shape).
 
     Raises:
         RuntimeError: this PyTorch build has no such engine (the message lists the ones it has).

@@ -1,7 +1,7 @@
 """Parity of exported models with the fake-quant model they came from.
 
 :func:`verify_artifacts` runs the fake-quant model (eval, under :func:`qat.runtime_numerics` for
-each runtime: ONNX Runtime's and PyTorch's residual adds round differently) and every exported
+each runtime: ONNX Runtime's and PyTorch's engines round differently) and every exported
 runtime on the same batches and reports, per runtime: accuracy, top-1 agreement with the
 fake-quant model, max and mean absolute logit difference, and the max difference in
 output-quantization steps (the final output quantizer's scale; ``None`` when the output is
@@ -17,7 +17,8 @@ Report layout::
       "runtimes": {
         "torchscript": {"accuracy": 0.953, "agreement": 1.0, "max_abs_diff": 0.0132,
                         "mean_abs_diff": 1.1e-05, "max_diff_steps": 1.0, "num_samples": 360,
-                        "engine": "fbgemm"},   # PyTorch's quantized engine it loaded under
+                        "engine": "x86",       # PyTorch's quantized engine it loaded under
+                        "numerics": "torchscript_x86"},  # the fake-quant target it is held to
         "onnx": {...},
       },
     }
@@ -56,14 +57,15 @@ def load_runtime(
 
     Args:
         kind: ``"torchscript"`` or ``"onnx"``, or a key starting with one of them
-            (``"onnx_int4"``).
+            (``"onnx_int4"``); ``"torchscript_fbgemm"`` loads under that quantized engine
+            (default :data:`qat.export.torchscript.ENGINE`).
         path: the artifact file.
         threads: ONNX Runtime intra-op threads.
     """
     if kind.startswith("torchscript"):
         from qat.export.torchscript import load_torchscript
 
-        module = load_torchscript(path)
+        module = load_torchscript(path, engine=_engine(kind))
 
         def run_ts(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -93,13 +95,21 @@ def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return batch, None
 
 
+def _engine(runtime: str) -> str:
+    """The quantized engine a TorchScript key names (``torchscript_fbgemm``), or the default."""
+    from qat.export.torchscript import ENGINE, EXACT_ENGINES
+
+    suffix = runtime.removeprefix("torchscript").removeprefix("_")
+    return suffix if suffix in EXACT_ENGINES else ENGINE
+
+
 def _numerics_target(runtime: str) -> str:
-    return "torchscript" if runtime.startswith("torchscript") else "onnx"
+    """The runtime_numerics target of an artifact: for TorchScript, what its engine computes."""
+    if runtime.startswith("torchscript"):
+        from qat.export.torchscript import numerics_target
 
-
-def _runtimes_differ(model: nn.Module) -> bool:
-    """True when the model computes differently for the two runtimes (a pinned residual add)."""
-    return any(getattr(m, "runtime_input_grids", None) is not None for m in model.modules())
+        return numerics_target(_engine(runtime))
+    return "onnx"
 
 
 @torch.no_grad()
@@ -132,11 +142,9 @@ def verify_artifacts(
         name: {"correct": 0, "agree": 0, "max_abs": 0.0, "sum_abs": 0.0, "count": 0}
         for name in runtimes
     }
-    # Each artifact against the model computed as its runtime computes (residual adds differ:
-    # qat.runtime_numerics); one pass serves both where the model has no pinned add.
+    # Each artifact against the model computed as its runtime computes (requantization and
+    # residual adds differ: qat.runtime_numerics).
     targets = {name: _numerics_target(name) for name in runtimes}
-    if not _runtimes_differ(ref_model):
-        targets = dict.fromkeys(runtimes, "onnx")
     fq_correct, n, labelled = 0, 0, True
     output_scale: float | None = None
     for i, batch in enumerate(batches):
@@ -196,9 +204,8 @@ def verify_artifacts(
             "num_samples": n,
         }
         if name.startswith("torchscript"):
-            from qat.export.torchscript import ENGINE
-
-            report["runtimes"][name]["engine"] = ENGINE
+            report["runtimes"][name]["engine"] = _engine(name)
+            report["runtimes"][name]["numerics"] = targets[name]
     return report
 
 

@@ -11,7 +11,8 @@ what the integer kernels compute:
   images in float32 and 0.04% with float64 sums;
 - a layer whose input grid :func:`qat.snap_bias` pinned (``runtime_input_scale``) requantizes
   its integer sum with the runtimes' float32 multiplier ``s_in · s_w / s_out``
-  (:func:`quantized_output`).
+  (:func:`quantized_output`), or, for target ``"torchscript_x86"``, as oneDNN does
+  (:func:`onednn_levels`).
 
 Used for the test metrics and the parity check (about 4x the float32 time); training is
 unaffected. The mode is per model, set for the duration of the block on each of its layers.
@@ -37,14 +38,23 @@ class RuntimeNumerics:
 
     #: Compute as the integer runtimes do; set for a block by :func:`runtime_numerics`.
     exact_numerics: bool = False
-    #: Whose kernels, where the runtimes differ (residual adds): ``"onnx"`` or ``"torchscript"``.
+    #: Whose kernels, where the runtimes differ: one of :data:`NUMERICS_TARGETS`.
     numerics_target: str = "onnx"
     #: The input scale the layer's int32 bias was rounded for, pinned by :func:`qat.snap_bias`.
     runtime_input_scale: float | None = None
 
 
-#: The runtimes :func:`runtime_numerics` can compute as.
-NUMERICS_TARGETS = ("onnx", "torchscript")
+#: The runtimes :func:`runtime_numerics` can compute as: ONNX Runtime; PyTorch's quantized
+#: kernels as fbgemm computes them (``"torchscript"``: the ``fbgemm`` engine, and ``x86`` on a
+#: CPU without AVX-512 VNNI); and as the ``x86`` engine computes them on an AVX-512 VNNI CPU
+#: (``"torchscript_x86"``: convs on oneDNN). :func:`qat.export.torchscript.numerics_target`
+#: tells which of the last two an engine computes on the machine at hand.
+NUMERICS_TARGETS = ("onnx", "torchscript", "torchscript_x86")
+
+#: PyTorch's ``x86`` engine runs a conv on oneDNN (where the CPU has AVX-512 VNNI, on Linux, with
+#: symmetric weights) only up to this many groups (``should_use_onednn_quant`` in ATen); wider
+#: depthwise convs, and every linear, stay on fbgemm.
+ONEDNN_MAX_GROUPS = 100
 
 
 @contextmanager
@@ -53,9 +63,11 @@ def runtime_numerics(
 ) -> Iterator[nn.Module]:
     """Evaluate ``model``'s integer layers as the integer runtimes compute (module docstring).
 
-    Convs, linears and matmuls compute the same in both runtimes; residual adds do not
-    (:mod:`qat.quant.runtime_add`): ``target`` picks ONNX Runtime's ``QLinearAdd`` (``"onnx"``)
-    or PyTorch's ``quantized::add`` (``"torchscript"``, the fake-quant rounding).
+    Convs, linears and matmuls compute the same in ONNX Runtime and fbgemm; residual adds do
+    not (:mod:`qat.quant.runtime_add`): ``target`` picks ONNX Runtime's ``QLinearAdd``
+    (``"onnx"``) or PyTorch's ``quantized::add`` (``"torchscript"``, the fake-quant rounding).
+    ``"torchscript_x86"`` adds as ``"torchscript"`` and requantizes convs of at most
+    :data:`ONEDNN_MAX_GROUPS` groups as oneDNN does (:func:`onednn_levels`).
 
     Example:
         >>> qat.snap_bias(qmodel, example)
@@ -109,6 +121,11 @@ def quantized_output(
     of a rounding boundary, but at 4 bits a depthwise conv's sums take a few small integer values,
     and when ``25 · M`` lands 2e-7 below x.5, every output with that sum flips: MobileNetV2 W4A4
     disagreed with both runtimes on 0.21% of the test images through one such channel.
+
+    The bias: ONNX Runtime adds it as int32 (:func:`qat.snap_bias` puts it on that grid);
+    fbgemm (target ``"torchscript"``) adds the float bias as ``float32(acc) + float32(b /
+    (s_in·s_w))`` before the multiply. Under ``"torchscript_x86"``, convs that the x86 engine
+    runs on oneDNN requantize as :func:`onednn_levels` says instead.
     """
     oq: FakeQuantizer = module.output_quant
     snapped = grid_bias(module, b)
@@ -124,23 +141,94 @@ def quantized_output(
     shape = [-1] + [1] * (w.dim() - 1) if wq.per_channel else [1] * w.dim()
     levels = torch.round(w.double() / s_w.double().reshape(shape))
     acc = op(codes, levels, None)
-    s_in = torch.tensor(module.runtime_input_scale, dtype=torch.float32, device=x.device)
-    act_w = (s_in * s_w.float()).reshape(-1)  # float32, as both runtimes form it
     # Output channels: dim 1 of a conv's NCHW output, the last dim of a linear's (..., N).
     out_shape = [1] * acc.dim()
     out_shape[-1 if isinstance(module, nn.Linear) else 1] = -1
-    if b is not None:
+    s_out, z_out = oq.qparams()
+    if _on_onednn(module):
+        # The u8 container's zero point (ActGrid), which oneDNN adds before rounding.
+        zero_point = int(z_out.reshape(-1)[0]) - oq.quant_range[0]
+        scales = (module.runtime_input_scale, s_w, float(s_out.reshape(-1)[0]), zero_point)
+        levels_out = onednn_levels(acc, *scales, b, out_shape)
+        return oq(levels_out * s_out.float(), relu=module.relu)
+    s_in = torch.tensor(module.runtime_input_scale, dtype=torch.float32, device=x.device)
+    act_w = (s_in * s_w.float()).reshape(-1)  # float32, as both runtimes form it
+    acc32 = acc.float()
+    if b is not None and module.numerics_target == "onnx":
         # Not rounded here: after snap_bias it is the int32 bias to within float error (what
-        # ONNX Runtime adds); otherwise it is fbgemm's float-bias epilogue, and ONNX's rounding
-        # of it shows in the parity report rather than being hidden.
-        acc = acc + (b.double() / act_w.double()).reshape(out_shape)
-    s_out, _ = oq.qparams()
+        # ONNX Runtime adds); otherwise fbgemm's float-bias epilogue, nearly, and ONNX's
+        # rounding of it shows in the parity report rather than being hidden.
+        acc32 = (acc + (b.double() / act_w.double()).reshape(out_shape)).float()
+    elif b is not None:
+        # fbgemm's float-bias epilogue exactly: float32(acc) + float32(b / (s_in·s_w)).
+        acc32 = acc32 + (b.detach().float() / act_w).reshape(out_shape)
     multiplier = (act_w / s_out.float()).reshape(out_shape)
-    levels_out = torch.round(acc.float() * multiplier)
+    levels_out = torch.round(acc32 * multiplier)
     # The output quantizer takes these levels as they are (a value on its grid comes out
     # unchanged) and applies the ReLU and the clamp to its range; the hooks of
     # qat.quant.grids that follow the grids see this layer's output there too.
     return oq(levels_out * s_out.float(), relu=module.relu)
+
+
+def _on_onednn(module: nn.Module) -> bool:
+    """True for a conv that PyTorch's x86 engine runs on oneDNN, when computing as it does."""
+    return (
+        module.numerics_target == "torchscript_x86"
+        and isinstance(module, nn.Conv2d)
+        and module.groups <= ONEDNN_MAX_GROUPS
+    )
+
+
+def onednn_levels(
+    acc: torch.Tensor,
+    s_in: float,
+    s_w: torch.Tensor,
+    s_out: float,
+    zero_point: int,
+    bias: torch.Tensor | None = None,
+    out_shape: list[int] | None = None,
+) -> torch.Tensor:
+    """Output levels (``q − zero_point``) of a oneDNN int8 conv as PyTorch's x86 engine calls it.
+
+    PyTorch hands oneDNN reciprocal scales (``float32(1 / s)``, formed in double), and ideep
+    inverts them back in float32, so oneDNN multiplies by ``s_src = 1 / float32(1 / s_in)`` and
+    by ``d = 1 / (1 / float32(1 / s_out))``, each a float32 division. Its epilogue, every step
+    one float32 rounding (no fused multiply-add)::
+
+        y = (float32(acc) · s_src) · float32(s_w[c]) + b[c]      (→ ReLU if fused)
+        q = saturate_u8(round_half_even(y · d + zero_point))
+
+    fbgemm and ONNX Runtime instead compute ``round(float32(acc + b / (s_in·s_w)) · M) + z``
+    with ``M = float32(s_in · s_w) / s_out``: the two differ only within float32 error of a
+    tie, but there they pick different levels. This formula matched the x86 engine on every one
+    of over 4 million outputs, most of them built next to ties (random scales, 1x1 / 3x3 /
+    strided / grouped / depthwise convs up to 100 groups, ReLU fused or not, batch 1-64).
+
+    Args:
+        acc: the exact int32 sums ``Σ (x_q − z_in) · w_q``, as float64 (bias not included).
+        s_in: the input scale (as the quantized tensor holds it).
+        s_w: the weight scale(s), one per output channel or one.
+        s_out: the output scale.
+        zero_point: the output zero point in the u8 container.
+        bias: the float bias, or None.
+        out_shape: how to broadcast per-channel values against ``acc`` (default: NCHW).
+
+    Returns:
+        ``q − zero_point`` as float32, before saturation (the output quantizer clamps).
+    """
+    if out_shape is None:
+        out_shape = [1, -1] + [1] * (acc.dim() - 2)
+    one = torch.ones((), dtype=torch.float32, device=acc.device)
+
+    def f32(value: float) -> torch.Tensor:
+        return torch.tensor(value, dtype=torch.float32, device=acc.device)
+
+    s_src = one / f32(1.0 / s_in)
+    d = one / (one / f32(1.0 / s_out))
+    y = acc.float() * s_src * s_w.float().reshape(out_shape)
+    if bias is not None:
+        y = y + bias.detach().float().reshape(out_shape)
+    return torch.round(y * d + zero_point) - zero_point
 
 
 def _pinned_input_codes(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

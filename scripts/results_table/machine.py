@@ -29,5 +29,5 @@ def _machine() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "TorchScript engine": f"{TS_ENGINE} (pinned by the export)",
+        "TorchScript engine": f"{TS_ENGINE} (the export's, verified exact)",
     }

@@ -137,10 +137,11 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
     if unpinned:
         lines += [
             "",
-            "TorchScript figures measured under PyTorch's default `x86` quantized engine, before "
-            f"the export pinned `{TS_ENGINE}` (on a VNNI CPU, `x86` runs convs through oneDNN, "
-            "which rounds some requantization near-ties one level the other way; see "
-            f"docs/design.md, the TorchScript engine pin and its design notes): "
+            "TorchScript figures measured under PyTorch's default `x86` quantized engine before "
+            "the export recorded its engine and verified against that engine's numerics (on a "
+            "VNNI CPU, `x86` runs convs through oneDNN, which rounds some requantization "
+            f"near-ties one level the other way from fbgemm; the export now verifies `{TS_ENGINE}` "
+            "exactly; see docs/design.md, the TorchScript engine, and its design notes): "
             f"{', '.join(unpinned)}.",
         ]
     lines += ["", "## Goals", *_checks(items), "", "## Plots", ""]

@@ -201,7 +201,7 @@ def test_fresh_process_loads_artifacts_without_qat(bits: int, digits, tmp_path_f
         f"""
         import sys, numpy as np, torch
         # As the README tells users: the engine the export verified under, set before loading.
-        torch.backends.quantized.engine = "fbgemm"
+        torch.backends.quantized.engine = "x86"
         m = torch.jit.load({str(paths["torchscript"])!r})
         with torch.no_grad():
             y = m(torch.from_numpy(np.load("x.npy"))).numpy()

@@ -2,14 +2,13 @@
 
 The case below is the one MobileNetV2 W4A4 hit in a depthwise conv: input code 5 times weight
 level 5 gives an int32 sum of 25, and ``25 · s_in · s_w / s_out`` is 3.4999998, 2e-7 below a
-tie. Both runtimes round it to 3; quantizing the float sum (``round(y · (1/s_out))``, two float32
-roundings) gave 4, on every output with that sum.
+tie. ONNX Runtime and fbgemm round it to 3; quantizing the float sum (``round(y · (1/s_out))``,
+two float32 roundings) gave 4, on every output with that sum.
 
-"Both runtimes" means ONNX Runtime and TorchScript on PyTorch's fbgemm kernels. On a CPU with
-VNNI, PyTorch's default ``x86`` engine runs the conv through oneDNN instead, which rounds this
-near-tie up to 4 (seen 2026-12-02 on an AVX-512 VNNI AMD EPYC; fbgemm and ONNX Runtime gave 3
-on the same machine), so the TorchScript export builds and loads under fbgemm whatever engine the
-caller has set; the tests below run it under the default engine to hold it to that.
+On a CPU with AVX-512 VNNI, PyTorch's default ``x86`` engine runs the conv through oneDNN
+instead, which applies the scales one at a time and rounds this near-tie up to 4 (seen on an
+AVX-512 VNNI AMD EPYC); the ``torchscript_x86`` numerics reproduce that, so the TorchScript
+model is held to the target its engine computes (:func:`numerics_target`).
 """
 
 from __future__ import annotations
@@ -26,8 +25,10 @@ from qat import runtime_numerics, snap_bias
 from qat.export.convert import convert
 from qat.export.onnx import build_onnx_model
 from qat.export.torchscript import (
+    ENGINE,
     build_integer_model,
     load_torchscript,
+    numerics_target,
     quantized_engine,
     save_torchscript,
     trace_integer_model,
@@ -41,7 +42,8 @@ def _near_tie_model() -> nn.Module:
 
 
 def _runtimes(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Outputs of the traced model, the same model saved and loaded again, and ONNX Runtime."""
+    """Outputs of the traced model, the same model saved and loaded again (both under
+    :data:`ENGINE`), and ONNX Runtime."""
     converted = convert(q, x)
     engine = torch.backends.quantized.engine
     traced = trace_integer_model(build_integer_model(q, x, converted), x)
@@ -63,7 +65,16 @@ def _runtimes(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def test_exact_evaluation_rounds_a_near_tie_as_both_runtimes() -> None:
+def _target(runtime: str) -> str:
+    return numerics_target() if runtime.startswith("torchscript") else "onnx"
+
+
+def _reference(q: nn.Module, x: torch.Tensor, target: str) -> torch.Tensor:
+    with torch.no_grad(), runtime_numerics(q, target=target):
+        return q(x)
+
+
+def test_exact_evaluation_rounds_a_near_tie_as_each_runtime() -> None:
     q = _near_tie_model()
     x = torch.full((1, 1, 2, 2), 5 * S_IN)
     with torch.no_grad(), runtime_numerics(q):
@@ -75,8 +86,11 @@ def test_exact_evaluation_rounds_a_near_tie_as_both_runtimes() -> None:
     # Quantizing the float sum rounds the wrong way; the runtimes' arithmetic does not.
     assert torch.equal(unpinned, torch.full_like(x, 4 * S_OUT))
     assert torch.equal(pinned, torch.full_like(x, 3 * S_OUT))
+    assert torch.equal(_reference(q, x, "torchscript"), pinned)  # fbgemm's rounding
+    # oneDNN's: the scales one at a time put 25 · s_in · s_w / s_out above the tie.
+    assert torch.equal(_reference(q, x, "torchscript_x86"), torch.full_like(x, 4 * S_OUT))
     for name, out in _runtimes(q, x).items():
-        assert torch.equal(out, pinned), name
+        assert torch.equal(out, _reference(q, x, _target(name))), name
 
 
 def test_input_off_the_pinned_grid_falls_back_to_the_float_sum() -> None:
@@ -102,7 +116,7 @@ def test_training_and_plain_eval_ignore_the_pinned_grid() -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_exact_evaluation_equals_both_runtimes_bit_for_bit(bits: int) -> None:
+def test_exact_evaluation_equals_each_runtime_bit_for_bit(bits: int) -> None:
     """Depthwise + pointwise conv-BN-ReLU blocks and a linear head: every output identical."""
     torch.manual_seed(bits)
     body = nn.Sequential(
@@ -123,16 +137,14 @@ def test_exact_evaluation_equals_both_runtimes_bit_for_bit(bits: int) -> None:
     q = quantize(Wrap(body), recipe(bits), batch)
     x = batch()
     snap_bias(q, x[:4])
-    with torch.no_grad(), runtime_numerics(q):
-        ref = q(x)
     for name, out in _runtimes(q, x).items():
-        assert torch.allclose(out, ref, rtol=0, atol=1e-5), name
+        assert torch.equal(out, _reference(q, x, _target(name))), name
 
 
 def test_the_engine_is_pinned_only_inside_the_block() -> None:
     before = torch.backends.quantized.engine
     with quantized_engine():
-        assert torch.backends.quantized.engine == "fbgemm"
+        assert torch.backends.quantized.engine == ENGINE == "x86"
     assert torch.backends.quantized.engine == before
     with (
         pytest.raises(RuntimeError, match=r"not in this build.*export.targets=\[onnx\]"),
@@ -142,9 +154,9 @@ def test_the_engine_is_pinned_only_inside_the_block() -> None:
     assert torch.backends.quantized.engine == before
 
 
-def test_load_under_x86_for_speed_stays_within_one_output_level() -> None:
-    """``load_torchscript(engine="x86")`` packs for the x86 engine (oneDNN convs on VNNI), so a
-    near-tie may land one level off, never more; the caller's engine comes back either way."""
+def test_each_engine_loads_exact_against_its_numerics() -> None:
+    """The same ``model.ts`` under ``fbgemm`` and ``x86``: each output equals the fake-quant
+    model evaluated for that engine; the caller's engine comes back either way."""
     q = _near_tie_model()
     x = torch.full((1, 1, 2, 2), 5 * S_IN)
     snap_bias(q, x)
@@ -152,14 +164,15 @@ def test_load_under_x86_for_speed_stays_within_one_output_level() -> None:
     buf = io.BytesIO()
     save_torchscript(traced, buf)
     before = torch.backends.quantized.engine
-    outs = {}
     for engine in ("fbgemm", "x86"):
         buf.seek(0)
         with torch.no_grad():
-            outs[engine] = load_torchscript(buf, engine=engine)(x)
+            out = load_torchscript(buf, engine=engine)(x)
         assert torch.backends.quantized.engine == before
-    assert torch.equal(outs["fbgemm"], torch.full_like(x, 3 * S_OUT))
-    assert (outs["x86"] - outs["fbgemm"]).abs().max() <= S_OUT * 1.0001
+        assert torch.equal(out, _reference(q, x, numerics_target(engine))), engine
+    assert numerics_target("fbgemm") == "torchscript"
+    with pytest.raises(ValueError, match="reproduces only"):
+        numerics_target("onednn")
     buf.seek(0)
     with pytest.raises(RuntimeError, match="not in this build"):
         load_torchscript(buf, engine="fbgem")

@@ -16,6 +16,7 @@ from qat.export import (
     export_model,
     verify_artifacts,
 )
+from qat.export.torchscript import ENGINE, numerics_target
 
 
 class Small(nn.Module):
@@ -53,8 +54,9 @@ def test_report_structure(exported) -> None:
     assert report["output_scale"] == pytest.approx(float(q.fc.output_quant.qparams()[0]))
     assert set(report["runtimes"]) == {"torchscript", "onnx"}
     for name, r in report["runtimes"].items():
-        # The TorchScript figures say which quantized engine they were measured on.
-        engine = {"engine"} if name == "torchscript" else set()
+        # The TorchScript figures say which quantized engine they were measured on, and which
+        # fake-quant numerics they were held to.
+        engine = {"engine", "numerics"} if name == "torchscript" else set()
         assert set(r) == {
             "accuracy",
             "agreement",
@@ -65,7 +67,8 @@ def test_report_structure(exported) -> None:
             *engine,
         }
         assert 0.0 <= r["agreement"] <= 1.0 and r["max_diff_steps"] <= 1.0 + 1e-4
-    assert report["runtimes"]["torchscript"]["engine"] == "fbgemm"
+    assert report["runtimes"]["torchscript"]["engine"] == ENGINE == "x86"
+    assert report["runtimes"]["torchscript"]["numerics"] == numerics_target("x86")
     json.dumps(report)  # JSON-able for results.json
     check_parity(report, min_agreement=0.9, max_accuracy_drop_pt=100.0)
 

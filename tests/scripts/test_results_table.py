@@ -145,7 +145,7 @@ def test_the_page_names_rows_verified_before_the_engine_pin(results_script, tmp_
     ).read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("TorchScript figures measured"))
     assert line.endswith("design notes): resnet20 qat_w4a8.")  # only the row without an engine
-    assert "- TorchScript engine: fbgemm (pinned by the export)" in md
+    assert "- TorchScript engine: x86 (the export's, verified exact)" in md
     # Once every row records its engine, the sentence goes.
     (results_script._row_dir(root, "resnet20", "qat_w4a8") / "results.json").unlink()
     md = results_script.render(
