@@ -146,6 +146,15 @@ def main() -> None:
                 + f" | {cost:+.2f} {mark} | {pct(frozen['test'])} / {pct(live['test'])} |"
             )
             print(lines[-1], flush=True)
+    seeds_page = args.out.parent / "bn_freeze_seeds.md"
+    if seeds_page.is_file():
+        # One run per row: a pair can land either side of the goal by the order of its batches.
+        lines += [
+            "",
+            f"One run per row. [{seeds_page.name}]({seeds_page.name}) "
+            "(`scripts/bn_freeze_seeds.py`) runs the epochs after the freeze of a pair again "
+            "under other seeds, from the same checkpoint, to tell a cost from that spread.",
+        ]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
