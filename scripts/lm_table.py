@@ -14,9 +14,11 @@ One float GPT (``+experiment=gpt_float``) is the starting point of every row:
 
 Every perplexity is measured by one function (``qat.export.verify_lm.perplexity``) on the whole
 test split. The page is written to ``docs/lm_results.md``; runs go to ``outputs/lm_table/``
-(``--reuse`` keeps finished ones). About 25 minutes on 2 cores.
+(``--reuse`` keeps finished ones; ``--reexport`` with it exports and verifies the finished
+QAT runs again with the current exporter, as ``python -m qat.export`` does, instead of reading
+the exports they made when they trained). About 25 minutes on 2 cores.
 
-    python scripts/lm_table.py [--reuse] [--out docs/lm_results.md]
+    python scripts/lm_table.py [--reuse [--reexport]] [--out docs/lm_results.md]
 """
 
 from __future__ import annotations
@@ -80,6 +82,29 @@ def run(overrides: list[str], run_dir: Path, reuse: bool) -> dict[str, Any]:
         save_run_config(cfg, run_dir)
         print(f"  {run_dir.name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return json.loads(results.read_text())
+
+
+def reexport(run_dir: Path) -> dict[str, Any]:
+    """Export ``run_dir``'s last checkpoint again, to its targets, into ``<run_dir>/export``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from qat.lit.reexport import export_checkpoint
+
+    trained = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    targets = ",".join(trained.export.targets)
+    overrides = [
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "export=lm",
+        "export.bench=false",  # the page times the files with bench_llm
+        f"export.targets=[{targets}]",
+        *PARITY,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = hydra_compose("export_ckpt", overrides=overrides)
+    print(f"  {run_dir.name}: exported again ({targets})", flush=True)
+    return export_checkpoint(cfg)
 
 
 def save_run_config(cfg: Any, run_dir: Path) -> None:
@@ -151,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "lm_table")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "lm_results.md")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs")
+    parser.add_argument(
+        "--reexport", action="store_true", help="export the finished QAT runs again (--reuse)"
+    )
     parser.add_argument("--calib-batches", type=int, default=16)
     parser.add_argument("--bench-rounds", type=int, default=15)
     args = parser.parse_args(argv)
@@ -213,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{exp} (QAT)", flush=True)
         results = run([f"+experiment={exp}", *init, *PARITY], work / exp, args.reuse)
         export = results.get("export") or {}
+        if args.reuse and args.reexport:
+            export = reexport(work / exp)
         rows.append(
             {
                 "bits": bits,

@@ -118,7 +118,10 @@ def write_page(report: dict[str, Any], path: Path) -> None:
         "",
         f"Exported models are checked on {tokens} test tokens: `gguf` is the GGUF file run in "
         "PyTorch as llama.cpp's CPU graph (`qat.export.gguf_runner`: dequantized tensors from "
-        "the file, Q8_0 rounding of matmul inputs), `onnx` is ONNX Runtime.",
+        "the file, Q8_0 rounding of matmul inputs), against the fake-quant model; `onnx` is "
+        "ONNX Runtime, against the fake-quant model under `qat.runtime_numerics` (ONNX "
+        "Runtime's integer kernels' float epilogues, float islands in float64, as the file "
+        "computes them).",
         "",
         "## Runtime latency (ONNX Runtime)",
         "",

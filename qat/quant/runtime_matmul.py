@@ -138,8 +138,8 @@ def _nbits_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         r1 = min(m, r0 + 256)
         partial = torch.einsum("mgle,ngle->mngl", ua[r0:r1], uw)
         scale = (sa[r0:r1, None, :] * sb[None]).reshape(r1 - r0, n, groups, 4)[..., lane_block]
-        acc = torch.zeros(r1 - r0, n, _LANES)
-        for g in range(groups):
+        acc = partial[:, :, 0] * scale[:, :, 0] + 0.0  # an fma onto +0: one product (-0 → +0)
+        for g in range(1, groups):
             acc = _fma32(partial[:, :, g], scale[:, :, g], acc)
         a8 = acc[..., :8] + acc[..., 8:]
         y = (((a8[..., 0] + a8[..., 1]) + a8[..., 2]) + a8[..., 3]) + (
@@ -147,8 +147,8 @@ def _nbits_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         )
         if bias is not None:
             y = y + bias[None]
-        corr = torch.zeros_like(y)
-        for b in range(nb):
+        corr = a_sums[r0:r1, 0][:, None] * zp_term[None, :, 0] + 0.0
+        for b in range(1, nb):
             corr = _fma32(a_sums[r0:r1, b][:, None].expand_as(y), zp_term[None, :, b], corr)
         out[r0:r1] = y + corr
     return out
