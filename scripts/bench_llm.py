@@ -12,7 +12,10 @@ medians reported, with file sizes. The models:
 - ``int4_acc4``: ``int4_w`` at accuracy level 4 (ONNX Runtime quantizes the activations to
   int8 per block itself; not the fake-quant model's arithmetic);
 - ``int8_dyn``: quant=lm_w8da8, ``DynamicQuantizeLinear → MatMulInteger`` (fused into
-  ``DynamicQuantizeMatMul``), what ``+experiment=gpt_w8a8`` exports.
+  ``DynamicQuantizeMatMul``), what ``+experiment=gpt_w8a8`` exports;
+- ``int4_q8_f32``, ``int8_dyn_f32``: the same with float32 islands (``export.float_islands=
+  float32``: LayerNorm, attention and GELU in ONNX Runtime's float32 kernels; the default
+  float64 islands are what makes the files bit-exact).
 
 Timings do not depend on the weights' values, so by default the model is a fresh ``gpt``
 quantized to nearest; ``--onnx NAME=PATH`` adds (or replaces) files of trained runs.
@@ -70,10 +73,15 @@ def build_files(out: Path, seq: int, model_kwargs: dict[str, Any]) -> dict[str, 
         qmodel = qat.prepare(model, preset_recipe(preset), example_inputs=ids)
         qat.calibrate(qmodel, [ids], num_batches=1)  # the embedding tables' ranges
         rtn(qmodel)
-        levels = {name: 0} if name != "int4_w" else {name: 0, "int4_acc4": 4}
-        for key, level in levels.items():
+        # (accuracy level, float islands): the default file, and the variants timed beside it.
+        variants = {name: (None, "float64")}
+        if name == "int4_w":
+            variants["int4_acc4"] = (4, "float64")
+        else:
+            variants[f"{name}_f32"] = (None, "float32")
+        for key, (level, islands) in variants.items():
             files[key] = out / f"{key}.onnx"
-            proto = build_lm_onnx(qmodel.eval(), ids, accuracy_level=level)
+            proto = build_lm_onnx(qmodel.eval(), ids, accuracy_level=level, float_islands=islands)
             files[key].write_bytes(proto.SerializeToString())
     return files
 

@@ -47,6 +47,7 @@ def export_lm(
     example_ids: torch.Tensor,
     targets: Sequence[str] = LM_TARGETS,
     accuracy_level: int | None = None,
+    float_islands: str = "float64",
 ) -> dict[str, Path]:
     """Write ``model.gguf`` / ``model.onnx`` of a quantized language model, atomically.
 
@@ -73,7 +74,9 @@ def export_lm(
         for target in targets:
             final = out_dir / LM_FILENAMES[target]
             if target == "onnx":
-                proto = build_lm_onnx(model, example_ids, accuracy_level=accuracy_level)
+                proto = build_lm_onnx(
+                    model, example_ids, accuracy_level=accuracy_level, float_islands=float_islands
+                )
                 staged[target] = write_staged(final, proto.SerializeToString())
             else:
                 staged[target] = staged_path(final)  # listed first: removed if the write fails
@@ -145,7 +148,8 @@ def run_lm_export(
         model: the final fake-quant language model.
         test_batches: ``(ids, targets)`` batches; the first ``verify_batches`` are used.
         options: the ``export`` config group (targets, verify, verify_batches, parity
-            (min_agreement, max_ppl_rel_diff), fail_on_parity, bench, accuracy_level).
+            (min_agreement, max_ppl_rel_diff), fail_on_parity, bench, accuracy_level,
+            float_islands).
         out_dir: where the files go.
         float_model: the float model, for the FP32 baseline of the benchmark.
     """
@@ -157,7 +161,10 @@ def run_lm_export(
     targets = tuple(options.get("targets") or LM_TARGETS)
     level = options.get("accuracy_level")
     level = None if level is None else int(level)
-    artifacts = export_lm(model, out_dir, example, targets, accuracy_level=level)
+    islands = str(options.get("float_islands") or "float64")
+    artifacts = export_lm(
+        model, out_dir, example, targets, accuracy_level=level, float_islands=islands
+    )
     from qat.export.onnx.llm import linear_kinds
 
     report: dict[str, Any] = {

@@ -6,10 +6,12 @@ on the same token batches and reports, per runtime, the top-1 next-token agreeme
 fake-quant model over every position, the perplexity of each on the targets, their relative
 difference, and the logit differences. :func:`check_lm_parity` turns it into pass / fail.
 
-The ONNX files are compared with the fake-quant model evaluated as ONNX Runtime computes
+ONNX files with float64 islands (the default, :func:`qat.export.onnx.llm.build_lm_onnx`) are
+compared with the fake-quant model evaluated as ONNX Runtime computes them
 (:func:`qat.runtime_numerics`: its integer kernels' float epilogues, float islands in float64),
-as the classification exports are; the GGUF runner computes with PyTorch's own float kernels,
-so it is compared with the plain evaluation. ``fake_quant.perplexity`` is the plain one.
+as the classification exports are; the GGUF runner, which computes with PyTorch's own float
+kernels, and ONNX files with float32 islands are compared with the plain evaluation.
+``fake_quant.perplexity`` is the plain one.
 
 Report layout::
 
@@ -61,6 +63,20 @@ def load_lm_runtime(
     raise ValueError(f"unknown LM runtime {kind!r}: expected a key starting with onnx or gguf")
 
 
+def _exact_onnx(name: str, path: str | Path) -> bool:
+    """An ONNX file whose float islands are float64 (``qat.float_islands``): the fake-quant
+    model under :func:`qat.runtime_numerics` computes it exactly. Files with float32 islands
+    (or from before the key) are compared with the plain evaluation."""
+    if not name.startswith("onnx"):
+        return False
+    import onnx
+
+    from qat.export.onnx.llm import ISLANDS_KEY
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(p.key == ISLANDS_KEY and p.value == "float64" for p in proto.metadata_props)
+
+
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(
         F.cross_entropy(logits.flatten(0, -2).double(), targets.flatten(), reduction="sum")
@@ -108,6 +124,7 @@ def verify_lm_artifacts(
     """
     ref_model = copy.deepcopy(model).cpu().eval()
     runtimes = {name: load_lm_runtime(name, path, threads) for name, path in artifacts.items()}
+    exact = {name for name, path in artifacts.items() if _exact_onnx(name, path)}
     stats = {
         n: {"agree": 0, "nll": 0.0, "ref_nll": 0.0, "max": 0.0, "sum": 0.0, "count": 0}
         for n in runtimes
@@ -117,14 +134,14 @@ def verify_lm_artifacts(
         if max_batches is not None and i >= max_batches:
             break
         plain = logits_of(ref_model, x).float()
-        refs = {"gguf": plain}
-        if any(name.startswith("onnx") for name in runtimes):
+        as_runtime = None
+        if exact:
             with runtime_numerics(ref_model, target="onnx"):
-                refs["onnx"] = logits_of(ref_model, x).float()
+                as_runtime = logits_of(ref_model, x).float()
         ref_nll += _nll(plain, y)
         tokens += y.numel()
         for name, run in runtimes.items():
-            ref = refs["onnx" if name.startswith("onnx") else "gguf"]
+            ref = as_runtime if name in exact else plain
             top = ref.argmax(-1)
             s = stats[name]
             s["ref_nll"] += _nll(ref, y)

@@ -138,6 +138,22 @@ def _check_task_recipe(task: str, recipe: Recipe | None, export: Any) -> None:
         )
 
 
+def _check_lm_export(export: Any) -> None:
+    """The ONNX language-model exporter's options, before training."""
+    level = export.get("accuracy_level")
+    if level is not None and (isinstance(level, bool) or level not in (0, 1, 2, 3, 4)):
+        raise ConfigError(
+            f"export.accuracy_level={level!r} is invalid: null (per layer), or MatMulNBits' "
+            "0 (float32), 1, 2, 3 or 4 (int8)"
+        )
+    islands = export.get("float_islands", "float64")
+    if islands not in ("float64", "float32"):
+        raise ConfigError(
+            f"export.float_islands={islands!r} is invalid: float64 (exact parity) or float32 "
+            "(faster, rounds as ONNX Runtime's float kernels do)"
+        )
+
+
 def validate_config(
     cfg: DictConfig, check_data: bool = True, check_schedule: bool = True
 ) -> Validated:
@@ -178,6 +194,8 @@ def validate_config(
                 f"{', '.join(allowed)}{hint}"
             )
     _check_task_recipe(task, recipe, export)
+    if task == "language_model" and export is not None and export.get("enabled", False):
+        _check_lm_export(export)
     distill = (cfg.get("module") or {}).get("distill_weight")
     if distill and task == "language_model":
         raise ConfigError(

@@ -104,3 +104,31 @@ def test_onnx_logits_equal_the_runtime_numerics_of_the_fake_quant_model(
         with torch.no_grad(), qat.runtime_numerics(model):
             ref = model(x)
         assert torch.equal(out, ref), float((out - ref).abs().max())
+
+
+def test_float32_islands_are_recorded_and_verified_against_the_plain_model(
+    tmp_path: Path,
+) -> None:
+    import onnx
+
+    from qat.export.onnx.llm import ISLANDS_KEY, build_lm_onnx
+    from qat.export.verify_lm import verify_lm_artifacts
+
+    model = _gpt128("lm_w8da8")
+    x = lm_test_batches(1)[0][0]
+    with pytest.raises(ValueError, match="float_islands='float16'"):
+        build_lm_onnx(model, x[:1], float_islands="float16")
+    proto = build_lm_onnx(model, x[:1], float_islands="float32")
+    assert {p.key: p.value for p in proto.metadata_props}[ISLANDS_KEY] == "float32"
+    assert not any(
+        n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE
+        for n in proto.graph.node
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, path)
+    report = verify_lm_artifacts(model, {"onnx": path}, [(x[:4], x[:4])])
+    with torch.no_grad():
+        plain = model(x[:4])
+    ppl = torch.exp(torch.nn.functional.cross_entropy(plain.flatten(0, 1), x[:4].flatten()))
+    # Its reference is the plain (float32) evaluation, not the runtime-numerics one.
+    assert report["runtimes"]["onnx"]["reference_perplexity"] == pytest.approx(float(ppl), 1e-6)

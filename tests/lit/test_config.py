@@ -152,6 +152,21 @@ def test_bad_overrides_fail_with_a_clear_message(
         validate_config(cfg)
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("export.float_islands=float16", r"export\.float_islands='float16' is invalid"),
+        ("export.accuracy_level=5", r"export\.accuracy_level=5 is invalid"),
+    ],
+)
+def test_bad_lm_export_options_fail_before_training(
+    override: str, match: str, tmp_path: Path
+) -> None:
+    cfg = compose_train(["+experiment=gpt_int4", override], tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        validate_config(cfg)
+
+
 def test_imagefolder_num_classes_comes_from_the_folders(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -53,9 +53,19 @@ from qat.quant.quantizer import FakeQuantizer
 from qat.quant.runtime_matmul import ort_linear_kind
 from qat.quant.spec import QuantSpec
 
-__all__ = ["LM_OPSET", "build_lm_onnx", "float_lm_onnx", "linear_kinds"]
+__all__ = [
+    "FLOAT_ISLANDS",
+    "ISLANDS_KEY",
+    "LM_OPSET",
+    "build_lm_onnx",
+    "float_lm_onnx",
+    "linear_kinds",
+]
 
 LM_OPSET = 17
+#: How float islands compute (:func:`build_lm_onnx`), and the metadata key that records it.
+FLOAT_ISLANDS = ("float64", "float32")
+ISLANDS_KEY = "qat.float_islands"
 _MS = "com.microsoft"
 
 
@@ -288,6 +298,7 @@ def build_lm_onnx(
     example_ids: torch.Tensor,
     opset: int = LM_OPSET,
     accuracy_level: int | None = None,
+    float_islands: str = "float64",
 ) -> onnx.ModelProto:
     """The ONNX model of a quantized language model (module docstring), input ``input_ids``
     ``(batch, sequence)`` int64, output ``logits``; checked with ``onnx.checker``.
@@ -301,6 +312,13 @@ def build_lm_onnx(
             are Q8_0 blocks, which ORT's int8 kernel takes as they are
             (:mod:`qat.quant.runtime_matmul` reproduces its sums), else 0 (float32 on the
             exact dequantized weights). 0 or 4 sets it for every layer.
+        float_islands: ``"float64"`` (the default): LayerNorm, attention and GELU in float64,
+            rounded to float32, which the fake-quant model reproduces exactly under
+            :func:`qat.runtime_numerics`; ``"float32"``: the model's own float32 ops, faster
+            (ONNX Runtime's float64 softmax, tanh and matmul are not vectorized) but rounded
+            as ONNX Runtime's kernels round, so a dynamic quantizer after them can pick
+            another level than the fake-quant model. Recorded in the file's metadata
+            (``qat.float_islands``), which :func:`~qat.export.verify_lm_artifacts` reads.
 
     Raises:
         ValueError: an unprepared model, a static activation grid, or a weight whose codes do
@@ -313,6 +331,8 @@ def build_lm_onnx(
         )
     if opset > LM_OPSET:
         raise ValueError(f"opset={opset} is invalid: 13–{LM_OPSET} (ReduceMax axes attribute)")
+    if float_islands not in FLOAT_ISLANDS:
+        raise ValueError(f"float_islands={float_islands!r} is invalid: one of {FLOAT_ISLANDS}")
     deploy = copy.deepcopy(model).cpu().eval()
     _check_activations(deploy)
     for name, layer in weighted_layers(deploy):
@@ -332,7 +352,7 @@ def build_lm_onnx(
         for name, m in deploy.named_modules()
         if isinstance(m, QAct) and not m.output_quant.enabled
     ]
-    for name in islands:
+    for name in islands if float_islands == "float64" else []:
         set_module(deploy, name, _ExportIsland(deploy.get_submodule(name).act))
     wrapper = LogitsModule(deploy).eval()
     kinds = {m.plan.kind for m in deploy.modules() if isinstance(m, _ExportLinear)}
@@ -340,6 +360,7 @@ def build_lm_onnx(
     data = _export(wrapper, example_ids, opset, custom, fold=False)
     proto = onnx.load_from_string(data)
     bias_into_matmulnbits(proto.graph)
+    onnx.helper.set_model_props(proto, {ISLANDS_KEY: float_islands})
     compact_names(proto.graph)  # the exporter's value names are a third of a small file
     onnx.checker.check_model(proto)
     return proto
