@@ -74,9 +74,9 @@ def build_files(out: Path, seq: int, model_kwargs: dict[str, Any]) -> dict[str, 
         qat.calibrate(qmodel, [ids], num_batches=1)  # the embedding tables' ranges
         rtn(qmodel)
         # (accuracy level, float islands): the default file, and the variants timed beside it.
-        variants = {name: (None, "float64")}
+        variants = {name: (None, None)}
         if name == "int4_w":
-            variants["int4_acc4"] = (4, "float64")
+            variants["int4_acc4"] = (4, None)
         else:
             variants[f"{name}_f32"] = (None, "float32")
         for key, (level, islands) in variants.items():

@@ -147,9 +147,9 @@ def write_page(report: dict[str, Any], path: Path) -> None:
         "`MatMulNBits`, the Q8_0 activation rounding as explicit float ops: exact, not fast); "
         "`int4_w`: 4-bit weight-only `MatMulNBits` (accuracy level 0); `int4_acc4`: the same at "
         "accuracy level 4 (ONNX Runtime quantizes activations itself); `int8_dyn`: the gpt_w8a8 "
-        "run's `model.onnx` (`DynamicQuantizeMatMul`); every file with its LayerNorm, attention "
-        "and GELU in float64 (`export.float_islands=float64`, the default: what makes them "
-        "bit-exact); `int4_q8_f32`, `int8_dyn_f32`: a fresh model's file with them in float32 "
+        "run's `model.onnx` (`DynamicQuantizeMatMul`); the files with dynamic activations compute "
+        "LayerNorm, attention and GELU in float64 (the default: what makes them bit-exact), "
+        "`int4_q8_f32`, `int8_dyn_f32` are a fresh model's files with them in float32 "
         "(`export.float_islands=float32`: faster, not bit-exact). The 4-bit files keep 8-bit "
         "embeddings and output layer and one float32 scale per 32 weights (5 bits per weight in "
         "the blocks).",

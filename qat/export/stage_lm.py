@@ -47,7 +47,7 @@ def export_lm(
     example_ids: torch.Tensor,
     targets: Sequence[str] = LM_TARGETS,
     accuracy_level: int | None = None,
-    float_islands: str = "float64",
+    float_islands: str | None = None,
 ) -> dict[str, Path]:
     """Write ``model.gguf`` / ``model.onnx`` of a quantized language model, atomically.
 
@@ -161,7 +161,7 @@ def run_lm_export(
     targets = tuple(options.get("targets") or LM_TARGETS)
     level = options.get("accuracy_level")
     level = None if level is None else int(level)
-    islands = str(options.get("float_islands") or "float64")
+    islands = options.get("float_islands")
     artifacts = export_lm(
         model, out_dir, example, targets, accuracy_level=level, float_islands=islands
     )

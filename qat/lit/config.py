@@ -146,11 +146,12 @@ def _check_lm_export(export: Any) -> None:
             f"export.accuracy_level={level!r} is invalid: null (per layer), or MatMulNBits' "
             "0 (float32), 1, 2, 3 or 4 (int8)"
         )
-    islands = export.get("float_islands", "float64")
-    if islands not in ("float64", "float32"):
+    islands = export.get("float_islands")
+    if islands not in (None, "float64", "float32"):
         raise ConfigError(
-            f"export.float_islands={islands!r} is invalid: float64 (exact parity) or float32 "
-            "(faster, rounds as ONNX Runtime's float kernels do)"
+            f"export.float_islands={islands!r} is invalid: null (float64 where activations are "
+            "dynamic), float64 (exact parity) or float32 (faster, rounds as ONNX Runtime's "
+            "float kernels do)"
         )
 
 

@@ -298,7 +298,7 @@ def build_lm_onnx(
     example_ids: torch.Tensor,
     opset: int = LM_OPSET,
     accuracy_level: int | None = None,
-    float_islands: str = "float64",
+    float_islands: str | None = None,
 ) -> onnx.ModelProto:
     """The ONNX model of a quantized language model (module docstring), input ``input_ids``
     ``(batch, sequence)`` int64, output ``logits``; checked with ``onnx.checker``.
@@ -312,13 +312,16 @@ def build_lm_onnx(
             are Q8_0 blocks, which ORT's int8 kernel takes as they are
             (:mod:`qat.quant.runtime_matmul` reproduces its sums), else 0 (float32 on the
             exact dequantized weights). 0 or 4 sets it for every layer.
-        float_islands: ``"float64"`` (the default): LayerNorm, attention and GELU in float64,
-            rounded to float32, which the fake-quant model reproduces exactly under
+        float_islands: ``"float64"``: LayerNorm, attention and GELU in float64, rounded to
+            float32, which the fake-quant model reproduces exactly under
             :func:`qat.runtime_numerics`; ``"float32"``: the model's own float32 ops, faster
             (ONNX Runtime's float64 softmax, tanh and matmul are not vectorized) but rounded
             as ONNX Runtime's kernels round, so a dynamic quantizer after them can pick
-            another level than the fake-quant model. Recorded in the file's metadata
-            (``qat.float_islands``), which :func:`~qat.export.verify_lm_artifacts` reads.
+            another level than the fake-quant model. None (the default): float64 where
+            activations are quantized dynamically, float32 for weight-only models (no
+            quantizer follows the islands: float64 would buy nothing). Recorded in the file's
+            metadata (``qat.float_islands``), which :func:`~qat.export.verify_lm_artifacts`
+            reads.
 
     Raises:
         ValueError: an unprepared model, a static activation grid, or a weight whose codes do
@@ -331,6 +334,9 @@ def build_lm_onnx(
         )
     if opset > LM_OPSET:
         raise ValueError(f"opset={opset} is invalid: 13–{LM_OPSET} (ReduceMax axes attribute)")
+    if float_islands is None:
+        dynamic = any(_act_spec(m) is not None for _, m in weighted_layers(model))
+        float_islands = "float64" if dynamic else "float32"
     if float_islands not in FLOAT_ISLANDS:
         raise ValueError(f"float_islands={float_islands!r} is invalid: one of {FLOAT_ISLANDS}")
     deploy = copy.deepcopy(model).cpu().eval()
