@@ -97,10 +97,10 @@ def _lane_index() -> torch.Tensor:
 _LANE = _lane_index()
 
 
-def _weight_codes(layer: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signed codes ``(N, K)`` and float32 scales ``(N, K/32)`` of the fake-quant weight."""
+def _weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed codes ``(N, K)`` and float32 scales ``(N, K/32)`` of a grouped fake-quant weight."""
     wq = layer.weight_quant
-    n, k = w.shape
+    n, k = layer.weight.shape
     view = group_view(layer.weight.detach().float(), GGUF_BLOCK, 1)
     d32 = wq.qparams()[0].float().reshape(-1)
     if wq.spec.grid == "affine":
@@ -116,7 +116,7 @@ def _nbits_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Every product and lane partial is an integer below 2^24, exact in float32; every add and
     # multiply below is one float32 operation, as in the kernel; only the fmas are emulated.
     m, k = x.shape
-    w_codes, w_scales = _weight_codes(layer, layer.weight)
+    w_codes, w_scales = _weight_codes(layer)
     n, nb, groups = w_codes.shape[0], k // GGUF_BLOCK, k // _GROUP
     blocks = x.reshape(-1, GGUF_BLOCK).float()
     d = gguf_scale(blocks, "q8_0")
@@ -159,9 +159,8 @@ def _dynamic_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     qmin, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
     s_x, z_x = dynamic_qparams(x.float(), qmin, qmax, symmetric=False, dim=None)
     q = torch.clamp(torch.round(x.float() / s_x) + z_x, qmin, qmax) - z_x
-    w_codes, _ = _weight_codes_per_channel(layer)
+    w_codes, s_w = _weight_codes_per_channel(layer)
     acc = q.double() @ w_codes.t().double()  # exact: integers below 2^53
-    s_w = layer.weight_quant.qparams()[0].float().reshape(-1)
     y = acc.float() * (s_x.reshape(()) * s_w)[None]
     if layer.bias is not None:
         y = y + layer.bias.detach().float()[None]
@@ -169,10 +168,12 @@ def _dynamic_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_codes_per_channel(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed codes ``(N, K)`` and float32 scales ``(N,)`` of a per-channel fake-quant weight."""
     wq = layer.weight_quant
-    s = wq.qparams()[0].float().reshape(-1, 1)
+    s = wq.qparams()[0].float().reshape(-1)
     qmin, qmax = wq.quant_range
-    return torch.clamp(torch.round(layer.weight.detach().float() * (1.0 / s)), qmin, qmax), s
+    codes = torch.round(layer.weight.detach().float() * (1.0 / s[:, None]))
+    return torch.clamp(codes, qmin, qmax), s
 
 
 @torch.no_grad()
