@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qat.quant.blocks import fp16_scale, gguf_codes, group_view
 from qat.quant.layers import QConv1D, QEmbedding, QLinear
 from qat.quant.quantizer import FakeQuantizer
+from qat.quant.weight_codes import weight_codes
 
 __all__ = ["QuantWeight", "quant_weight", "weighted_layers"]
 
@@ -54,11 +54,6 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _rows(layer: nn.Module) -> torch.Tensor:
-    w = layer.weight.detach().float()
-    return w.t() if isinstance(layer, QConv1D) else w
-
-
 @torch.no_grad()
 def quant_weight(layer: nn.Module, name: str = "") -> QuantWeight:
     """The integer weight of a quantized linear / Conv1D / embedding layer (module docstring).
@@ -75,27 +70,8 @@ def quant_weight(layer: nn.Module, name: str = "") -> QuantWeight:
             "train the model (qat.calibrate) before exporting"
         )
     spec = q.spec
-    rows = _rows(layer)
-    group = spec.group_size or rows.shape[1]
-    view = group_view(rows, group, 1)  # (rows · groups, group)
-    scale, zero_point = q.qparams()
-    if spec.grid != "affine":
-        d32 = scale.float()
-        codes = gguf_codes(view, d32, spec.grid)
-        deq_scale = fp16_scale(d32)
-    else:
-        d32 = None
-        qmin, qmax = q.quant_range
-        s = scale.float().reshape(-1)
-        if s.numel() == 1:
-            s = s.expand(view.shape[0])
-        elif not spec.group_size and s.numel() != view.shape[0]:
-            raise ValueError(f"layer {where!r}: {s.numel()} weight scales for {rows.shape}")
-        if bool((zero_point != 0).any()):
-            raise ValueError(f"layer {where!r}: weights must be symmetric (zero point 0)")
-        codes = torch.clamp(torch.round(view * (1.0 / s[:, None])), qmin, qmax)
-        deq_scale = s
-    deq = (codes * deq_scale[:, None]).reshape(rows.shape)
+    codes, scales, group, d32 = weight_codes(layer, where)
+    deq = (codes.reshape(-1, group) * scales.reshape(-1, 1)).reshape(codes.shape)
     expected = q(layer.weight).detach().float()
     expected = expected.t() if isinstance(layer, QConv1D) else expected
     if not torch.equal(deq, expected):
@@ -104,13 +80,12 @@ def quant_weight(layer: nn.Module, name: str = "") -> QuantWeight:
             f"(max {float((deq - expected).abs().max()):.3g}); this quantizer setup cannot be "
             "exported"
         )
-    ngroups = rows.shape[1] // group
     return QuantWeight(
-        codes=codes.to(torch.int32).reshape(rows.shape),
-        scales=deq_scale.reshape(rows.shape[0], ngroups).contiguous(),
+        codes=codes.to(torch.int32),
+        scales=scales.contiguous(),
         group=group,
         bits=spec.bits if spec.grid == "affine" else (8 if spec.grid == "q8_0" else 4),
         grid=spec.grid,
-        d32=None if d32 is None else d32.reshape(rows.shape[0], ngroups),
+        d32=None if d32 is None else d32.reshape(scales.shape),
         weight=deq,
     )

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat.quant.blocks import GGUF_BLOCK, fp16_scale, gguf_codes, gguf_scale, group_view
+from qat.quant.blocks import GGUF_BLOCK, fp16_scale, gguf_codes, gguf_scale
 from qat.quant.dynamic import dynamic_qparams
 from qat.quant.qparams import qrange
+from qat.quant.weight_codes import weight_codes
 
 __all__ = ["ort_linear_kind", "runtime_dynamic_linear"]
 
@@ -97,26 +98,11 @@ def _lane_index() -> torch.Tensor:
 _LANE = _lane_index()
 
 
-def _weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signed codes ``(N, K)`` and float32 scales ``(N, K/32)`` of a grouped fake-quant weight."""
-    wq = layer.weight_quant
-    n, k = layer.weight.shape
-    view = group_view(layer.weight.detach().float(), GGUF_BLOCK, 1)
-    d32 = wq.qparams()[0].float().reshape(-1)
-    if wq.spec.grid == "affine":
-        qmin, qmax = wq.quant_range
-        codes = torch.clamp(torch.round(view * (1.0 / d32[:, None])), qmin, qmax)
-        scales = d32
-    else:
-        codes, scales = gguf_codes(view, d32, wq.spec.grid), fp16_scale(d32)
-    return codes.reshape(n, k), scales.reshape(n, k // GGUF_BLOCK)
-
-
 def _nbits_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Every product and lane partial is an integer below 2^24, exact in float32; every add and
     # multiply below is one float32 operation, as in the kernel; only the fmas are emulated.
     m, k = x.shape
-    w_codes, w_scales = _weight_codes(layer)
+    w_codes, w_scales, _, _ = weight_codes(layer)
     n, nb, groups = w_codes.shape[0], k // GGUF_BLOCK, k // _GROUP
     blocks = x.reshape(-1, GGUF_BLOCK).float()
     d = gguf_scale(blocks, "q8_0")
@@ -159,21 +145,12 @@ def _dynamic_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     qmin, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
     s_x, z_x = dynamic_qparams(x.float(), qmin, qmax, symmetric=False, dim=None)
     q = torch.clamp(torch.round(x.float() / s_x) + z_x, qmin, qmax) - z_x
-    w_codes, s_w = _weight_codes_per_channel(layer)
+    w_codes, s_w, _, _ = weight_codes(layer)
     acc = q.double() @ w_codes.t().double()  # exact: integers below 2^53
-    y = acc.float() * (s_x.reshape(()) * s_w)[None]
+    y = acc.float() * (s_x.reshape(()) * s_w.reshape(-1))[None]
     if layer.bias is not None:
         y = y + layer.bias.detach().float()[None]
     return y
-
-
-def _weight_codes_per_channel(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Signed codes ``(N, K)`` and float32 scales ``(N,)`` of a per-channel fake-quant weight."""
-    wq = layer.weight_quant
-    s = wq.qparams()[0].float().reshape(-1)
-    qmin, qmax = wq.quant_range
-    codes = torch.round(layer.weight.detach().float() * (1.0 / s[:, None]))
-    return torch.clamp(codes, qmin, qmax), s
 
 
 @torch.no_grad()
