@@ -133,18 +133,20 @@ def verify_lm_artifacts(
     for i, (x, y) in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        # (logits, nll) of the plain evaluation, and of the one as ONNX Runtime computes.
         plain = logits_of(ref_model, x).float()
-        as_runtime = None
+        refs = {False: (plain, _nll(plain, y))}
         if exact:
             with runtime_numerics(ref_model, target="onnx"):
                 as_runtime = logits_of(ref_model, x).float()
-        ref_nll += _nll(plain, y)
+            refs[True] = (as_runtime, _nll(as_runtime, y))
+        ref_nll += refs[False][1]
         tokens += y.numel()
         for name, run in runtimes.items():
-            ref = as_runtime if name in exact else plain
+            ref, nll = refs[name in exact]
             top = ref.argmax(-1)
             s = stats[name]
-            s["ref_nll"] += _nll(ref, y)
+            s["ref_nll"] += nll
             out = run(x)
             if out.shape != ref.shape:
                 raise ParityError(
