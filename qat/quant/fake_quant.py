@@ -42,6 +42,50 @@ def _reduce_to(grad: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.T
     return grad.sum(dim=dims)
 
 
+def _alias(t: torch.Tensor, offset: int, shape: tuple, stride: tuple) -> torch.Tensor:
+    """A tensor on ``t``'s storage that is not an autograd view of ``t``: Dynamo guards on a
+    view's base (its rank, its strides), which would recompile the kernels per layer anyway.
+    Only for kernels that record no autograd graph."""
+    return t.new_empty(0).set_(t.untyped_storage(), offset, shape, stride)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of memory without gaps (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or, when it is a slice or an expanded tensor, a copy of it in the same dimension
+    order (as an elementwise op's output would be laid out)."""
+    return t if is_dense(t) else torch.empty_like(t).copy_(t)
+
+
+def memory_view(t: torch.Tensor) -> torch.Tensor:
+    """A dense ``t``'s elements as a 1-D tensor in memory order, sharing its storage.
+
+    Elementwise kernels and whole-tensor reductions give the same values on it; the compiled
+    kernels then see one rank and stride whatever the model's shapes, instead of recompiling
+    for each layer (and falling back to eager code past Dynamo's recompile limit, as a small
+    ViT's did).
+    """
+    return _alias(t, t.storage_offset(), (t.numel(),), (1,))
+
+
+def from_memory_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A fresh 1-D result laid out as :func:`memory_view` read ``like``: ``like``'s shape and
+    strides, as a tensor of its own (not a view that in-place ops on it would trip over)."""
+    return _alias(flat, flat.storage_offset(), tuple(like.shape), like.stride())
+
+
 def _in_range_mask(clamped: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The STE mask (1 where clamping changed nothing) as a float tensor, not bool.
 
@@ -160,11 +204,22 @@ class _FusedKernels:
         return eager(*args)
 
     def forward(self, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-        args = (x, scale, zero_point, qmin, qmax)
-        return self.run(_fake_quant_values, _fake_quant_values_eager, *args)
+        """Per-tensor ``x̂`` of a dense ``x`` (0-dim ``scale`` / ``zero_point``)."""
+        args = (memory_view(x), scale, zero_point, qmin, qmax)
+        return from_memory_view(self.run(_fake_quant_values, _fake_quant_values_eager, *args), x)
 
     def backward(self, grad, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-        return self.run(_ste_grad, _ste_grad_eager, grad, x, scale, zero_point, qmin, qmax)
+        """The STE gradient; ``scale`` / ``zero_point`` hold one value each (any shape)."""
+        return self.run_flat(_ste_grad, _ste_grad_eager, grad, x, scale, zero_point, qmin, qmax)
+
+    def run_flat(self, fn, eager, grad, x, *args):  # type: ignore[no-untyped-def]
+        """``fn(grad, x, *args)`` for a per-tensor backward, on 1-D memory views of a dense
+        ``x`` and of ``grad`` (first copied to ``x``'s layout if it has another); ``args`` are
+        one-element tensors and flags."""
+        if grad.stride() != x.stride() or not is_dense(grad):
+            grad = torch.empty_like(x).copy_(grad)
+        args = tuple(a.reshape(()) if isinstance(a, torch.Tensor) else a for a in args)
+        return from_memory_view(self.run(fn, eager, memory_view(grad), memory_view(x), *args), x)
 
 
 fused = _FusedKernels()
@@ -172,6 +227,16 @@ fused = _FusedKernels()
 fake_quant_forward = fused
 
 _GRIDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def cached_constants(
+    values: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """0-dim tensors for a module-level cache, made outside inference mode: a cache filled
+    under it (Lightning's validation, BN re-estimation) would hand inference tensors to a later
+    training step, which cannot save them for its backward."""
+    with torch.inference_mode(False):
+        return tuple(torch.tensor(float(v), dtype=dtype, device=device) for v in values)
 
 
 def _grid(qmin: int, qmax: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +247,7 @@ def _grid(qmin: int, qmax: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     key = (qmin, qmax, x.dtype, x.device)
     grid = _GRIDS.get(key)
     if grid is None:
-        grid = _GRIDS[key] = (
-            torch.tensor(float(qmin), dtype=x.dtype, device=x.device),
-            torch.tensor(float(qmax), dtype=x.dtype, device=x.device),
-        )
+        grid = _GRIDS[key] = cached_constants((qmin, qmax), x.dtype, x.device)  # type: ignore[assignment]
     return grid
 
 
@@ -199,6 +261,7 @@ class _FakeQuantize(torch.autograd.Function):
         per_tensor = s.dim() == 0 and z.dim() == 0
         ctx.recompute = per_tensor and not torch.compiler.is_compiling() and fused.takes(x)
         if ctx.recompute:
+            x = dense(x)
             # Copies of s and z: the observer updates the buffers in place on the next call,
             # which must not change (or trip the version check of) this call's backward.
             ctx.save_for_backward(x, s.clone(), z.clone(), lo, hi)

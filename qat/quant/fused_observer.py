@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from qat.quant.distributed import is_distributed
-from qat.quant.fake_quant import _grid, fused
+from qat.quant.fake_quant import (
+    _alias,
+    _grid,
+    _ste_grad,
+    _ste_grad_eager,
+    cached_constants,
+    dense,
+    from_memory_view,
+    fused,
+    memory_view,
+)
 from qat.quant.qparams import guard_scale
 
 if TYPE_CHECKING:
@@ -33,9 +43,7 @@ def _factors(d: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     ``+ 0`` away (eager's ``−0.0 + 0.0`` is ``+0.0``)."""
     key = (d, like.device)
     if key not in _FACTORS:
-        _FACTORS[key] = tuple(
-            torch.tensor(v, dtype=torch.float32, device=like.device) for v in (d, 1.0 - d, 0.0)
-        )
+        _FACTORS[key] = cached_constants((d, 1.0 - d, 0.0), torch.float32, like.device)
     return _FACTORS[key]
 
 
@@ -106,15 +114,39 @@ _observe_quantize_eager = _eager(_observe_quantize)
 _relu_ste_grad_eager = _eager(_relu_ste_grad)
 
 
+def _kernel_view(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, what the compiled kernel reads)``: per tensor, ``x`` made dense and a 1-D view of
+    its memory; per channel (axis 0, contiguous), ``(C, K)`` rows of it. One rank whatever the
+    layer, so the kernel compiles once per configuration instead of once per rank, layout and
+    size-1 dimension, which had reached Dynamo's recompile limit on a small ViT and sent its
+    later quantizers to eager code. ``(x, x)`` when no such view exists."""
+    if axis is None:
+        x = dense(x)
+        return x, memory_view(x)
+    if axis == 0 and x.is_contiguous() and x.numel() > 0:
+        return x, _rows(x, x)
+    return x, x
+
+
+def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``t`` as ``(C, K)`` rows, C = ``like.shape[0]`` (not a view: see ``_alias``)."""
+    c = like.shape[0]
+    k = like.numel() // c
+    return _alias(t, t.storage_offset(), (c, k), (k, 1))
+
+
 class _ObserveFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *args):  # type: ignore[override]
-        x = x.detach()
+        axis = args[-1][3]
+        x, view = _kernel_view(x.detach(), axis)
         out, lo, hi, scale, zp, ok, s, z, at_qmin = fused.run(
-            _observe_quantize, _observe_quantize_eager, x, *args
+            _observe_quantize, _observe_quantize_eager, view, *args
         )
-        ctx.relu = args[-1][-1]
-        ctx.save_for_backward(x, s, z, args[2], args[3], at_qmin)
+        if view is not x:
+            out = from_memory_view(out.reshape(-1), x)
+        ctx.relu, ctx.per_tensor, ctx.rows = args[-1][-1], axis is None, view is not x
+        ctx.save_for_backward(x if ctx.per_tensor else view, s, z, args[2], args[3], at_qmin)
         ctx.mark_non_differentiable(lo, hi, scale, zp, ok)
         return out, lo, hi, scale, zp, ok
 
@@ -122,11 +154,16 @@ class _ObserveFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad, *_):  # type: ignore[override]
         x, s, z, qmin, qmax, at_qmin = ctx.saved_tensors
         if ctx.relu == "none":
-            grad_x = fused.backward(grad, x, s, z, qmin, qmax)
+            fn, eager, extra = _ste_grad, _ste_grad_eager, ()
         else:
-            always = ctx.relu == "always"
-            args = (grad, x, s, z, qmin, qmax, at_qmin, always)
-            grad_x = fused.run(_relu_ste_grad, _relu_ste_grad_eager, *args)
+            fn, eager, extra = _relu_ste_grad, _relu_ste_grad_eager, (at_qmin, ctx.relu == "always")
+        if ctx.per_tensor:
+            grad_x = fused.run_flat(fn, eager, grad, x, s, z, qmin, qmax, *extra)
+        elif ctx.rows:  # x is the kernel's (C, K) view; grad comes in the layer's shape
+            g = _rows(grad, grad) if grad.is_contiguous() else grad.reshape(x.shape)
+            grad_x = fused.run(fn, eager, g, x, s, z, qmin, qmax, *extra).view(grad.shape)
+        else:
+            grad_x = fused.run(fn, eager, grad, x, s, z, qmin, qmax, *extra)
         return (grad_x,) + (None,) * 8
 
 

@@ -98,3 +98,66 @@ def test_a_non_finite_batch_raises_and_keeps_the_range() -> None:
         q(x)
     for name, value in before.items():
         assert torch.equal(getattr(q, name), value), name
+
+
+def test_layers_of_any_shape_and_layout_share_one_compiled_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-tensor kernels run on a 1-D view of memory and per-channel ones on (C, K) rows, so
+    a model's many shapes (a ViT has ranks 2-4, permuted attention tensors, size-1 dims) do not
+    recompile them per layer; past Dynamo's recompile limit they used to fall back to eager.
+    Three configurations here: activations without and with a range history, weights."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    acts = [
+        torch.randn(6, 50, 64, generator=gen),
+        torch.randn(6, 4, 50, 50, generator=gen),
+        torch.randn(6, 50, 3, 4, 16, generator=gen).permute(2, 0, 3, 1, 4)[0],  # q of qkv
+        torch.randn(6, 64, 7, 7, generator=gen).transpose(1, 3),
+        torch.randn(300, generator=gen),
+    ]
+    weights = [torch.randn(64, 1, 4, 4, generator=gen), torch.randn(192, 64, generator=gen)]
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        for x, role in [(a, "activation") for a in acts] + [(w, "weight") for w in weights]:
+            per_channel = role == "weight"
+            spec = QuantSpec(bits=8, per_channel=per_channel, range_method="minmax")
+            channels = x.shape[0] if per_channel else 1
+            fused_q = FakeQuantizer(spec, role=role, channels=channels).train()
+            eager_q = copy.deepcopy(fused_q)
+            for _ in range(2):  # the second call keeps a history (another configuration)
+                out_f = fused_q(x.detach().requires_grad_())
+                out_e = _eager_call(eager_q, x.detach().requires_grad_(), False, monkeypatch)
+                assert out_f.shape == x.shape and out_f.stride() == out_e.stride()
+                assert torch.equal(out_f, out_e)
+                g = torch.randn(x.shape, generator=gen)
+                xa, xb = x.detach().requires_grad_(), x.detach().requires_grad_()
+                fused_q(xa).backward(g)
+                _eager_call(eager_q, xb, False, monkeypatch).backward(g)
+                assert torch.equal(xa.grad, xb.grad)
+    assert not fake_quant.fused.failed
+
+
+def test_a_first_call_under_inference_mode_leaves_training_working() -> None:
+    """BN re-estimation and Lightning's validation run the model under inference mode; the
+    grid and moving-average constants the kernels cache must not be inference tensors, which
+    the next training step could not save for its backward."""
+    fake_quant._GRIDS.clear()
+    fused_observer._FACTORS.clear()
+    q = FakeQuantizer(QuantSpec(bits=8, signed=False, symmetric=False), role="activation")
+    q.train()
+    with torch.inference_mode():
+        q(torch.randn(4, 64, 300))  # starts the range and fills the caches
+        q(torch.randn(4, 64, 300))
+    x = torch.randn(4, 64, 300, requires_grad=True)
+    assert fused_observer.applies(q, x, False)
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    frozen = FakeQuantizer(QuantSpec(bits=8), role="activation").train()
+    frozen(torch.randn(4, 64, 300))
+    frozen.observer_enabled = False  # the plain fake-quant kernel, grid cached under inference
+    fake_quant._GRIDS.clear()
+    with torch.inference_mode():
+        frozen(torch.randn(4, 64, 300))
+    y = torch.randn(4, 64, 300, requires_grad=True)
+    frozen(y).sum().backward()
+    assert y.grad is not None
