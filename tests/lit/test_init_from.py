@@ -118,3 +118,33 @@ def test_distillation_needs_init_from(tmp_path: Path) -> None:
         train(cfg)
     assert not (tmp_path / "results.json").exists()
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_qat_trains_after_a_ptq_run_in_the_same_process(float_ckpt: Path, tmp_path: Path) -> None:
+    """A Hydra multirun runs its jobs in one process (scripts/results.py: the PTQ rows, then the
+    QAT rows). A PTQ run evaluates under inference mode and filled the fused kernels' cached
+    constants there; the QAT run's first backward could not save them, and every QAT row of
+    the results table failed. The caches are per process, and other tests may have filled them
+    already: start empty, as a fresh `python train.py -m` does."""
+    from qat.quant import fake_quant, fused_observer
+
+    fake_quant._GRIDS.clear()
+    fused_observer._FACTORS.clear()
+    _ptq(tmp_path / "ptq", float_ckpt)
+    qat_dir = tmp_path / "qat"
+    cfg = compose_train(
+        [
+            *FAST,
+            "model=lenet5",
+            "quant=w8a8",
+            "logger=none",
+            "trainer.max_epochs=1",
+            "schedule.warmup_epochs=0",
+            f"init_from={float_ckpt}",
+        ],
+        qat_dir,
+    )
+    train(cfg)
+    results = json.loads((qat_dir / "results.json").read_text())
+    assert results["status"] == "ok"
+    assert results["config"]["global_step"] > 0
