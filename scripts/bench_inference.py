@@ -55,7 +55,7 @@ from qat.data import DigitsDataModule
 from qat.export import export_model, verify_artifacts
 from qat.export.bench import make_batch, time_interleaved
 from qat.export.onnx import export_float_onnx, make_session
-from qat.export.onnx.runtime import optimized_op_types
+from qat.export.onnx.runtime import runtime_graph
 from qat.export.torchscript import ENGINE, EXACT_ENGINES, load_torchscript
 from qat.models import create_model
 
@@ -68,26 +68,6 @@ VARIANTS = (
     "qat_ts_int8",
     "torch_ao_fx_int8",
 )
-#: Ops that run on integer data in ONNX Runtime's optimized graph (the rest is float compute).
-INTEGER_OPS = {
-    "QLinearConv",
-    "QGemm",
-    "QLinearMatMul",
-    "QLinearAdd",
-    "QLinearMul",
-    "QLinearConcat",
-    "QLinearGlobalAveragePool",
-    "QLinearAveragePool",
-    "QLinearSigmoid",
-    "QLinearLeakyRelu",
-    "MaxPool",
-    "Flatten",
-    "Reshape",
-    "Clip",
-    "Transpose",
-    "QuantizeLinear",
-    "DequantizeLinear",
-}
 
 
 def digits_rgb(batch: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -206,12 +186,6 @@ def gemm_ceiling(threads: int, rounds: int, n: int = 1024) -> dict[str, float]:
     return {"int8_ms": 1e3 * t["int8"], "fp32_ms": 1e3 * t["fp32"], "ratio": t["fp32"] / t["int8"]}
 
 
-def ort_graph(path: Path) -> dict[str, Any]:
-    """The optimized graph's op types, and those that compute in float."""
-    ops = optimized_op_types(path, level="all")
-    return {"ops": dict(sorted(ops.items())), "float_ops": sorted(set(ops) - INTEGER_OPS)}
-
-
 def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(1) == b.argmax(1)).float().mean())
 
@@ -245,8 +219,8 @@ def bench_model(name: str, data: list, args: argparse.Namespace, out: Path) -> d
             "torch_ao_fx_int8": top1_agreement(fx_out, ref),
         },
         "graphs": {
-            "qat_ort_int8": ort_graph(paths["onnx"]),
-            "ort_quantize_static": ort_graph(peer),
+            "qat_ort_int8": runtime_graph(paths["onnx"]),
+            "ort_quantize_static": runtime_graph(peer),
         },
         "sizes_bytes": {
             "ort_fp32": fp32.stat().st_size,

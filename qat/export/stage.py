@@ -91,6 +91,11 @@ def run_export(
         # Which layers run on integer kernels in each target, and the share of MACs they hold.
         "placement": placement_report(model, example),
     }
+    if "onnx" in artifacts:
+        from qat.export.onnx.runtime import runtime_graph
+
+        # What ONNX Runtime runs after fusing: integer kernels, and any op left in float.
+        report["onnx_runtime_graph"] = runtime_graph(artifacts["onnx"])
     if options.get("verify", True):
         parity = verify_artifacts(model, artifacts, batches)
         report["parity"] = parity

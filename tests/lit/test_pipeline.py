@@ -418,6 +418,10 @@ def test_export_stage_writes_artifacts_parity_and_bench(tmp_path: Path) -> None:
         assert export["parity"]["runtimes"][target]["agreement"] >= 0.999
     assert Path(export["artifacts"]["onnx"]).parent == tmp_path / "export"
     assert "onnx" in export["bench"]["runtimes"] and "torch_fp32" in export["bench"]["runtimes"]
+    # ONNX Runtime's optimized graph: every conv and the classifier on integer kernels, the
+    # float islands (pooling) fused, nothing computing in float.
+    graph = export["onnx_runtime_graph"]
+    assert graph["ops"]["QLinearConv"] == 2 and graph["float_ops"] == [], graph
 
 
 def test_parity_failure_writes_results_then_fails_the_run(

@@ -59,16 +59,19 @@ from qat.export.onnx.build import (
 )
 from qat.export.onnx.passes import INT4_OPSET, compact_names, finalize
 from qat.export.onnx.runtime import (
+    INTEGER_DATA_OP_TYPES,
     INTEGER_OP_TYPES,
     default_providers,
     make_session,
     optimized_op_types,
     run_session,
+    runtime_graph,
 )
 
 __all__ = [
     "DEFAULT_OPSET",
     "INT4_OPSET",
+    "INTEGER_DATA_OP_TYPES",
     "INTEGER_OP_TYPES",
     "build_onnx_model",
     "compact_names",
@@ -81,4 +84,5 @@ __all__ = [
     "optimized_op_types",
     "resolve_opset",
     "run_session",
+    "runtime_graph",
 ]

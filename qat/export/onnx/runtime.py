@@ -25,6 +25,29 @@ INTEGER_OP_TYPES = (
 )
 
 
+#: Ops of an optimized graph that run on integer data without computing in float: the integer
+#: kernels above, the (de)quantizers at the graph's edges and around islands, and the ops that
+#: only move or select u8 values. Anything else computes in float (a float island).
+INTEGER_DATA_OP_TYPES = (
+    *INTEGER_OP_TYPES,
+    "QLinearMul",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearSoftmax",
+    "MatMulNBits",
+    "DynamicQuantizeMatMul",
+    "DynamicQuantizeLinear",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "MaxPool",
+    "NhwcMaxPool",
+    "Flatten",
+    "Reshape",
+    "Clip",
+    "Transpose",
+)
+
+
 def default_providers(available: Sequence[str] | None = None) -> list[str]:
     """TensorRT → CUDA → CPU, keeping those this ONNX Runtime build offers."""
     import onnxruntime as ort
@@ -97,3 +120,14 @@ def optimized_op_types(path: str | Path, level: str = "extended") -> Counter:
         )
         graph = onnx.load(str(out)).graph
     return Counter(n.op_type for n in graph.node)
+
+
+def runtime_graph(path: str | Path) -> dict[str, Any]:
+    """What ONNX Runtime (CPU, every optimization on) runs for the model at ``path``: its op
+    types with their counts, and those that compute in float (not in
+    :data:`INTEGER_DATA_OP_TYPES`). A CNN export whose float islands all fused leaves none."""
+    ops = optimized_op_types(path, level="all")
+    return {
+        "ops": dict(sorted(ops.items())),
+        "float_ops": sorted(set(ops) - set(INTEGER_DATA_OP_TYPES)),
+    }
