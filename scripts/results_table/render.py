@@ -16,6 +16,10 @@ from .machine import _machine
 from .plots import plot
 from .rows import own_row_configs
 
+#: The day the ONNX export moved residual adds onto QLinearAdd and TorchScript onto the x86
+#: engine (commits ee0b1b3, bf0e239); rows exported before it keep that exporter's figures.
+INTEGER_ADDS_SINCE = "2026-12-06"
+
 
 def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Path:
     """Write ``out/results.md`` (and the plots beside it); return the markdown path."""
@@ -62,9 +66,9 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         *own_budget,
         "",
         "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
-        "(ONNX Runtime CPU, integer kernels; residual adds unfused, DQ → Sum → Q in float32 "
-        "as in the fake-quant model) and "
-        "TorchScript (PyTorch INT8 kernels) models; "
+        "(ONNX Runtime CPU, integer kernels; residual adds on `QLinearAdd`, whose kernel the "
+        "fake-quant model reproduces) and "
+        f"TorchScript (PyTorch INT8 kernels, `{TS_ENGINE}` engine) models; "
         "agree = top-1 agreement with fake-quant (the lower of the two); max Δ logit = largest "
         "absolute logit difference (logits are float in every row); sizes in KiB (int8 weights; "
         "sub-8-bit values in int8 containers); latency in ms per batch, medians of interleaved "
@@ -128,6 +132,21 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             "Exports re-made from the rows' checkpoints by `scripts/results.py --reexport` on "
             f"{', '.join(reexported)} ({sum(bool(i.get('reexported')) for i in items)} of the "
             "rows), after an exporter change; training and fake-quant figures are the runs'.",
+        ]
+    earlier = [
+        f"{i['model']} {i['row']}"
+        for i in items
+        if i["done"]
+        and i.get("ort_acc") is not None
+        and (i.get("reexported") or i.get("date") or "")[:10] < INTEGER_ADDS_SINCE
+    ]
+    if earlier:
+        lines += [
+            "",
+            f"Exported before {INTEGER_ADDS_SINCE}, by the exporter of that date: residual "
+            "adds as DQ → Sum → Q in float32 in ONNX (not `QLinearAdd`) and TorchScript "
+            "verified and timed under the `fbgemm` engine (not `x86`); their ORT and TS "
+            f"latencies are not comparable with the rows exported since: {', '.join(earlier)}.",
         ]
     unpinned = [
         f"{i['model']} {i['row']}"
