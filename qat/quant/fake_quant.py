@@ -81,8 +81,9 @@ def memory_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def from_memory_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A fresh 1-D result laid out as :func:`memory_view` read ``like``: ``like``'s shape and
-    strides, as a tensor of its own (not a view that in-place ops on it would trip over)."""
+    """A fresh contiguous result (1-D, or the kernel's ``(C, K)`` rows) laid out as
+    :func:`memory_view` read ``like``: ``like``'s shape and strides, as a tensor of its own (not
+    a view that in-place ops on it would trip over)."""
     return _alias(flat, flat.storage_offset(), tuple(like.shape), like.stride())
 
 
@@ -216,7 +217,7 @@ class _FusedKernels:
         """``fn(grad, x, *args)`` for a per-tensor backward, on 1-D memory views of a dense
         ``x`` and of ``grad`` (first copied to ``x``'s layout if it has another); ``args`` are
         one-element tensors and flags."""
-        if grad.stride() != x.stride() or not is_dense(grad):
+        if grad.stride() != x.stride():  # same shape and strides as a dense x: dense
             grad = torch.empty_like(x).copy_(grad)
         args = tuple(a.reshape(()) if isinstance(a, torch.Tensor) else a for a in args)
         return from_memory_view(self.run(fn, eager, memory_view(grad), memory_view(x), *args), x)

@@ -144,7 +144,7 @@ class _ObserveFakeQuantize(torch.autograd.Function):
             _observe_quantize, _observe_quantize_eager, view, *args
         )
         if view is not x:
-            out = from_memory_view(out.reshape(-1), x)
+            out = from_memory_view(out, x)
         ctx.relu, ctx.per_tensor, ctx.rows = args[-1][-1], axis is None, view is not x
         ctx.save_for_backward(x if ctx.per_tensor else view, s, z, args[2], args[3], at_qmin)
         ctx.mark_non_differentiable(lo, hi, scale, zp, ok)

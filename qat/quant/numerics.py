@@ -153,15 +153,16 @@ def quantized_output(
         return oq(levels_out * s_out.float(), relu=module.relu)
     s_in = torch.tensor(module.runtime_input_scale, dtype=torch.float32, device=x.device)
     act_w = (s_in * s_w.float()).reshape(-1)  # float32, as both runtimes form it
-    acc32 = acc.float()
-    if b is not None and module.numerics_target == "onnx":
+    if b is None:
+        acc32 = acc.float()
+    elif module.numerics_target == "onnx":
         # Not rounded here: after snap_bias it is the int32 bias to within float error (what
         # ONNX Runtime adds); otherwise fbgemm's float-bias epilogue, nearly, and ONNX's
         # rounding of it shows in the parity report rather than being hidden.
         acc32 = (acc + (b.double() / act_w.double()).reshape(out_shape)).float()
-    elif b is not None:
+    else:
         # fbgemm's float-bias epilogue exactly: float32(acc) + float32(b / (s_in·s_w)).
-        acc32 = acc32 + (b.detach().float() / act_w).reshape(out_shape)
+        acc32 = acc.float() + (b.detach().float() / act_w).reshape(out_shape)
     multiplier = (act_w / s_out.float()).reshape(out_shape)
     levels_out = torch.round(acc32 * multiplier)
     # The output quantizer takes these levels as they are (a value on its grid comes out
