@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["float64_call"]
+__all__ = ["float64_call", "to_float64"]
 
 
-def _to64(value: Any) -> Any:
+def to_float64(value: Any) -> Any:
+    """A float32 tensor as float64; anything else as it is."""
     if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
         return value.double()
     return value
@@ -33,10 +34,13 @@ def _to64(value: Any) -> Any:
 
 def float64_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``module(*args, **kwargs)`` computed in float64; float64 results rounded to float32."""
-    state = {k: _to64(v) for k, v in module.named_parameters()}
-    state.update({k: _to64(v) for k, v in module.named_buffers()})
+    state = {k: to_float64(v) for k, v in module.named_parameters()}
+    state.update({k: to_float64(v) for k, v in module.named_buffers()})
     out = functional_call(
-        module, state, tuple(_to64(a) for a in args), {k: _to64(v) for k, v in kwargs.items()}
+        module,
+        state,
+        tuple(to_float64(a) for a in args),
+        {k: to_float64(v) for k, v in kwargs.items()},
     )
     if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
         return out.float()

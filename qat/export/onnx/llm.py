@@ -46,6 +46,7 @@ from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
 from qat.export.onnx.emit import _const, _tracing_off
 from qat.export.onnx.passes import compact_names
 from qat.quant.dynamic import dynamic_quantize
+from qat.quant.float_island import to_float64
 from qat.quant.layers import QAct, QEmbedding
 from qat.quant.prepare import set_module
 from qat.quant.qparams import qrange
@@ -251,13 +252,9 @@ class _ExportIsland(nn.Module):
         self.act = act.double()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(a.double() if _is_f32(a) else a for a in args)
-        out = self.act(*args, **{k: v.double() if _is_f32(v) else v for k, v in kwargs.items()})
+        args = tuple(to_float64(a) for a in args)
+        out = self.act(*args, **{k: to_float64(v) for k, v in kwargs.items()})
         return out.float() if isinstance(out, torch.Tensor) else out
-
-
-def _is_f32(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dtype == torch.float32
 
 
 class _ExportEmbedding(nn.Module):
