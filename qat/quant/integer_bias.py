@@ -111,7 +111,10 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
     :class:`~qat.quant.layers.QAdd`; not saved in the state dict), so that evaluation under
     :func:`qat.runtime_numerics` (the test metrics and the parity check) requantizes the
     layer's int32 sums with the runtimes' float32 multiplier ``s_in · s_w / s_out`` instead of
-    quantizing the float sum, and adds as ONNX Runtime's ``QLinearAdd`` does.
+    quantizing the float sum, and adds as the runtimes' add kernels do. It records the snapped
+    bias (``runtime_bias``): while a layer's bias is still that one, runtime numerics add its
+    int32 level exactly, as ONNX Runtime does; a bias changed since is added as it is, so the
+    parity check shows what its rounding costs.
 
     Layers whose input is on no grid (a float producer) or on different grids in different
     calls cannot run on the integer kernels; they are left as they are (the exporters name
@@ -172,8 +175,11 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
             f = bn_fold_factor(bn)
             conv_b = mod.bias if mod.bias is not None else torch.zeros_like(f)
             bn.bias.copy_(target.to(f) - (conv_b - bn.running_mean) * f)
+            # What the folded forward computes from it: on the grid to within one ulp.
+            mod.runtime_bias = fold_bn_bias(mod.bias, bn).detach().clone()
         else:
             mod.bias.copy_(target.to(mod.bias))
+            mod.runtime_bias = mod.bias.detach().clone()
         snapped.append(name)
     if coarse:
         _warn_coarse(coarse)

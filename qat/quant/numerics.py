@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qat.quant.bias import grid_bias
+from qat.quant.bias import INT32_MAX, INT32_MIN, bias_levels, grid_bias
 from qat.quant.quantizer import FakeQuantizer
 
 
@@ -42,6 +42,9 @@ class RuntimeNumerics:
     numerics_target: str = "onnx"
     #: The input scale the layer's int32 bias was rounded for, pinned by :func:`qat.snap_bias`.
     runtime_input_scale: float | None = None
+    #: The float (folded) bias :func:`qat.snap_bias` left, on the int32 grid to within float32
+    #: error; while the layer's bias is still this, runtime numerics add its int32 level.
+    runtime_bias: torch.Tensor | None = None
 
 
 #: The runtimes :func:`runtime_numerics` can compute as: ONNX Runtime; PyTorch's quantized
@@ -65,7 +68,7 @@ def runtime_numerics(
 
     Convs, linears and matmuls compute the same in ONNX Runtime and fbgemm; residual adds do
     not (:mod:`qat.quant.runtime_add`): ``target`` picks ONNX Runtime's ``QLinearAdd``
-    (``"onnx"``) or PyTorch's ``quantized::add`` (``"torchscript"``, the fake-quant rounding).
+    (``"onnx"``) or PyTorch's ``quantized::add`` (``"torchscript"``).
     ``"torchscript_x86"`` adds as ``"torchscript"`` and requantizes convs of at most
     :data:`ONEDNN_MAX_GROUPS` groups as oneDNN does (:func:`onednn_levels`).
 
@@ -122,12 +125,13 @@ def quantized_output(
     and when ``25 · M`` lands 2e-7 below x.5, every output with that sum flips: MobileNetV2 W4A4
     disagreed with both runtimes on 0.21% of the test images through one such channel.
 
-    The bias: ONNX Runtime adds it as int32 (:func:`qat.snap_bias` puts it on that grid);
-    fbgemm (target ``"torchscript"``) adds the float bias as ``float32(acc) + float32(b /
+    The bias: ONNX Runtime adds the int32 bias the exporter rounded (the same rounding here;
+    :func:`qat.snap_bias` puts the float bias on that grid, so training sees it too); fbgemm (target ``"torchscript"``) adds the float bias as ``float32(acc) + float32(b /
     (s_in·s_w))`` before the multiply. Under ``"torchscript_x86"``, convs that the x86 engine
     runs on oneDNN requantize as :func:`onednn_levels` says instead.
     """
     oq: FakeQuantizer = module.output_quant
+    as_snapped = _is_snapped_bias(module, b)
     snapped = grid_bias(module, b)
     if snapped is not None:
         # The grid's value with the latent bias's gradient (straight-through), exactly: a
@@ -155,10 +159,17 @@ def quantized_output(
     act_w = (s_in * s_w.float()).reshape(-1)  # float32, as both runtimes form it
     if b is None:
         acc32 = acc.float()
+    elif module.numerics_target == "onnx" and as_snapped:
+        # The int32 bias the exporter writes (qat.quant.bias.int32_bias), rounded here as
+        # there. After snap_bias the float bias is on that grid only to within float32 error
+        # (a folded conv+BN bias to one ulp): 3e-4 of a level for a bias of 5000 levels,
+        # enough to move an output whose sum lands on a tie of the output grid (in a ResNet-20
+        # W8A8, sums of 357 at M = 0.5/357 picked level 0 where ONNX Runtime picks 1).
+        b_levels = bias_levels(b, s_in, s_w)[0].clamp(INT32_MIN, INT32_MAX)
+        acc32 = (acc + b_levels.reshape(out_shape)).float()
     elif module.numerics_target == "onnx":
-        # Not rounded here: after snap_bias it is the int32 bias to within float error (what
-        # ONNX Runtime adds); otherwise fbgemm's float-bias epilogue, nearly, and ONNX's
-        # rounding of it shows in the parity report rather than being hidden.
+        # A bias changed since snap_bias: not rounded, so that ONNX Runtime's rounding of it
+        # shows in the parity report rather than being hidden.
         acc32 = (acc + (b.double() / act_w.double()).reshape(out_shape)).float()
     else:
         # fbgemm's float-bias epilogue exactly: float32(acc) + float32(b / (s_in·s_w)).
@@ -169,6 +180,14 @@ def quantized_output(
     # unchanged) and applies the ReLU and the clamp to its range; the hooks of
     # qat.quant.grids that follow the grids see this layer's output there too.
     return oq(levels_out * s_out.float(), relu=module.relu)
+
+
+def _is_snapped_bias(module: nn.Module, b: torch.Tensor | None) -> bool:
+    """True if ``b`` is the bias :func:`qat.snap_bias` left on ``module`` (bit for bit)."""
+    pinned = module.runtime_bias
+    if b is None or pinned is None or pinned.shape != b.shape:
+        return False
+    return torch.equal(b.detach(), pinned.to(device=b.device, dtype=b.dtype))
 
 
 def _on_onednn(module: nn.Module) -> bool:

@@ -6,6 +6,7 @@ weights, and compared element by element with the fake-quant model on a fresh ba
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -21,7 +22,7 @@ from qat.export.ir import ConvertedModel
 from qat.export.onnx import build_onnx_model, optimized_op_types
 from qat.export.torchscript import build_integer_model, integer_ops, trace_integer_model
 from qat.ops import Add, Cat
-from qat.quant.runtime_add import qlinear_add_levels
+from qat.quant.runtime_add import qlinear_add_levels, quantized_add_levels
 
 TOL = 1.0 + 1e-4  # one output step (float rounding of the division aside)
 
@@ -269,8 +270,50 @@ def test_residual_add_runs_qlinear_add_and_the_fake_quant_model_computes_it(
     with torch.no_grad(), runtime_numerics(q):
         fq = add(xa, xb)
     np.testing.assert_array_equal(np.rint(fq.numpy() / f32(sc)) + f32(zc), expect)
+    # The same input codes through PyTorch's quantized::add_relu, the TorchScript model's add.
+    qa, qb = (_qtensor(v, s, z) for v, (s, z) in zip((a, b), grids, strict=False))
+    ts = torch.ops.quantized.add_relu(qa, qb, float(sc), int(zc)).int_repr().float()
     with torch.no_grad(), runtime_numerics(q, target="torchscript"):
-        fq_ts = add(xa, xb)  # quantized::add's rounding: round((a + b) · (1/s))
-    with torch.no_grad():
-        plain = add.output_quant(xa + xb, relu=True)
-    assert torch.equal(fq_ts, plain)
+        fq_ts = add(xa, xb)
+    np.testing.assert_array_equal(np.rint(fq_ts.numpy() / f32(sc)) + f32(zc), ts.clamp(max=top))
+
+
+def _qtensor(levels: np.ndarray | torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """A quint8 tensor holding ``levels`` (the quantized-tensor API warns it is deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        codes = torch.as_tensor(levels).to(torch.uint8)
+        return torch._make_per_tensor_quantized_tensor(codes, scale, zero_point)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["add", "add_relu"])
+def test_quantized_add_levels_is_pytorchs_quantized_add(relu: bool) -> None:
+    """Random grids and codes, one thread, a length the vectorized loop covers whole:
+    :func:`quantized_add_levels` equals ``quantized::add`` on every element, where the
+    fake-quant rounding of the dequantized sum (``round((a + b) · (1/s_c))``) does not."""
+    gen = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    plain_differs = 0
+    try:
+        for _ in range(40):
+            sa, sb, sc = (torch.empty(3).uniform_(0.005, 0.1, generator=gen)).tolist()
+            za, zb, zc = torch.randint(0, 256, (3,), generator=gen).tolist()
+            a, b = torch.randint(0, 256, (2, 128 * 256), generator=gen).float()
+            grids = [(sa, za), (sb, zb), (sc, zc)]
+            op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
+            qa, qb = (_qtensor(v, s, z) for v, (s, z) in zip((a, b), grids, strict=False))
+            expect = op(qa, qb, sc, zc).int_repr().float()
+            levels = quantized_add_levels(a, b, *grids)
+            if relu:
+                levels = levels.clamp(min=zc)
+            assert torch.equal(levels, expect)
+            s32 = [torch.tensor(s, dtype=torch.float32) for s in (sa, sb, sc)]
+            total = (a - za) * s32[0] + (b - zb) * s32[1]
+            if relu:
+                total = total.clamp(min=0)
+            plain = (torch.round(total * (1 / s32[2])) + zc).clamp(0, 255)
+            plain_differs += int((plain != expect).sum())
+    finally:
+        torch.set_num_threads(threads)
+    assert plain_differs > 0

@@ -93,6 +93,25 @@ def test_exact_evaluation_rounds_a_near_tie_as_each_runtime() -> None:
         assert torch.equal(out, _reference(q, x, _target(name))), name
 
 
+def test_a_bias_snapped_to_within_float_error_adds_its_int32_level_at_a_tie() -> None:
+    """A snapped bias is on the int32 grid only to within float32 error: ``b / (s_in·s_w)``
+    here is 12501.0005, not the 12501 ONNX Runtime adds. With an int32 sum of −12500 and
+    ``M = 0.5`` the output is the tie 0.5, which ONNX Runtime rounds to even (level 0);
+    adding the unrounded bias gave 0.50027, level 1."""
+    f32 = torch.float32
+    s_in, s_w = 0.0123, 0.0077
+    scale = float(torch.tensor(s_in, dtype=f32) * torch.tensor(s_w, dtype=f32))
+    bias = float(torch.tensor(12501 * scale, dtype=f32))
+    assert bias / scale - 12501 > 1e-4  # the float bias is off its level
+    q = pinned_conv(8, s_in, s_w, 2 * scale, weight=-50 * s_w, bias=bias)
+    x = torch.full((1, 1, 2, 2), 250 * s_in)  # input code 250 · weight level −50
+    snap_bias(q, x)
+    assert q.body.bias.item() == bias  # already on the grid, as far as float32 goes
+    assert torch.equal(_reference(q, x, "onnx"), torch.zeros_like(x))
+    for name, out in _runtimes(q, x).items():
+        assert torch.equal(out, _reference(q, x, _target(name))), name
+
+
 def test_input_off_the_pinned_grid_falls_back_to_the_float_sum() -> None:
     q = _near_tie_model()
     x = torch.full((1, 1, 2, 2), 5 * S_IN)

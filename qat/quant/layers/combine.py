@@ -2,9 +2,9 @@
 
 Requantize after add: the residual add (or concat) gets the output grid the integer runtimes
 requantize its result to, so the graph trained is the graph they execute. Under
-:func:`qat.runtime_numerics` (target ``onnx``), once :func:`qat.snap_bias` pinned both input
-grids, an add computes what ONNX Runtime's ``QLinearAdd`` computes
-(:mod:`qat.quant.runtime_add`).
+:func:`qat.runtime_numerics`, once :func:`qat.snap_bias` pinned both input grids, an add
+computes what ONNX Runtime's ``QLinearAdd`` (target ``onnx``) or PyTorch's ``quantized::add``
+(the TorchScript targets) computes (:mod:`qat.quant.runtime_add`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from qat.ops import Add, Cat
 from qat.quant.layers.base import output_quantizer
 from qat.quant.numerics import RuntimeNumerics
-from qat.quant.runtime_add import Grid, qlinear_add_levels
+from qat.quant.runtime_add import Grid, qlinear_add_levels, quantized_add_levels
 from qat.quant.spec import QuantSpec
 
 
@@ -35,10 +35,10 @@ class QAdd(nn.Module, RuntimeNumerics):
         return self.output_quant(a + b if y is None else y, relu=self.relu)
 
     def _runtime_sum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-        """``QLinearAdd``'s output as a value on the output grid, or None where it does not
-        apply (not ONNX numerics, nothing pinned, broadcasting, an input off its grid)."""
+        """The runtime kernel's output as a value on the output grid, or None where it does
+        not apply (not runtime numerics, nothing pinned, broadcasting, an input off its grid)."""
         grids, oq = self.runtime_input_grids, self.output_quant
-        if not self.exact_numerics or self.numerics_target != "onnx" or self.training:
+        if not self.exact_numerics or self.training:
             return None
         if grids is None or a.shape != b.shape or oq.per_channel or oq.learned == "pact":
             return None
@@ -58,7 +58,8 @@ class QAdd(nn.Module, RuntimeNumerics):
         s_out, z_out = oq.qparams()
         qmin, _ = oq.quant_range
         out = (float(s_out.float().reshape(-1)[0]), int(z_out.reshape(-1)[0]) - qmin)
-        c = qlinear_add_levels(levels[0], levels[1], grids[0], grids[1], out)
+        kernel = qlinear_add_levels if self.numerics_target == "onnx" else quantized_add_levels
+        c = kernel(levels[0], levels[1], grids[0], grids[1], out)
         # Back to a value on the output grid, which the output quantizer keeps as it is (and
         # clamps to its range and the ReLU, as the exported Clip does).
         return (c - out[1]) * torch.tensor(out[0], dtype=torch.float32, device=c.device)
