@@ -14,7 +14,13 @@ from torch import nn
 import qat
 import qat.io as export_io
 from qat.export import FILENAMES, export_model, verify_artifacts
-from qat.export.onnx import default_providers, make_session, optimized_op_types, run_session
+from qat.export.onnx import (
+    default_providers,
+    make_session,
+    optimized_op_types,
+    run_session,
+    runtime_graph,
+)
 from qat.export.torchscript import load_torchscript
 from qat.io import atomic_write_bytes
 from qat.ops import Add
@@ -200,9 +206,11 @@ def test_int4_packed_is_smaller_and_gives_the_same_outputs(qmodel, tmp_path) -> 
 def test_int8_holding_4bit_weights_still_fuses(qmodel, tmp_path) -> None:
     path = export_model(qmodel, tmp_path, _batch(), targets=["onnx"])["onnx"]
     ops = optimized_op_types(path)
-    # The residual add runs on QLinearAdd, no float op left.
+    # The residual add runs on QLinearAdd, no float op left (the input's Mul(1/s) → Q is its
+    # quantization).
     assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1, ops
-    assert not {"Conv", "Add", "Mul"} & set(ops), ops
+    assert not {"Conv", "Add"} & set(ops), ops
+    assert runtime_graph(path)["float_ops"] == []
 
 
 def test_dynamic_batch(qmodel, tmp_path) -> None:

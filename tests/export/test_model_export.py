@@ -22,7 +22,13 @@ from qat import snap_bias
 from qat.data import DigitsDataModule
 from qat.export import check_parity, export_model, verify_artifacts
 from qat.export.convert import convert
-from qat.export.onnx import INTEGER_OP_TYPES, make_session, optimized_op_types, run_session
+from qat.export.onnx import (
+    INTEGER_OP_TYPES,
+    make_session,
+    optimized_op_types,
+    run_session,
+    runtime_graph,
+)
 from qat.export.torchscript import integer_ops, load_torchscript
 from qat.models import create_model
 
@@ -155,10 +161,12 @@ def test_graphs_run_integer_kernels(bits: int, digits, tmp_path_factory) -> None
     # Residual adds on QLinearAdd (the fake-quant model computes its rounding).
     assert ops["QLinearAdd"] == 9
     assert ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1
-    assert not {"Conv", "Gemm", "MatMul", "Add", "Mul"} & set(ops), ops
-    # The model input is quantized, the logits dequantized: no DQ → Q left inside.
-    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
-    allowed = {"QuantizeLinear", "DequantizeLinear", "Clip", "Flatten", "MaxPool"}
+    assert not {"Conv", "Gemm", "MatMul", "Add"} & set(ops), ops
+    # The model input is quantized (Mul(1/s) → Q, as the fake-quant model rounds), the logits
+    # dequantized: no DQ → Q left inside.
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1 and ops["Mul"] == 1, ops
+    assert runtime_graph(paths["onnx"])["float_ops"] == []
+    allowed = {"QuantizeLinear", "DequantizeLinear", "Clip", "Flatten", "MaxPool", "Mul"}
     assert set(ops) <= set(INTEGER_OP_TYPES) | allowed
     # Sub-8-bit grids are clamped in the integer domain (Clip on uint8), never in float.
     assert ("Clip" in ops) == (bits < 8)

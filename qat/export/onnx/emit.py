@@ -21,6 +21,7 @@ from torch import nn
 from qat.export.convert import explicit_padding
 from qat.export.ir import ActGrid, ConvertedModel, LayerDesc
 from qat.export.lowering import FLOAT, lower
+from qat.export.onnx.lookup import runs_exactly
 from qat.export.reference import float_forward, reference_forward
 from qat.quant.layers.functional import FunctionalOp
 from qat.quant.prepare import remove_input_quant_hook, set_module
@@ -254,7 +255,8 @@ class _QDQFn(torch.autograd.Function):
         return _requant(g, x, grid, relu) if fusable else _island_requant(g, x, grid, relu)
 
 
-#: Float islands ONNX Runtime runs on an integer kernel of the same rounding, kept fusable.
+#: Float islands ONNX Runtime runs on an integer kernel of the same rounding, kept fusable
+#: (and those :func:`runs_exactly` checks).
 _POOLING = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 _POOLING_FUNCTIONS = (F.adaptive_avg_pool2d, F.avg_pool2d)
 
@@ -300,24 +302,30 @@ class _OnnxLayer(nn.Module):
 
 
 class _OnnxFloatIsland(nn.Module):
-    """DQ'd inputs → the layer's float ops (exported by torch) → exact Q → [Clip] → DQ."""
+    """DQ'd inputs → the layer's float ops (exported by torch) → exact Q → [Clip] → DQ.
+
+    Pooling, and a sigmoid / leaky ReLU whose lookup kernel ONNX Runtime was checked to
+    compute exactly (:mod:`qat.export.onnx.lookup`), end in a plain Q instead, which ONNX
+    Runtime fuses with the op into its integer kernel.
+    """
 
     def __init__(self, desc: LayerDesc) -> None:
         super().__init__()
         self.desc = desc
         self.module = desc.module
+        self.fusable = _pooling(desc) or runs_exactly(desc)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         grids = self.desc.inputs
-        pooling = _pooling(self.desc)
+        fusable = self.fusable
         if (
             not kwargs
             and len(args) == len(grids)
             and all(isinstance(a, torch.Tensor) for a in args)
         ):
-            if pooling:
-                # Requantize the input with its grid: ONNX Runtime sees DQ → pool → Q and
-                # fuses it (QLinearGlobalAveragePool).
+            if fusable:
+                # Requantize the input with its grid: ONNX Runtime sees DQ → op → Q and
+                # fuses it (QLinearGlobalAveragePool, QLinearSigmoid, ...).
                 args = tuple(
                     a if gr is None else _QDQFn.apply(a, gr, True)
                     for a, gr in zip(args, grids, strict=True)
@@ -332,7 +340,7 @@ class _OnnxFloatIsland(nn.Module):
         y = float_forward(self.desc, *args, **kwargs)
         if self.desc.output is None:
             return y
-        return _QDQFn.apply(y, self.desc.output, pooling)
+        return _QDQFn.apply(y, self.desc.output, fusable)
 
 
 def _onnx_layer(desc: LayerDesc) -> nn.Module:
@@ -347,9 +355,11 @@ class _OnnxModel(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         if self.input_grid is not None and args and isinstance(args[0], torch.Tensor):
-            # A plain QuantizeLinear: the first layer's fusion reads it (one rounding of the
-            # input, where division and the reciprocal rarely differ).
-            args = (_QDQFn.apply(args[0], self.input_grid, True), *args[1:])
+            # Rounded as the fake-quant input quantizer rounds (Mul by 1/s, then Q at scale 1):
+            # a plain QuantizeLinear divides, and an input value next to a tie (one pixel
+            # value, in every image that has it) would land on another level. The first
+            # layer still fuses: it reads the DQ at the real scale.
+            args = (_QDQFn.apply(args[0], self.input_grid, False), *args[1:])
         return self.body(*args)
 
 

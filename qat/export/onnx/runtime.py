@@ -105,8 +105,8 @@ def run_session(session: Any, example_input: Any) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def optimized_op_types(path: str | Path, level: str = "extended") -> Counter:
-    """Op types of the graph ONNX Runtime (CPU) runs after optimizing the model at ``path``."""
+def optimized_graph(path: str | Path, level: str = "extended") -> onnx.GraphProto:
+    """The graph ONNX Runtime (CPU) runs after optimizing the model at ``path``."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,16 +118,38 @@ def optimized_op_types(path: str | Path, level: str = "extended") -> Counter:
             optimized_model_path=out,
             level=level,
         )
-        graph = onnx.load(str(out)).graph
-    return Counter(n.op_type for n in graph.node)
+        return onnx.load(str(out)).graph
+
+
+def optimized_op_types(path: str | Path, level: str = "extended") -> Counter:
+    """Op types of the graph ONNX Runtime (CPU) runs after optimizing the model at ``path``."""
+    return Counter(n.op_type for n in optimized_graph(path, level).node)
 
 
 def runtime_graph(path: str | Path) -> dict[str, Any]:
     """What ONNX Runtime (CPU, every optimization on) runs for the model at ``path``: its op
     types with their counts, and those that compute in float (not in
-    :data:`INTEGER_DATA_OP_TYPES`). A CNN export whose float islands all fused leaves none."""
-    ops = optimized_op_types(path, level="all")
-    return {
-        "ops": dict(sorted(ops.items())),
-        "float_ops": sorted(set(ops) - set(INTEGER_DATA_OP_TYPES)),
-    }
+    :data:`INTEGER_DATA_OP_TYPES`). A CNN export whose float islands all fused leaves none.
+
+    The model input's quantization, ``Mul(1/s) → QuantizeLinear`` on a graph input (rounded as
+    the fake-quant model rounds it), is part of quantizing the input, not a float island.
+    """
+    graph = optimized_graph(path, level="all")
+    inputs = {i.name for i in graph.input}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    float_ops = set()
+    for node in graph.node:
+        if node.op_type in INTEGER_DATA_OP_TYPES:
+            continue
+        quantizes_input = (
+            node.op_type == "Mul"
+            and any(name in inputs for name in node.input)
+            and set(consumers.get(node.output[0], [])) == {"QuantizeLinear"}
+        )
+        if not quantizes_input:
+            float_ops.add(node.op_type)
+    ops = Counter(n.op_type for n in graph.node)
+    return {"ops": dict(sorted(ops.items())), "float_ops": sorted(float_ops)}
