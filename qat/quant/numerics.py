@@ -125,13 +125,15 @@ def quantized_output(
     and when ``25 · M`` lands 2e-7 below x.5, every output with that sum flips: MobileNetV2 W4A4
     disagreed with both runtimes on 0.21% of the test images through one such channel.
 
-    The bias: ONNX Runtime adds the int32 bias the exporter rounded (the same rounding here;
-    :func:`qat.snap_bias` puts the float bias on that grid, so training sees it too); fbgemm (target ``"torchscript"``) adds the float bias as ``float32(acc) + float32(b /
+    The bias: ONNX Runtime adds the int32 bias the exporter rounded. While the layer's bias is
+    the one :func:`qat.snap_bias` left, it is rounded the same way here; a bias changed since
+    is added unrounded, so that the parity report shows what its rounding costs. fbgemm
+    (target ``"torchscript"``) adds the float bias as ``float32(acc) + float32(b /
     (s_in·s_w))`` before the multiply. Under ``"torchscript_x86"``, convs that the x86 engine
     runs on oneDNN requantize as :func:`onednn_levels` says instead.
     """
     oq: FakeQuantizer = module.output_quant
-    as_snapped = _is_snapped_bias(module, b)
+    raw_b = b
     snapped = grid_bias(module, b)
     if snapped is not None:
         # The grid's value with the latent bias's gradient (straight-through), exactly: a
@@ -159,7 +161,7 @@ def quantized_output(
     act_w = (s_in * s_w.float()).reshape(-1)  # float32, as both runtimes form it
     if b is None:
         acc32 = acc.float()
-    elif module.numerics_target == "onnx" and as_snapped:
+    elif module.numerics_target == "onnx" and _is_snapped_bias(module, raw_b):
         # The int32 bias the exporter writes (qat.quant.bias.int32_bias), rounded here as
         # there. After snap_bias the float bias is on that grid only to within float32 error
         # (a folded conv+BN bias to one ulp): 3e-4 of a level for a bias of 5000 levels,
