@@ -34,9 +34,11 @@ def float_forward(desc: LayerDesc, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = torch.matmul(args[0], args[1])
     elif desc.kind == "add":
         y = args[0] + args[1]
+    elif desc.kind == "cat":
+        y = torch.cat(list(args[0]), dim=desc.dim)
     elif desc.kind == "float":
         y = mod.module(*args, **kwargs)
-    else:  # pragma: no cover - add / cat are integer ops
+    else:  # pragma: no cover
         raise ValueError(f"{desc.name}: no float forward for kind {desc.kind}")
     return torch.relu(y) if desc.relu else y
 

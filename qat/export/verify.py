@@ -3,7 +3,8 @@
 :func:`verify_artifacts` runs the fake-quant model (eval, under :func:`qat.runtime_numerics` for
 each runtime: ONNX Runtime's and PyTorch's engines round differently) and every exported
 runtime on the same batches and reports, per runtime: accuracy, top-1 agreement with the
-fake-quant model, max and mean absolute logit difference, and the max difference in
+fake-quant model (fractions of the samples; of the positions, for a dense output such as
+``(N, C, H, W)`` scores), max and mean absolute logit difference, and the max difference in
 output-quantization steps (the final output quantizer's scale; ``None`` when the output is
 float). :func:`check_parity` turns that report into a pass / fail with the numbers in the
 message.
@@ -145,7 +146,7 @@ def verify_artifacts(
     # Each artifact against the model computed as its runtime computes (requantization and
     # residual adds differ: qat.runtime_numerics).
     targets = {name: _numerics_target(name) for name in runtimes}
-    fq_correct, n, labelled = 0, 0, True
+    fq_correct, n, positions, labelled = 0, 0, 0, True
     output_scale: float | None = None
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
@@ -164,6 +165,8 @@ def verify_artifacts(
             refs[target] = (ref[0] if isinstance(ref, tuple | list) else ref).float()
         ref_top = refs["onnx"].argmax(dim=1)
         n += len(x)
+        # Top-1 positions: one per sample for logits, one per pixel / token for dense outputs.
+        positions += ref_top.numel()
         if y is None:
             labelled = False
         else:
@@ -191,13 +194,13 @@ def verify_artifacts(
     report: dict[str, Any] = {
         "num_samples": n,
         "output_scale": output_scale,
-        "fake_quant": {"accuracy": fq_correct / n if labelled else None},
+        "fake_quant": {"accuracy": fq_correct / positions if labelled else None},
         "runtimes": {},
     }
     for name, s in stats.items():
         report["runtimes"][name] = {
-            "accuracy": s["correct"] / n if labelled else None,
-            "agreement": s["agree"] / n,
+            "accuracy": s["correct"] / positions if labelled else None,
+            "agreement": s["agree"] / positions,
             "max_abs_diff": s["max_abs"],
             "mean_abs_diff": s["sum_abs"] / max(s["count"], 1),
             "max_diff_steps": None if output_scale is None else s["max_abs"] / output_scale,

@@ -1,8 +1,8 @@
-"""Sigmoid and leaky ReLU run on ONNX Runtime's lookup kernels where that was checked exact.
+"""Sigmoid, leaky ReLU and concat run on ONNX Runtime's lookup kernels where checked exact.
 
 :mod:`qat.export.onnx.lookup` compares ONNX Runtime's ``QLinearSigmoid`` / ``QLinearLeakyRelu``
-table with the fake-quant layer's output on every input level; a layer that agrees on all of
-them is exported fusable, one that does not stays a float island.
+/ ``QLinearConcat`` tables with the fake-quant layer's output on every input level; a layer
+that agrees on all of them runs on the kernel, one that does not is a float island.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from qat.export import export_model, verify_artifacts
 from qat.export.convert import convert
 from qat.export.onnx import lookup
 from qat.export.onnx.runtime import runtime_graph
+from qat.ops import Cat
 
 
 class Activations(nn.Module):
@@ -83,12 +84,12 @@ def test_a_table_off_by_one_level_keeps_the_float_island(
     q, data = model_and_data
     real = lookup._runtime_levels
 
-    def one_level_off(op, grid, out, levels):
-        table = real(op, grid, out, levels)
-        if table is not None and op[0] == "Sigmoid":
-            table = table.copy()
-            table[len(table) // 2] ^= np.uint8(1)
-        return table
+    def one_level_off(op, fused, grids, out, levels):
+        tables = real(op, fused, grids, out, levels)
+        if tables is not None and op[0] == "Sigmoid":
+            tables[0] = tables[0].copy()
+            tables[0][len(tables[0]) // 2] ^= np.uint8(1)
+        return tables
 
     monkeypatch.setattr(lookup, "_runtime_levels", one_level_off)
     paths = export_model(copy.deepcopy(q), tmp_path, data[0][:1], targets=("onnx",))
@@ -97,3 +98,45 @@ def test_a_table_off_by_one_level_keeps_the_float_island(
     assert ops.get("QLinearLeakyRelu") == 1, ops
     report = verify_artifacts(q, paths, data)
     assert report["runtimes"]["onnx"]["agreement"] == 1.0
+
+
+class Branches(nn.Module):
+    """Two convs with their own output grids, concatenated (QLinearConcat requantizes both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.cat = Cat(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shifted apart, so that the output grid is neither input's.
+        return self.cat([self.a(x) + 4.0, self.b(x) - 4.0])
+
+
+@pytest.mark.parametrize("table_off", [False, True], ids=["fused", "one_level_off"])
+def test_concat_runs_on_qlinear_concat_only_where_exact(table_off, tmp_path, monkeypatch) -> None:
+    torch.manual_seed(1)
+    data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    q = qat.prepare(Branches().eval(), recipe(8), example_inputs=data[0][:2])
+    qat.calibrate(q, data)
+    q.eval()
+    qat.snap_bias(q, data[0][:8])
+    (cat,) = [d for d in convert(q, data[0][:2]).layers.values() if d.kind == "cat"]
+    assert len({(g.scale, g.zero_point) for g in (*cat.inputs, cat.output)}) == 3  # requantized
+    if table_off:
+        real = lookup._runtime_levels
+
+        def one_level_off(op, fused, grids, out, levels):
+            tables = real(op, fused, grids, out, levels)
+            tables[1] = tables[1].copy()
+            tables[1][0] ^= np.uint8(1)
+            return tables
+
+        monkeypatch.setattr(lookup, "_runtime_levels", one_level_off)
+    paths = export_model(q, tmp_path, data[0][:1], targets=("onnx",))
+    ops = runtime_graph(paths["onnx"])["ops"]
+    assert ("QLinearConcat" in ops) != table_off, ops
+    assert ("Concat" in ops) == table_off, ops
+    onnx = verify_artifacts(q, paths, data)["runtimes"]["onnx"]
+    assert onnx["agreement"] == 1.0 and onnx["max_abs_diff"] == 0.0, onnx

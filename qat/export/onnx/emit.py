@@ -344,7 +344,12 @@ class _OnnxFloatIsland(nn.Module):
 
 
 def _onnx_layer(desc: LayerDesc) -> nn.Module:
-    return _OnnxFloatIsland(desc) if lower(desc, "onnx") == FLOAT else _OnnxLayer(desc)
+    how = lower(desc, "onnx")
+    if how == FLOAT or (how == "cat" and not runs_exactly(desc)):
+        # A concat whose QLinearConcat tables would round an input level otherwise than the
+        # fake-quant model (qat.export.onnx.lookup) is exported as an exact float island.
+        return _OnnxFloatIsland(desc)
+    return _OnnxLayer(desc)
 
 
 class _OnnxModel(nn.Module):

@@ -1,15 +1,17 @@
-"""Activation islands ONNX Runtime runs on its lookup-table kernels, where that is exact.
+"""Layers ONNX Runtime runs on lookup tables, exported onto them where that is exact.
 
-ONNX Runtime fuses ``DQ → Sigmoid → Q`` into ``QLinearSigmoid`` and ``DQ → LeakyRelu → Q`` into
-``QLinearLeakyRelu``: each builds a 256-entry table from its own float function (MLAS's logistic
-approximation; a division by the output scale where the fake-quant model multiplies by its
-reciprocal) and then only looks up u8 values. The table is a function of the two grids alone,
-so it can be compared with the fake-quant model's on every input level before the export
-commits to it: :func:`runs_exactly` builds the one-node model, runs ONNX Runtime on all the
-input grid's levels and compares with what the layer's own activation and output quantizer
-give for the same values. Where every level agrees, the layer is exported fusable (the kernel
-then computes exactly what the fake-quant model computes, on any input); where one differs, it
-stays an exact float island (:mod:`qat.export.onnx.emit`).
+ONNX Runtime fuses ``DQ → Sigmoid → Q`` into ``QLinearSigmoid``, ``DQ → LeakyRelu → Q`` into
+``QLinearLeakyRelu`` and ``DQ, DQ, … → Concat → Q`` into ``QLinearConcat``. Each builds a
+256-entry table per input from its own float function (MLAS's logistic approximation; for a
+concat input on another grid than the output, the identity) and a division by the output
+scale, where the fake-quant model multiplies by its reciprocal, and then only looks up u8
+values. The tables are a function of the grids alone, so they can be compared with the
+fake-quant model's on every input level before the export commits to them: :func:`runs_exactly`
+builds the small fused model, runs ONNX Runtime on all the levels of each input grid and
+compares with what the layer itself gives for the same values. Where every level agrees, the
+layer is exported onto the kernel (which then computes exactly what the fake-quant model
+computes, on any input); where one differs, it becomes an exact float island
+(:mod:`qat.export.onnx.emit`).
 """
 
 from __future__ import annotations
@@ -60,35 +62,53 @@ def lookup_op(desc: LayerDesc) -> tuple[str, dict[str, float]] | None:
 
 
 def runs_exactly(desc: LayerDesc) -> bool:
-    """True if ONNX Runtime's lookup kernel for this layer gives the fake-quant model's output
-    level for every level of its input grid (module docstring)."""
-    op = lookup_op(desc)
-    grid, out = desc.inputs[0] if desc.inputs else None, desc.output
-    if op is None or grid is None or out is None or desc.relu:
+    """True if ONNX Runtime's lookup-table kernel for this layer (a sigmoid, leaky ReLU or
+    concat) gives the fake-quant model's output level for every level of its input grids
+    (module docstring)."""
+    out = desc.output
+    if out is None or desc.relu or not desc.inputs or any(g is None for g in desc.inputs):
         return False
-    levels = np.arange(grid.qmin, grid.qmax + 1, dtype=np.uint8)
-    ours = _fake_quant_levels(desc, grid, out, levels)
-    theirs = _runtime_levels(op, grid, out, levels)
-    return theirs is not None and np.array_equal(ours, theirs)
+    grids: list[ActGrid] = list(desc.inputs)  # type: ignore[arg-type]
+    if desc.kind == "cat":
+        op, fused = ("Concat", {"axis": 0}), "QLinearConcat"
+    else:
+        op = lookup_op(desc)
+        if op is None:
+            return False
+        fused = f"QLinear{op[0]}"
+    levels = [np.arange(g.qmin, g.qmax + 1, dtype=np.uint8) for g in grids]
+    theirs = _runtime_levels(op, fused, grids, out, levels)
+    if theirs is None:
+        return False
+    for grid, lv, got in zip(grids, levels, theirs, strict=True):
+        if not np.array_equal(_fake_quant_levels(desc, grid, out, lv), got):
+            return False
+    return True
 
 
 def _fake_quant_levels(
     desc: LayerDesc, grid: ActGrid, out: ActGrid, levels: np.ndarray
 ) -> np.ndarray:
-    """The layer's output container levels for the given input container levels."""
+    """The layer's output container levels for the given input container levels (a concat's
+    output quantizer is elementwise, so each input can be taken alone)."""
     s_in, s_out = (torch.tensor(s, dtype=torch.float32) for s in (grid.scale, out.scale))
     x = (torch.from_numpy(levels.astype(np.float32)) - grid.zero_point) * s_in
     module = desc.module
     with torch.no_grad():
-        y = module.output_quant(module.act(x))
+        y = module.output_quant(x if desc.kind == "cat" else module.act(x))
     codes = torch.round(y.double() / s_out.double()) + out.zero_point
     return codes.clamp(*out.clamp_levels()).to(torch.uint8).numpy()
 
 
 def _runtime_levels(
-    op: tuple[str, dict[str, float]], grid: ActGrid, out: ActGrid, levels: np.ndarray
-) -> np.ndarray | None:
-    """ONNX Runtime's output levels for ``DQ → op → Q`` (None if it did not fuse the three)."""
+    op: tuple[str, dict[str, Any]],
+    fused: str,
+    grids: list[ActGrid],
+    out: ActGrid,
+    levels: list[np.ndarray],
+) -> list[np.ndarray] | None:
+    """ONNX Runtime's output levels for ``DQ(s) → op → Q``, one array per input (None if it
+    did not fuse them into ``fused``)."""
     import onnxruntime as ort
 
     name, attrs = op
@@ -99,18 +119,20 @@ def _runtime_levels(
             numpy_helper.from_array(np.array(g.zero_point, dtype=np.uint8), f"z_{tag}"),
         ]
 
-    nodes = [
-        helper.make_node("DequantizeLinear", ["x", "s_in", "z_in"], ["xf"]),
-        helper.make_node(name, ["xf"], ["yf"], **attrs),
-        helper.make_node("QuantizeLinear", ["yf", "s_out", "z_out"], ["y"]),
-    ]
-    shape = [int(levels.size)]
+    nodes, inputs, inits = [], [], q_params(out, "out")
+    for i, (grid, lv) in enumerate(zip(grids, levels, strict=True)):
+        nodes.append(helper.make_node("DequantizeLinear", [f"x{i}", f"s_{i}", f"z_{i}"], [f"f{i}"]))
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.UINT8, [int(lv.size)]))
+        inits += q_params(grid, str(i))
+    nodes.append(helper.make_node(name, [f"f{i}" for i in range(len(grids))], ["yf"], **attrs))
+    nodes.append(helper.make_node("QuantizeLinear", ["yf", "s_out", "z_out"], ["y"]))
+    total = sum(int(lv.size) for lv in levels) if name == "Concat" else int(levels[0].size)
     graph = helper.make_graph(
         nodes,
         "lookup_check",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, shape)],
-        q_params(grid, "in") + q_params(out, "out"),
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [total])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +145,8 @@ def _runtime_levels(
             model.SerializeToString(), so, providers=["CPUExecutionProvider"]
         )
         ran = {n.op_type for n in onnx.load(str(optimized)).graph.node}
-    if f"QLinear{name}" not in ran:
+    if fused not in ran:
         return None
-    (y,) = session.run(None, {"x": levels})
-    return np.clip(y, *out.clamp_levels())
+    (y,) = session.run(None, {f"x{i}": lv for i, lv in enumerate(levels)})
+    y = np.clip(y, *out.clamp_levels())
+    return np.split(y, np.cumsum([lv.size for lv in levels])[:-1]) if name == "Concat" else [y]
