@@ -18,7 +18,7 @@ from qat.quant.bias import int32_bias, link_input_quantizer, linked_input_quanti
 from qat.quant.control import is_prepared
 from qat.quant.fold import bn_fold_factor, fold_bn_bias
 from qat.quant.grids import ActGrid, trace_grids
-from qat.quant.layers import WEIGHTED_MODULES, QAdd, QConvBn2d, QMatMul
+from qat.quant.layers import WEIGHTED_MODULES, QAct, QAdd, QConvBn2d, QMatMul
 
 # Mean bias move, in output steps, above which snap_bias warns. Measured on MobileNetV2
 # (Fashion-MNIST): at W4A4 every layer stays at or below 0.03; at W2A2 the depthwise convs
@@ -108,13 +108,14 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
 
     It also pins each integer layer's input scale (``runtime_input_scale``, both input scales
     of a :class:`~qat.quant.layers.QMatMul`, both input grids of a
-    :class:`~qat.quant.layers.QAdd`; not saved in the state dict), so that evaluation under
+    :class:`~qat.quant.layers.QAdd`, the input grid of a :class:`~qat.quant.layers.QAct`; not
+    saved in the state dict), so that evaluation under
     :func:`qat.runtime_numerics` (the test metrics and the parity check) requantizes the
     layer's int32 sums with the runtimes' float32 multiplier ``s_in · s_w / s_out`` instead of
-    quantizing the float sum, and adds as the runtimes' add kernels do. It records the snapped
-    bias (``runtime_bias``): while a layer's bias is still that one, runtime numerics add its
-    int32 level exactly, as ONNX Runtime does; a bias changed since is added as it is, so the
-    parity check shows what its rounding costs.
+    quantizing the float sum, and adds (and pools) as the runtimes' kernels do. It records the
+    snapped bias (``runtime_bias``): while a layer's bias is still that one, runtime numerics
+    add its int32 level exactly, as ONNX Runtime does; a bias changed since is added as it is,
+    so the parity check shows what its rounding costs.
 
     Layers whose input is on no grid (a float producer) or on different grids in different
     calls cannot run on the integer kernels; they are left as they are (the exporters name
@@ -143,6 +144,9 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
             (float(ga.scale), ga.zero_point),
             (float(gb.scale), gb.zero_point),
         )
+    for name, (grid,) in _consistent_grids(model, calls, (QAct,), 1).items():
+        # Runtime numerics pool on the stored levels, as QLinearGlobalAveragePool does.
+        model.get_submodule(name).runtime_input_grids = ((float(grid.scale), grid.zero_point),)
     # Trained with the bias on this grid: the moves were part of training and of its
     # validation, so there is nothing to warn about.
     on_grid = bool((getattr(model, "qat_recipe", None) or {}).get("quantize_bias", False))

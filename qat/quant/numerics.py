@@ -184,6 +184,18 @@ def quantized_output(
     return oq(levels_out * s_out.float(), relu=module.relu)
 
 
+def stored_levels(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor | None:
+    """``x``'s stored u8 values on the container grid ``(scale, zero_point)`` (float64), or
+    None when ``x`` is not float32 or not on that grid (ranges moved since it was pinned)."""
+    if x.dtype != torch.float32:
+        return None
+    s32 = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    codes = torch.round(x.double() / s32.double())
+    if not torch.equal(codes.float() * s32, x):
+        return None
+    return codes + zero_point
+
+
 def _is_snapped_bias(module: nn.Module, b: torch.Tensor | None) -> bool:
     """True if ``b`` is the bias :func:`qat.snap_bias` left on ``module`` (bit for bit)."""
     pinned = module.runtime_bias

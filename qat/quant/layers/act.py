@@ -7,7 +7,9 @@ from torch import nn
 
 from qat.quant.float_island import float64_call
 from qat.quant.layers.base import output_quantizer
-from qat.quant.numerics import RuntimeNumerics
+from qat.quant.numerics import RuntimeNumerics, stored_levels
+from qat.quant.runtime_add import Grid
+from qat.quant.runtime_pool import is_global_avg_pool, qlinear_global_avg_pool_levels
 from qat.quant.spec import QuantSpec
 
 
@@ -20,7 +22,12 @@ class QAct(nn.Module, RuntimeNumerics):
     A float island (output not quantized: LayerNorm, attention, GELU between a language
     model's dynamically quantized layers) evaluates under :func:`qat.runtime_numerics` in
     float64, rounded to float32 (:mod:`qat.quant.float_island`), as the ONNX export computes it.
+    A global average pool whose input grid :func:`qat.snap_bias` pinned evaluates under ONNX
+    numerics as ``QLinearGlobalAveragePool`` does (:mod:`qat.quant.runtime_pool`).
     """
+
+    #: The input's container grid ``(scale, zero point)``, pinned by :func:`qat.snap_bias`.
+    runtime_input_grids: tuple[Grid] | None = None
 
     def __init__(self, act: nn.Module, activation_spec: QuantSpec | None = None) -> None:
         super().__init__()
@@ -30,7 +37,30 @@ class QAct(nn.Module, RuntimeNumerics):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if self.exact_numerics and not self.training and not self.output_quant.enabled:
             return self.output_quant(float64_call(self.act, args, kwargs))
-        return self.output_quant(self.act(*args, **kwargs))
+        y = self._runtime_pool(args, kwargs)
+        return self.output_quant(self.act(*args, **kwargs) if y is None else y)
+
+    def _runtime_pool(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """``QLinearGlobalAveragePool``'s output as a value on the output grid, or None where
+        it does not apply (not ONNX numerics, not a global average pool, nothing pinned, an
+        input off its grid)."""
+        oq, grids = self.output_quant, self.runtime_input_grids
+        if not self.exact_numerics or self.training or self.numerics_target != "onnx":
+            return None
+        if grids is None or kwargs or len(args) != 1 or not is_global_avg_pool(self.act):
+            return None
+        if not (oq.enabled and oq.fake_quant_enabled and oq.is_initialized):
+            return None
+        if oq.per_channel or oq.learned == "pact" or oq.spec.dynamic != "none":
+            return None
+        (x,), ((s, z),) = args, grids
+        levels = stored_levels(x, s, z) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+        if levels is None:
+            return None
+        s_out, z_out = oq.qparams()
+        out = (float(s_out.float().reshape(-1)[0]), int(z_out.reshape(-1)[0]) - oq.quant_range[0])
+        c = qlinear_global_avg_pool_levels(levels, (s, z), out)
+        return (c - out[1]) * torch.tensor(out[0], dtype=torch.float32, device=c.device)
 
     @classmethod
     def from_float(cls, act: nn.Module, activation_spec: QuantSpec | None = None) -> QAct:

@@ -14,7 +14,7 @@ from torch import nn
 
 from qat.ops import Add, Cat
 from qat.quant.layers.base import output_quantizer
-from qat.quant.numerics import RuntimeNumerics
+from qat.quant.numerics import RuntimeNumerics, stored_levels
 from qat.quant.runtime_add import Grid, qlinear_add_levels, quantized_add_levels
 from qat.quant.spec import QuantSpec
 
@@ -46,15 +46,9 @@ class QAdd(nn.Module, RuntimeNumerics):
             return None
         if not (oq.enabled and oq.fake_quant_enabled and oq.is_initialized):
             return None
-        levels = []
-        for x, (s, z) in zip((a, b), grids, strict=True):
-            if x.dtype != torch.float32:
-                return None
-            s32 = torch.tensor(s, dtype=torch.float32, device=x.device)
-            codes = torch.round(x.double() / s32.double())
-            if not torch.equal(codes.float() * s32, x):
-                return None  # off the pinned grid: ranges moved since
-            levels.append(codes + z)
+        levels = [stored_levels(x, s, z) for x, (s, z) in zip((a, b), grids, strict=True)]
+        if levels[0] is None or levels[1] is None:
+            return None  # off the pinned grid: ranges moved since
         s_out, z_out = oq.qparams()
         qmin, _ = oq.quant_range
         out = (float(s_out.float().reshape(-1)[0]), int(z_out.reshape(-1)[0]) - qmin)
