@@ -313,7 +313,7 @@ class _OnnxFloatIsland(nn.Module):
         super().__init__()
         self.desc = desc
         self.module = desc.module
-        self.fusable = _pooling(desc) or runs_exactly(desc)
+        self.fusable = _pooling(desc) or (desc.kind == "act" and runs_exactly(desc))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         grids = self.desc.inputs
