@@ -42,15 +42,20 @@ class Activations(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-@pytest.fixture(scope="module")
-def model_and_data() -> tuple[nn.Module, list[torch.Tensor]]:
-    torch.manual_seed(0)
-    data = [torch.randn(32, 3, 12, 12) for _ in range(3)]
-    q = qat.prepare(Activations().eval(), recipe(8), example_inputs=data[0][:2])
+def _w8a8(model: nn.Module, shape: tuple[int, ...], seed: int) -> tuple[nn.Module, list]:
+    """``model`` prepared W8A8, calibrated on three random batches, snapped; and the batches."""
+    torch.manual_seed(seed)
+    data = [torch.randn(*shape) for _ in range(3)]
+    q = qat.prepare(model.eval(), recipe(8), example_inputs=data[0][:2])
     qat.calibrate(q, data)
     q.eval()
     qat.snap_bias(q, data[0][:8])
     return q, data
+
+
+@pytest.fixture(scope="module")
+def model_and_data() -> tuple[nn.Module, list[torch.Tensor]]:
+    return _w8a8(Activations(), (32, 3, 12, 12), seed=0)
 
 
 def _acts(q: nn.Module, x: torch.Tensor) -> dict[str, object]:
@@ -116,12 +121,7 @@ class Branches(nn.Module):
 
 @pytest.mark.parametrize("table_off", [False, True], ids=["fused", "one_level_off"])
 def test_concat_runs_on_qlinear_concat_only_where_exact(table_off, tmp_path, monkeypatch) -> None:
-    torch.manual_seed(1)
-    data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
-    q = qat.prepare(Branches().eval(), recipe(8), example_inputs=data[0][:2])
-    qat.calibrate(q, data)
-    q.eval()
-    qat.snap_bias(q, data[0][:8])
+    q, data = _w8a8(Branches(), (16, 3, 8, 8), seed=1)
     (cat,) = [d for d in convert(q, data[0][:2]).layers.values() if d.kind == "cat"]
     assert len({(g.scale, g.zero_point) for g in (*cat.inputs, cat.output)}) == 3  # requantized
     if table_off:
