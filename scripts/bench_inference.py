@@ -213,6 +213,7 @@ def bench_model(name: str, data: list, args: argparse.Namespace, out: Path) -> d
         fx_out = fx(xs)
     result: dict[str, Any] = {
         "parity": {k: v["agreement"] for k, v in parity["runtimes"].items()},
+        "parity_max_abs_diff": {k: v["max_abs_diff"] for k, v in parity["runtimes"].items()},
         "agreement_with_float": {
             "qat_fake_quant": top1_agreement(q(xs), ref),
             "ort_quantize_static": top1_agreement(peer_out, ref),
@@ -288,7 +289,11 @@ def ratios(lat: dict[str, float]) -> dict[str, float]:
 
 def report(name: str, r: dict[str, Any], ceiling: float) -> None:
     print(f"\n== {name} W8A8 (3x32x32) ==")
-    print("parity with fake quant:", ", ".join(f"{k} {v:.2%}" for k, v in r["parity"].items()))
+    diffs = r["parity_max_abs_diff"]
+    print(
+        "parity with fake quant (top-1 agreement, max |logit diff|):",
+        ", ".join(f"{k} {v:.2%} {diffs[k]:.2g}" for k, v in r["parity"].items()),
+    )
     print(
         "top-1 agreement with the float model:",
         ", ".join(f"{k} {v:.2%}" for k, v in r["agreement_with_float"].items()),
