@@ -28,6 +28,7 @@ from torch import nn
 
 from qat.quant.bias import INT32_MAX, INT32_MIN, bias_levels, grid_bias
 from qat.quant.quantizer import FakeQuantizer
+from qat.quant.runtime_add import Grid
 
 
 class RuntimeNumerics:
@@ -184,6 +185,24 @@ def quantized_output(
     return oq(levels_out * s_out.float(), relu=module.relu)
 
 
+def static_output_grid(oq: FakeQuantizer) -> Grid | None:
+    """The u8 container grid ``(scale, zero point)`` of an output quantizer that an integer
+    kernel's requantization reproduces (on, calibrated, per-tensor, static, not PACT), or None."""
+    if not (oq.enabled and oq.fake_quant_enabled and oq.is_initialized):
+        return None
+    if oq.per_channel or oq.learned == "pact" or oq.spec.dynamic != "none":
+        return None
+    s_out, z_out = oq.qparams()
+    return float(s_out.float().reshape(-1)[0]), int(z_out.reshape(-1)[0]) - oq.quant_range[0]
+
+
+def grid_values(levels: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Stored levels back to values on ``grid``, which the output quantizer keeps as they are
+    (and clamps to its range and the ReLU, as the exported Clip does)."""
+    scale, zero_point = grid
+    return (levels - zero_point) * torch.tensor(scale, dtype=torch.float32, device=levels.device)
+
+
 def stored_levels(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor | None:
     """``x``'s stored u8 values on the container grid ``(scale, zero_point)`` (float64), or
     None when ``x`` is not float32 or not on that grid (ranges moved since it was pinned)."""
@@ -279,6 +298,4 @@ def _pinned_input_codes(module: nn.Module, x: torch.Tensor) -> torch.Tensor | No
             return None
     if oq.learned == "pact":
         return None
-    s_in32 = torch.tensor(s_in, dtype=torch.float32, device=x.device)
-    codes = torch.round(x.double() / s_in32.double())
-    return codes if torch.equal(codes.float() * s_in32, x) else None
+    return stored_levels(x, s_in, 0)

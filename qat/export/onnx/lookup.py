@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qat.export.ir import ActGrid, LayerDesc
+from qat.export.onnx.runtime import make_session
 from qat.quant.layers.functional import SLOT, FunctionalOp
 
 __all__ = ["lookup_op", "runs_exactly"]
@@ -109,8 +110,6 @@ def _runtime_levels(
 ) -> list[np.ndarray] | None:
     """ONNX Runtime's output levels for ``DQ(s) → op → Q``, one array per input (None if it
     did not fuse them into ``fused``)."""
-    import onnxruntime as ort
-
     name, attrs = op
 
     def q_params(g: ActGrid, tag: str) -> list[Any]:
@@ -137,12 +136,12 @@ def _runtime_levels(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)])
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(optimized)
-        session = ort.InferenceSession(
-            model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+        session = make_session(
+            model.SerializeToString(),
+            threads=1,
+            providers=["CPUExecutionProvider"],
+            optimized_model_path=optimized,
+            level="extended",
         )
         ran = {n.op_type for n in onnx.load(str(optimized)).graph.node}
     if fused not in ran:

@@ -58,7 +58,7 @@ def default_providers(available: Sequence[str] | None = None) -> list[str]:
 
 
 def make_session(
-    path: str | Path,
+    path: str | Path | bytes,
     threads: int = 2,
     providers: Sequence[str] | None = None,
     optimized_model_path: str | Path | None = None,
@@ -68,7 +68,7 @@ def make_session(
     """An ONNX Runtime session with ``threads`` intra-op threads.
 
     Args:
-        path: the ``.onnx`` file.
+        path: the ``.onnx`` file, or a serialized model.
         threads: intra-op threads (inter-op is 1: the graphs are sequential).
         providers: execution providers (default: :func:`default_providers`).
         optimized_model_path: save the optimized graph there (to inspect what ORT fused).
@@ -90,8 +90,9 @@ def make_session(
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
+    model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(
-        str(path), sess_options=so, providers=list(providers or default_providers())
+        model, sess_options=so, providers=list(providers or default_providers())
     )
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from qat.quant.float_island import float64_call
 from qat.quant.layers.base import output_quantizer
-from qat.quant.numerics import RuntimeNumerics, stored_levels
+from qat.quant.numerics import RuntimeNumerics, grid_values, static_output_grid, stored_levels
 from qat.quant.runtime_add import Grid
 from qat.quant.runtime_pool import is_global_avg_pool, qlinear_global_avg_pool_levels
 from qat.quant.spec import QuantSpec
@@ -44,23 +44,19 @@ class QAct(nn.Module, RuntimeNumerics):
         """``QLinearGlobalAveragePool``'s output as a value on the output grid, or None where
         it does not apply (not ONNX numerics, not a global average pool, nothing pinned, an
         input off its grid)."""
-        oq, grids = self.output_quant, self.runtime_input_grids
+        grids = self.runtime_input_grids
         if not self.exact_numerics or self.training or self.numerics_target != "onnx":
             return None
         if grids is None or kwargs or len(args) != 1 or not is_global_avg_pool(self.act):
             return None
-        if not (oq.enabled and oq.fake_quant_enabled and oq.is_initialized):
-            return None
-        if oq.per_channel or oq.learned == "pact" or oq.spec.dynamic != "none":
-            return None
+        out = static_output_grid(self.output_quant)
         (x,), ((s, z),) = args, grids
-        levels = stored_levels(x, s, z) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+        if out is None or not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return None
+        levels = stored_levels(x, s, z)
         if levels is None:
             return None
-        s_out, z_out = oq.qparams()
-        out = (float(s_out.float().reshape(-1)[0]), int(z_out.reshape(-1)[0]) - oq.quant_range[0])
-        c = qlinear_global_avg_pool_levels(levels, (s, z), out)
-        return (c - out[1]) * torch.tensor(out[0], dtype=torch.float32, device=c.device)
+        return grid_values(qlinear_global_avg_pool_levels(levels, (s, z), out), out)
 
     @classmethod
     def from_float(cls, act: nn.Module, activation_spec: QuantSpec | None = None) -> QAct:

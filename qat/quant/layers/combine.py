@@ -14,7 +14,7 @@ from torch import nn
 
 from qat.ops import Add, Cat
 from qat.quant.layers.base import output_quantizer
-from qat.quant.numerics import RuntimeNumerics, stored_levels
+from qat.quant.numerics import RuntimeNumerics, grid_values, static_output_grid, stored_levels
 from qat.quant.runtime_add import Grid, qlinear_add_levels, quantized_add_levels
 from qat.quant.spec import QuantSpec
 
@@ -37,26 +37,17 @@ class QAdd(nn.Module, RuntimeNumerics):
     def _runtime_sum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         """The runtime kernel's output as a value on the output grid, or None where it does
         not apply (not runtime numerics, nothing pinned, broadcasting, an input off its grid)."""
-        grids, oq = self.runtime_input_grids, self.output_quant
-        if not self.exact_numerics or self.training:
+        grids = self.runtime_input_grids
+        if not self.exact_numerics or self.training or grids is None or a.shape != b.shape:
             return None
-        if grids is None or a.shape != b.shape or oq.per_channel or oq.learned == "pact":
-            return None
-        if oq.spec.dynamic != "none":
-            return None
-        if not (oq.enabled and oq.fake_quant_enabled and oq.is_initialized):
+        out = static_output_grid(self.output_quant)
+        if out is None:
             return None
         levels = [stored_levels(x, s, z) for x, (s, z) in zip((a, b), grids, strict=True)]
         if levels[0] is None or levels[1] is None:
             return None  # off the pinned grid: ranges moved since
-        s_out, z_out = oq.qparams()
-        qmin, _ = oq.quant_range
-        out = (float(s_out.float().reshape(-1)[0]), int(z_out.reshape(-1)[0]) - qmin)
         kernel = qlinear_add_levels if self.numerics_target == "onnx" else quantized_add_levels
-        c = kernel(levels[0], levels[1], grids[0], grids[1], out)
-        # Back to a value on the output grid, which the output quantizer keeps as it is (and
-        # clamps to its range and the ReLU, as the exported Clip does).
-        return (c - out[1]) * torch.tensor(out[0], dtype=torch.float32, device=c.device)
+        return grid_values(kernel(levels[0], levels[1], grids[0], grids[1], out), out)
 
     @classmethod
     def from_float(cls, add: Add, activation_spec: QuantSpec | None = None) -> QAdd:
