@@ -110,37 +110,38 @@ def _fake_quant_levels(
     return q, torch.clamp(q, qmin, qmax)
 
 
-def _fake_quant_forward(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: torch.Tensor,
-    qmax: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x̂, mask)``; ``scale`` / ``zero_point`` already broadcast against ``x``.
+#: The one-byte STE codes the fused forward kernels write for their backward: the gradient
+#: passes where the code is ``STE_PASS``, is multiplied by 0 where the value was clipped
+#: (``STE_CLIPPED``) and is exactly +0.0 where a ReLU folded into the quantizer zeroed it
+#: (``STE_RELU_ZERO``, ReLU's own backward).
+STE_RELU_ZERO, STE_PASS, STE_CLIPPED = 0, 1, 2
 
-    The kernel of a ``torch.compile``d model. Its mask comes from arithmetic, not a comparison:
-    ``q`` and ``clamp(q)`` are integers, so ``1 − min(|q − clamp(q)|, 1)`` is 1 inside the grid
-    and 0 outside (equal to ``clamp(q) == q`` for every finite ``x``). Given a comparison, the
-    partitioner saves its bool result for the backward, and Inductor's bool stores ran ~30x
-    slower than float ones on this CPU (torch 2.13).
+
+def _ste_codes(q: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    """:data:`STE_PASS` where clamping changed nothing, else :data:`STE_CLIPPED`, as float.
+
+    Stored as ``uint8``: a float ``where`` cast to ``uint8`` is a vectorized store under
+    Inductor, where a comparison cast to ``uint8`` or stored as bool ran 10-30x slower than the
+    whole fake-quant loop on this CPU (torch 2.13).
     """
-    q, clamped = _fake_quant_levels(x, scale, zero_point, qmin, qmax)
-    mask = 1.0 - torch.clamp(torch.abs(q - clamped), max=1.0)
-    return (clamped - zero_point) * scale, mask
+    return torch.where(clamped == q, float(STE_PASS), float(STE_CLIPPED))
 
 
 def _fake_quant_values(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-    """``x̂`` alone: the fused forward writes no mask (the backward recomputes it)."""
-    _, clamped = _fake_quant_levels(x, scale, zero_point, qmin, qmax)
-    return (clamped - zero_point) * scale
-
-
-def _ste_grad(grad, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-    """``grad · mask``, the mask recomputed from ``x``: one fused pass instead of reading a
-    float mask the forward wrote (bitwise the same product)."""
+    """``(x̂, STE codes)``: one fused pass that writes 4 + 1 bytes per element; the kernel of
+    the fused per-tensor path and of a ``torch.compile``d model (``scale`` / ``zero_point``
+    broadcast against ``x``)."""
     q, clamped = _fake_quant_levels(x, scale, zero_point, qmin, qmax)
-    return grad * (clamped == q).to(grad.dtype)
+    return (clamped - zero_point) * scale, _ste_codes(q, clamped).to(torch.uint8)
+
+
+def _ste_grad(grad, codes):  # type: ignore[no-untyped-def]
+    """The STE gradient from the forward's codes: ``grad · 1`` or ``grad · 0`` (bitwise the
+    eager float-mask product), +0.0 where a folded ReLU zeroed the input. The codes are
+    compared as floats: Inductor's ``uint8`` comparisons ran 30x slower than this loop."""
+    c = codes.to(grad.dtype)
+    g = grad * torch.where(c == STE_PASS, 1.0, 0.0)
+    return torch.where(c == STE_RELU_ZERO, 0.0, g)
 
 
 def _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
@@ -152,22 +153,26 @@ def _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax):  # type: ignore
 
 
 def _fake_quant_values_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-    return _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax)[0]
+    q = torch.mul(x, 1.0 / scale).round_().add_(zero_point)
+    clamped = q.clamp(float(qmin), float(qmax))
+    codes = torch.ne(clamped, q).to(torch.uint8).add_(STE_PASS)
+    return clamped.sub_(zero_point).mul_(scale), codes
 
 
-def _ste_grad_eager(grad, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-    return grad * _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax)[1]
+def _ste_grad_eager(grad, codes):  # type: ignore[no-untyped-def]
+    g = grad * (codes == STE_PASS).to(grad.dtype)
+    return g.masked_fill_(codes == STE_RELU_ZERO, 0.0)
 
 
 class _FusedKernels:
     """The per-tensor fake-quant forward and STE backward, each ``torch.compile``d once.
 
     Compiled, each is one loop over ``x`` instead of five passes, which is most of what keeps
-    a W8A8 QAT step near the float step on CPU. The forward writes only ``x̂``; the backward
-    recomputes the in-range mask from the saved ``x`` inside its multiply, which saves writing
-    and reading a float mask the size of every activation. If compiling fails, both fall back
-    to the eager kernels for good (bitwise the same results). Set ``QAT_COMPILE=0`` to stay
-    eager.
+    a W8A8 QAT step near the float step on CPU. The forward writes ``x̂`` and a one-byte STE
+    code per element (:func:`_ste_codes`), and the backward reads the codes instead of ``x``:
+    activations the size of a transformer's outlive the caches, so the backward's reads come
+    from memory, and ``x`` itself need not be kept. If compiling fails, both fall back to the
+    eager kernels for good (bitwise the same results). Set ``QAT_COMPILE=0`` to stay eager.
     """
 
     #: Below this many elements (weights, pooled features) a fused loop saves less than the
@@ -205,22 +210,20 @@ class _FusedKernels:
         return eager(*args)
 
     def forward(self, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-        """Per-tensor ``x̂`` of a dense ``x`` (0-dim ``scale`` / ``zero_point``)."""
+        """Per-tensor ``(x̂, codes)`` of a dense ``x`` (0-dim ``scale`` / ``zero_point``); the
+        codes are 1-D, in ``x``'s memory order."""
         args = (memory_view(x), scale, zero_point, qmin, qmax)
-        return from_memory_view(self.run(_fake_quant_values, _fake_quant_values_eager, *args), x)
+        out, codes = self.run(_fake_quant_values, _fake_quant_values_eager, *args)
+        return from_memory_view(out, x), codes
 
-    def backward(self, grad, x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
-        """The STE gradient; ``scale`` / ``zero_point`` hold one value each (any shape)."""
-        return self.run_flat(_ste_grad, _ste_grad_eager, grad, x, scale, zero_point, qmin, qmax)
-
-    def run_flat(self, fn, eager, grad, x, *args):  # type: ignore[no-untyped-def]
-        """``fn(grad, x, *args)`` for a per-tensor backward, on 1-D memory views of a dense
-        ``x`` and of ``grad`` (first copied to ``x``'s layout if it has another); ``args`` are
-        one-element tensors and flags."""
-        if grad.stride() != x.stride():  # same shape and strides as a dense x: dense
-            grad = torch.empty_like(x).copy_(grad)
-        args = tuple(a.reshape(()) if isinstance(a, torch.Tensor) else a for a in args)
-        return from_memory_view(self.run(fn, eager, memory_view(grad), memory_view(x), *args), x)
+    def backward(self, grad, codes, layout):  # type: ignore[no-untyped-def]
+        """The per-tensor STE gradient from 1-D ``codes`` of an input laid out as ``layout``
+        (its shape and strides): ``grad`` is first copied to that layout if it has another."""
+        shape, stride = layout
+        if grad.stride() != stride:
+            grad = grad.new_empty_strided(shape, stride).copy_(grad)
+        flat = self.run(_ste_grad, _ste_grad_eager, memory_view(grad), codes)
+        return _alias(flat, flat.storage_offset(), shape, stride)
 
 
 fused = _FusedKernels()
@@ -260,26 +263,30 @@ class _FakeQuantize(torch.autograd.Function):
         lo, hi = _grid(qmin, qmax, x)
         x = x.detach()
         per_tensor = s.dim() == 0 and z.dim() == 0
-        ctx.recompute = per_tensor and not torch.compiler.is_compiling() and fused.takes(x)
-        if ctx.recompute:
+        ctx.fused = per_tensor and not torch.compiler.is_compiling() and fused.takes(x)
+        if ctx.fused:
             x = dense(x)
-            # Copies of s and z: the observer updates the buffers in place on the next call,
-            # which must not change (or trip the version check of) this call's backward.
-            ctx.save_for_backward(x, s.clone(), z.clone(), lo, hi)
-            return fused.forward(x, s, z, lo, hi)
-        if torch.compiler.is_compiling():
+            out, codes = fused.forward(x, s, z, lo, hi)
+            ctx.layout = (tuple(x.shape), x.stride())
+            ctx.save_for_backward(codes)
+            return out
+        ctx.compiled = torch.compiler.is_compiling()
+        if ctx.compiled:
             # Inside a compiled model: the functional kernel, which the model's own graph
             # fuses (the eager one's in-place ops and float(qmin) would break that graph).
-            out, mask = _fake_quant_forward(x, s, z, lo, hi)
-        else:
-            out, mask = _fake_quant_forward_eager(x, s, z, lo, hi)
+            out, codes = _fake_quant_values(x, s, z, lo, hi)
+            ctx.save_for_backward(codes)
+            return out
+        out, mask = _fake_quant_forward_eager(x, s, z, lo, hi)
         ctx.save_for_backward(mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        if ctx.recompute:
-            grad_x = fused.backward(grad, *ctx.saved_tensors)
+        if ctx.fused:
+            grad_x = fused.backward(grad, *ctx.saved_tensors, ctx.layout)
+        elif ctx.compiled:
+            grad_x = _ste_grad(grad, *ctx.saved_tensors)
         else:
             (mask,) = ctx.saved_tensors
             grad_x = grad * mask
@@ -318,8 +325,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
 
 class _ReLU(torch.autograd.Function):
     """``relu`` whose backward multiplies by ``sign(relu(x))`` instead of comparing: inside a
-    compiled model the partitioner would otherwise save a bool mask (see
-    :func:`_fake_quant_forward`). The same gradient for every finite upstream gradient."""
+    compiled model the partitioner would otherwise save a bool mask, and Inductor's bool
+    stores are slow (see :func:`_ste_codes`). The same gradient for every finite upstream
+    gradient."""
 
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]

@@ -19,8 +19,10 @@ import torch
 
 from qat.quant.distributed import is_distributed
 from qat.quant.fake_quant import (
+    STE_RELU_ZERO,
     _alias,
     _grid,
+    _ste_codes,
     _ste_grad,
     _ste_grad_eager,
     cached_constants,
@@ -85,21 +87,18 @@ def _observe_quantize(x, min_val, max_val, qmin, qmax, decay, keep, zero, cfg): 
     s = scale.reshape(shape)
     # FakeQuantizer._relu_unless_clamped: the clamp at a zero point of qmin is the ReLU.
     at_qmin = (zp.to(x.dtype) == qmin).all() if relu == "unless_clamped" else ok
+    x_in = x
     if relu != "none":
         x = torch.where(at_qmin, x, torch.relu(x)) if relu == "unless_clamped" else torch.relu(x)
     q = torch.round(x * (1.0 / s)) + z
-    out = (torch.clamp(q, qmin, qmax) - z) * s
-    return out, lo, hi, scale, zp, ok, s, z, at_qmin
-
-
-def _relu_ste_grad(grad, x, scale, zero_point, qmin, qmax, at_qmin, always):  # type: ignore[no-untyped-def]
-    """The STE gradient through ``fq(relu(x))`` (ReLU's own backward: 0 where ``x <= 0``),
-    or through ``fq(x)`` where ``at_qmin`` and not ``always``."""
-    clamped_relu = at_qmin.logical_not() | always
-    xin = torch.where(clamped_relu, torch.relu(x), x)
-    q = torch.round(xin * (1.0 / scale)) + zero_point
-    g = grad * (torch.clamp(q, qmin, qmax) == q).to(grad.dtype)
-    return torch.where(clamped_relu & (x <= 0), 0.0, g)
+    clamped = torch.clamp(q, qmin, qmax)
+    out = (clamped - z) * s
+    codes = _ste_codes(q, clamped)
+    if relu != "none":
+        # Where the ReLU ran as its own op, its backward zeroes the gradient at x <= 0.
+        ran = at_qmin.logical_not() if relu == "unless_clamped" else True
+        codes = torch.where(ran & (x_in <= 0), float(STE_RELU_ZERO), codes)
+    return out, codes.to(torch.uint8), lo, hi, scale, zp, ok
 
 
 def _eager(fn):  # type: ignore[no-untyped-def]
@@ -111,7 +110,6 @@ def _eager(fn):  # type: ignore[no-untyped-def]
 
 
 _observe_quantize_eager = _eager(_observe_quantize)
-_relu_ste_grad_eager = _eager(_relu_ste_grad)
 
 
 def _kernel_view(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,30 +138,27 @@ class _ObserveFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, *args):  # type: ignore[override]
         axis = args[-1][3]
         x, view = _kernel_view(x.detach(), axis)
-        out, lo, hi, scale, zp, ok, s, z, at_qmin = fused.run(
+        out, codes, lo, hi, scale, zp, ok = fused.run(
             _observe_quantize, _observe_quantize_eager, view, *args
         )
         if view is not x:
             out = from_memory_view(out, x)
-        ctx.relu, ctx.per_tensor, ctx.rows = args[-1][-1], axis is None, view is not x
-        ctx.save_for_backward(x if ctx.per_tensor else view, s, z, args[2], args[3], at_qmin)
+        ctx.per_tensor, ctx.rows = axis is None, view is not x
+        ctx.layout = (tuple(x.shape), x.stride())
+        ctx.save_for_backward(codes)
         ctx.mark_non_differentiable(lo, hi, scale, zp, ok)
         return out, lo, hi, scale, zp, ok
 
     @staticmethod
     def backward(ctx, grad, *_):  # type: ignore[override]
-        x, s, z, qmin, qmax, at_qmin = ctx.saved_tensors
-        if ctx.relu == "none":
-            fn, eager, extra = _ste_grad, _ste_grad_eager, ()
-        else:
-            fn, eager, extra = _relu_ste_grad, _relu_ste_grad_eager, (at_qmin, ctx.relu == "always")
+        (codes,) = ctx.saved_tensors
         if ctx.per_tensor:
-            grad_x = fused.run_flat(fn, eager, grad, x, s, z, qmin, qmax, *extra)
-        elif ctx.rows:  # x is the kernel's (C, K) view; grad comes in the layer's shape
-            g = _rows(grad, grad) if grad.is_contiguous() else grad.reshape(x.shape)
-            grad_x = fused.run(fn, eager, g, x, s, z, qmin, qmax, *extra).view(grad.shape)
+            grad_x = fused.backward(grad, codes, ctx.layout)
+        elif ctx.rows:  # codes are the kernel's (C, K) rows; grad comes in the layer's shape
+            g = _rows(grad, grad) if grad.is_contiguous() else grad.reshape(codes.shape)
+            grad_x = fused.run(_ste_grad, _ste_grad_eager, g, codes).view(grad.shape)
         else:
-            grad_x = fused.run(fn, eager, grad, x, s, z, qmin, qmax, *extra)
+            grad_x = fused.run(_ste_grad, _ste_grad_eager, grad, codes)
         return (grad_x,) + (None,) * 8
 
 

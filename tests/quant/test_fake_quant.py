@@ -209,12 +209,14 @@ def test_pact_alpha_gradient_is_clip_indicator() -> None:
     assert float(out.detach().max()) == pytest.approx(2.0) and float(out.detach().min()) == 0.0
 
 
-def test_the_compiled_model_kernels_equal_the_eager_ones_on_finite_inputs() -> None:
-    """The comparison-free mask and ReLU gradient used inside torch.compile (no bool tensors
-    for the partitioner to save) give the eager kernels' values."""
+def test_the_compiled_model_kernels_equal_the_eager_ones() -> None:
+    """The kernels used inside torch.compile (one-byte STE codes, a comparison-free ReLU
+    gradient: no bool tensors for the partitioner to save) give the eager kernels' values."""
     from qat.quant.fake_quant import (
-        _fake_quant_forward,
+        STE_PASS,
         _fake_quant_forward_eager,
+        _fake_quant_values,
+        _ste_grad,
         compiled_relu,
     )
 
@@ -222,10 +224,18 @@ def test_the_compiled_model_kernels_equal_the_eager_ones_on_finite_inputs() -> N
     x[0, :4] = torch.tensor([0.0, -0.0, 0.0173 * 0.5, -0.0173 * 300])
     s, z = torch.tensor(0.0173), torch.tensor(37.0)
     lo, hi = torch.tensor(0.0), torch.tensor(255.0)
-    out, mask = _fake_quant_forward(x, s, z, lo, hi)
-    ref_out, ref_mask = _fake_quant_forward_eager(x.clone(), s, z, lo, hi)
-    assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
-    assert 0 < mask.sum() < mask.numel()
+    odd = x.clone()
+    odd[1, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for inputs in (x, odd):
+        out, codes = torch.compile(_fake_quant_values, dynamic=True)(inputs, s, z, lo, hi)
+        ref_out, ref_mask = _fake_quant_forward_eager(inputs.clone(), s, z, lo, hi)
+        torch.testing.assert_close(out, ref_out, atol=0, rtol=0, equal_nan=True)
+        assert codes.dtype == torch.uint8
+        assert torch.equal((codes == STE_PASS).float(), ref_mask)
+        assert 0 < ref_mask.sum() < ref_mask.numel()
+        g = torch.randn(x.shape)
+        grad, ref = torch.compile(_ste_grad, dynamic=True)(g, codes), g * ref_mask
+        assert torch.equal(grad, ref) and grad.signbit().equal(ref.signbit())
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     g = torch.randn(x.shape)
     compiled_relu(a).backward(g)

@@ -161,3 +161,19 @@ def test_a_first_call_under_inference_mode_leaves_training_working() -> None:
     y = torch.randn(4, 64, 300, requires_grad=True)
     frozen(y).sum().backward()
     assert y.grad is not None
+
+
+@pytest.mark.parametrize("observe", [True, False])
+def test_the_backward_keeps_one_byte_per_element_not_the_input(observe: bool) -> None:
+    """The fused kernels save one-byte STE codes for the backward instead of the float input,
+    which the backward would read back from memory and which stays alive until then."""
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, range_method="ema")
+    q = FakeQuantizer(spec, role="activation")
+    q.train()(torch.randn(4, 64, 300))
+    q.observer_enabled = observe
+    x = (torch.randn(4, 64, 300) * 3).requires_grad_(True)  # outside the (moving) range: clips
+    out = q(x)
+    saved = out.grad_fn.saved_tensors
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, x.numel())]
+    out.backward(torch.ones_like(out))
+    assert x.grad is not None and 0 < x.grad.sum() < x.numel()
