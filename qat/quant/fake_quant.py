@@ -135,6 +135,12 @@ def _fake_quant_values(x, scale, zero_point, qmin, qmax):  # type: ignore[no-unt
     return (clamped - zero_point) * scale, _ste_codes(q, clamped).to(torch.uint8)
 
 
+def _fake_quant_only(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+    """``x̂`` alone, for a backward that needs no codes (LSQ's recomputes from ``x``)."""
+    _, clamped = _fake_quant_levels(x, scale, zero_point, qmin, qmax)
+    return (clamped - zero_point) * scale
+
+
 def _ste_grad(grad, codes):  # type: ignore[no-untyped-def]
     """The STE gradient from the forward's codes: ``grad · 1`` or ``grad · 0`` (bitwise the
     eager float-mask product), +0.0 where a folded ReLU zeroed the input. The codes are
@@ -159,9 +165,31 @@ def _fake_quant_values_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[
     return clamped.sub_(zero_point).mul_(scale), codes
 
 
+def _fake_quant_only_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
+    return _fake_quant_values_eager(x, scale, zero_point, qmin, qmax)[0]
+
+
 def _ste_grad_eager(grad, codes):  # type: ignore[no-untyped-def]
     g = grad * (codes == STE_PASS).to(grad.dtype)
     return g.masked_fill_(codes == STE_RELU_ZERO, 0.0)
+
+
+def _lsq_grads(grad, x, scale, zero_point, qmin, qmax, zp_grad):  # type: ignore[no-untyped-def]
+    """LSQ's backward in one pass over a per-tensor ``x``: ``(∂L/∂x, Σ ∂L/∂x̂ · ∂x̂/∂s,
+    Σ ∂L/∂x̂ · ∂x̂/∂z or None)``, the sums before the gradient scale (see _LSQFakeQuantize)."""
+    v = x * (1.0 / scale)
+    q = torch.round(v) + zero_point
+    clamped = torch.clamp(q, qmin, qmax)
+    mask = torch.where(clamped == q, 1.0, 0.0)
+    grad_x = grad * mask
+    grad_s = (grad * ((clamped - zero_point) - v * mask)).sum()
+    grad_z = (grad * (1.0 - mask) * (-scale)).sum() if zp_grad else None
+    return grad_x, grad_s, grad_z
+
+
+def _lsq_grads_eager(grad, x, scale, zero_point, qmin, qmax, zp_grad):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return _lsq_grads(grad, x, scale, zero_point, qmin, qmax, zp_grad)
 
 
 class _FusedKernels:
@@ -294,11 +322,33 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
+    """LSQ. A large per-tensor activation takes the compiled kernels: the forward is the fused
+    fake quantization, and the backward recomputes the mask and ``∂x̂/∂s`` from the saved input
+    in one pass (the eager path saves both, 8 bytes per element, and runs ~10 passes). Values
+    and ``∂L/∂x`` are bitwise the eager ones; the scale's and zero point's gradients are sums,
+    taken in another order (float32 rounding apart)."""
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor):  # type: ignore[override]
         s = _broadcast(scale, x, axis)
         z_int = torch.round(zero_point).clamp(qmin, qmax)
         z = _broadcast(z_int.to(x.dtype), x, axis)
+        ctx.axis, ctx.grad_factor, ctx.zp_grad = axis, grad_factor, zero_point.requires_grad
+        ctx.fused = (
+            axis is None
+            and x.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and fused.takes(x)
+        )
+        if ctx.fused:
+            x = dense(x.detach())
+            lo, hi = _grid(qmin, qmax, x)
+            s, z = s.detach().clone(), z.detach().clone()
+            args = (memory_view(x), s, z, lo, hi)
+            out = from_memory_view(fused.run(_fake_quant_only, _fake_quant_only_eager, *args), x)
+            ctx.layout = (tuple(x.shape), x.stride())
+            ctx.save_for_backward(x, s, z, lo, hi)
+            return out
         v = x * (1.0 / s)
         q = torch.round(v).add_(z)
         clamped = q.clamp(qmin, qmax)
@@ -307,11 +357,23 @@ class _LSQFakeQuantize(torch.autograd.Function):
         # (clamp(q) − z) − v inside and (clamp(q) − z) outside.
         dqds = (clamped - z).sub_(v.mul_(mask))
         ctx.save_for_backward(mask, dqds, s)
-        ctx.axis, ctx.grad_factor, ctx.zp_grad = axis, grad_factor, zero_point.requires_grad
         return clamped.sub_(z).mul_(s)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        if ctx.fused:
+            x, s, z, lo, hi = ctx.saved_tensors
+            shape, stride = ctx.layout
+            if grad.stride() != stride:
+                grad = grad.new_empty_strided(shape, stride).copy_(grad)
+            flat, sum_s, sum_z = fused.run(
+                _lsq_grads, _lsq_grads_eager, memory_view(grad), memory_view(x), s, z, lo, hi,
+                ctx.zp_grad,
+            )  # fmt: skip
+            grad_x = _alias(flat, flat.storage_offset(), shape, stride)
+            g = ctx.grad_factor
+            grad_z = sum_z.reshape(1) * g if ctx.zp_grad else None
+            return grad_x, sum_s.reshape(1) * g, grad_z, None, None, None, None
         mask, dqds, s = ctx.saved_tensors
         axis, g = ctx.axis, ctx.grad_factor
         ref = grad  # same shape as x, for the reductions

@@ -241,3 +241,44 @@ def test_the_compiled_model_kernels_equal_the_eager_ones() -> None:
     compiled_relu(a).backward(g)
     torch.relu(b).backward(g)
     assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("learned_zp", [False, True])
+def test_compiled_lsq_kernels_match_the_eager_ones(
+    bits: int, signed: bool, learned_zp: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large per-tensor activation takes the compiled LSQ kernels: values and ∂L/∂x bitwise
+    the eager path's, the scale's and zero point's gradients (sums) within float32 rounding."""
+    from qat.quant import fake_quant
+
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 64, 300, generator=gen) * 1.5
+    x.view(-1)[:3] = torch.tensor([0.0, -0.0, 1e-30])
+    assert x.numel() >= fake_quant.fused.MIN_NUMEL
+    g = torch.randn(x.shape, generator=gen)
+    qmin, qmax = qrange(bits, signed)
+    results = []
+    for compiled in (True, False):
+        with monkeypatch.context() as m:
+            if not compiled:
+                m.setattr(fake_quant.fused, "MIN_NUMEL", x.numel() + 1)
+                m.setattr(fake_quant._FusedKernels.takes, "__defaults__", (x.numel() + 1,))
+            xi = x.clone().requires_grad_(True)
+            scale = torch.tensor([0.11], requires_grad=True)
+            zp = torch.tensor([0.0 if signed else 3.0], requires_grad=learned_zp)
+            out = lsq_fake_quantize(xi, scale, zp, qmin, qmax, grad_factor=0.01)
+            full_size = [t for t in out.grad_fn.saved_tensors if t.numel() == x.numel()]
+            assert len(full_size) == (1 if compiled else 2)  # x, or the mask and ∂x̂/∂s
+            out.backward(g)
+            results.append((out.detach(), xi.grad, scale.grad, zp.grad))
+    (out_c, gx_c, gs_c, gz_c), (out_e, gx_e, gs_e, gz_e) = results
+    assert torch.equal(out_c, out_e) and out_c.signbit().equal(out_e.signbit())
+    assert torch.equal(gx_c, gx_e) and gx_c.signbit().equal(gx_e.signbit())
+    torch.testing.assert_close(gs_c, gs_e, rtol=1e-5, atol=1e-6)
+    if learned_zp:
+        torch.testing.assert_close(gz_c, gz_e, rtol=1e-5, atol=1e-6)
+    else:
+        assert gz_c is None and gz_e is None
+    assert not fake_quant.fused.failed
