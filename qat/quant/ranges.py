@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from qat.quant.distributed import is_distributed, reduce_across_ranks
-from qat.quant.qparams import qparams_from_range
+from qat.quant.fake_quant import _grid, dense, fused, memory_view
+from qat.quant.qparams import guard_scale, qparams_from_range
 
 if TYPE_CHECKING:
     from qat.quant.quantizer import FakeQuantizer
@@ -78,6 +79,12 @@ def cap_lsq_scale(q: FakeQuantizer, x: torch.Tensor, qmin: int, qmax: int, relu:
     scale runs away (ResNet-20 annealed to W2A2 with its 8-bit clip ranges kept: a weight
     scale of 1e15 within 40 steps at 2 bits).
     """
+    if _fuses_cap(q, x):
+        qmin_t, qmax_t = _grid(qmin, qmax, x)
+        args = (memory_view(dense(x.detach())), q.scale.detach(), qmin_t, qmax_t)
+        cfg = (q.spec.symmetric, q.spec.signed, relu)
+        q.scale.copy_(fused.run(_capped_scale, _capped_scale_eager, *args, cfg))
+        return
     lo, hi = q._minmax(x)
     if relu:
         lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
@@ -99,3 +106,37 @@ def cap_lsq_scale(q: FakeQuantizer, x: torch.Tensor, qmin: int, qmax: int, relu:
         return
     cap, _ = qparams_from_range(lo, hi, qmin, qmax, q.spec.symmetric, q.spec.signed)
     q.scale.copy_(torch.minimum(q.scale, cap))
+
+
+def _fuses_cap(q: FakeQuantizer, x: torch.Tensor) -> bool:
+    """Whether :func:`cap_lsq_scale` takes one compiled pass (a large per-tensor activation in
+    one process; under DDP the ranks first agree on the range)."""
+    return (
+        not q.spec.per_channel
+        and x.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and not is_distributed()
+        and fused.takes(x)
+    )
+
+
+def _capped_scale(x, scale, qmin, qmax, cfg):  # type: ignore[no-untyped-def]
+    """:func:`cap_lsq_scale` for one process, as one kernel: ``min(scale, cap)``, or ``scale``
+    for a non-finite batch. ``qmin`` / ``qmax`` are 0-dim float32 tensors, which meet every
+    operation as :func:`qparams_from_range`'s Python ints do (bitwise the same scale)."""
+    symmetric, signed, relu = cfg
+    lo, hi = torch.amin(x).float().reshape(1), torch.amax(x).float().reshape(1)
+    if relu:
+        lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
+    ok = finite_range(lo, hi)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    if symmetric:
+        cap = guard_scale((torch.maximum(-lo, hi) if signed else hi) / qmax)
+    else:
+        cap = guard_scale((hi - lo) / (qmax - qmin))
+    return torch.where(ok, torch.minimum(scale, cap), scale)
+
+
+def _capped_scale_eager(x, scale, qmin, qmax, cfg):  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return _capped_scale(x, scale, qmin, qmax, cfg)

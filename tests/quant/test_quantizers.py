@@ -199,3 +199,39 @@ def test_lsq_scale_capped_at_min_max_step_in_training(role: str) -> None:
     out = q(x)
     assert torch.allclose(q.scale.detach(), expected)
     assert bool((out != 0).any())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("kind", ["u_asym", "s_sym", "u_sym", "s_asym"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_compiled_lsq_cap_is_bitwise_the_eager_one(
+    bits: int, kind: str, relu: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large per-tensor activation caps its LSQ scale in one compiled pass: the same scale,
+    to the bit, as the eager reductions and qparams; a non-finite batch caps nothing."""
+    from qat.quant import ranges
+
+    signed, symmetric = kind.startswith("s"), kind.endswith("_sym")
+    spec = QuantSpec(bits=bits, signed=signed, symmetric=symmetric, learned="lsq")
+    gen = torch.Generator().manual_seed(bits)
+    batches = [torch.randn(4, 64, 300, generator=gen) * (1 + i) + 0.3 * i for i in range(3)]
+    batches[1].view(-1)[7] = float("nan")
+    for compiled in (True, False):
+        q = FakeQuantizer(spec, role="activation").train()
+        q(batches[0])  # starts the learned scale from the observed range
+        scales = []
+        with monkeypatch.context() as m:
+            if not compiled:
+                m.setattr(ranges, "_fuses_cap", lambda *a: False)
+            for start, x in zip((1e3, 1e3, 1e-4), batches, strict=True):
+                with torch.no_grad():
+                    q.scale.fill_(start)  # above the cap (capped), or below it (kept)
+                assert ranges._fuses_cap(q, x) == compiled
+                ranges.cap_lsq_scale(q, x, *q.quant_range, relu)
+                scales.append(q.scale.detach().clone())
+        if compiled:
+            fused_scales = scales
+    for a, b in zip(fused_scales, scales, strict=True):
+        assert torch.equal(a, b)
+    assert float(fused_scales[1]) == 1e3 and float(fused_scales[2]) == pytest.approx(1e-4)
+    assert float(fused_scales[0]) < 10.0  # capped at the batch's min/max step
