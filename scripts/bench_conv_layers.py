@@ -32,7 +32,6 @@ import json
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -149,23 +148,23 @@ def main() -> None:
     convs = timers[ENGINES[0]][0]
     if len(ort_convs) != len(convs):
         raise SystemExit(f"{len(ort_convs)} QLinearConv nodes but {len(convs)} TorchScript convs")
-    per_kind: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    counts: dict[str, int] = defaultdict(int)
-    for r in range(args.rounds):
-        for i, conv in enumerate(convs):
-            _, shape, ort_times = ort_convs[i]
-            if shape[-1] != conv.in_channels and shape[1] != conv.in_channels:
-                raise SystemExit(f"conv {i}: ONNX input {shape}, TorchScript {conv}")
-            kind = conv_kind(conv)
-            counts[kind] += r == 0
-            totals = per_kind[kind]
-            if len(totals["ort"]) <= r:
-                totals["ort"].append(0.0)
-                for engine in ENGINES:
-                    totals[engine].append(0.0)
-            totals["ort"][r] += ort_times[r]
-            for engine in ENGINES:
-                totals[engine][r] += timers[engine][1][i][warmup + r]
+    for i, ((_, shape, _), conv) in enumerate(zip(ort_convs, convs, strict=True)):
+        if conv.in_channels not in (shape[1], shape[-1]):  # NCHW or ORT's NHWC
+            raise SystemExit(f"conv {i}: ONNX input {shape}, TorchScript {conv}")
+    # seconds[runtime][conv][round]
+    seconds = {"ort": [ts for _, _, ts in ort_convs]}
+    seconds.update({e: [ts[warmup:] for ts in timers[e][1]] for e in ENGINES})
+    kinds = [conv_kind(conv) for conv in convs]
+
+    def per_round(runtime: str, members: list[int]) -> list[float]:
+        return [sum(seconds[runtime][i][r] for i in members) for r in range(args.rounds)]
+
+    def print_row(label: str, n: int | str, rounds: dict[str, list[float]]) -> None:
+        ms = {k: statistics.median(v) * 1e3 for k, v in rounds.items()}
+        print(
+            f"{label:<10}{n:>6}{ms['ort']:>9.2f}"
+            + "".join(f"{ms[e]:>12.2f}{ms[e] / ms['ort']:>6.2f}x" for e in ENGINES)
+        )
 
     print(
         f"{args.model} W8A8, batch {args.batch}, {args.threads} thread(s), median of "
@@ -175,34 +174,17 @@ def main() -> None:
         f"{'kind':<10}{'convs':>6}{'ORT':>9}"
         + "".join(f"{'TS ' + e:>12}{'/ORT':>7}" for e in ENGINES)
     )
-    grand = defaultdict(list)
     for kind in KINDS:
-        if kind not in per_kind:
-            continue
-        row = {k: statistics.median(v) * 1e3 for k, v in per_kind[kind].items()}
-        for k, v in per_kind[kind].items():
-            grand[k].append(v)
-        print(
-            f"{kind:<10}{counts[kind]:>6}{row['ort']:>9.2f}"
-            + "".join(f"{row[e]:>12.2f}{row[e] / row['ort']:>6.2f}x" for e in ENGINES)
-        )
-    conv_sums = {k: [sum(kinds) for kinds in zip(*v, strict=True)] for k, v in grand.items()}
-    model = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
+        members = [i for i, k in enumerate(kinds) if k == kind]
+        if members:
+            print_row(kind, len(members), {k: per_round(k, members) for k in seconds})
+    every = list(range(len(convs)))
+    conv_sums = {k: per_round(k, every) for k in seconds}
+    print_row("all convs", len(convs), conv_sums)
     # The rest of each forward: other layers, the runtime's own overhead (and the timing's).
-    other = {
-        k: statistics.median(w - c for w, c in zip(wall[k], conv_sums[k], strict=True)) * 1e3
-        for k in wall
-    }
-    total = {k: statistics.median(v) * 1e3 for k, v in conv_sums.items()}
-    for label, row, n in (
-        ("all convs", total, len(convs)),
-        ("other", other, ""),
-        ("model", model, ""),
-    ):
-        print(
-            f"{label:<10}{n:>6}{row['ort']:>9.2f}"
-            + "".join(f"{row[e]:>12.2f}{row[e] / row['ort']:>6.2f}x" for e in ENGINES)
-        )
+    other = {k: [w - c for w, c in zip(wall[k], conv_sums[k], strict=True)] for k in wall}
+    print_row("other", "", other)
+    print_row("model", "", wall)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,12 @@
 (they also multiply by the float32 reciprocal). Gradients follow the STE: ``∂x̂/∂x = 1`` where
 ``round(x/s) + z`` lies in ``[qmin, qmax]``, 0 outside.
 
-``lsq_fake_quantize`` adds LSQ's scale gradient (Esser et al., 2020), with its gradient scale
-``g``: ``∂x̂/∂s = round(x/s) − x/s`` inside the range, ``qmin − z`` below, ``qmax − z`` above,
-and, for a learned zero point (LSQ+), ``∂x̂/∂z = −s`` outside the range, 0 inside.
-
 Why not torch's fused kernels: on this project's CI CPU their per-element scalar loop ran
 70–100x slower than a ReLU pass over the same tensor (8–12 ms vs 0.12 ms for a 2M-element
 activation), which alone made W8A8 QAT steps ~1.8x the float step. These few vectorized ops keep
 the exact same numerics and run at memory speed. A quantizer that observes its input in the
 same call (training with live ranges) runs one fused kernel for both instead:
-:mod:`qat.quant.fused_observer`.
+:mod:`qat.quant.fused_observer`; LSQ's learned scales are :mod:`qat.quant.lsq`.
 """
 
 from __future__ import annotations
@@ -33,13 +29,6 @@ def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tens
     shape = [1] * x.dim()
     shape[axis] = -1
     return t.reshape(shape)
-
-
-def _reduce_to(grad: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return grad.sum().reshape(1)
-    dims = [d for d in range(x.dim()) if d != axis]
-    return grad.sum(dim=dims)
 
 
 def _alias(t: torch.Tensor, offset: int, shape: tuple, stride: tuple) -> torch.Tensor:
@@ -161,7 +150,7 @@ def _fake_quant_forward_eager(x, scale, zero_point, qmin, qmax):  # type: ignore
 def _fake_quant_values_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[no-untyped-def]
     q = torch.mul(x, 1.0 / scale).round_().add_(zero_point)
     clamped = q.clamp(float(qmin), float(qmax))
-    codes = torch.ne(clamped, q).to(torch.uint8).add_(STE_PASS)
+    codes = _ste_codes(q, clamped).to(torch.uint8)
     return clamped.sub_(zero_point).mul_(scale), codes
 
 
@@ -169,27 +158,18 @@ def _fake_quant_only_eager(x, scale, zero_point, qmin, qmax):  # type: ignore[no
     return _fake_quant_values_eager(x, scale, zero_point, qmin, qmax)[0]
 
 
-def _ste_grad_eager(grad, codes):  # type: ignore[no-untyped-def]
-    g = grad * (codes == STE_PASS).to(grad.dtype)
-    return g.masked_fill_(codes == STE_RELU_ZERO, 0.0)
+def eager_kernel(fn):  # type: ignore[no-untyped-def]
+    """``fn`` run as plain torch ops, recording no graph: the fallback of a compiled kernel
+    whose ops are already functional (bitwise the compiled results)."""
+
+    def run(*args):  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            return fn(*args)
+
+    return run
 
 
-def _lsq_grads(grad, x, scale, zero_point, qmin, qmax, zp_grad):  # type: ignore[no-untyped-def]
-    """LSQ's backward in one pass over a per-tensor ``x``: ``(∂L/∂x, Σ ∂L/∂x̂ · ∂x̂/∂s,
-    Σ ∂L/∂x̂ · ∂x̂/∂z or None)``, the sums before the gradient scale (see _LSQFakeQuantize)."""
-    v = x * (1.0 / scale)
-    q = torch.round(v) + zero_point
-    clamped = torch.clamp(q, qmin, qmax)
-    mask = torch.where(clamped == q, 1.0, 0.0)
-    grad_x = grad * mask
-    grad_s = (grad * ((clamped - zero_point) - v * mask)).sum()
-    grad_z = (grad * (1.0 - mask) * (-scale)).sum() if zp_grad else None
-    return grad_x, grad_s, grad_z
-
-
-def _lsq_grads_eager(grad, x, scale, zero_point, qmin, qmax, zp_grad):  # type: ignore[no-untyped-def]
-    with torch.no_grad():
-        return _lsq_grads(grad, x, scale, zero_point, qmin, qmax, zp_grad)
+_ste_grad_eager = eager_kernel(_ste_grad)
 
 
 class _FusedKernels:
@@ -245,13 +225,21 @@ class _FusedKernels:
         return from_memory_view(out, x), codes
 
     def backward(self, grad, codes, layout):  # type: ignore[no-untyped-def]
-        """The per-tensor STE gradient from 1-D ``codes`` of an input laid out as ``layout``
-        (its shape and strides): ``grad`` is first copied to that layout if it has another."""
+        """The per-tensor STE gradient from 1-D ``codes`` of an input laid out as ``layout``."""
+        return self.run_on_layout(_ste_grad, _ste_grad_eager, grad, layout, codes)
+
+    def run_on_layout(self, fn, eager, grad, layout, *args):  # type: ignore[no-untyped-def]
+        """``fn(grad, *args)`` for a per-tensor backward, on a 1-D memory view of ``grad`` laid
+        out as the forward's input was (``layout``: its shape and strides; ``grad`` is first
+        copied to it if it has another). The result, or the first of several, comes back in
+        that layout."""
         shape, stride = layout
         if grad.stride() != stride:
             grad = grad.new_empty_strided(shape, stride).copy_(grad)
-        flat = self.run(_ste_grad, _ste_grad_eager, memory_view(grad), codes)
-        return _alias(flat, flat.storage_offset(), shape, stride)
+        out = self.run(fn, eager, memory_view(grad), *args)
+        flat = out if isinstance(out, torch.Tensor) else out[0]
+        aligned = _alias(flat, flat.storage_offset(), shape, stride)
+        return aligned if isinstance(out, torch.Tensor) else (aligned, *out[1:])
 
 
 fused = _FusedKernels()
@@ -321,70 +309,6 @@ class _FakeQuantize(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
-class _LSQFakeQuantize(torch.autograd.Function):
-    """LSQ. A large per-tensor activation takes the compiled kernels: the forward is the fused
-    fake quantization, and the backward recomputes the mask and ``∂x̂/∂s`` from the saved input
-    in one pass (the eager path saves both, 8 bytes per element, and runs ~10 passes). Values
-    and ``∂L/∂x`` are bitwise the eager ones; the scale's and zero point's gradients are sums,
-    taken in another order (float32 rounding apart)."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor):  # type: ignore[override]
-        s = _broadcast(scale, x, axis)
-        z_int = torch.round(zero_point).clamp(qmin, qmax)
-        z = _broadcast(z_int.to(x.dtype), x, axis)
-        ctx.axis, ctx.grad_factor, ctx.zp_grad = axis, grad_factor, zero_point.requires_grad
-        ctx.fused = (
-            axis is None
-            and x.dtype == torch.float32
-            and not torch.compiler.is_compiling()
-            and fused.takes(x)
-        )
-        if ctx.fused:
-            x = dense(x.detach())
-            lo, hi = _grid(qmin, qmax, x)
-            s, z = s.detach().clone(), z.detach().clone()
-            args = (memory_view(x), s, z, lo, hi)
-            out = from_memory_view(fused.run(_fake_quant_only, _fake_quant_only_eager, *args), x)
-            ctx.layout = (tuple(x.shape), x.stride())
-            ctx.save_for_backward(x, s, z, lo, hi)
-            return out
-        v = x * (1.0 / s)
-        q = torch.round(v).add_(z)
-        clamped = q.clamp(qmin, qmax)
-        mask = _in_range_mask(clamped, q)
-        # ∂x̂/∂s per element: round(v) − v inside, qmin − z below, qmax − z above, i.e.
-        # (clamp(q) − z) − v inside and (clamp(q) − z) outside.
-        dqds = (clamped - z).sub_(v.mul_(mask))
-        ctx.save_for_backward(mask, dqds, s)
-        return clamped.sub_(z).mul_(s)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        if ctx.fused:
-            x, s, z, lo, hi = ctx.saved_tensors
-            shape, stride = ctx.layout
-            if grad.stride() != stride:
-                grad = grad.new_empty_strided(shape, stride).copy_(grad)
-            flat, sum_s, sum_z = fused.run(
-                _lsq_grads, _lsq_grads_eager, memory_view(grad), memory_view(x), s, z, lo, hi,
-                ctx.zp_grad,
-            )  # fmt: skip
-            grad_x = _alias(flat, flat.storage_offset(), shape, stride)
-            g = ctx.grad_factor
-            grad_z = sum_z.reshape(1) * g if ctx.zp_grad else None
-            return grad_x, sum_s.reshape(1) * g, grad_z, None, None, None, None
-        mask, dqds, s = ctx.saved_tensors
-        axis, g = ctx.axis, ctx.grad_factor
-        ref = grad  # same shape as x, for the reductions
-        grad_x = grad * mask
-        grad_s = _reduce_to(grad * dqds, ref, axis) * g
-        grad_z = None
-        if ctx.zp_grad:
-            grad_z = _reduce_to(grad * (1.0 - mask) * (-s), ref, axis) * g
-        return grad_x, grad_s, grad_z, None, None, None, None
-
-
 class _ReLU(torch.autograd.Function):
     """``relu`` whose backward multiplies by ``sign(relu(x))`` instead of comparing: inside a
     compiled model the partitioner would otherwise save a bool mask, and Inductor's bool
@@ -426,19 +350,3 @@ def fake_quantize(
         axis: channel axis of ``x`` for per-channel parameters.
     """
     return _FakeQuantize.apply(x, scale.detach(), zero_point.detach(), qmin, qmax, axis)
-
-
-def lsq_fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    axis: int | None = None,
-    grad_factor: float = 1.0,
-) -> torch.Tensor:
-    """Fake-quantize with LSQ gradients for ``scale`` (and ``zero_point`` if it requires grad).
-
-    The zero point is rounded to an integer and clamped to ``[qmin, qmax]`` in the forward pass.
-    """
-    return _LSQFakeQuantize.apply(x, scale, zero_point.float(), qmin, qmax, axis, grad_factor)

@@ -27,11 +27,12 @@ from qat.quant.fake_quant import (
     _ste_grad_eager,
     cached_constants,
     dense,
+    eager_kernel,
     from_memory_view,
     fused,
     memory_view,
 )
-from qat.quant.qparams import guard_scale
+from qat.quant.qparams import qparams_from_range
 
 if TYPE_CHECKING:
     from qat.quant.quantizer import FakeQuantizer
@@ -53,7 +54,7 @@ def _observe_quantize(x, min_val, max_val, qmin, qmax, decay, keep, zero, cfg): 
     """FakeQuantizer.observe + _update_qparams_from_stats + the ReLU choice + fake_quantize.
 
     ``qmin`` / ``qmax`` are 0-dim float32 tensors holding integers, which every operation
-    below meets exactly as it meets the Python ints of :func:`qat.quant.qparams_from_range`.
+    below meets exactly as it meets Python ints (:func:`qat.quant.qparams_from_range`).
     ``cfg`` holds the Python constants the compiled code specializes on (:func:`_config`).
     """
     history, symmetric, signed, axis, relu = cfg
@@ -71,19 +72,11 @@ def _observe_quantize(x, min_val, max_val, qmin, qmax, decay, keep, zero, cfg): 
     elif history == "ema":
         lo = min_val * decay + lo * keep
         hi = max_val * decay + hi * keep
-    c_lo, c_hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale, zp = qparams_from_range(lo, hi, qmin, qmax, symmetric, signed)
     shape = [1] * x.dim()
     if axis is not None:
         shape[axis] = -1
-    if symmetric:
-        amax = torch.maximum(-c_lo, c_hi) if signed else c_hi
-        scale = guard_scale(amax / qmax)
-        zp = torch.zeros_like(scale, dtype=torch.int32)
-        z = zero
-    else:
-        scale = guard_scale((c_hi - c_lo) / (qmax - qmin))
-        zp = torch.clamp(qmin - torch.round(c_lo / scale), qmin, qmax).to(torch.int32)
-        z = zp.to(x.dtype).reshape(shape)
+    z = zero if symmetric else zp.to(x.dtype).reshape(shape)
     s = scale.reshape(shape)
     # FakeQuantizer._relu_unless_clamped: the clamp at a zero point of qmin is the ReLU.
     at_qmin = (zp.to(x.dtype) == qmin).all() if relu == "unless_clamped" else ok
@@ -101,15 +94,7 @@ def _observe_quantize(x, min_val, max_val, qmin, qmax, decay, keep, zero, cfg): 
     return out, codes.to(torch.uint8), lo, hi, scale, zp, ok
 
 
-def _eager(fn):  # type: ignore[no-untyped-def]
-    def run(*args):  # type: ignore[no-untyped-def]
-        with torch.no_grad():
-            return fn(*args)
-
-    return run
-
-
-_observe_quantize_eager = _eager(_observe_quantize)
+_observe_quantize_eager = eager_kernel(_observe_quantize)
 
 
 def _kernel_view(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,12 +37,17 @@ def guard_scale(scale: torch.Tensor) -> torch.Tensor:
 def qparams_from_range(
     min_val: torch.Tensor,
     max_val: torch.Tensor,
-    qmin: int,
-    qmax: int,
+    qmin: int | torch.Tensor,
+    qmax: int | torch.Tensor,
     symmetric: bool,
     signed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point covering ``[min_val, max_val]`` (always including 0)."""
+    """Scale and integer zero point covering ``[min_val, max_val]`` (always including 0).
+
+    ``qmin`` / ``qmax`` are ints, or 0-dim float32 tensors holding them (what the compiled
+    kernels take, so that a bit-width change does not recompile them): the same values either
+    way.
+    """
     min_val = torch.clamp(min_val, max=0.0)
     max_val = torch.clamp(max_val, min=0.0)
     if symmetric:
@@ -50,6 +55,6 @@ def qparams_from_range(
         scale = guard_scale(amax / qmax)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        scale = guard_scale((max_val - min_val) / float(qmax - qmin))
+        scale = guard_scale((max_val - min_val) / (qmax - qmin))
         zero_point = (qmin - torch.round(min_val / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero_point

@@ -25,7 +25,8 @@ from qat.quant import fused_observer
 from qat.quant.blocks import gguf_fake_quantize, gguf_scale, group_view, ungroup
 from qat.quant.distributed import is_distributed, rank_phrase, reduce_across_ranks
 from qat.quant.dynamic import dynamic_fake_quantize
-from qat.quant.fake_quant import compiled_relu, fake_quantize, lsq_fake_quantize
+from qat.quant.fake_quant import compiled_relu, fake_quantize
+from qat.quant.lsq import lsq_fake_quantize
 from qat.quant.py_state import PyStateDict
 from qat.quant.qparams import SCALE_EPS, guard_scale, qparams_from_range, qrange
 from qat.quant.ranges import (

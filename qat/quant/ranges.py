@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from qat.quant.distributed import is_distributed, reduce_across_ranks
-from qat.quant.fake_quant import _grid, dense, fused, memory_view
-from qat.quant.qparams import guard_scale, qparams_from_range
+from qat.quant.fake_quant import _grid, dense, eager_kernel, fused, memory_view
+from qat.quant.qparams import qparams_from_range
 
 if TYPE_CHECKING:
     from qat.quant.quantizer import FakeQuantizer
@@ -128,15 +128,8 @@ def _capped_scale(x, scale, qmin, qmax, cfg):  # type: ignore[no-untyped-def]
     lo, hi = torch.amin(x).float().reshape(1), torch.amax(x).float().reshape(1)
     if relu:
         lo, hi = lo.clamp_min(0.0), hi.clamp_min(0.0)
-    ok = finite_range(lo, hi)
-    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    if symmetric:
-        cap = guard_scale((torch.maximum(-lo, hi) if signed else hi) / qmax)
-    else:
-        cap = guard_scale((hi - lo) / (qmax - qmin))
-    return torch.where(ok, torch.minimum(scale, cap), scale)
+    cap, _ = qparams_from_range(lo, hi, qmin, qmax, symmetric, signed)
+    return torch.where(finite_range(lo, hi), torch.minimum(scale, cap), scale)
 
 
-def _capped_scale_eager(x, scale, qmin, qmax, cfg):  # type: ignore[no-untyped-def]
-    with torch.no_grad():
-        return _capped_scale(x, scale, qmin, qmax, cfg)
+_capped_scale_eager = eager_kernel(_capped_scale)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from qat.quant.fake_quant import fake_quantize, lsq_fake_quantize
+from qat.quant.fake_quant import fake_quantize
+from qat.quant.lsq import lsq_fake_quantize
 from qat.quant.qparams import qrange
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.spec import QuantSpec
