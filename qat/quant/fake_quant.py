@@ -17,6 +17,7 @@ same call (training with live ranges) runs one fused kernel for both instead:
 from __future__ import annotations
 
 import os
+import types
 import warnings
 
 import torch
@@ -172,6 +173,17 @@ def eager_kernel(fn):  # type: ignore[no-untyped-def]
 _ste_grad_eager = eager_kernel(_ste_grad)
 
 
+def _compile(fn, serial: bool):  # type: ignore[no-untyped-def]
+    """``torch.compile(fn, dynamic=True)``; ``serial``: compiled for one thread, from a copy of
+    ``fn``'s code object, on which Dynamo keeps a cache of its own (the parallel compilation's
+    guards would otherwise match and run it)."""
+    if not serial:
+        return torch.compile(fn, dynamic=True)
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_serial")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
+    return torch.compile(copy, dynamic=True, options={"cpp.threads": 1})
+
+
 class _FusedKernels:
     """The per-tensor fake-quant forward and STE backward, each ``torch.compile``d once.
 
@@ -186,10 +198,23 @@ class _FusedKernels:
     #: Below this many elements (weights, pooled features) a fused loop saves less than the
     #: compiled function's guard checks cost; those tensors stay eager.
     MIN_NUMEL = 1 << 16
+    #: With OpenMP threads that sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, as ``train.py``
+    #: sets), inputs below this many elements run on one thread, whatever torch's thread
+    #: count. Inductor's CPU kernel is one OpenMP region with a barrier after each of its loops
+    #: (the reduction, the scale's arithmetic, the elementwise loop), and each barrier waits
+    #: for a sleeping thread to wake: at two threads a per-channel weight quantizer's forward
+    #: took 240 µs against 58 µs on one thread, a 262k-element activation's 277 µs against
+    #: 163 µs; the second thread paid off from 1M elements (2-core AMD EPYC, torch 2.13).
+    #: Spinning threads (``ACTIVE``, or unset: OpenMP spins a while first) wake at once, and
+    #: there one-thread kernels made no training step faster (ResNet-20, ViT).
+    SERIAL_NUMEL = 1 << 20
 
     def __init__(self) -> None:
         self.failed = os.environ.get("QAT_COMPILE", "1") == "0"
-        self._compiled: dict[str, object] = {}
+        # OpenMP reads the policy when torch loads, before any of this runs.
+        passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+        self.serial_numel = self.SERIAL_NUMEL if passive else 0
+        self._compiled: dict[tuple[str, bool], object] = {}
 
     def takes(self, x: torch.Tensor, min_numel: int = MIN_NUMEL) -> bool:
         """Whether ``x`` takes the fused kernels (large enough, not being traced)."""
@@ -201,11 +226,14 @@ class _FusedKernels:
         )
 
     def run(self, fn, eager, *args):  # type: ignore[no-untyped-def]
-        """``fn(*args)`` compiled (once per function), or ``eager(*args)`` once that failed."""
+        """``fn(*args)`` compiled (once per function and threading), or ``eager(*args)`` once
+        that failed. ``args[0]`` is the tensor the kernel loops over: below ``serial_numel``
+        elements (:attr:`SERIAL_NUMEL`, or 0) it runs the one-thread compilation of ``fn``."""
         if not self.failed:
-            compiled = self._compiled.get(fn.__name__)
+            serial = torch.get_num_threads() > 1 and args[0].numel() < self.serial_numel
+            compiled = self._compiled.get((fn.__name__, serial))
             if compiled is None:
-                compiled = self._compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+                compiled = self._compiled[fn.__name__, serial] = _compile(fn, serial)
             try:
                 return compiled(*args)  # type: ignore[operator]
             except Exception as err:  # e.g. no C++ compiler on this machine
