@@ -16,7 +16,8 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a shared or
 # oversubscribed CPU (other jobs, DDP processes on one box) spinning threads wait for a core
 # that is busy elsewhere: a ResNet-20 step went from 0.45 s to 2-3 s on a 2-core machine with
-# one core taken. Costs nothing measurable when the cores are free; set it to override.
+# one core taken. On cores of its own a run trains faster with spinning threads (each parallel
+# op then skips a wake-up; docs/benchmarks.md): set OMP_WAIT_POLICY=ACTIVE to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qat.lit.config import ConfigError
