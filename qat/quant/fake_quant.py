@@ -201,12 +201,10 @@ class _FusedKernels:
     #: With OpenMP threads that sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, as ``train.py``
     #: sets), inputs below this many elements run on one thread, whatever torch's thread
     #: count. Inductor's CPU kernel is one OpenMP region with a barrier after each of its loops
-    #: (the reduction, the scale's arithmetic, the elementwise loop), and each barrier waits
-    #: for a sleeping thread to wake: at two threads a per-channel weight quantizer's forward
-    #: took 240 µs against 58 µs on one thread, a 262k-element activation's 277 µs against
-    #: 163 µs; the second thread paid off from 1M elements (2-core AMD EPYC, torch 2.13).
-    #: Spinning threads (``ACTIVE``, or unset: OpenMP spins a while first) wake at once, and
-    #: there one-thread kernels made no training step faster (ResNet-20, ViT).
+    #: (the reduction, the scale's arithmetic, the elementwise loop), and each barrier then
+    #: waits for a thread to wake: below about this size the second thread costs more time than
+    #: it saves (docs/design.md, "STE kernels"). Spinning threads (``ACTIVE``, or unset:
+    #: OpenMP spins a while first) wake at once, and there one thread made no step faster.
     SERIAL_NUMEL = 1 << 20
 
     def __init__(self) -> None:
