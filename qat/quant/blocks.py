@@ -65,11 +65,17 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
 
 
-def gguf_scale(blocks: torch.Tensor, grid: str) -> torch.Tensor:
-    """The float32 ``d`` of each row of ``blocks`` ``(N, 32)`` on ``grid`` (``q8_0``/``q4_0``)."""
+def gguf_scale(
+    blocks: torch.Tensor, grid: str, q8_max: float | torch.Tensor = 127.0
+) -> torch.Tensor:
+    """The float32 ``d`` of each row of ``blocks`` ``(N, 32)`` on ``grid`` (``q8_0``/``q4_0``).
+
+    ``q8_max``: Q8_0's 127, as a number or a 0-dim float32 tensor (which compiled code must
+    use: Inductor turns a division by a constant into a multiplication by its reciprocal).
+    """
     blocks = blocks.detach().float()
     if grid == "q8_0":
-        return blocks.abs().amax(dim=1) / 127
+        return blocks.abs().amax(dim=1) / q8_max
     if grid == "q4_0":
         imax = blocks.abs().argmax(dim=1, keepdim=True)  # first maximal index, as numpy's
         return torch.gather(blocks, 1, imax).squeeze(1) / -8
@@ -118,7 +124,13 @@ def gguf_quantize_reference(x: torch.Tensor, grid: str) -> torch.Tensor:
     What ``gguf.quants.dequantize(gguf.quants.quantize(x, Q8_0 / Q4_0))`` returns; ggml's
     llama.cpp runs activations of Q4_0 / Q8_0 matmuls through Q8_0 this way.
     """
-    shape = x.shape
-    blocks = x.reshape(-1, GGUF_BLOCK).float()
-    d = gguf_scale(blocks, grid)
-    return (gguf_codes(blocks, d, grid) * fp16_scale(d)[:, None]).reshape(shape)
+    return gguf_round_trip(x.reshape(-1, GGUF_BLOCK).float(), grid).reshape(x.shape)
+
+
+def gguf_round_trip(
+    blocks: torch.Tensor, grid: str, q8_max: float | torch.Tensor = 127.0
+) -> torch.Tensor:
+    """Float32 ``blocks`` ``(N, 32)`` quantized on ``grid`` and dequantized (``q8_max``: see
+    :func:`gguf_scale`)."""
+    d = gguf_scale(blocks, grid, q8_max)
+    return gguf_codes(blocks, d, grid) * fp16_scale(d)[:, None]

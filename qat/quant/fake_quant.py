@@ -176,12 +176,14 @@ _ste_grad_eager = eager_kernel(_ste_grad)
 def _compile(fn, serial: bool):  # type: ignore[no-untyped-def]
     """``torch.compile(fn, dynamic=True)``; ``serial``: compiled for one thread, from a copy of
     ``fn``'s code object, on which Dynamo keeps a cache of its own (the parallel compilation's
-    guards would otherwise match and run it)."""
+    guards would otherwise match and run it). Casts to fp16 round as eager ones do (GGUF's
+    scales): by default Inductor skips a ``float → half → float`` round trip."""
+    options = {"emulate_precision_casts": True}
     if not serial:
-        return torch.compile(fn, dynamic=True)
+        return torch.compile(fn, dynamic=True, options=options)
     code = fn.__code__.replace(co_name=f"{fn.__name__}_serial")
     copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
-    return torch.compile(copy, dynamic=True, options={"cpp.threads": 1})
+    return torch.compile(copy, dynamic=True, options={**options, "cpp.threads": 1})
 
 
 class _FusedKernels:

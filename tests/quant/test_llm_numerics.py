@@ -88,12 +88,20 @@ def _dynamic_reference(x: np.ndarray, qmin: int, qmax: int, axis: int | None) ->
     return ((q - zp) * scale).astype(np.float32)
 
 
+#: Activation shapes below and above the fused kernels' ``MIN_NUMEL``: eager ops, then the
+#: compiled kernel (``qat.quant.dynamic._fused_dynamic_quantize``).
+SIZES = [(3, 7, 64), (16, 70, 64)]
+
+
+@pytest.mark.parametrize("shape", SIZES)
 @pytest.mark.parametrize(
     "dynamic,signed", [("token", True), ("token", False), ("tensor", False), ("tensor", True)]
 )
-def test_dynamic_activations_equal_their_formula(dynamic: str, signed: bool) -> None:
+def test_dynamic_activations_equal_their_formula(
+    dynamic: str, signed: bool, shape: tuple[int, ...]
+) -> None:
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 7, 64, generator=g) * 3
+    x = torch.randn(*shape, generator=g) * 3
     x[0, 0] = 0.0  # an all-zero token
     x[1, 2] = x[1, 2].abs() + 1  # an all-positive one
     spec = QuantSpec(bits=8, signed=signed, symmetric=False, dynamic=dynamic)
@@ -126,12 +134,56 @@ def test_gguf_weight_grids_equal_gguf_quants_bit_for_bit(grid: str) -> None:
         assert torch.equal(got, _gguf_roundtrip(w, qtype)), f"seed {seed}"
 
 
-def test_q8_0_activations_equal_gguf_quants_bit_for_bit() -> None:
+@pytest.mark.parametrize("shape", [(2, 5, 96), (16, 70, 96)])
+def test_q8_0_activations_equal_gguf_quants_bit_for_bit(shape: tuple[int, ...]) -> None:
     spec = QuantSpec(bits=8, group_size=32, grid="q8_0", dynamic="token")
-    x = torch.randn(2, 5, 96) * 4
+    x = torch.randn(*shape) * 4
+    x[0, 0, :32] = torch.arange(32, dtype=torch.float32) * 0.5 - 8.0  # ties of the rounding
+    x[0, 1, :32] = 0.0  # a block with d = 0
     got = qat.FakeQuantizer(spec)(x)
-    ref = _gguf_roundtrip(x.reshape(-1, 96), gguf.GGMLQuantizationType.Q8_0)
+    ref = _gguf_roundtrip(x.reshape(-1, shape[-1]), gguf.GGMLQuantizationType.Q8_0)
     assert torch.equal(got, ref.reshape(x.shape))
+
+
+@pytest.mark.parametrize("serial", [True, False])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=8, signed=True, symmetric=False, dynamic="token"),
+        QuantSpec(bits=8, signed=True, symmetric=True, dynamic="token"),
+        QuantSpec(bits=8, signed=False, symmetric=True, dynamic="tensor"),
+        QuantSpec(bits=4, signed=True, symmetric=True, dynamic="token", group_size=32),
+        QuantSpec(bits=8, signed=False, symmetric=False, dynamic="token", group_size=64),
+        QuantSpec(bits=8, group_size=32, grid="q8_0", dynamic="token"),
+    ],
+    ids=["token", "token-sym", "tensor-sym-unsigned", "group32-4bit", "group64", "q8_0"],
+)
+def test_the_compiled_dynamic_kernel_is_bitwise_the_eager_one(
+    spec: QuantSpec, serial: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large activations take one compiled kernel (on one thread or two), with the eager
+    ops' values bit for bit, sign of zero included; a slice is quantized as its copy."""
+    from qat.quant import fake_quant
+    from qat.quant.dynamic import _fused_dynamic_quantize, dynamic_quantize
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 70, 128, generator=g) * 3
+    x[0, 0] = 0.0
+    x[0, 1] = -x[0, 1].abs()  # an all-negative token
+    x[1, :, :5] = torch.tensor([0.5, -0.5, 1.5, -0.0, 2.5])
+    assert x.numel() >= fake_quant.fused.MIN_NUMEL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(fake_quant.fused, "serial_numel", x.numel() + 1 if serial else 0)
+    try:
+        for inputs in (x, x[:, :, :64]):
+            got, want = _fused_dynamic_quantize(inputs, spec), dynamic_quantize(inputs, spec)
+            assert torch.equal(got, want) and got.signbit().equal(want.signbit())
+            assert got.shape == inputs.shape
+    finally:
+        torch.set_num_threads(threads)
+    assert ("_dynamic_rows", serial) in fake_quant.fused._compiled
+    assert not fake_quant.fused.failed
 
 
 def test_embedding_weight_only_per_group() -> None:
