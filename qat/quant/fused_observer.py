@@ -119,23 +119,25 @@ def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class _ObserveFakeQuantize(torch.autograd.Function):
+    """``x̂``; the new range, scale, zero point and finiteness flag go to ``state`` (a list),
+    not out as outputs: every output of a custom function costs autograd bookkeeping, and a
+    zero gradient made for it in the backward."""
+
     @staticmethod
-    def forward(ctx, x, *args):  # type: ignore[override]
+    def forward(ctx, x, state, *args):  # type: ignore[override]
         axis = args[-1][3]
         x, view = _kernel_view(x.detach(), axis)
-        out, codes, lo, hi, scale, zp, ok = fused.run(
-            _observe_quantize, _observe_quantize_eager, view, *args
-        )
+        out, codes, *new_state = fused.run(_observe_quantize, _observe_quantize_eager, view, *args)
         if view is not x:
             out = from_memory_view(out, x)
+        state.extend(new_state)
         ctx.per_tensor, ctx.rows = axis is None, view is not x
         ctx.layout = (tuple(x.shape), x.stride())
         ctx.save_for_backward(codes)
-        ctx.mark_non_differentiable(lo, hi, scale, zp, ok)
-        return out, lo, hi, scale, zp, ok
+        return out
 
     @staticmethod
-    def backward(ctx, grad, *_):  # type: ignore[override]
+    def backward(ctx, grad):  # type: ignore[override]
         (codes,) = ctx.saved_tensors
         if ctx.per_tensor:
             grad_x = fused.backward(grad, codes, ctx.layout)
@@ -144,7 +146,7 @@ class _ObserveFakeQuantize(torch.autograd.Function):
             grad_x = fused.run(_ste_grad, _ste_grad_eager, g, codes).view(grad.shape)
         else:
             grad_x = fused.run(_ste_grad, _ste_grad_eager, grad, codes)
-        return (grad_x,) + (None,) * 8
+        return (grad_x,) + (None,) * 9
 
 
 def applies(q: FakeQuantizer, x: torch.Tensor, relu: bool) -> bool:
@@ -188,9 +190,11 @@ def observe_fake_quantize(
     qmin, qmax = q.quant_range
     lo_t, hi_t = _grid(qmin, qmax, x)
     decay, keep, zero = _factors(q.spec.ema_decay, x)
-    out, lo, hi, scale, zp, ok = _ObserveFakeQuantize.apply(
-        x, q.min_val, q.max_val, lo_t, hi_t, decay, keep, zero, _config(q, qmin, relu)
+    state: list[torch.Tensor] = []
+    out = _ObserveFakeQuantize.apply(
+        x, state, q.min_val, q.max_val, lo_t, hi_t, decay, keep, zero, _config(q, qmin, relu)
     )
+    lo, hi, scale, zp, ok = state
     if not bool(ok):
         return out, False
     with torch.no_grad():
