@@ -138,7 +138,8 @@ def test_gguf_weight_grids_equal_gguf_quants_bit_for_bit(grid: str) -> None:
 def test_q8_0_activations_equal_gguf_quants_bit_for_bit(shape: tuple[int, ...]) -> None:
     spec = QuantSpec(bits=8, group_size=32, grid="q8_0", dynamic="token")
     x = torch.randn(*shape) * 4
-    x[0, 0, :32] = torch.arange(32, dtype=torch.float32) * 0.5 - 8.0  # ties of the rounding
+    x[0, 0, :32] = torch.arange(32, dtype=torch.float32) * 0.5 - 8.0
+    x[0, 0, 31] = 127.0  # d = 1: the half steps above are ties of the rounding
     x[0, 1, :32] = 0.0  # a block with d = 0
     got = qat.FakeQuantizer(spec)(x)
     ref = _gguf_roundtrip(x.reshape(-1, shape[-1]), gguf.GGMLQuantizationType.Q8_0)
