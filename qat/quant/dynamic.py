@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from qat.quant.blocks import GGUF_BLOCK, gguf_round_trip
-from qat.quant.fake_quant import _alias, cached_constants, eager_kernel, fused
+from qat.quant.fake_quant import as_rows, eager_kernel, fused, kernel_constants
 from qat.quant.qparams import qrange
 from qat.quant.spec import QuantSpec
 
@@ -76,7 +76,6 @@ def _dynamic_rows(rows, qmin, qmax, zero, cfg):  # type: ignore[no-untyped-def]
 
 
 _dynamic_rows_eager = eager_kernel(_dynamic_rows)
-_GRIDS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def _row_length(x: torch.Tensor, spec: QuantSpec) -> int:
@@ -101,10 +100,8 @@ def _kernel_args(x: torch.Tensor, spec: QuantSpec) -> tuple:
         qmin, qmax = -127, 127
     else:
         qmin, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
-    key = (qmin, qmax, x.device)
-    if key not in _GRIDS:
-        _GRIDS[key] = cached_constants((qmin, qmax, 0.0), torch.float32, x.device)
-    return (*_GRIDS[key], (spec.grid, spec.symmetric, qmin < 0))
+    constants = kernel_constants((qmin, qmax, 0.0), torch.float32, x.device)
+    return (*constants, (spec.grid, spec.symmetric, qmin < 0))
 
 
 def dynamic_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -118,11 +115,9 @@ def dynamic_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def _fused_dynamic_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """:func:`dynamic_quantize` as one compiled kernel over ``x``'s rows, bitwise the same
-    (``tests/quant/test_llm_numerics.py``). The rows are an alias of ``x``'s memory, not a view:
-    Dynamo would guard on the view's base (see ``fake_quant._alias``)."""
+    (``tests/quant/test_llm_numerics.py``)."""
     x = x.detach().contiguous()
-    k = _row_length(x, spec)
-    rows = _alias(x, x.storage_offset(), (x.numel() // k, k), (k, 1))
+    rows = as_rows(x, x.numel() // _row_length(x, spec))
     out = fused.run(_dynamic_rows, _dynamic_rows_eager, rows, *_kernel_args(x, spec))
     return out.view(x.shape)
 

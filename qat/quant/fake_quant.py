@@ -59,6 +59,13 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t if is_dense(t) else torch.empty_like(t).copy_(t)
 
 
+def as_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Contiguous ``t`` as ``(rows, numel / rows)``, an alias rather than a view (see
+    :func:`_alias`): the per-channel and per-row kernels' one rank whatever the layer."""
+    k = t.numel() // rows
+    return _alias(t, t.storage_offset(), (rows, k), (k, 1))
+
+
 def memory_view(t: torch.Tensor) -> torch.Tensor:
     """A dense ``t``'s elements as a 1-D tensor in memory order, sharing its storage.
 
@@ -274,29 +281,32 @@ fused = _FusedKernels()
 #: Kept for callers of the old name (its ``MIN_NUMEL``).
 fake_quant_forward = fused
 
-_GRIDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def cached_constants(
+def kernel_constants(
     values: tuple[float, ...], dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """0-dim tensors for a module-level cache, made outside inference mode: a cache filled
-    under it (Lightning's validation, BN re-estimation) would hand inference tensors to a later
-    training step, which cannot save them for its backward."""
-    with torch.inference_mode(False):
+    """``values`` as 0-dim tensors, the form the fused kernels take their numbers in: a changed
+    bit width or decay must not recompile them, and a number inlined as a constant can be
+    folded (``+ 0``) or rewritten (a division into a reciprocal multiply). Cached per process
+    outside compiled code (the kernels never write them), and made outside inference mode: a
+    cache filled under it (Lightning's validation, BN re-estimation) would hand inference
+    tensors to a later training step, which cannot save them for its backward."""
+    if torch.compiler.is_compiling():
         return tuple(torch.tensor(float(v), dtype=dtype, device=device) for v in values)
+    key = (values, dtype, device)
+    constants = _CONSTANTS.get(key)
+    if constants is None:
+        with torch.inference_mode(False):
+            constants = tuple(torch.tensor(float(v), dtype=dtype, device=device) for v in values)
+        _CONSTANTS[key] = constants
+    return constants
 
 
 def _grid(qmin: int, qmax: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qmin`` / ``qmax`` as 0-dim tensors of ``x``'s dtype: a changed bit width must not
-    recompile the fused kernels. Cached outside compiled code (the kernels never write them)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(float(qmin), dtype=x.dtype), torch.tensor(float(qmax), dtype=x.dtype)
-    key = (qmin, qmax, x.dtype, x.device)
-    grid = _GRIDS.get(key)
-    if grid is None:
-        grid = _GRIDS[key] = cached_constants((qmin, qmax), x.dtype, x.device)  # type: ignore[assignment]
-    return grid
+    """``qmin`` / ``qmax`` as 0-dim tensors of ``x``'s dtype (:func:`kernel_constants`)."""
+    return kernel_constants((qmin, qmax), x.dtype, x.device)  # type: ignore[return-value]
 
 
 class _FakeQuantize(torch.autograd.Function):

@@ -20,16 +20,17 @@ import torch
 from qat.quant.distributed import is_distributed
 from qat.quant.fake_quant import (
     STE_RELU_ZERO,
-    _alias,
+    _fake_quant_levels,
     _grid,
     _ste_codes,
     _ste_grad,
     _ste_grad_eager,
-    cached_constants,
+    as_rows,
     dense,
     eager_kernel,
     from_memory_view,
     fused,
+    kernel_constants,
     memory_view,
 )
 from qat.quant.qparams import qparams_from_range
@@ -37,17 +38,12 @@ from qat.quant.qparams import qparams_from_range
 if TYPE_CHECKING:
     from qat.quant.quantizer import FakeQuantizer
 
-_FACTORS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-
-def _factors(d: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factors(d: float, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``d`` and ``1 − d`` as the float32 values ``t * d`` and ``t * (1.0 − d)`` multiply by,
     and a float32 zero: the symmetric zero point, an input so that the compiler cannot fold
     ``+ 0`` away (eager's ``−0.0 + 0.0`` is ``+0.0``)."""
-    key = (d, like.device)
-    if key not in _FACTORS:
-        _FACTORS[key] = cached_constants((d, 1.0 - d, 0.0), torch.float32, like.device)
-    return _FACTORS[key]
+    return kernel_constants((d, 1.0 - d, 0.0), torch.float32, like.device)
 
 
 def _observe_quantize(x, min_val, max_val, qmin, qmax, decay, keep, zero, cfg):  # type: ignore[no-untyped-def]
@@ -83,8 +79,7 @@ def _observe_quantize(x, min_val, max_val, qmin, qmax, decay, keep, zero, cfg): 
     x_in = x
     if relu != "none":
         x = torch.where(at_qmin, x, torch.relu(x)) if relu == "unless_clamped" else torch.relu(x)
-    q = torch.round(x * (1.0 / s)) + z
-    clamped = torch.clamp(q, qmin, qmax)
+    q, clamped = _fake_quant_levels(x, s, z, qmin, qmax)
     out = (clamped - z) * s
     codes = _ste_codes(q, clamped)
     if relu != "none":
@@ -107,15 +102,8 @@ def _kernel_view(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch
         x = dense(x)
         return x, memory_view(x)
     if axis == 0 and x.is_contiguous() and x.numel() > 0:
-        return x, _rows(x, x)
+        return x, as_rows(x, x.shape[0])
     return x, x
-
-
-def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Contiguous ``t`` as ``(C, K)`` rows, C = ``like.shape[0]`` (not a view: see ``_alias``)."""
-    c = like.shape[0]
-    k = like.numel() // c
-    return _alias(t, t.storage_offset(), (c, k), (k, 1))
 
 
 class _ObserveFakeQuantize(torch.autograd.Function):
@@ -142,7 +130,7 @@ class _ObserveFakeQuantize(torch.autograd.Function):
         if ctx.per_tensor:
             grad_x = fused.backward(grad, codes, ctx.layout)
         elif ctx.rows:  # codes are the kernel's (C, K) rows; grad comes in the layer's shape
-            g = _rows(grad, grad) if grad.is_contiguous() else grad.reshape(codes.shape)
+            g = as_rows(grad, grad.shape[0]) if grad.is_contiguous() else grad.reshape(codes.shape)
             grad_x = fused.run(_ste_grad, _ste_grad_eager, g, codes).view(grad.shape)
         else:
             grad_x = fused.run(_ste_grad, _ste_grad_eager, grad, codes)

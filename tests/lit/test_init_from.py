@@ -126,10 +126,9 @@ def test_qat_trains_after_a_ptq_run_in_the_same_process(float_ckpt: Path, tmp_pa
     constants there; the QAT run's first backward could not save them, and every QAT row of
     the results table failed. The caches are per process, and other tests may have filled them
     already: start empty, as a fresh `python train.py -m` does."""
-    from qat.quant import fake_quant, fused_observer
+    from qat.quant import fake_quant
 
-    fake_quant._GRIDS.clear()
-    fused_observer._FACTORS.clear()
+    fake_quant._CONSTANTS.clear()
     _ptq(tmp_path / "ptq", float_ckpt)
     qat_dir = tmp_path / "qat"
     cfg = compose_train(

@@ -141,8 +141,7 @@ def test_a_first_call_under_inference_mode_leaves_training_working() -> None:
     """BN re-estimation and Lightning's validation run the model under inference mode; the
     grid and moving-average constants the kernels cache must not be inference tensors, which
     the next training step could not save for its backward."""
-    fake_quant._GRIDS.clear()
-    fused_observer._FACTORS.clear()
+    fake_quant._CONSTANTS.clear()
     q = FakeQuantizer(QuantSpec(bits=8, signed=False, symmetric=False), role="activation")
     q.train()
     with torch.inference_mode():
@@ -155,7 +154,7 @@ def test_a_first_call_under_inference_mode_leaves_training_working() -> None:
     frozen = FakeQuantizer(QuantSpec(bits=8), role="activation").train()
     frozen(torch.randn(4, 64, 300))
     frozen.observer_enabled = False  # the plain fake-quant kernel, grid cached under inference
-    fake_quant._GRIDS.clear()
+    fake_quant._CONSTANTS.clear()
     with torch.inference_mode():
         frozen(torch.randn(4, 64, 300))
     y = torch.randn(4, 64, 300, requires_grad=True)
