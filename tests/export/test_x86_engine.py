@@ -1,5 +1,12 @@
-"""PyTorch's ``x86`` quantized engine, bit for bit: its oneDNN convs, its fbgemm fallbacks, and
-whole exported models held to the fake-quant numerics of the engine they load under.
+"""PyTorch's ``x86`` quantized engine, bit for bit, as it behaves on the machine at hand: which
+kernels it runs convs on, how they round, what the export verifies under, and whole exported
+models held to the fake-quant numerics of the engine they load under.
+
+Where the CPU has AVX-512 VNNI (on Linux), ``x86`` runs convs of at most
+:data:`~qat.quant.numerics.ONEDNN_MAX_GROUPS` groups on oneDNN (:func:`onednn_levels`); on
+other CPUs (AVX2, the CI's class) it runs every conv on fbgemm (:func:`_fbgemm`). The tests ask
+the kernel which one this machine has and check that branch, and that the other one's rounding
+would have given other outputs on the same cases, so both machine classes run a real check.
 
 The kernel cases are built around rounding ties: each channel's multiplier ``s_in · s_w / s_out``
 sits within 2e-7 of 1/2, 1/4, 3/2, 1/8 or 3/4 and the bias within 2e-7 of a half level, so that
@@ -8,7 +15,9 @@ many outputs land next to a rounding boundary, where fbgemm and oneDNN disagree.
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +32,18 @@ from qat.export import check_parity, export_model, verify_artifacts
 from qat.export.torchscript import load_torchscript, numerics_target, quantized_engine
 from qat.quant.numerics import ONEDNN_MAX_GROUPS, onednn_levels
 
+#: Whether this machine's ``x86`` engine runs convs on oneDNN, as the kernel answers it.
 ONEDNN = numerics_target("x86") == "torchscript_x86"
-needs_onednn = pytest.mark.skipif(not ONEDNN, reason="x86 engine runs convs on fbgemm here")
+
+
+def _cpu_has_avx512_vnni() -> bool:
+    """The CPU flag ATen's ``should_use_onednn_quant`` asks for (``cpuinfo_has_x86_avx512vnni``)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return "avx512_vnni" in flags
 
 
 def _case(c: int, oc: int, groups: int, bits: int, k: int, seed: int) -> dict:
@@ -102,24 +121,41 @@ CONVS = [  # (in channels, out channels, kernel, stride, groups)
 ]
 
 
-@needs_onednn
+def test_the_x86_engine_here_is_the_one_the_cpu_selects() -> None:
+    """The kernel's answer (an exact tie rounded) agrees with the CPU flags ATen dispatches on,
+    and names the fake-quant numerics each engine is verified under on this machine."""
+    cpu_selects_onednn = sys.platform.startswith("linux") and _cpu_has_avx512_vnni()
+    assert cpu_selects_onednn == ONEDNN
+    assert numerics_target("x86") == ("torchscript_x86" if ONEDNN else "torchscript")
+    assert numerics_target("fbgemm") == "torchscript"  # fbgemm's rounding on every CPU
+    with pytest.raises(ValueError, match="qnnpack"):
+        numerics_target("qnnpack")
+
+
+def _rounding_here_and_elsewhere() -> tuple:
+    """This machine's x86 conv requantization, and the other machine class's."""
+    return (_onednn, _fbgemm) if ONEDNN else (_fbgemm, _onednn)
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: "c{}-oc{}-k{}-s{}-g{}".format(*c))
-def test_onednn_levels_equal_the_x86_conv_kernel(conv: tuple, bits: int, relu: bool) -> None:
+def test_x86_conv_kernel_rounds_as_the_engine_this_cpu_selects(
+    conv: tuple, bits: int, relu: bool
+) -> None:
     c, oc, k, stride, groups = conv
+    here, elsewhere = _rounding_here_and_elsewhere()
     flips = 0
     for seed in range(3):
         t = _case(c, oc, groups, bits, k, seed)
         acc = _acc(t, groups, stride)
         out = _kernel(t, "x86", groups, stride, relu)
-        assert torch.equal(out, _onednn(t, acc, relu)), seed
-        flips += int((out != _fbgemm(t, acc, relu)).sum())
+        assert torch.equal(out, here(t, acc, relu)), seed
+        flips += int((out != elsewhere(t, acc, relu)).sum())
     if bits == 4:
         assert flips > 0  # the cases reach the ties where the two engines part
 
 
-@needs_onednn
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 def test_wide_depthwise_convs_and_linears_stay_on_fbgemm(relu: bool) -> None:
     width = ONEDNN_MAX_GROUPS + 1
@@ -133,10 +169,11 @@ def test_wide_depthwise_convs_and_linears_stay_on_fbgemm(relu: bool) -> None:
         acc = _acc(t, 1, 1)
         out = _kernel(t, "x86", 1, 1, relu)
         assert torch.equal(out, _fbgemm(t, acc, relu, ch=-1))
-    # At the limit itself, oneDNN.
+    # At the limit itself, this machine's conv engine (oneDNN where the CPU has it).
+    here, _ = _rounding_here_and_elsewhere()
     t = _case(ONEDNN_MAX_GROUPS, ONEDNN_MAX_GROUPS, ONEDNN_MAX_GROUPS, 4, 3, 0)
     out = _kernel(t, "x86", ONEDNN_MAX_GROUPS, 1, relu)
-    assert torch.equal(out, _onednn(t, _acc(t, ONEDNN_MAX_GROUPS, 1), relu))
+    assert torch.equal(out, here(t, _acc(t, ONEDNN_MAX_GROUPS, 1), relu))
 
 
 class _Net(nn.Module):
@@ -196,12 +233,15 @@ def test_exported_layers_equal_the_fake_quant_model_under_each_engine(bits, tmp_
     for target in ("torchscript", "torchscript_x86"):
         with torch.no_grad(), runtime_numerics(q, target=target):
             refs[target] = q(x)
-    if ONEDNN:
-        assert not torch.equal(refs["torchscript"], refs["torchscript_x86"])  # near-ties hit
+    # The near-ties are hit: the two machine classes' numerics part on this batch.
+    assert not torch.equal(refs["torchscript"], refs["torchscript_x86"])
+    outs = {}
     for engine in ("x86", "fbgemm"):
         with torch.no_grad():
-            out = load_torchscript(path, engine=engine)(x)
-        assert torch.equal(out, refs[numerics_target(engine)]), engine
+            outs[engine] = load_torchscript(path, engine=engine)(x)
+        assert torch.equal(outs[engine], refs[numerics_target(engine)]), engine
+    # Without oneDNN the default engine computes what fbgemm does, to the bit.
+    assert torch.equal(outs["x86"], outs["fbgemm"]) == (not ONEDNN)
 
 
 def test_small_cnn_verifies_exactly_under_x86(tmp_path) -> None:
