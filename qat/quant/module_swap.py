@@ -62,7 +62,9 @@ def quantized_type(
         return qcls
     if is_hf_conv1d(module):
         return QConv1D
-    if type(module) is nn.Embedding and recipe.embedding.enabled:
+    # Subclasses too (Gemma's scaled embedding): QEmbedding.from_float keeps their forward.
+    quantized = hasattr(module, "weight_quant")
+    if isinstance(module, nn.Embedding) and not quantized and recipe.embedding.enabled:
         return QEmbedding
     return None
 

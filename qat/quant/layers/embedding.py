@@ -7,6 +7,9 @@ gets no quantizer of its own. Rows are quantized per row (axis 0), or per group 
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +46,8 @@ class QEmbedding(nn.Embedding):
                 "QEmbedding supports dense embeddings without max_norm (it renormalises the "
                 "float table in place): skip this layer with an override"
             )
+        if type(emb) is not nn.Embedding:
+            return _quantized_subclass(emb, weight_spec)
         q = cls(
             emb.num_embeddings,
             emb.embedding_dim,
@@ -56,8 +61,35 @@ class QEmbedding(nn.Embedding):
         return q
 
     def to_float(self) -> nn.Module:
+        base = getattr(type(self), "float_type", None)
+        if base is not None:  # a quantized subclass (_subclass_type): its own class back
+            emb = copy.deepcopy(self)
+            del emb.weight_quant
+            emb.__class__ = base
+            return emb
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
         emb = like(emb, self)
         with torch.no_grad():
             emb.weight.copy_(self.weight)
         return emb
+
+
+@functools.cache
+def _subclass_type(base: type[nn.Embedding]) -> type[nn.Embedding]:
+    """``Q<Base>``: ``base`` first in the MRO, so its own ``forward`` runs and its
+    ``super().forward(ids)`` (Gemma: ``· embed_scale``) is QEmbedding's quantized lookup."""
+    return type(
+        f"Q{base.__name__}", (base, QEmbedding), {"__module__": __name__, "float_type": base}
+    )
+
+
+def _quantized_subclass(emb: nn.Embedding, weight_spec: QuantSpec | None) -> nn.Embedding:
+    """An ``nn.Embedding`` subclass quantized in place of its lookup, keeping its forward and
+    its extra state (a scale buffer, a norm)."""
+    q = copy.deepcopy(emb)
+    q.__class__ = _subclass_type(type(emb))
+    shape = (emb.num_embeddings, emb.embedding_dim)
+    q.weight_quant = like(
+        weight_quantizer(weight_spec, emb.num_embeddings, axis=0, shape=shape), emb
+    )
+    return q
