@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,10 +38,11 @@ from qat.export.stage_lm import run_lm_export
 from qat.lit.builders import build_callbacks, build_loggers, build_module, log_hyperparameters
 from qat.lit.checkpoint import load_float_weights, resolve_ckpt_path
 from qat.lit.classifier import ClassifierModule
-from qat.lit.config import ConfigError, Validated, build_model, validate_config
+from qat.lit.config import Validated, build_model, validate_config
 from qat.lit.config_parts import example_input
 from qat.lit.qat_callback import QATCallback
 from qat.lit.results import RESULTS_FILE, build_results, metrics_of, optimized, write_json_atomic
+from qat.lit.rundir import guard_run_dir
 from qat.lit.wandb_report import log_results_to_wandb
 from qat.quant.integer_bias import snap_bias
 
@@ -130,7 +130,7 @@ def setup(cfg: DictConfig) -> Run:
     started = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-    _guard_run_dir(run_dir, ckpt_path)
+    guard_run_dir(run_dir, ckpt_path, cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     parts = validate_config(cfg)
@@ -284,36 +284,6 @@ def snap_model_bias(model: nn.Module, dm: Any) -> list[str]:
             return list(snap_bias(model, example))
     finally:
         model.train(was_training)
-
-
-def _is_rank_zero() -> bool:
-    # Before the Trainer exists: DDP children launched by Lightning (or torchrun / Slurm) carry
-    # their rank in the environment.
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        value = os.environ.get(var)
-        if value not in (None, "", "0"):
-            return False
-    return True
-
-
-def _guard_run_dir(run_dir: Path, ckpt_path: str | None = None) -> None:
-    """Refuse a run dir that holds another run; a restart of its own unfinished run is fine."""
-    if not _is_rank_zero():
-        return
-    if (run_dir / RESULTS_FILE).exists():
-        raise ConfigError(
-            f"{run_dir} already holds a finished run ({RESULTS_FILE}); runs never share a "
-            "directory: drop the hydra.run.dir override or pick a new one (to train it further, "
-            "start a new run with ckpt_path=<its checkpoints/last.ckpt>)"
-        )
-    ckpt_dir = run_dir / "checkpoints"
-    own = ckpt_path is not None and Path(ckpt_path).resolve().parent == ckpt_dir.resolve()
-    if not own and any(ckpt_dir.glob("*.ckpt")):
-        # A fresh run here would overwrite the interrupted run's checkpoints.
-        raise ConfigError(
-            f"{run_dir} holds an unfinished run ({ckpt_dir.name}/*.ckpt, no {RESULTS_FILE}): "
-            "resume it with ckpt_path=last, or pick a new hydra.run.dir"
-        )
 
 
 @rank_zero_only
