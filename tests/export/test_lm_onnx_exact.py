@@ -3,9 +3,14 @@
 Under :func:`qat.runtime_numerics` a GPT's dynamically quantized linears compute ONNX Runtime's
 kernels (``MatMulNBits`` int8, ``DynamicQuantizeMatMul``; :mod:`qat.quant.runtime_matmul`) and
 its float islands in float64 (:mod:`qat.quant.float_island`), as the exported graph does: the
-logits are equal, not close. The kernel emulation is of ONNX Runtime's x86 AVX-512 VNNI
-kernels; on other CPUs the exactness tests skip (the agreement thresholds of
-test_lm_export.py still apply everywhere).
+logits are equal, not close. ``DynamicQuantizeMatMul`` sums exactly and rounds its epilogue
+in a fixed order, so that holds on every x86 CPU. ``MatMulNBits``' int8 kernel combines its
+blocks in float32 in an order the emulation takes from ONNX Runtime's AVX-512 VNNI kernel; on
+other CPUs (AVX2: the CI's class) it sums in another order, within float32 rounding of the
+same value, and where such a difference moves a later layer's Q8_0 code by one level the
+logits of that position move by about a level's effect. There the test checks that contract:
+next-token agreement >= 99.9%, few positions moved beyond float32 rounding, and a small
+largest move.
 """
 
 from __future__ import annotations
@@ -33,9 +38,8 @@ def _has_avx512_vnni() -> bool:
         return False
 
 
-needs_vnni = pytest.mark.skipif(
-    not _has_avx512_vnni(), reason="emulates ONNX Runtime's x86 AVX-512 VNNI kernels"
-)
+#: Whether ONNX Runtime runs the kernels :mod:`qat.quant.runtime_matmul` emulates here.
+VNNI = _has_avx512_vnni()
 
 
 def _exact_fma32(a: float, b: float, c: float) -> float:
@@ -83,16 +87,20 @@ def _gpt128(recipe: str) -> torch.nn.Module:
     return model.eval()
 
 
-@needs_vnni
 @pytest.mark.parametrize("recipe,kind", [("lm_q4_0", "nbits_int8"), ("lm_w8da8", "dynamic_int8")])
 def test_onnx_logits_equal_the_runtime_numerics_of_the_fake_quant_model(
     recipe: str, kind: str, tmp_path: Path
 ) -> None:
+    """Bit for bit where this CPU runs the emulated kernels (``DynamicQuantizeMatMul``
+    everywhere, ``MatMulNBits`` on AVX-512 VNNI); elsewhere the contract in the docstring."""
     model = _gpt128(recipe)
     kinds = {ort_linear_kind(m) for m in model.modules() if hasattr(m, "act_quant")}
     assert kind in kinds
     x = lm_test_batches(1)[0][0]
     path = export_lm(model, tmp_path, x[:1], targets=["onnx"])["onnx"]
+    with torch.no_grad(), qat.runtime_numerics(model):
+        ref = model(x)
+    exact = kind == "dynamic_int8" or VNNI
     for level in (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -101,9 +109,19 @@ def test_onnx_logits_equal_the_runtime_numerics_of_the_fake_quant_model(
         so.graph_optimization_level = level
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         out = torch.from_numpy(sess.run(None, {"input_ids": x.numpy()})[0])
-        with torch.no_grad(), qat.runtime_numerics(model):
-            ref = model(x)
-        assert torch.equal(out, ref), float((out - ref).abs().max())
+        diff = (out - ref).abs()
+        if exact:
+            assert torch.equal(out, ref), float(diff.max())
+            continue
+        # AVX2 here (ORT 1.32, 16 x 64 tokens): 100% agreement, 0.6% of positions moved
+        # beyond 1e-4 (a Q8_0 code one level off upstream), largest move 0.7% of max |logit|.
+        agreement = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+        moved = float((diff.amax(-1) > 1e-4).float().mean())
+        assert agreement >= 0.999, agreement
+        assert moved <= 0.02, moved
+        assert float(diff.max()) <= 0.02 * float(ref.abs().max()), float(diff.max())
+        # The typical logit is the emulation's to within float32 rounding.
+        assert float(diff.median()) <= 1e-6 * float(ref.abs().max()), float(diff.median())
 
 
 def test_float32_islands_are_recorded_and_verified_against_the_plain_model(
