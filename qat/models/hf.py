@@ -1,0 +1,129 @@
+"""A local Hugging Face causal language model and its tokenizer (``model=hf``).
+
+:func:`load_hf_causal_lm` loads any folder ``save_pretrained`` wrote (``config.json``,
+safetensors, tokenizer files) with ``AutoModelForCausalLM.from_pretrained(path,
+local_files_only=True)``: nothing is downloaded. The data (``data=text``) reads the same folder's
+tokenizer through :func:`load_hf_tokenizer`. Bad folders are refused with one line naming what
+is missing, before any work.
+
+Example:
+    >>> model = load_hf_causal_lm("checkpoints/my-llama", dtype="float32")
+    >>> tok = load_hf_tokenizer("checkpoints/my-llama")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DTYPES", "check_hf_folder", "load_hf_causal_lm", "load_hf_tokenizer"]
+
+#: ``model.dtype`` values: the weights' dtype after loading.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Files of which one marks a saved tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "model=hf needs the `transformers` package: pip install -e '.[llm]'"
+        ) from None
+    return transformers
+
+
+def check_hf_folder(path: str | Path | None, need_tokenizer: bool = True) -> Path:
+    """``path`` as a ``Path`` if it holds a saved model (and tokenizer); one clear error if not.
+
+    Raises:
+        ValueError: no path, no folder, no ``config.json``, or no tokenizer files.
+    """
+    if path is None or str(path) in ("", "???"):
+        raise ValueError("model.path is required: model.path=<a folder save_pretrained wrote>")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"model.path={path}: no such folder (a local folder save_pretrained wrote; "
+            "nothing is downloaded)"
+        )
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"model.path={path} has no config.json: not a Hugging Face model folder (save one "
+            "with model.save_pretrained(folder))"
+        )
+    if need_tokenizer and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"model.path={path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): save it there "
+            "with tokenizer.save_pretrained(folder)"
+        )
+    return folder
+
+
+def load_hf_tokenizer(path: str | Path) -> Any:
+    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``, checked first."""
+    folder = check_hf_folder(path)
+    transformers = _transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise ValueError(f"model.path={path}: the tokenizer does not load: {err}") from None
+
+
+def load_hf_causal_lm(
+    path: str,
+    dtype: str = "float32",
+    gradient_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "eager",
+) -> nn.Module:
+    """A local Hugging Face causal LM, in training mode.
+
+    Args:
+        path: a folder ``save_pretrained`` wrote (config.json, weights, tokenizer).
+        dtype: ``float32`` (QAT on CPU: the default), ``bfloat16`` or ``float16``.
+        gradient_checkpointing: recompute the blocks' activations in the backward pass (less
+            memory, about a third more compute).
+        trust_remote_code: run the folder's own modelling code (only for folders you trust).
+        attn_implementation: ``eager`` (the default: plain matmuls, what the exporters trace),
+            ``sdpa``, or null for transformers' choice.
+
+    Raises:
+        ValueError: a bad folder or option (one line saying what to fix).
+    """
+    folder = check_hf_folder(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is invalid: allowed: {', '.join(DTYPES)}")
+    transformers = _transformers()
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": DTYPES[dtype]}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except Exception as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(
+            f"model.path={path}: AutoModelForCausalLM cannot load it: "
+            f"{first[0] if first else type(err).__name__}"
+        ) from None
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"model.gradient_checkpointing=true: {type(model).__name__} does not support it; "
+                "set model.gradient_checkpointing=false"
+            )
+        # Non-reentrant: the fake quantizers' autograd functions recompute cleanly.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # The QAT loop owns the cache and the loss: logits only.
+    model.config.use_cache = False
+    return model.train()
