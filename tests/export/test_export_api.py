@@ -187,16 +187,25 @@ def test_model_is_not_modified(qmodel, tmp_path) -> None:
     assert training == [m.training for m in qmodel.modules()]
 
 
-def test_int4_packed_is_smaller_and_gives_the_same_outputs(qmodel, tmp_path) -> None:
+def test_int4_packed_is_smaller_and_runs_the_same_integer_kernels(qmodel, tmp_path) -> None:
     int8 = export_model(qmodel, tmp_path / "int8", _batch(), targets=["onnx"])["onnx"]
     int4 = export_model(qmodel, tmp_path / "int4", _batch(), targets=["onnx"], int4_packed=True)[
         "onnx"
     ]
     proto = onnx.load(str(int4))
     assert proto.opset_import[0].version == 21
-    types = {t.data_type for t in proto.graph.initializer}
-    assert onnx.TensorProto.INT4 in types
+    inits = {t.name: t for t in proto.graph.initializer}
+    # Every conv / linear weight is stored packed and widened by a Cast in front of its DQ.
+    casts = [n for n in proto.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 3, [n.op_type for n in proto.graph.node]
+    for cast in casts:
+        assert inits[cast.input[0]].data_type == onnx.TensorProto.INT4
+        assert cast.attribute[0].i == onnx.TensorProto.INT8
     assert int4.stat().st_size < int8.stat().st_size
+    # ONNX Runtime folds the Cast and fuses the same integer kernels as for the int8 file: no
+    # layer left in float.
+    assert runtime_graph(int4) == runtime_graph(int8)
+    assert runtime_graph(int4)["float_ops"] == []
     x = torch.rand(16, 1, 6, 6)
     a = run_session(make_session(int8, threads=1), x)[0]
     b = run_session(make_session(int4, threads=1), x)[0]

@@ -19,7 +19,8 @@ optimizer turns into integer kernels on CPU:
   rounds otherwise (``QLinearSoftmax``, ``QLinearSigmoid``, ``QLinearMul``). Average pooling
   keeps a plain ``Q`` so that it fuses into ``QLinearGlobalAveragePool``;
 - weights are int8 initializers (sub-8-bit weights as int8 holding the narrow grid, or packed
-  INT4 with ``int4_packed=True``), never ``Q → DQ`` of float weights; biases are int32
+  INT4 with ``int4_packed=True``, widened by a ``Cast`` to int8 that ONNX Runtime folds at
+  load, before its QDQ fusion), never ``Q → DQ`` of float weights; biases are int32
   initializers; activations are uint8 with zero points (the fast u8 × s8 path on x86);
 - a fused ReLU with a non-zero zero point, and every sub-8-bit activation grid, become an
   integer ``Clip`` on the uint8 tensor after ``Q`` (``relu`` then quantize equals quantize then

@@ -84,8 +84,9 @@ def build_onnx_model(
             dimension is dynamic in the exported graph.
         converted: :func:`qat.export.convert.convert` of the same model and input, if at hand.
         opset: ONNX opset (default 17; 21 with ``int4_packed``).
-        int4_packed: store weights whose levels fit 4 bits as INT4 (half the bytes of int8;
-            ONNX Runtime then runs those convs in float: same outputs, slower).
+        int4_packed: store weights whose levels fit 4 bits as INT4 (half the bytes of int8),
+            each widened by a ``Cast`` to int8 that ONNX Runtime folds at load, so it runs the
+            same integer kernels and outputs as the int8 file.
     """
     opset = resolve_opset(opset, int4_packed)
     if converted is None:
