@@ -24,6 +24,7 @@ import contextlib
 import glob
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -34,7 +35,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "commit",
+    "commit_dir",
+    "free_dir",
     "remove_stale",
+    "staged_dir",
     "staged_path",
     "write_staged",
 ]
@@ -179,3 +183,67 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically (see the module docstring)."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+# ---------------------------------------------------------------------- whole folders
+def free_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` if it does not exist or is empty, else the first free ``<path>-2``, ``-3``, ..."""
+    path = Path(path)
+    candidate, n = path, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def staged_dir(path: str | os.PathLike[str]) -> Path:
+    """A new, empty hidden folder next to ``path``, to fill and then :func:`commit_dir`.
+
+    Named like :func:`staged_path`'s files (``.<name>.<host>-<pid>-*.tmp``), so a killed
+    writer's folder is recognised and removed by the next staging of the same destination.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_dirs(path)
+    owner = f"{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner}", suffix=".tmp", dir=path.parent))
+    # mkdtemp makes 0700 folders: give it the mode an ordinary folder would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def _remove_stale_dirs(path: Path) -> None:
+    prefix = f".{path.name}."
+    host = socket.gethostname()
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        m = _TMP_NAME.match(tmp.name[len(prefix) :])
+        if not tmp.is_dir() or m is None or m["host"] != host:
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_dir(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Move the filled folder ``tmp`` onto ``path``: every file fsynced, then one rename.
+
+    A ``path`` that holds files is replaced: it is first renamed aside (hidden, beside it), the
+    new folder renamed into place, and only then the old one removed, so at every moment
+    ``path`` is either the whole old set or the whole new one (or, between the two renames,
+    absent, with the old set beside it).
+    """
+    tmp, path = Path(tmp), Path(path)
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync_file(file)
+    _fsync_dir(tmp)
+    old = None
+    if path.exists():
+        old = staged_dir(path)
+        os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -39,10 +39,13 @@ from qat.lit.errors import ConfigError
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
+    "check_checkpoint_fits",
     "last_checkpoint",
     "load_checkpoint",
     "load_float_weights",
+    "model_weights",
     "resolve_ckpt_path",
+    "state_mismatch",
 ]
 
 log = logging.getLogger(__name__)
@@ -228,3 +231,77 @@ def load_float_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             f"{str(err).splitlines()[0]}"
         ) from None
     log.info("float weights loaded from %s", file)
+
+
+def model_weights(state: Any) -> Mapping[str, Any] | None:
+    """The network's weights in a Lightning checkpoint (``model.`` prefix dropped) or a
+    plain state_dict; None when ``state`` holds neither."""
+    weights = state.get("state_dict", state) if isinstance(state, Mapping) else None
+    if not isinstance(weights, Mapping) or not all(isinstance(k, str) for k in weights):
+        return None
+    prefix = "model."
+    if any(k.startswith(prefix) for k in weights):
+        weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    return weights
+
+
+def state_mismatch(model: nn.Module, weights: Mapping[str, Any]) -> str | None:
+    """How ``weights`` fail to fit ``model``, in one short line (None: they fit exactly)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [
+        f"{k}: {list(getattr(weights[k], 'shape', []))} vs {list(v.shape)}"
+        for k, v in own.items()
+        if k in weights
+        and hasattr(weights[k], "shape")
+        and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]}, file vs model)")
+    return "; ".join(parts) or None
+
+
+def check_checkpoint_fits(
+    state: Mapping[str, Any], model: nn.Module, recipe: Mapping[str, Any] | None, what: str
+) -> None:
+    """Refuse a checkpoint trained with another recipe or holding another network.
+
+    ``model`` is the config's network prepared with its recipe (what the checkpoint is loaded
+    into); ``recipe`` is the config's recipe as a dict (``Recipe.to_dict()``), compared with the
+    one the QAT callback saved in the checkpoint. ``what`` names the file in the message
+    (``ckpt_path=...``).
+
+    Raises:
+        CheckpointError: one line naming the difference and what to do instead.
+    """
+    from qat.lit.rundir import first_difference
+    from qat.quant.spec import Recipe
+
+    saved = (state.get("callbacks") or {}).get("QATCallback") or {}
+    saved_recipe = saved.get("recipe") if isinstance(saved, Mapping) else None
+    if recipe is not None and saved_recipe is not None:
+        before = Recipe.from_dict(saved_recipe).to_dict()
+        diff = first_difference(before, dict(recipe), "quant")
+        if diff is not None:
+            where, old, new = diff
+            raise CheckpointError(
+                f"{what} was trained with another quantization recipe ({where}: {old} in the "
+                f"checkpoint, {new} in this config): use the quant settings of the run that "
+                "wrote it (its .hydra/config.yaml)"
+            )
+    weights = model_weights(state)
+    if weights is None:
+        raise CheckpointError(f"{what} holds no state_dict (not a Lightning checkpoint)")
+    mismatch = state_mismatch(model, weights)
+    if mismatch is not None:
+        raise CheckpointError(
+            f"{what} does not fit the configured model {type(model).__name__} ({mismatch}): "
+            "use the model, data and quant settings of the run that wrote it (its "
+            ".hydra/config.yaml)"
+        )

@@ -4,8 +4,12 @@ Reads the training run's ``.hydra/config.yaml`` (found above the checkpoint, or 
 rebuilds the model, prepares it with the run's recipe, loads the checkpoint's weights and
 quantizer state (:func:`qat.lit.checkpoint.load_checkpoint`, ``weights_only=True``: a file that
 would run code is refused), then exports, verifies, checks parity and benchmarks exactly as the
-training pipeline does, into ``<run dir>/export/`` (or ``export.out_dir``), with
-``export_report.json`` beside the models.
+training pipeline does. The set lands whole (:func:`qat.export.bundle.export_folder`): in
+``<run dir>/export/`` (or ``export.out_dir``) when that is empty, else in a new
+``export-2/``, ``export-3/``, ... (``export.replace=true`` swaps the folder instead and updates
+``results.json``), with ``export_report.json`` and ``manifest.json`` (sha256 and size of every
+file, the checkpoint, the parity) beside the models. A checkpoint from a float warm-up epoch is
+calibrated first, as the training run does when its training ends in warm-up.
 
 The entry point is ``qat/export/__main__.py``; the work is here, in the app, because it starts
 from the training run's Hydra config. Options (Hydra overrides, composed with
@@ -13,30 +17,42 @@ from the training run's Hydra config. Options (Hydra overrides, composed with
 
     export.targets=[onnx,torchscript]  export.int4_packed=true  export.out_dir=...
     export.verify=false  export.bench=false  export.verify_batches=20
-    export.fail_on_parity=false  snap_bias=false
+    export.fail_on_parity=false  export.replace=true  snap_bias=false
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
+from qat.export.bundle import export_folder, file_digest
 from qat.export.stage import parity_failure, run_export
 from qat.export.stage_lm import LM_TARGETS, run_lm_export
-from qat.lit.checkpoint import load_checkpoint
+from qat.lit.checkpoint import check_checkpoint_fits, load_checkpoint, model_weights
 from qat.lit.config import ConfigError, build_model, validate_config
 from qat.lit.config_parts import example_input
-from qat.lit.results import write_json_atomic
+from qat.lit.qat_callback import QATCallback
+from qat.lit.results import RESULTS_FILE, write_json_atomic
+from qat.lit.targets import check_targets
 from qat.lit.train import dm_test_loader, snap_model_bias
+from qat.quant.control import uninitialized_quantizers
 from qat.quant.prepare import prepare
 
 __all__ = ["export_checkpoint", "find_run_dir", "load_checkpoint_model", "main_cli"]
 
 log = logging.getLogger("qat.export")
+
+#: The report of a re-export, in its folder beside the models.
+REPORT_FILE = "export_report.json"
 
 
 def find_run_dir(ckpt: Path) -> Path:
@@ -49,13 +65,29 @@ def find_run_dir(ckpt: Path) -> Path:
     )
 
 
-def load_checkpoint_model(ckpt: Path, run_dir: Path) -> tuple[Any, Any, DictConfig]:
-    """Rebuild the run's prepared model with the checkpoint's state; also its DataModule."""
+def load_checkpoint_model(
+    ckpt: Path, run_dir: Path, allowed: Iterable[str] = ()
+) -> tuple[Any, Any, DictConfig]:
+    """Rebuild the run's prepared model with the checkpoint's state; also its DataModule.
+
+    The checkpoint is checked against the run's config (recipe, every tensor's name and shape)
+    before it is loaded. A checkpoint written before quantization started (a float warm-up
+    epoch: its quantizers never saw data) is calibrated as the training run calibrates a model
+    whose training ended in warm-up: the schedule's final state on the run's training batches.
+    """
     train_cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert isinstance(train_cfg, DictConfig)
     with open_dict(train_cfg):
         # The saved config refers to its run dir through Hydra's runtime; pin it.
         train_cfg.paths.output_dir = str(run_dir)
+    # A run folder is data, not code: its _target_s must be ones the project allows.
+    # Its own allowed_targets are not trusted; ``allowed`` comes from this command's line.
+    check_targets(
+        train_cfg,
+        source=f"{run_dir}/.hydra/config.yaml",
+        extra_packages=allowed,
+        trust_config=False,
+    )
     # First, with weights_only=True: a file that would run code is refused before any work.
     state = load_checkpoint(ckpt)
     # The schedule is history here: only the model and data are rebuilt.
@@ -64,48 +96,101 @@ def load_checkpoint_model(ckpt: Path, run_dir: Path) -> tuple[Any, Any, DictConf
         raise ConfigError(f"{run_dir} is a float run (quant.enabled=false): nothing to export")
     # The example training used: the captured graph (and its layer names) is the same.
     model = prepare(parts.model, parts.recipe, example_inputs=example_input(parts.datamodule))
-    weights = state.get("state_dict", state) if isinstance(state, dict) else state
-    prefix = "model."
-    if any(k.startswith(prefix) for k in weights):
-        weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"{ckpt} does not fit the model of {run_dir}/.hydra/config.yaml: {err}"
-        ) from None
+    check_checkpoint_fits(state, model, parts.recipe.to_dict(), f"ckpt_path={ckpt}")
+    weights = model_weights(state)
+    assert weights is not None
+    model.load_state_dict(weights, strict=True)
+    if uninitialized_quantizers(model):
+        _calibrate_untrained(model, parts, train_cfg, state, ckpt)
     return model.eval(), parts.datamodule, train_cfg
 
 
+def _calibrate_untrained(
+    model: nn.Module, parts: Any, train_cfg: DictConfig, state: Any, ckpt: Path
+) -> None:
+    """Calibrate a warm-up checkpoint's model as ``train`` does when training ends in warm-up
+    (:meth:`QATCallback.quantize_untrained`), on the run's own training data."""
+    saved = (state.get("callbacks") or {}).get("QATCallback") or {}
+    if saved.get("calibrated"):
+        return  # quantization had started: those quantizers never see data; export says which
+    log.info(
+        "%s is from epoch %s, before quantization started: calibrating its quantizers on the "
+        "run's training data, as the run does when training ends in warm-up",
+        ckpt.name,
+        state.get("epoch"),
+    )
+    cb_cfg = next(
+        (
+            c
+            for c in (train_cfg.get("callbacks") or {}).values()
+            if c and str(c.get("_target_", "")).endswith("QATCallback")
+        ),
+        None,
+    )
+    seed = int(train_cfg.get("seed") or 0)
+    if cb_cfg is not None:
+        callback = instantiate(cb_cfg, recipe=parts.recipe.to_dict(), _convert_="all")
+    else:
+        callback = QATCallback(parts.recipe, parts.schedule, calibration_seed=seed)
+    dm = parts.datamodule
+    dm.setup("fit")
+    # What the callback reads of a Trainer and a LightningModule here: the training batches,
+    # the step (it seeds BN re-estimation) and the network.
+    trainer = SimpleNamespace(
+        train_dataloader=dm.train_dataloader(),
+        datamodule=dm,
+        global_step=int(state.get("global_step") or 0),
+    )
+    module = SimpleNamespace(model=model)
+    callback.setup(trainer, module, "fit")  # type: ignore[arg-type]
+    callback.quantize_untrained(trainer, module)  # type: ignore[arg-type]
+
+
 def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """The CLI's work, callable from Python with a composed ``export_ckpt`` config."""
+    """The CLI's work, callable from Python with a composed ``export_ckpt`` config.
+
+    The set goes to a new folder (``<run dir>/export-2``, ...) when the run's ``export/``
+    already holds one, unless ``export.replace=true``.
+    """
     ckpt = Path(str(cfg.ckpt_path)).expanduser().resolve()
     if not ckpt.is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file")
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} is not a file; pass a checkpoint of a training run, "
+            "e.g. <run dir>/checkpoints/last.ckpt"
+        )
     run_dir = Path(cfg.run_dir).expanduser().resolve() if cfg.get("run_dir") else find_run_dir(ckpt)
-    model, dm, train_cfg = load_checkpoint_model(ckpt, run_dir)
-    out_dir = Path(cfg.export.get("out_dir") or run_dir / "export")
-    report_path = out_dir / "export_report.json"
-    report: dict[str, Any] = {"ckpt_path": str(ckpt), "run_dir": str(run_dir)}
-    if train_cfg.get("task", "classification") == "language_model":
+    allowed = list(cfg.get("allowed_targets") or [])
+    model, dm, train_cfg = load_checkpoint_model(ckpt, run_dir, allowed)
+    lm = train_cfg.get("task", "classification") == "language_model"
+    if lm:
         targets = list(cfg.export.get("targets") or [])
         if not set(targets) <= set(LM_TARGETS):
             raise ConfigError(
                 f"export.targets={targets}: {run_dir} trained a language model, whose targets "
                 f"are {', '.join(LM_TARGETS)}: pass export=lm (or export.targets=[gguf,onnx])"
             )
-        report.update(
-            run_lm_export(model, dm_test_loader(dm), cfg.export, out_dir, build_model(train_cfg))
-        )
-    elif cfg.get("snap_bias", True):
+    report: dict[str, Any] = {"ckpt_path": str(ckpt), "run_dir": str(run_dir)}
+    if not lm and cfg.get("snap_bias", True):
         # As the training pipeline does before its test: the checkpoint holds the unsnapped
         # model, snapping again gives the same biases.
         report["snapped_bias_layers"] = len(snap_model_bias(model, dm))
-    if "artifacts" not in report:
-        report.update(
-            run_export(model, dm_test_loader(dm), cfg.export, out_dir, build_model(train_cfg))
-        )
-    write_json_atomic(report_path, report)
+
+    def build(folder: Path) -> dict[str, Any]:
+        stage = run_lm_export if lm else run_export
+        return stage(model, dm_test_loader(dm), cfg.export, folder, build_model(train_cfg))
+
+    source = {"from": "checkpoint", "path": str(ckpt), "sha256": file_digest(ckpt)}
+    out_dir = Path(cfg.export.get("out_dir") or run_dir / "export")
+    replace = bool(cfg.export.get("replace", False))
+    report = export_folder(
+        out_dir,
+        lambda folder: {**report, **build(folder)},
+        checkpoint=source,
+        replace=replace,
+        report_name=REPORT_FILE,
+    )
+    if replace:
+        _update_results(run_dir, out_dir, report)
     failure = parity_failure(report)
     if failure is not None:
         if cfg.export.get("fail_on_parity", True):
@@ -113,10 +198,24 @@ def export_checkpoint(cfg: DictConfig) -> dict[str, Any]:
         # As in training: the failure is recorded in the report and the command goes on.
         log.error("parity_failed (export.fail_on_parity=false): %s", failure)
         return report
-    log.info("exported %s → %s", ckpt, out_dir)
+    log.info("exported %s → %s", ckpt, report["out_dir"])
     for name, path in report.get("artifacts", {}).items():
         log.info("  %s: %s", name, path)
     return report
+
+
+def _update_results(run_dir: Path, out_dir: Path, report: dict[str, Any]) -> None:
+    """A replaced export folder that ``results.json`` describes: describe the new files."""
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        return
+    results = json.loads(path.read_text(encoding="utf-8"))
+    old = results.get("export") or {}
+    if Path(str(old.get("out_dir", ""))).resolve() != out_dir.resolve():
+        return
+    results["export"] = report
+    results["export_replaced_by"] = f"python -m qat.export ckpt_path={report['ckpt_path']}"
+    write_json_atomic(path, results)
 
 
 def main_cli(cfg: DictConfig) -> None:

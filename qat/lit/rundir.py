@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from qat.lit.errors import ConfigError
 from qat.lit.results import RESULTS_FILE
 
-__all__ = ["RunDirGuard", "guard_run_dir", "is_rank_zero"]
+__all__ = ["RunDirGuard", "first_difference", "guard_run_dir", "is_rank_zero"]
 
 #: The config keys a resumed run must share with the run it resumes.
 _RESUME_KEYS = ("task", "model", "quant", "data._target_")
@@ -88,7 +88,7 @@ def _select(cfg: Any, key: str) -> Any:
 def _check_same_run(cfg: DictConfig, saved_path: Path) -> None:
     saved = OmegaConf.load(saved_path)
     for key in _RESUME_KEYS:
-        diff = _difference(_select(saved, key), _select(cfg, key), key)
+        diff = first_difference(_select(saved, key), _select(cfg, key), key)
         if diff is None:
             continue
         where, before, now = diff
@@ -100,13 +100,13 @@ def _check_same_run(cfg: DictConfig, saved_path: Path) -> None:
         )
 
 
-def _difference(before: Any, now: Any, where: str) -> tuple[str, str, str] | None:
+def first_difference(before: Any, now: Any, where: str) -> tuple[str, str, str] | None:
     """The first key under ``where`` whose value differs, with both values (short)."""
     if before == now:
         return None
     if isinstance(before, dict) and isinstance(now, dict):
         for key in list(before) + [k for k in now if k not in before]:
-            diff = _difference(
+            diff = first_difference(
                 before.get(key, "<unset>"), now.get(key, "<unset>"), f"{where}.{key}"
             )
             if diff is not None:
@@ -127,6 +127,10 @@ class RunDirGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            from qat.lit.targets import check_targets
+
+            # Before Hydra creates the run dir: a refused target leaves nothing behind.
+            check_targets(config)
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             ckpt = config.get("ckpt_path")
             resolved = None

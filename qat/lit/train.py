@@ -33,18 +33,26 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
 
+from qat.export.bundle import export_folder
 from qat.export.stage import parity_failure, run_export
 from qat.export.stage_lm import run_lm_export
 from qat.lit.builders import build_callbacks, build_loggers, build_module, log_hyperparameters
-from qat.lit.checkpoint import load_float_weights, resolve_ckpt_path
+from qat.lit.checkpoint import (
+    check_checkpoint_fits,
+    load_checkpoint,
+    load_float_weights,
+    resolve_ckpt_path,
+)
 from qat.lit.classifier import ClassifierModule
 from qat.lit.config import Validated, build_model, validate_config
 from qat.lit.config_parts import example_input
 from qat.lit.qat_callback import QATCallback
 from qat.lit.results import RESULTS_FILE, build_results, metrics_of, optimized, write_json_atomic
 from qat.lit.rundir import guard_run_dir
+from qat.lit.targets import check_targets
 from qat.lit.wandb_report import log_results_to_wandb
 from qat.quant.integer_bias import snap_bias
+from qat.quant.prepare import prepare
 
 __all__ = ["Run", "dm_test_loader", "snap_model_bias", "train"]
 
@@ -128,6 +136,7 @@ def train(cfg: DictConfig) -> float | dict[str, float] | None:
 def setup(cfg: DictConfig) -> Run:
     """Validate the config (one clear error before any work), seed, build every part."""
     started = time.perf_counter()
+    check_targets(cfg)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     guard_run_dir(run_dir, ckpt_path, cfg)
@@ -135,6 +144,10 @@ def setup(cfg: DictConfig) -> Run:
         L.seed_everything(int(cfg.seed), workers=True)
     parts = validate_config(cfg)
     model, recipe, schedule = parts.model, parts.recipe, parts.schedule
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        # Before anything is built on it: another model or recipe is one line, not Lightning's
+        # 40-line state_dict error after the whole setup.
+        _check_resume(ckpt_path, parts)
     if cfg.get("init_from"):
         # Fine-tune (or, with trainer.max_epochs=0, post-training-quantize) a trained float
         # model: its weights go in before the QAT callback swaps the layers.
@@ -228,18 +241,26 @@ def export(run: Run, results: dict[str, Any]) -> Exception | None:
         return None
     out_dir = Path(options.get("out_dir") or run.run_dir / "export")
     dm = run.parts.datamodule
+    lm = _is_lm(run.cfg)
+    if not lm and run.snapped is None and run.cfg.get("snap_bias", True):
+        run.snapped = snap_model_bias(run.module.model, dm)
+
+    def build(folder: Path) -> dict[str, Any]:
+        # No int32 bias grid to snap to for a language model: the LM kernels add float biases.
+        stage = run_lm_export if lm else run_export
+        return stage(run.module.model, dm_test_loader(dm), options, folder, build_model(run.cfg))
+
+    source = {
+        "from": "training run (its final model)",
+        "run_dir": str(run.run_dir),
+        "last_checkpoint": results.get("checkpoints", {}).get("last"),
+        "epoch": run.trainer.current_epoch,
+        "global_step": run.trainer.global_step,
+    }
     try:
-        if _is_lm(run.cfg):
-            # No int32 bias grid to snap to: the LM kernels add float biases.
-            report = run_lm_export(
-                run.module.model, dm_test_loader(dm), options, out_dir, build_model(run.cfg)
-            )
-        else:
-            if run.snapped is None and run.cfg.get("snap_bias", True):
-                run.snapped = snap_model_bias(run.module.model, dm)
-            report = run_export(
-                run.module.model, dm_test_loader(dm), options, out_dir, build_model(run.cfg)
-            )
+        report = export_folder(
+            out_dir, build, checkpoint=source, replace=bool(options.get("replace", False))
+        )
     except Exception as err:
         results["status"] = "export_failed"
         results["export"] = {"error": f"{type(err).__name__}: {err}"}
@@ -284,6 +305,16 @@ def snap_model_bias(model: nn.Module, dm: Any) -> list[str]:
             return list(snap_bias(model, example))
     finally:
         model.train(was_training)
+
+
+def _check_resume(ckpt_path: str, parts: Validated) -> None:
+    """The checkpoint to resume from was trained with this config's model and recipe."""
+    model = copy.deepcopy(parts.model)
+    if parts.recipe is not None:
+        model = prepare(model, parts.recipe, example_inputs=example_input(parts.datamodule))
+    state = load_checkpoint(ckpt_path)
+    recipe = parts.recipe.to_dict() if parts.recipe is not None else None
+    check_checkpoint_fits(state, model, recipe, f"ckpt_path={ckpt_path}")
 
 
 @rank_zero_only

@@ -331,6 +331,7 @@ def test_resume_from_mid_qat_checkpoint_matches_uninterrupted_run(
     # before the BN freeze (after epoch 2, whose validation re-estimated the BN statistics).
     stop = [
         "+callbacks.stop._target_=lit_helpers.StopAfterEpoch",
+        "+allowed_targets=[lit_helpers]",
         f"+callbacks.stop.epoch={stop_epoch}",
     ]
     train(compose_train([*RESUME, "trainer.max_epochs=4", *stop], part))
@@ -361,7 +362,11 @@ def test_resume_from_mid_qat_checkpoint_matches_uninterrupted_run(
 def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
     part = tmp_path / "part"
     # max_epochs=4: the schedule's last change is at epoch 3 (a shorter run is a ConfigError).
-    stop = ["+callbacks.stop._target_=lit_helpers.StopAfterEpoch", "+callbacks.stop.epoch=1"]
+    stop = [
+        "+callbacks.stop._target_=lit_helpers.StopAfterEpoch",
+        "+callbacks.stop.epoch=1",
+        "+allowed_targets=[lit_helpers]",
+    ]
     train(compose_train([*RESUME, "trainer.max_epochs=4", *stop], part))
     ckpt = part / "checkpoints" / "last.ckpt"
     cfg = compose_train(
