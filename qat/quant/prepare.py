@@ -171,12 +171,36 @@ def prepare(
         prepared = swap_modules(source, recipe, type_map, extra)
         if quantize_input:
             _install_input_quant(prepared, LayerSpecs(recipe, [])(INPUT_QUANT))
+    _retie(prepared, _tied_weights(model))
     for qname, quant in iter_quantizers(prepared):
         quant.name = qname
     # Plain data so checkpoints and the exporters can tell how the model was prepared.
     prepared.qat_recipe = recipe.to_dict()
     prepared.qat_capture = how
     return prepared
+
+
+def _tied_weights(model: nn.Module) -> list[list[str]]:
+    """Names of the modules sharing one ``weight`` parameter (a tied embedding and LM head)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    return [names for names in owners.values() if len(names) > 1]
+
+
+def _retie(prepared: nn.Module, groups: list[list[str]]) -> None:
+    """Share each tied group's weight again: the quantized layers copied it apart, and a tied
+    head trained apart from its embedding is a different model than the one exported."""
+    for names in groups:
+        try:
+            layers = [prepared.get_submodule(n) for n in names]
+        except AttributeError:  # a layer the rewrite renamed or folded: nothing to tie
+            continue
+        layers = [getattr(m, "module", m) for m in layers]  # FloatLayer: the wrapped layer
+        for layer in layers[1:]:
+            layer.weight = layers[0].weight
 
 
 def capture_graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
