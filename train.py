@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qat.lit.config import ConfigError
 from qat.lit.divergence import DivergenceError
+from qat.lit.errors import disk_full
 from qat.lit.train import train
 from qat.quant.quantizer import NonFiniteError
 
@@ -38,6 +39,25 @@ def main(cfg: DictConfig) -> float | dict | None:
         # Training went wrong in a way the message explains (and says how to go on from the
         # last checkpoint): one line too.
         logging.getLogger("qat").error("training stopped: %s", err)
+        sys.exit(3)
+    except Exception as err:  # a full disk, whatever wrapped the OSError; the rest re-raised
+        full = disk_full(err)
+        if full is None:
+            raise
+        # Every file the run writes is written beside its destination and renamed into place,
+        # so what was on disk before (the last checkpoint, an export) is whole.
+        run_dir = Path(cfg.paths.output_dir)
+        then = (
+            f"re-export with python -m qat.export ckpt_path={run_dir / 'checkpoints/last.ckpt'}"
+            if (run_dir / "results.json").is_file()
+            else f"resume with hydra.run.dir={run_dir} ckpt_path=last"
+        )
+        logging.getLogger("qat").error(
+            "training stopped: %s; the files already written are intact (checkpoints/last.ckpt "
+            "is the last whole checkpoint): free some space, then %s",
+            full,
+            then,
+        )
         sys.exit(3)
 
 

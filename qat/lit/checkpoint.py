@@ -134,7 +134,18 @@ def load_checkpoint(path: _PATH, map_location: _MAP_LOCATION_TYPE = "cpu") -> An
     """
     try:
         with open(path, "rb") as f:
+            head = f.read(4)
+            if head[:1] != b"\x80" and head != b"PK\x03\x04":
+                # Neither a zip archive (torch.save) nor a pickle (torch's legacy format):
+                # torch.load would fail with whatever its unpickler trips on (KeyError 101).
+                what = "it is empty" if not head else f"it starts with {head!r}"
+                raise CheckpointError(
+                    f"{path} is not a PyTorch checkpoint ({what}; torch.save writes a zip archive)"
+                )
+            f.seek(0)
             return torch.load(f, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as err:
@@ -144,7 +155,7 @@ def load_checkpoint(path: _PATH, map_location: _MAP_LOCATION_TYPE = "cpu") -> An
                 f"{path} is not a readable checkpoint (corrupt: {_first_line(text)})"
             ) from None
         match = _UNSUPPORTED.search(text)
-        what = f"it would call {match.group(1)}" if match else _first_line(text)
+        what = f"it would call {match.group(1)}" if match else "it holds more than tensors"
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-data checkpoint ({what}); checkpoints "
             "are loaded with torch.load(weights_only=True), tensors and plain Python types only. "
@@ -158,7 +169,13 @@ def load_checkpoint(path: _PATH, map_location: _MAP_LOCATION_TYPE = "cpu") -> An
         # "OSError: [Errno 22] Invalid argument" when the cut leaves a partial directory.
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or corrupt: "
-            f"{_first_line(str(err)) or type(err).__name__}); resume from an earlier one"
+            f"{_first_line(str(err)) or type(err).__name__}); use an earlier one"
+        ) from None
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as err:
+        # A pickle that is not torch's (torch's unpickler trips on it).
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint ({type(err).__name__}: "
+            f"{_first_line(str(err))} while reading it)"
         ) from None
 
 
@@ -179,8 +196,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            try:
+                # Through a Python file object: a failed write (disk full) surfaces as the
+                # OSError it is; torch writing to a path reports it as "unexpected pos N vs M".
+                torch.save(checkpoint, f)
+            except RuntimeError as err:
+                cause = err.__context__
+                if isinstance(cause, OSError):
+                    raise OSError(cause.errno, cause.strerror, str(path)) from None
+                raise
 
     def load_checkpoint(
         self,
@@ -207,29 +232,29 @@ def load_float_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             f"init_from={path} is not a file: give a float run's checkpoint "
             "(<run dir>/checkpoints/last.ckpt) or a saved state_dict"
         )
+    fix = (
+        "give a float run's checkpoint (<run dir>/checkpoints/last.ckpt of a run with "
+        "quant=float) or a state_dict saved with torch.save(model.state_dict(), path)"
+    )
     try:
         state = load_checkpoint(file)
     except CheckpointError as err:
-        raise ConfigError(f"init_from: {err}") from None
-    weights = state.get("state_dict", state) if isinstance(state, Mapping) else None
-    if not isinstance(weights, Mapping):
-        raise ConfigError(f"init_from={path} holds no state_dict")
-    prefix = "model."
-    if any(str(k).startswith(prefix) for k in weights):
-        weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        quantized = any("_quant." in str(k) for k in weights)
-        hint = (
-            "it is a quantized run's checkpoint; resume it with ckpt_path=... instead"
-            if quantized
-            else "it was saved from another model or data config"
-        )
+        raise ConfigError(f"init_from: {err}; {fix}") from None
+    weights = model_weights(state)
+    if weights is None:
+        raise ConfigError(f"init_from={path} holds no state_dict ({type(state).__name__}); {fix}")
+    mismatch = state_mismatch(model, weights)
+    if mismatch is not None:
+        if any("_quant." in str(k) for k in weights):
+            raise ConfigError(
+                f"init_from={path} is a quantized run's checkpoint, not a float model's: "
+                f"{_quantized_hint(file)}"
+            )
         raise ConfigError(
-            f"init_from={path} does not fit model {type(model).__name__} ({hint}): "
-            f"{str(err).splitlines()[0]}"
-        ) from None
+            f"init_from={path} does not fit model {type(model).__name__} (it was saved from "
+            f"another model or data config: {mismatch}); {fix}"
+        )
+    model.load_state_dict(weights, strict=True)
     log.info("float weights loaded from %s", file)
 
 
@@ -305,3 +330,23 @@ def check_checkpoint_fits(
             "use the model, data and quant settings of the run that wrote it (its "
             ".hydra/config.yaml)"
         )
+
+
+def _quantized_hint(ckpt: Path) -> str:
+    """What works with a quantized run's checkpoint: resume it with its own settings."""
+    overrides = ""
+    for parent in ckpt.resolve().parents:
+        saved = parent / ".hydra" / "overrides.yaml"
+        if saved.is_file():
+            import yaml
+
+            items = yaml.safe_load(saved.read_text(encoding="utf-8")) or []
+            skip = ("hydra.", "ckpt_path=", "trainer.max_epochs=", "init_from=")
+            keep = [str(o) for o in items if not str(o).startswith(skip)]
+            overrides = " ".join(keep) + " " if keep else ""
+            break
+    return (
+        f"to train it further, resume it with the settings of the run that wrote it: python "
+        f"train.py {overrides or '<its overrides> '}ckpt_path={ckpt} trainer.max_epochs=<more>; "
+        f"to export it: python -m qat.export ckpt_path={ckpt}"
+    )

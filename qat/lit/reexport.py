@@ -40,6 +40,7 @@ from qat.export.stage_lm import LM_TARGETS, run_lm_export
 from qat.lit.checkpoint import check_checkpoint_fits, load_checkpoint, model_weights
 from qat.lit.config import ConfigError, build_model, validate_config
 from qat.lit.config_parts import example_input
+from qat.lit.errors import disk_full
 from qat.lit.qat_callback import QATCallback
 from qat.lit.results import RESULTS_FILE, write_json_atomic
 from qat.lit.targets import check_targets
@@ -224,4 +225,15 @@ def main_cli(cfg: DictConfig) -> None:
         export_checkpoint(cfg)
     except ConfigError as err:
         log.error("invalid config: %s", err)
+        sys.exit(2)
+    except Exception as err:  # a full disk, whatever wrapped the OSError; the rest re-raised
+        full = disk_full(err)
+        if full is None:
+            raise
+        # The set is staged beside the destination and renamed in whole: nothing was replaced.
+        log.error(
+            "export stopped: %s; no export folder was changed (the set is written whole or not "
+            "at all): free some space and run the command again",
+            full,
+        )
         sys.exit(2)

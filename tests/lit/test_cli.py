@@ -290,6 +290,7 @@ def test_export_cli_reexports_a_checkpoint(tmp_path: Path) -> None:
     # goes on, as in training.
     strict = ["-m", "qat.export", f"ckpt_path={ckpt}", "export.bench=false"]
     strict += [f"export.out_dir={out}", "export.parity.max_accuracy_drop_pt=-1"]
+    strict += ["export.replace=true"]  # else each export goes to a new exported-N folder
     proc = run(strict, tmp_path)
     assert proc.returncode != 0, _show(proc)
     assert json.loads((out / "export_report.json").read_text())["parity_ok"] is False
@@ -332,9 +333,15 @@ def test_export_checkpoint_in_process(tmp_path: Path) -> None:
     assert report["parity"]["runtimes"]["torchscript"]["agreement"] == 1.0
     assert report["parity"]["runtimes"]["onnx"]["agreement"] == 1.0
     assert json.loads((out / "export_report.json").read_text())["parity_ok"] is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["export_report.json", "model.onnx", "model.ts"]
+    assert manifest["checkpoint"]["path"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert manifest["parity"]["ok"] is True
     # A forced parity failure raises after writing the report; fail_on_parity=false records it.
+    # Each export replaces the folder's set whole (without replace it would go to exported-2).
     with open_dict(export_cfg):
         export_cfg.export.parity.max_accuracy_drop_pt = -1
+        export_cfg.export.replace = True
     with pytest.raises(ParityError):
         export_checkpoint(export_cfg)
     assert json.loads((out / "export_report.json").read_text())["parity_ok"] is False

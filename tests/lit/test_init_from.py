@@ -70,10 +70,11 @@ def test_max_epochs_0_is_post_training_quantization_of_the_float_model(
 def test_init_from_errors_name_the_key_and_the_fix(float_ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"init_from=.*nope\.ckpt is not a file"):
         _ptq(tmp_path / "a", tmp_path / "nope.ckpt")
-    # A quantized run's checkpoint is not a float model: resume it instead.
+    # A quantized run's checkpoint is not a float model: resume it (with its own settings,
+    # which the message spells out) or export it.
     quant_ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
     _ptq(tmp_path / "b", float_ckpt)
-    with pytest.raises(ConfigError, match="quantized run's checkpoint; resume it with ckpt_path"):
+    with pytest.raises(ConfigError, match="quantized run's checkpoint, not a float model's: to"):
         _ptq(tmp_path / "c", quant_ckpt)
     # Another model's weights.
     with pytest.raises(ConfigError, match="does not fit model"):
