@@ -1,4 +1,5 @@
-"""The export stage of a language model: GGUF / ONNX → verify → parity check → benchmark.
+"""The export stage of a language model: GGUF / ONNX / a quantized Hugging Face checkpoint
+(compressed-tensors, :mod:`qat.export.hf_checkpoint`) → verify → parity check → benchmark.
 
 The language-model counterpart of :func:`qat.export.run_export`, with the same report shape:
 ``artifacts``, ``sizes_bytes``, ``parity`` (next-token agreement and perplexity,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,12 +23,13 @@ from torch import nn
 
 from qat.export.verify import ParityError
 from qat.export.verify_lm import check_lm_parity, load_lm_runtime, verify_lm_artifacts
-from qat.io import commit, staged_path, write_staged
+from qat.io import commit, commit_dir, staged_dir, staged_path, write_staged
 from qat.quant.control import uninitialized_quantizers
 
 __all__ = ["LM_FILENAMES", "LM_TARGETS", "export_lm", "run_lm_export"]
 
-LM_FILENAMES = {"gguf": "model.gguf", "onnx": "model.onnx"}
+#: Where each target goes in the export folder (``hf``: a Hugging Face checkpoint folder).
+LM_FILENAMES = {"gguf": "model.gguf", "onnx": "model.onnx", "hf": "hf"}
 LM_TARGETS = tuple(LM_FILENAMES)
 
 
@@ -49,12 +52,15 @@ def export_lm(
     accuracy_level: int | None = None,
     float_islands: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``model.gguf`` / ``model.onnx`` of a quantized language model, atomically.
+    """Write ``model.gguf`` / ``model.onnx`` / the ``hf`` checkpoint folder of a quantized
+    language model, atomically.
 
-    Each file is staged, smoke-tested (loaded, run on ``example_ids``: logits of the fake-quant
-    model's shape, finite) and only then moved into place; a failure leaves the old files.
+    Each file (folder) is staged, smoke-tested (loaded, run on ``example_ids``: logits of the
+    fake-quant model's shape, finite) and only then moved into place; a failure leaves the old
+    files.
     """
     from qat.export.gguf import export_gguf
+    from qat.export.hf_checkpoint import export_hf_checkpoint
     from qat.export.lm_io import logits_of
     from qat.export.onnx.llm import build_lm_onnx
 
@@ -73,7 +79,10 @@ def export_lm(
     try:
         for target in targets:
             final = out_dir / LM_FILENAMES[target]
-            if target == "onnx":
+            if target == "hf":
+                staged[target] = staged_dir(final)  # listed first: removed if the write fails
+                export_hf_checkpoint(model, staged[target])
+            elif target == "onnx":
                 proto = build_lm_onnx(
                     model, example_ids, accuracy_level=accuracy_level, float_islands=float_islands
                 )
@@ -87,11 +96,17 @@ def export_lm(
                     f"{target} smoke test: logits {tuple(out.shape)} (finite: "
                     f"{bool(torch.isfinite(out).all())}), expected {tuple(expected)}"
                 )
-        return {t: commit(tmp, out_dir / LM_FILENAMES[t]) for t, tmp in staged.items()}
+        return {
+            t: (commit_dir if tmp.is_dir() else commit)(tmp, out_dir / LM_FILENAMES[t])
+            for t, tmp in staged.items()
+        }
     finally:
         for tmp in staged.values():
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
 
 def bench_lm(
@@ -135,6 +150,14 @@ def bench_lm(
     return report
 
 
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder (the hf checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def run_lm_export(
     model: nn.Module,
     test_batches: Iterable[Any],
@@ -170,7 +193,7 @@ def run_lm_export(
     report: dict[str, Any] = {
         "out_dir": str(out_dir),
         "artifacts": {k: str(v) for k, v in artifacts.items()},
-        "sizes_bytes": {k: Path(v).stat().st_size for k, v in artifacts.items()},
+        "sizes_bytes": {k: _size(v) for k, v in artifacts.items()},
         "export_time_s": round(time.perf_counter() - t0, 2),
         "layers": linear_kinds(model),
     }

@@ -45,7 +45,11 @@ __all__ = ["check_lm_parity", "load_lm_runtime", "perplexity", "verify_lm_artifa
 def load_lm_runtime(
     kind: str, path: str | Path, threads: int = 2
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``ids → logits`` for an exported language model (``onnx*`` or ``gguf*`` key)."""
+    """``ids → logits`` for an exported language model (``onnx*``, ``gguf*`` or ``hf*`` key)."""
+    if kind.startswith("hf"):
+        from qat.export.hf_checkpoint import load_hf_checkpoint
+
+        return load_hf_checkpoint(path)
     if kind.startswith("gguf"):
         from qat.export.gguf_runner import GGUFRunner
 
@@ -60,7 +64,7 @@ def load_lm_runtime(
             return torch.from_numpy(np.asarray(out)).float()
 
         return run
-    raise ValueError(f"unknown LM runtime {kind!r}: expected a key starting with onnx or gguf")
+    raise ValueError(f"unknown LM runtime {kind!r}: expected a key starting with onnx, gguf or hf")
 
 
 def _exact_onnx(name: str, path: str | Path) -> bool:

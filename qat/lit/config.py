@@ -57,7 +57,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 EXPORT_TARGETS = ("torchscript", "onnx")
 #: What ``task`` may be, and the export targets of each.
-TASK_TARGETS = {"classification": EXPORT_TARGETS, "language_model": ("gguf", "onnx")}
+TASK_TARGETS = {"classification": EXPORT_TARGETS, "language_model": ("gguf", "onnx", "hf")}
 
 
 @dataclass
@@ -155,6 +155,27 @@ def _check_lm_export(export: Any) -> None:
         )
 
 
+def _check_hf_target(targets: list[str], recipe: Recipe | None, model: nn.Module) -> None:
+    """``export.targets=[hf]`` writes transformers checkpoints, whose activation rounding is
+    compressed-tensors' (affine int8): refuse what it cannot reproduce, before training."""
+    if "hf" not in targets:
+        return
+    from qat.export.lm_io import is_hf_model
+
+    if not is_hf_model(model):
+        raise ConfigError(
+            f"export.targets={targets}: hf writes Hugging Face checkpoints and the model is "
+            f"{type(model).__name__}: use model=hf model.path=<folder>, or drop hf"
+        )
+    act = recipe.activation if recipe is not None else None
+    if act is not None and act.enabled and act.bits < 32 and act.grid != "affine":
+        raise ConfigError(
+            f"export.targets={targets}: quant.activation.grid={act.grid} (llama.cpp's rounding) "
+            "has no compressed-tensors form; export it as gguf / onnx, or train for hf with "
+            "quant=lm_w4g32 (int4 weight-only) or lm_w8da8 (W8A8): +experiment=hf_w4g32"
+        )
+
+
 def validate_config(
     cfg: DictConfig, check_data: bool = True, check_schedule: bool = True
 ) -> Validated:
@@ -228,6 +249,8 @@ def validate_config(
     model = build_model(cfg)
     if check_data:
         check_fit(cfg, dm, model)
+    if export is not None and export.get("enabled", False):
+        _check_hf_target(list(export.get("targets") or []), recipe, model)
     if recipe is not None:
         try:
             # A dry run on a copy: override patterns that match no layer fail here.
