@@ -26,11 +26,13 @@ from qat.export.verify_lm import check_lm_parity, load_lm_runtime, verify_lm_art
 from qat.io import commit, commit_dir, staged_dir, staged_path, write_staged
 from qat.quant.control import uninitialized_quantizers
 
-__all__ = ["LM_FILENAMES", "LM_TARGETS", "export_lm", "run_lm_export"]
+__all__ = ["DEFAULT_LM_TARGETS", "LM_FILENAMES", "LM_TARGETS", "export_lm", "run_lm_export"]
 
 #: Where each target goes in the export folder (``hf``: a Hugging Face checkpoint folder).
 LM_FILENAMES = {"gguf": "model.gguf", "onnx": "model.onnx", "hf": "hf"}
 LM_TARGETS = tuple(LM_FILENAMES)
+#: What a call that names no targets writes (hf only for Hugging Face models, on affine grids).
+DEFAULT_LM_TARGETS = ("gguf", "onnx")
 
 
 def check_lm_targets(targets: Sequence[str] | str) -> tuple[str, ...]:
@@ -48,7 +50,7 @@ def export_lm(
     model: nn.Module,
     out_dir: str | Path,
     example_ids: torch.Tensor,
-    targets: Sequence[str] = LM_TARGETS,
+    targets: Sequence[str] = DEFAULT_LM_TARGETS,
     accuracy_level: int | None = None,
     float_islands: str | None = None,
 ) -> dict[str, Path]:
@@ -181,7 +183,7 @@ def run_lm_export(
     batches = list(itertools.islice(test_batches, int(limit)) if limit else test_batches)
     example = batches[0][0][:1].contiguous()
     t0 = time.perf_counter()
-    targets = tuple(options.get("targets") or LM_TARGETS)
+    targets = tuple(options.get("targets") or DEFAULT_LM_TARGETS)
     level = options.get("accuracy_level")
     level = None if level is None else int(level)
     islands = options.get("float_islands")
