@@ -100,7 +100,9 @@ def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, QLinear | QConv1D | QEmbedding):
             skip += [f"{name}.{child}." for child, _ in module.named_children()]
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    # Tied weights (GPT-2's lm_head and wte) under every name: both are written.
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     state = model.state_dict()
     return {
         k: v.detach()

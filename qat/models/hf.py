@@ -95,7 +95,7 @@ def load_hf_causal_lm(
     Raises:
         ValueError: a bad folder or option (one line saying what to fix).
     """
-    folder = check_hf_folder(path)
+    folder = check_hf_folder(path, need_tokenizer=False)  # the data loads the tokenizer
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is invalid: allowed: {', '.join(DTYPES)}")
     transformers = _transformers()

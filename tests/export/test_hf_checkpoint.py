@@ -1,0 +1,106 @@
+"""``export.targets=[hf]``: the compressed-tensors checkpoint that ``transformers`` loads back
+computes the fake-quant model's logits (int4 weight-only per group, W8A8 with dynamic inputs)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hf_folder import make_hf_folder
+from lm_helpers import lm_recipe
+
+import qat
+from qat.export.hf_checkpoint import export_hf_checkpoint, load_hf_checkpoint
+from qat.export.lm_io import logits_of
+from qat.models.hf import load_hf_causal_lm
+
+pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+def _fake_quant(path: Path, recipe: str, steps: int = 3) -> torch.nn.Module:
+    """The model of ``path`` prepared with ``recipe`` and trained a few steps (scales move)."""
+    torch.manual_seed(0)
+    model = load_hf_causal_lm(str(path))
+    ids = torch.randint(0, 512, (4, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the module-swap fallback warning
+        qmodel = qat.prepare(model, lm_recipe(recipe), example_inputs=ids[:2])
+    qat.calibrate(qmodel, [ids], num_batches=1)
+    opt = torch.optim.AdamW(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    for _ in range(steps):
+        logits = logits_of(qmodel, ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qmodel.eval()
+
+
+@pytest.mark.parametrize(
+    "recipe,formats,inputs",
+    [
+        ("lm_w4g32", {"pack-quantized", "int-quantized"}, None),  # lm_head: 8-bit
+        ("lm_w8da8", {"int-quantized"}, {"strategy": "tensor", "symmetric": False}),
+    ],
+)
+def test_transformers_loads_the_fake_quant_model_back(
+    hf_dir: Path, tmp_path: Path, recipe: str, formats: set[str], inputs: dict | None
+) -> None:
+    qmodel = _fake_quant(hf_dir, recipe)
+    out = export_hf_checkpoint(qmodel, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    groups = config["config_groups"].values()
+    assert {g["format"] for g in groups} == formats
+    targets = [t for g in groups for t in g["targets"]]
+    assert "model.layers.0.self_attn.q_proj" in targets and "lm_head" in targets
+    assert config["ignore"] == ["model.embed_tokens"]  # stored as its fake-quant weight
+    for g in groups:
+        got = g["input_activations"]
+        assert (got is None) if inputs is None else {k: got[k] for k in inputs} == inputs
+    # The tokenizer travels with the checkpoint.
+    assert (out / "tokenizer.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        if "pack-quantized" in formats:
+            packed = f.get_tensor("model.layers.0.mlp.up_proj.weight_packed")
+            assert packed.dtype == torch.int32 and packed.shape == (128, 64 * 4 // 32)
+        else:
+            assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.int8
+    assert not any("_quant." in k for k in keys)  # no quantizer state
+    run = load_hf_checkpoint(out)
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = logits_of(qmodel, ids)
+    torch.testing.assert_close(run(ids), expected, atol=1e-5, rtol=0)
+
+
+def test_gpt2_conv1d_layers_are_kept_as_their_fake_quant_weights(tmp_path: Path) -> None:
+    path = make_hf_folder(tmp_path / "gpt2", family="gpt2", tokenizer=False)
+    qmodel = _fake_quant(path, "lm_w4g32", steps=0)
+    out = export_hf_checkpoint(qmodel, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "transformer.h.0.attn.c_attn" in config["ignore"]
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        expected = logits_of(qmodel, ids)
+    torch.testing.assert_close(load_hf_checkpoint(out)(ids), expected, atol=1e-5, rtol=0)
+
+
+def test_a_model_of_qat_is_refused(tmp_path: Path) -> None:
+    from qat.models import create_model
+
+    with pytest.raises(ValueError, match=r"GPT is not a transformers model"):
+        export_hf_checkpoint(create_model("gpt", vocab_size=256), tmp_path)
