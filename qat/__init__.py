@@ -5,6 +5,8 @@ train it in any loop (or with ``qat.lit.QATCallback`` under Lightning), ``snap_b
 export with ``qat.export``. Importing ``qat`` loads torch only: no Lightning, no ONNX.
 """
 
+# First: lets torchvision import where its compiled ops cannot load (see that module).
+import qat.torchvision_compat  # noqa: F401  # isort: split
 from qat.ops import Add, Cat
 from qat.quant import (
     FakeQuantizer,

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import qat  # noqa: F401  # first: lets torchvision (Lightning and timm import it) load
+
 # Helper modules shared by the test folders (tiny models, config composition, probe callbacks);
 # subprocess runs put the same folder on PYTHONPATH.
 HELPERS = Path(__file__).resolve().parent / "helpers"

@@ -12,7 +12,7 @@ build its example input, ``torch.randn(1, m.in_channels, m.image_size, m.image_s
 The language model ``gpt`` takes token ids instead (``vocab_size``, ``context_length``).
 """
 
-from qat.models import gpt, lenet, mobilenetv2, resnet, resnet_cifar, vit  # noqa: F401
+from qat.models import gpt, lenet, mobilenetv2, resnet, resnet_cifar, timm_models, vit  # noqa: F401
 from qat.models.gpt import GPT
 from qat.models.lenet import LeNet5
 from qat.models.mobilenetv2 import MobileNetV2

@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from qat.ops import Add, Cat
 from qat.quant.layers import QUANT_MODULES
+from qat.quant.norm_act import split_norm_act
 from qat.quant.quantizer import FakeQuantizer
 
 __all__ = ["CaptureError", "adopt_graph", "capture", "is_captured", "split_example"]
@@ -137,10 +138,14 @@ def capture(
     With ``example_inputs``, forward arguments the example leaves out are fixed to their
     defaults, and the graph is checked to compute what the model computes on the example.
 
+    Norm + activation modules (timm's ``BatchNormAct2d``) are split in ``model`` first
+    (:func:`~qat.quant.norm_act.split_norm_act`), so the rewrite folds them like conv → BN.
+
     Raises:
         CaptureError: the forward cannot be traced (``where`` names the line that stopped it),
             or the graph computes something else than the model on the example.
     """
+    split_norm_act(model)
     args, kwargs = split_example(example_inputs)
     concrete = _concrete_args(model, args, kwargs) if example_inputs is not None else None
     modes = [(m, m.training) for m in model.modules()]

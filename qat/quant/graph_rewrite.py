@@ -24,6 +24,7 @@ New modules are named after the module whose forward wrote the op and the op
 from __future__ import annotations
 
 import copy
+import keyword
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -62,14 +63,19 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 #: Calls whose result is not a float tensor (sizes, shapes, flags): never quantized.
 _NON_TENSOR_METHODS = frozenset({"size", "dim", "numel", "item", "tolist", "__len__"})
+#: Functions called for their checks, not a value (timm's ``_assert``, ``torch._check``).
+_NON_TENSOR_FUNCTIONS = frozenset(
+    {torch._assert, torch._assert_async, torch._check, torch.jit.is_scripting, torch.is_tensor}
+)
 _INTEGER_LAYERS = (QConv2d, QConvBn2d, QLinear, QAdd, QCat, QMatMul)
 
 
 def _target_name(node: fx.Node) -> str:
+    """A module-name part for the op: an identifier that is no keyword (``_assert`` → ``assert_``)."""
     t = node.target
-    if isinstance(t, str):
-        return t.strip("_")
-    return getattr(t, "__name__", type(t).__name__).strip("_")
+    name = t if isinstance(t, str) else getattr(t, "__name__", type(t).__name__)
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name).strip("_") or "op"
+    return f"{name}_" if keyword.iskeyword(name) or name[0].isdigit() else name
 
 
 class _Rewriter:
@@ -117,6 +123,8 @@ class _Rewriter:
         if "tensor_meta" in node.meta or node.meta.get("type") not in (None, torch.Tensor):
             return False
         if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+            return False
+        if node.op == "call_function" and node.target in _NON_TENSOR_FUNCTIONS:
             return False
         return not (node.op == "call_function" and node.target is getattr)
 
