@@ -41,13 +41,13 @@ def build_module(
     options = OmegaConf.to_container(cfg.get("module") or {}, resolve=True)
     assert isinstance(options, dict)
     if cfg.get("task", "classification") == "language_model":
-        # The classifier-only options (channels_last, distillation) do not apply; validation
-        # refused distillation already.
-        keys = ("scheduler_interval", "label_smoothing")
+        # channels_last is for images only.
+        keys = ("scheduler_interval", "label_smoothing", "distill_weight", "distill_temperature")
         return LanguageModelModule(
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
+            teacher=teacher,
             **{k: v for k, v in options.items() if k in keys},
         )
     return ClassifierModule(

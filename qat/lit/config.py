@@ -219,16 +219,13 @@ def validate_config(
     if task == "language_model" and export is not None and export.get("enabled", False):
         _check_lm_export(export)
     distill = (cfg.get("module") or {}).get("distill_weight")
-    if distill and task == "language_model":
-        raise ConfigError(
-            f"module.distill_weight={distill}: distillation is for task=classification; set "
-            "module.distill_weight=0"
-        )
-    if distill and not cfg.get("init_from"):
+    # model=hf loads pretrained weights: the float model built is the teacher.
+    pretrained = str((cfg.get("model") or {}).get("_target_", "")).endswith("load_hf_causal_lm")
+    if distill and not cfg.get("init_from") and not pretrained:
         raise ConfigError(
             f"module.distill_weight={distill} distils from the float model given as "
-            "init_from=<float checkpoint>, and none is given: add init_from= or set "
-            "module.distill_weight=0"
+            "init_from=<float checkpoint> (or a pretrained model=hf), and none is given: add "
+            "init_from= or set module.distill_weight=0"
         )
     metric = cfg.get("optimized_metric")
     if metric is not None and not isinstance(metric, str):

@@ -40,6 +40,12 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
         scheduler: ``scheduler(optimizer) -> LRScheduler`` or None (run length filled in).
         scheduler_interval: ``"step"`` or ``"epoch"``.
         label_smoothing: cross-entropy label smoothing of the training loss.
+        teacher: the frozen float model to distil from (QAD: quantization-aware distillation,
+            as NVIDIA's and torchao's LLM recipes do); with ``model=hf`` the pretrained model.
+        distill_weight: weight ``w`` of the distillation term: the loss is
+            ``(1 - w) * CE + w * T² * KL(teacher ‖ student)``, the KL over the vocabulary at
+            every position, averaged over positions; 0: off, 1: distillation only.
+        distill_temperature: ``T``, the softmax temperature of both models in that term.
     """
 
     def __init__(
@@ -49,23 +55,63 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "step",
         label_smoothing: float = 0.0,
+        teacher: nn.Module | None = None,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(
                 f"scheduler_interval={scheduler_interval!r} is invalid: allowed: step, epoch"
             )
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+        if isinstance(distill_weight, bool) or not 0.0 <= float(distill_weight) <= 1.0:
+            raise ValueError(
+                f"distill_weight={distill_weight!r} is invalid: a weight in [0, 1] (0: no "
+                "distillation)"
+            )
+        if isinstance(distill_temperature, bool) or not float(distill_temperature) > 0.0:
+            raise ValueError(
+                f"distill_temperature={distill_temperature!r} is invalid: a temperature > 0"
+            )
+        if distill_weight > 0 and teacher is None:
+            raise ValueError(f"distill_weight={distill_weight} needs a teacher model")
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "teacher"])
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.label_smoothing = float(label_smoothing)
+        self.distill_weight = float(distill_weight)
+        self.distill_temperature = float(distill_temperature)
+        # In a tuple, not an attribute: nn.Module would register it, putting its weights in
+        # every checkpoint, the optimizer and `.train()`.
+        self._teacher: tuple[nn.Module, ...] = ()
+        if teacher is not None and self.distill_weight > 0:
+            self._teacher = (teacher.eval().requires_grad_(False),)
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self.val_acc, self.test_acc = MeanMetric(), MeanMetric()
 
+    def on_fit_start(self) -> None:
+        for teacher in self._teacher:
+            teacher.to(self.device).eval()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model, ids)
+
+    def distill_loss(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``T² * KL(teacher ‖ student)`` over the vocabulary, mean over positions (T² keeps the
+        gradient scale of the soft targets independent of ``T``)."""
+        (teacher,) = self._teacher
+        with torch.no_grad():
+            target = logits_of(teacher, ids).float().flatten(0, -2)
+        t = self.distill_temperature
+        kl = F.kl_div(
+            F.log_softmax(logits.float().flatten(0, -2) / t, dim=-1),
+            F.log_softmax(target / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return kl * t * t
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         ids, targets = batch[0], batch[1]
@@ -73,6 +119,11 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
         loss = F.cross_entropy(
             logits.flatten(0, -2).float(), targets.flatten(), label_smoothing=self.label_smoothing
         )
+        if self._teacher:
+            kd = self.distill_loss(logits, ids)
+            self.log("train/ce_loss", loss, on_step=False, on_epoch=True)
+            self.log("train/distill_loss", kd, on_step=False, on_epoch=True)
+            loss = (1.0 - self.distill_weight) * loss + self.distill_weight * kd
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 

@@ -87,6 +87,11 @@ def summary_table(results: Mapping[str, Any]) -> Table:
                 value = f"{_num(value, '{:.2f}')}x"
             table.add_row(name.replace("_", " "), value)
     table.add_row("wall time", f"{results.get('wall_time_s', 0):.0f} s")
+    memory = results.get("peak_memory") or {}
+    names = {"cpu_rss_bytes": "CPU RSS", "cuda_max_allocated_bytes": "CUDA max allocated"}
+    parts = [f"{label} {memory[k] / 2**30:.2f} GiB" for k, label in names.items() if k in memory]
+    if parts:
+        table.add_row("peak memory", ", ".join(parts))
     return table
 
 

@@ -46,6 +46,7 @@ from qat.lit.checkpoint import (
 from qat.lit.classifier import ClassifierModule
 from qat.lit.config import Validated, build_model, validate_config
 from qat.lit.config_parts import example_input
+from qat.lit.memory import peak_memory
 from qat.lit.qat_callback import QATCallback
 from qat.lit.results import RESULTS_FILE, build_results, metrics_of, optimized, write_json_atomic
 from qat.lit.rundir import guard_run_dir
@@ -276,6 +277,7 @@ def export(run: Run, results: dict[str, Any]) -> Exception | None:
 def write_results(run: Run, results: dict[str, Any]) -> None:
     """``results.json`` (atomically), W&B, and the summary table."""
     results["wall_time_s"] = round(time.perf_counter() - run.started, 2)
+    results["peak_memory"] = peak_memory()
     write_json_atomic(run.run_dir / RESULTS_FILE, results)
     log_results_to_wandb(run.trainer, results)
     _print_summary(results)
