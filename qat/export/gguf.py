@@ -6,14 +6,17 @@ never re-quantized from float: ``gguf.quants.dequantize`` of the file returns th
 weights bit for bit. Float weights, norms and biases are ``F32``. Other grids (affine per-group
 scales) have no GGUF type and are refused, naming the layer.
 
-The vocabulary: a 256-token model is taken as byte-level and gets GPT-2's byte-to-unicode
-tokens with no merges (a BPE that leaves every byte a token); other vocabularies are written as
-``no_vocab`` (llama.cpp then runs on token ids).
+The vocabulary: the Hugging Face tokenizer of the model's folder is embedded
+(:mod:`qat.export.gguf_vocab`: BPE or SentencePiece, special tokens, chat template), so
+``llama-cli -m model.gguf -p "..."`` runs the file. Without one, a 256-token model is taken as
+byte-level and gets GPT-2's byte-to-unicode tokens with no merges (a BPE that leaves every byte
+a token); other vocabularies are written as ``no_vocab`` (llama.cpp then runs on token ids).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from qat.export.gguf_arch import GGUFLayout, GGUFTensor, gguf_layout
+from qat.export.gguf_vocab import tokenizer_folder, write_tokenizer
 from qat.export.lm_weights import quant_weight
 from qat.quant.layers import FloatLayer, is_hf_conv1d
 
@@ -92,8 +96,10 @@ def _tensor(t: GGUFTensor) -> tuple[np.ndarray, object | None, str | None]:
     return pack_blocks(codes, scales, qw.grid), qtype, qw.grid
 
 
-def _write_vocab(writer: object, layout: GGUFLayout) -> None:
-    if layout.vocab_size == 256:
+def _write_vocab(writer: object, layout: GGUFLayout, tokenizer: Path | None) -> None:
+    if tokenizer is not None:
+        write_tokenizer(writer, tokenizer, layout.vocab_size)
+    elif layout.vocab_size == 256:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(byte_tokens())
@@ -103,9 +109,42 @@ def _write_vocab(writer: object, layout: GGUFLayout) -> None:
         writer.add_tokenizer_model("no_vocab")
 
 
+def _drop_tied_output(
+    tensors: list[tuple[str, np.ndarray, object | None, str | None]], layout: GGUFLayout
+) -> list[tuple[str, np.ndarray, object | None, str | None]]:
+    """Leave ``output.weight`` out where llama.cpp reads ``token_embd`` in its place (module
+    docstring of :mod:`qat.export.gguf_arch`)."""
+    by_name = {t[0]: t for t in tensors}
+    out, emb = by_name.get("output.weight"), by_name.get("token_embd.weight")
+    if out is None or emb is None or not (layout.tied_output or layout.output_is_embedding):
+        return tensors
+    same = out[2] == emb[2] and np.array_equal(out[1], emb[1])
+    if not same and layout.output_is_embedding:
+        raise ValueError(
+            f"GGUF {layout.arch}: llama.cpp uses token_embd as the output layer, but the "
+            "trained output layer's weights differ from the embedding's: keep them tied "
+            "(same weights, same grid: give the output layer the embedding's spec)"
+        )
+    return [t for t in tensors if t[0] != "output.weight"] if same else tensors
+
+
 @torch.no_grad()
-def export_gguf(model: nn.Module, path: str | os.PathLike[str], name: str = "qat") -> Path:
-    """Write ``model`` (a prepared qat ``gpt``, Hugging Face GPT-2 or Llama) as a GGUF file.
+def export_gguf(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    name: str = "qat",
+    tokenizer: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``model`` (a prepared qat ``gpt`` or a Hugging Face causal LM of a family in
+    :data:`~qat.export.gguf_arch.GGUF_FAMILIES`) as a GGUF file.
+
+    Args:
+        model: the prepared (fake-quant) model.
+        path: the file to write.
+        name: ``general.name``.
+        tokenizer: a Hugging Face folder whose tokenizer the file embeds; None: the folder the
+            model was loaded from (``config._name_or_path``) if it holds one, else a 256-token
+            model gets byte tokens and any other ``no_vocab``.
 
     Returns:
         The path written.
@@ -117,7 +156,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], name: str = "qat
     import gguf
 
     layout = gguf_layout(copy.deepcopy(model).cpu().eval())
-    tensors = [(t.name, *_tensor(t)) for t in layout.tensors]
+    tensors = _drop_tied_output([(t.name, *_tensor(t)) for t in layout.tensors], layout)
+    folder = tokenizer_folder(model, tokenizer)
     grids = {grid for *_, grid in tensors if grid is not None}
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), layout.arch)
@@ -129,14 +169,22 @@ def export_gguf(model: nn.Module, path: str | os.PathLike[str], name: str = "qat
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in layout.hparams.items():
         getattr(writer, f"add_{key}")(value)  # add_context_length, add_head_count, ...
-    _write_vocab(writer, layout)
+    _write_vocab(writer, layout, folder)
     for tname, array, qtype, _ in tensors:
         if qtype is None:
             writer.add_tensor(tname, array)
         else:
             writer.add_tensor(tname, array, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # gguf-py logs "Writing the following files: <path>: n_tensors = ..." at INFO, and the path
+    # is the export's staged temporary file, not the file the user gets: keep it out of the log.
+    gguf_log = logging.getLogger(gguf.gguf_writer.__name__)
+    level = gguf_log.level
+    gguf_log.setLevel(max(level, logging.WARNING))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    finally:
+        gguf_log.setLevel(level)
     return path

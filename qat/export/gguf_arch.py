@@ -1,30 +1,57 @@
 """Which llama.cpp architecture a model is, and where each of its tensors goes in a GGUF file.
 
-Three layouts, found by duck typing (no ``transformers`` or ``qat.models`` import):
+Two kinds of model, found by duck typing (no ``transformers`` or ``qat.models`` import):
 
 - qat's ``gpt`` (``tok_emb``, ``pos_emb``, ``blocks[i].attn.qkv`` ...) → llama.cpp ``gpt2``;
-- Hugging Face ``GPT2LMHeadModel`` (``config.model_type == "gpt2"``; ``Conv1D`` weights
-  ``(in, out)``, written transposed) → ``gpt2``;
-- Hugging Face ``LlamaForCausalLM`` → ``llama``; ``q_proj`` / ``k_proj`` rows are permuted
-  as ``convert_hf_to_gguf.py`` does (llama.cpp rotates adjacent pairs, Hugging Face the two
-  halves of each head), which moves whole rows, so their quantization blocks move intact.
+- Hugging Face causal LMs of the families llama.cpp runs, by ``config.model_type``: ``llama``
+  and ``mistral`` → ``llama``; ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
+  ``phi3``, ``gpt2``. Tensor names come from the ``gguf`` package's
+  :func:`gguf.get_tensor_name_map` (the table ``convert_hf_to_gguf.py`` uses) applied to the
+  model's own module names, so every layer a family has lands where llama.cpp looks for it.
 
-A weight is named with the module that holds it (its quantizer decides the GGUF type); norms
-and biases are float tensors.
+Family rules, as llama.cpp's converter applies them:
+
+- ``llama``: ``q_proj`` / ``k_proj`` rows permuted (llama.cpp rotates adjacent pairs, Hugging
+  Face the two halves of each head), which moves whole rows, so quantization blocks move
+  intact. The other families use llama.cpp's NEOX rope (halves) and need no permutation.
+- Gemma: RMSNorm computes ``x · (1 + w)``, llama.cpp ``x · w``: norms are written as ``1 + w``;
+  the scaled embedding (``· √hidden``) is llama.cpp's own for these archs. ``gemma`` /
+  ``gemma2`` always use ``token_embd`` as the output layer.
+- GPT-2's ``Conv1D`` stores ``(in, out)``: written transposed (``qat.export.lm_weights``).
+- Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` and Qwen's biases / q-k norms map as they are.
+
+A tied output layer (``config.tie_word_embeddings``) whose weights equal the embedding's in the
+file is left out: llama.cpp then reads ``token_embd``. A weight is written from the module that
+holds it (its quantizer decides the GGUF type); norms and biases are float tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from qat.quant.layers import FloatLayer, QAct
+from qat.quant.layers import FloatLayer, QAct, QConv1D, QEmbedding, QLinear, is_hf_conv1d
 
-__all__ = ["GGUFLayout", "GGUFTensor", "gguf_layout"]
+__all__ = ["GGUF_FAMILIES", "GGUFLayout", "GGUFTensor", "gguf_layout"]
+
+#: ``config.model_type`` → the ``gguf.MODEL_ARCH`` member llama.cpp runs it as.
+GGUF_FAMILIES = {
+    "llama": "LLAMA",
+    "mistral": "LLAMA",
+    "qwen2": "QWEN2",
+    "qwen3": "QWEN3",
+    "gemma": "GEMMA",
+    "gemma2": "GEMMA2",
+    "gemma3_text": "GEMMA3",
+    "phi3": "PHI3",
+    "gpt2": "GPT2",
+}
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+#: Archs whose llama.cpp graph always uses token_embd as the output layer.
+_OUTPUT_IS_EMBEDDING = ("gemma", "gemma2")
 
 
 @dataclass
@@ -42,10 +69,17 @@ class GGUFTensor:
 
 @dataclass
 class GGUFLayout:
+    """``arch`` (``gguf.MODEL_ARCH`` name, lower case), ``hparams`` (``GGUFWriter.add_<key>``
+    → value), the tensors, the vocabulary size; ``tied_output``: the output layer was left out
+    if its weights equal the embedding's (:func:`qat.export.gguf.export_gguf` decides);
+    ``output_is_embedding``: the arch has no output tensor at all."""
+
     arch: str
     hparams: dict[str, Any]
     tensors: list[GGUFTensor] = field(default_factory=list)
     vocab_size: int = 0
+    tied_output: bool = False
+    output_is_embedding: bool = False
 
     def weight(self, name: str, layer: nn.Module, rows: torch.Tensor | None = None) -> None:
         self.tensors.append(GGUFTensor(name, layer=layer, rows=rows))
@@ -102,85 +136,129 @@ def _qat_gpt(model: nn.Module) -> GGUFLayout:
     return layout
 
 
-def _hf_gpt2(model: nn.Module) -> GGUFLayout:
-    cfg, tr = model.config, model.transformer
-    layout = GGUFLayout(
-        "gpt2",
-        {
+def _rope_permutation(rows: int, heads: int) -> torch.Tensor:
+    """``convert_hf_to_gguf``'s llama ``permute``: per head, rows (2, half) → (half, 2)."""
+    idx = torch.arange(rows).reshape(heads, 2, rows // heads // 2)
+    return idx.transpose(1, 2).reshape(-1)
+
+
+def _rope_theta(cfg: Any, default: float = 10000.0) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if "full_attention" in params:  # Gemma 3: per layer type; the global layers' base
+        params = params["full_attention"]
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", None) or default))
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _hparams(model_type: str, cfg: Any) -> dict[str, Any]:
+    """The ``GGUFWriter.add_<key>`` hyper-parameters llama.cpp reads for the family."""
+    if model_type == "gpt2":
+        return {
             "context_length": cfg.n_positions,
             "embedding_length": cfg.n_embd,
             "feed_forward_length": cfg.n_inner or 4 * cfg.n_embd,
             "block_count": cfg.n_layer,
             "head_count": cfg.n_head,
             "layer_norm_eps": float(cfg.layer_norm_epsilon),
-        },
-        vocab_size=cfg.vocab_size,
-    )
-    layout.weight("token_embd.weight", tr.wte)
-    layout.weight("position_embd.weight", tr.wpe)
-    for i, h in enumerate(tr.h):
-        p = f"blk.{i}"
-        _norm(layout, f"{p}.attn_norm", h.ln_1)
-        _linear(layout, f"{p}.attn_qkv", h.attn.c_attn)
-        _linear(layout, f"{p}.attn_output", h.attn.c_proj)
-        _norm(layout, f"{p}.ffn_norm", h.ln_2)
-        _linear(layout, f"{p}.ffn_up", h.mlp.c_fc)
-        _linear(layout, f"{p}.ffn_down", h.mlp.c_proj)
-    _norm(layout, "output_norm", tr.ln_f)
-    _linear(layout, "output", model.lm_head)
-    return layout
-
-
-def _rope_permutation(rows: int, heads: int) -> torch.Tensor:
-    """``convert_hf_to_gguf``'s ``permute``: per head, rows (2, half) → (half, 2)."""
-    idx = torch.arange(rows).reshape(heads, 2, rows // heads // 2)
-    return idx.transpose(1, 2).reshape(-1)
-
-
-def _rope_theta(cfg: Any) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-
-
-def _hf_llama(model: nn.Module) -> GGUFLayout:
-    cfg, body = model.config, model.model
+        }
     heads = cfg.num_attention_heads
-    kv_heads = cfg.num_key_value_heads or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = _head_dim(cfg)
+    hp: dict[str, Any] = {
+        "context_length": cfg.max_position_embeddings,
+        "embedding_length": cfg.hidden_size,
+        "feed_forward_length": cfg.intermediate_size,
+        "block_count": cfg.num_hidden_layers,
+        "head_count": heads,
+        "head_count_kv": getattr(cfg, "num_key_value_heads", None) or heads,
+        "layer_norm_rms_eps": float(cfg.rms_norm_eps),
+        "rope_freq_base": _rope_theta(cfg),
+        "key_length": head_dim,
+        "value_length": head_dim,
+    }
+    if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        rot = float(getattr(cfg, "partial_rotary_factor", None) or 1.0)
+        hp["rope_dimension_count"] = int(rot * head_dim)
+    if model_type == "gemma2":
+        hp["attn_logit_softcapping"] = float(cfg.attn_logit_softcapping or 0.0)
+        hp["final_logit_softcapping"] = float(cfg.final_logit_softcapping or 0.0)
+        hp["sliding_window"] = int(cfg.sliding_window)
+    if model_type == "gemma3_text":
+        if cfg.final_logit_softcapping:
+            hp["final_logit_softcapping"] = float(cfg.final_logit_softcapping)
+        hp["sliding_window"] = int(cfg.sliding_window)
+    return hp
+
+
+def _weighted(module: nn.Module) -> bool:
+    """A layer whose weight the file stores as a (possibly quantized) matrix."""
+    inner = _unwrap(module)
+    return isinstance(
+        module, QLinear | QConv1D | QEmbedding | FloatLayer | nn.Linear | nn.Embedding
+    ) or (is_hf_conv1d(inner) and inner is module)
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(Hugging Face name, module)`` of every weighted layer and every module holding its
+    own ``weight`` (norms); wrappers (``QAct``, ``FloatLayer``) keep the wrapped module's name."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if _weighted(child):
+            out.append((full, child))
+        elif isinstance(child, QAct | FloatLayer):
+            out.append((full, _unwrap(child)))
+        elif isinstance(getattr(child, "weight", None), nn.Parameter):
+            out.append((full, child))
+        else:
+            out.extend(_leaves(child, f"{full}."))
+    return out
+
+
+def _hf_model(model: nn.Module, model_type: str) -> GGUFLayout:
+    import gguf
+
+    cfg = model.config
+    arch = getattr(gguf.MODEL_ARCH, GGUF_FAMILIES[model_type])
+    hp = _hparams(model_type, cfg)
     layout = GGUFLayout(
-        "llama",
-        {
-            "context_length": cfg.max_position_embeddings,
-            "embedding_length": cfg.hidden_size,
-            "feed_forward_length": cfg.intermediate_size,
-            "block_count": cfg.num_hidden_layers,
-            "head_count": heads,
-            "head_count_kv": kv_heads,
-            "rope_dimension_count": head_dim,
-            "rope_freq_base": _rope_theta(cfg),
-            "layer_norm_rms_eps": float(cfg.rms_norm_eps),
-        },
+        gguf.MODEL_ARCH_NAMES[arch],
+        hp,
         vocab_size=cfg.vocab_size,
+        tied_output=bool(getattr(cfg, "tie_word_embeddings", False)),
+        output_is_embedding=model_type in _OUTPUT_IS_EMBEDDING,
     )
-    layout.weight("token_embd.weight", body.embed_tokens)
-    for i, layer in enumerate(body.layers):
-        p, att, mlp = f"blk.{i}", layer.self_attn, layer.mlp
-        _norm(layout, f"{p}.attn_norm", layer.input_layernorm)
-        _linear(layout, f"{p}.attn_q", att.q_proj, _rope_permutation(heads * head_dim, heads))
-        _linear(layout, f"{p}.attn_k", att.k_proj, _rope_permutation(kv_heads * head_dim, kv_heads))
-        _linear(layout, f"{p}.attn_v", att.v_proj)
-        _linear(layout, f"{p}.attn_output", att.o_proj)
-        _norm(layout, f"{p}.ffn_norm", layer.post_attention_layernorm)
-        _linear(layout, f"{p}.ffn_gate", mlp.gate_proj)
-        _linear(layout, f"{p}.ffn_up", mlp.up_proj)
-        _linear(layout, f"{p}.ffn_down", mlp.down_proj)
-    _norm(layout, "output_norm", body.norm)
-    _linear(layout, "output", model.lm_head)
+    names = gguf.get_tensor_name_map(arch, hp["block_count"])
+    heads, head_dim = hp["head_count"], hp.get("key_length", 0)
+    kv_heads = hp.get("head_count_kv", heads)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for hf_name, module in _leaves(model):
+        target = names.get_name(hf_name)
+        if module is head and target is None:  # gemma's map has none: token_embd stands in
+            target = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT]
+        if target is None:
+            raise ValueError(
+                f"GGUF export of {model_type}: llama.cpp's tensor map has no place for "
+                f"{hf_name!r} ({type(module).__name__}); export it with export.targets=[onnx]"
+            )
+        if _weighted(module):
+            rows = None
+            if model_type in ("llama", "mistral") and target.endswith(("attn_q", "attn_k")):
+                n = heads if target.endswith("attn_q") else kv_heads
+                rows = _rope_permutation(n * head_dim, n)
+            _linear(layout, target, module, rows)
+            continue
+        weight = module.weight.detach().float()
+        if model_type in _GEMMA:
+            weight = weight + 1.0  # Gemma's RMSNorm scales by (1 + w)
+        layout.value(f"{target}.weight", weight)
+        layout.value(f"{target}.bias", getattr(module, "bias", None))
     return layout
 
 
 _QAT_GPT_PARTS = ("tok_emb", "pos_emb", "blocks", "ln_f", "head")
-_HF: dict[str, Callable[[nn.Module], GGUFLayout]] = {"gpt2": _hf_gpt2, "llama": _hf_llama}
 
 
 def gguf_layout(model: nn.Module) -> GGUFLayout:
@@ -192,10 +270,10 @@ def gguf_layout(model: nn.Module) -> GGUFLayout:
     if all(hasattr(model, part) for part in _QAT_GPT_PARTS):
         return _qat_gpt(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in _HF:
-        return _HF[model_type](model)
+    if model_type in GGUF_FAMILIES:
+        return _hf_model(model, model_type)
     raise ValueError(
-        f"GGUF export supports qat's gpt and Hugging Face gpt2 / llama causal LMs; "
-        f"{type(model).__name__} (model_type={model_type!r}) is none of them: export it with "
-        "export.targets=[onnx]"
+        f"GGUF export supports qat's gpt and Hugging Face causal LMs of model_type "
+        f"{', '.join(GGUF_FAMILIES)}; {type(model).__name__} (model_type={model_type!r}) is "
+        "none of them: export it with export.targets=[onnx]"
     )

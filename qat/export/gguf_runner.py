@@ -1,9 +1,9 @@
 """Run a GGUF file in PyTorch as llama.cpp's CPU backend computes it, to verify an export.
 
 No llama.cpp needed: the file is read back with ``gguf.GGUFReader``, every tensor dequantized
-with ``gguf.quants``, and the ``gpt2`` / ``llama`` graphs of llama.cpp (``llm_build_gpt2``,
-``llm_build_llama``) run in float32 with ggml's activation rounding: the input of every matmul
-with a Q4_0 / Q8_0 weight is quantized to Q8_0 blocks first, as ggml's CPU matmuls do
+with ``gguf.quants``, and llama.cpp's graphs of the ``gpt2``, ``llama``, ``qwen2``, ``qwen3``,
+``gemma`` and ``phi3`` archs (``src/models/<arch>.cpp``) run in float32 with ggml's activation
+rounding: the input of every matmul with a Q4_0 / Q8_0 weight is quantized to Q8_0 blocks first, as ggml's CPU matmuls do
 (``vec_dot_type``), with the reference rounding (:func:`qat.quant.blocks.gguf_quantize_reference`;
 ggml's AVX path rounds exact ties to even and may differ there by one code). ``kv_f16`` also
 rounds Q, K and V to fp16, as llama.cpp's default F16 KV cache does. What this does not
@@ -25,8 +25,14 @@ __all__ = ["GGUFRunner"]
 _QUANTIZED = ("Q4_0", "Q8_0")
 
 
+#: Archs this runner computes, and the ones of them whose rope rotates the two halves of each
+#: head (llama.cpp's NEOX rope type) rather than adjacent pairs (NORM: llama).
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma", "phi3")
+_NEOX = ("qwen2", "qwen3", "gemma", "phi3")
+
+
 class GGUFRunner:
-    """``runner(ids (B, T)) → logits (B, T, V)`` for a GGUF file of arch ``gpt2`` or ``llama``.
+    """``runner(ids (B, T)) → logits (B, T, V)`` for a GGUF file of an arch in :data:`ARCHS`.
 
     Args:
         path: the ``.gguf`` file.
@@ -41,6 +47,11 @@ class GGUFRunner:
 
         reader = gguf.GGUFReader(str(path))
         self.arch = _field(reader, "general.architecture")
+        if self.arch not in ARCHS:
+            raise ValueError(
+                f"GGUFRunner computes {', '.join(ARCHS)} files, not {self.arch!r}: verify it in "
+                "llama.cpp (pip install 'qat[llamacpp]')"
+            )
         self.hp = {
             key.split(".", 1)[1]: _field(reader, key)
             for key in reader.fields
@@ -53,9 +64,14 @@ class GGUFRunner:
             shape = [int(n) for n in reversed(t.shape.tolist())]  # ggml ne → numpy order
             self.weights[t.name] = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)
             self.types[t.name] = t.tensor_type.name
+        if "output.weight" not in self.weights:  # tied: llama.cpp reads token_embd
+            self.weights["output.weight"] = self.weights["token_embd.weight"]
+            self.types["output.weight"] = self.types["token_embd.weight"]
         self.act_rounding, self.kv_f16 = act_rounding, kv_f16
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"GGUFRunner runs gpt2 and llama files, not {self.arch!r}")
+        self.heads = int(self.hp["attention.head_count"])
+        self.kv_heads = int(self.hp.get("attention.head_count_kv", self.heads))
+        n_embd = int(self.hp["embedding_length"])
+        self.head_dim = int(self.hp.get("attention.key_length", n_embd // self.heads))
 
     def tensor_types(self) -> dict[str, str]:
         """GGML type name of every tensor (``Q4_0``, ``Q8_0``, ``F32``)."""
@@ -94,15 +110,20 @@ class GGUFRunner:
         return x.view(b, t, heads, c // heads).transpose(1, 2)
 
     def _rope(self, x: torch.Tensor) -> torch.Tensor:
-        """ggml's ``GGML_ROPE_TYPE_NORM``: rotate adjacent pairs ``(2i, 2i+1)``."""
+        """ggml's rope: ``NORM`` rotates adjacent pairs ``(2i, 2i+1)`` (llama), ``NEOX`` the
+        pairs ``(i, i + n/2)`` (the other families)."""
         t, d = x.shape[-2:]
         n = int(self.hp.get("rope.dimension_count", d))
         base = float(self.hp.get("rope.freq_base", 10000.0))
         inv = base ** (-torch.arange(0, n, 2, dtype=torch.float32) / n)
         ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
         cos, sin = ang.cos(), ang.sin()
-        x0, x1 = x[..., 0:n:2], x[..., 1:n:2]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        if self.arch in _NEOX:
+            x0, x1 = x[..., : n // 2], x[..., n // 2 : n]
+            out = torch.cat((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+        else:
+            x0, x1 = x[..., 0:n:2], x[..., 1:n:2]
+            out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
         return torch.cat((out, x[..., n:]), dim=-1)
 
     # ------------------------------------------------------------------ the graphs
@@ -112,13 +133,15 @@ class GGUFRunner:
         x = F.embedding(ids, self.weights["token_embd.weight"])
         if self.arch == "gpt2":
             x = x + self.weights["position_embd.weight"][: ids.shape[1]]
+        if self.arch == "gemma":  # ggml_scale(inpL, sqrtf(n_embd))
+            x = x * torch.tensor(float(self.hp["embedding_length"])).sqrt()
         for i in range(int(self.hp["block_count"])):
-            x = self._gpt2_block(x, i) if self.arch == "gpt2" else self._llama_block(x, i)
+            x = self._gpt2_block(x, i) if self.arch == "gpt2" else self._rms_block(x, i)
         norm = self._layer_norm if self.arch == "gpt2" else self._rms_norm
         return self._mm(norm(x, "output_norm"), "output")
 
     def _gpt2_block(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        p, heads = f"blk.{i}", int(self.hp["attention.head_count"])
+        p, heads = f"blk.{i}", self.heads
         qkv = self._mm(self._layer_norm(x, f"{p}.attn_norm"), f"{p}.attn_qkv")
         q, k, v = (self._heads(z, heads) for z in qkv.chunk(3, dim=-1))
         y = self._attention(q, k, v).transpose(1, 2).reshape(x.shape)
@@ -128,19 +151,32 @@ class GGUFRunner:
         )
         return x + self._mm(h, f"{p}.ffn_down")
 
-    def _llama_block(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def _qkv(self, h: torch.Tensor, p: str) -> tuple[torch.Tensor, ...]:
+        if f"{p}.attn_qkv.weight" in self.weights:  # Phi-3's fused projection
+            q_n, kv_n = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            return self._mm(h, f"{p}.attn_qkv").split((q_n, kv_n, kv_n), dim=-1)
+        return tuple(self._mm(h, f"{p}.attn_{z}") for z in "qkv")
+
+    def _rms_block(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """llama.cpp's llama / qwen2 / qwen3 / gemma / phi3 block."""
         p = f"blk.{i}"
-        heads = int(self.hp["attention.head_count"])
-        kv_heads = int(self.hp.get("attention.head_count_kv", heads))
         h = self._rms_norm(x, f"{p}.attn_norm")
-        q = self._rope(self._heads(self._mm(h, f"{p}.attn_q"), heads))
-        k = self._rope(self._heads(self._mm(h, f"{p}.attn_k"), kv_heads))
-        v = self._heads(self._mm(h, f"{p}.attn_v"), kv_heads)
-        y = self._attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        q, k, v = self._qkv(h, p)
+        q, k = self._heads(q, self.heads), self._heads(k, self.kv_heads)
+        v = self._heads(v, self.kv_heads)
+        if f"{p}.attn_q_norm.weight" in self.weights:  # Qwen 3: RMSNorm of each head
+            q, k = self._rms_norm(q, f"{p}.attn_q_norm"), self._rms_norm(k, f"{p}.attn_k_norm")
+        q, k = self._rope(q), self._rope(k)
+        b, t = x.shape[:2]
+        y = self._attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
         x = x + self._mm(y, f"{p}.attn_output")
         h = self._rms_norm(x, f"{p}.ffn_norm")
-        h = F.silu(self._mm(h, f"{p}.ffn_gate")) * self._mm(h, f"{p}.ffn_up")
-        return x + self._mm(h, f"{p}.ffn_down")
+        if f"{p}.ffn_gate.weight" in self.weights:
+            gate, up = self._mm(h, f"{p}.ffn_gate"), self._mm(h, f"{p}.ffn_up")
+        else:  # Phi-3's fused gate_up: the gate is the first half
+            gate, up = self._mm(h, f"{p}.ffn_up").chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.arch == "gemma" else F.silu(gate)
+        return x + self._mm(act * up, f"{p}.ffn_down")
 
 
 def _field(reader: object, key: str) -> object:
