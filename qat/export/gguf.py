@@ -27,11 +27,14 @@ from torch import nn
 from qat.export.gguf_arch import GGUFLayout, GGUFTensor, gguf_layout
 from qat.export.gguf_vocab import tokenizer_folder, write_tokenizer
 from qat.export.lm_weights import quant_weight
+from qat.quant.kquants import KQUANT_BLOCK, KQUANT_GRIDS, kquant_params
 from qat.quant.layers import FloatLayer, is_hf_conv1d
 
-__all__ = ["byte_tokens", "export_gguf", "pack_blocks"]
+__all__ = ["byte_tokens", "export_gguf", "pack_blocks", "pack_kquant"]
 
-_FILE_TYPE = {"q4_0": 2, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0 / _Q8_0; 0 = all F32
+# llama.cpp's LLAMA_FTYPE_MOSTLY_*: Q4_0, Q8_0, Q4_K_M, Q6_K; 0 = all F32. The first grid of
+# this order found in the file names it.
+_FILE_TYPE = {"q4_0": 2, "q4_k": 15, "q6_k": 18, "q8_0": 7}
 
 
 def byte_tokens() -> list[str]:
@@ -64,6 +67,37 @@ def pack_blocks(codes: torch.Tensor, d16: torch.Tensor, grid: str) -> np.ndarray
     return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
 
 
+def pack_kquant(params: dict[str, torch.Tensor], grid: str) -> np.ndarray:
+    """GGUF block bytes ``(N, 144)`` (``Q4_K``) / ``(N, 210)`` (``Q6_K``) of
+    :func:`qat.quant.kquants.kquant_params`' output, laid out as ``ggml-quants.c`` stores them.
+    """
+    n = params["q"].shape[0]
+    if grid == "q4_k":
+        sc = params["sc"].numpy().astype(np.uint8)
+        m = params["m"].numpy().astype(np.uint8)
+        scales = np.zeros((n, 12), dtype=np.uint8)
+        # Sub-blocks 0-3: 6 bits in bytes 0-3 (scale) / 4-7 (min); 4-7: low nibbles in bytes
+        # 8-11, the top 2 bits in the top 2 bits of bytes 0-3 / 4-7.
+        scales[:, :4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+        scales[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+        scales[:, 8:] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+        q = params["q"].numpy().astype(np.uint8).reshape(n, 4, 2, 32)  # pairs of sub-blocks
+        qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+        d = params["d"].numpy().astype(np.float16).view(np.uint8).reshape(n, 2)
+        dmin = params["dmin"].numpy().astype(np.float16).view(np.uint8).reshape(n, 2)
+        return np.concatenate([d, dmin, scales, qs], axis=1)
+    u = (params["q"].numpy() + 32).astype(np.uint8).reshape(n, 2, 4, 32)  # halves of 128
+    # Per half: low nibbles of quarters 0/1 in ql's low nibbles, of 2/3 in the high ones;
+    # the top 2 bits of the four quarters side by side in qh.
+    low = (u[:, :, :2] & 0xF).reshape(n, 2, 64) | ((u[:, :, 2:] & 0xF) << 4).reshape(n, 2, 64)
+    top = u >> 4
+    qh = top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)
+    ql = low
+    scales = params["sc"].numpy().astype(np.int8).view(np.uint8)
+    d = params["d"].numpy().astype(np.float16).view(np.uint8).reshape(n, 2)
+    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), scales, d], axis=1)
+
+
 def _float_weight(layer: nn.Module) -> torch.Tensor:
     inner = layer.module if isinstance(layer, FloatLayer) else layer
     w = inner.weight.detach().float()
@@ -82,6 +116,8 @@ def _tensor(t: GGUFTensor) -> tuple[np.ndarray, object | None, str | None]:
         w = _float_weight(layer)
         w = w if t.rows is None else w[t.rows]
         return w.contiguous().numpy().astype(np.float32), None, None
+    if wq.spec.grid in KQUANT_GRIDS:
+        return _kquant_tensor(t, layer, wq)
     qw = quant_weight(layer, t.name)
     if qw.grid not in _FILE_TYPE:
         raise ValueError(
@@ -94,6 +130,28 @@ def _tensor(t: GGUFTensor) -> tuple[np.ndarray, object | None, str | None]:
         codes, scales = codes[t.rows], scales[t.rows]
     qtype = getattr(gguf.GGMLQuantizationType, qw.grid.upper())
     return pack_blocks(codes, scales, qw.grid), qtype, qw.grid
+
+
+def _kquant_tensor(t: GGUFTensor, layer: nn.Module, wq: nn.Module) -> tuple:
+    """A Q4_K / Q6_K tensor from the layer's weights, checked against the fake-quant weight."""
+    import gguf
+
+    grid = wq.spec.grid
+    if not (wq.fake_quant_enabled and wq.is_initialized):
+        raise ValueError(f"GGUF tensor {t.name}: its weight quantizer is off or never saw data")
+    w = _float_weight(layer)
+    expected = wq(layer.weight).detach().float()
+    expected = expected.t() if is_hf_conv1d(getattr(layer, "module", layer)) else expected
+    if t.rows is not None:
+        w, expected = w[t.rows], expected[t.rows]
+    rows = w.shape[0]
+    params = kquant_params(w.reshape(-1, KQUANT_BLOCK), grid)
+    if not torch.equal(params["values"].reshape(w.shape), expected):
+        raise ValueError(
+            f"GGUF tensor {t.name}: the {grid} blocks differ from the fake-quant weight"
+        )
+    qtype = getattr(gguf.GGMLQuantizationType, grid.upper())
+    return pack_kquant(params, grid).reshape(rows, -1), qtype, grid
 
 
 def _write_vocab(writer: object, layout: GGUFLayout, tokenizer: Path | None) -> None:
@@ -162,9 +220,7 @@ def export_gguf(
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), layout.arch)
     writer.add_name(name)
-    file_type = (
-        _FILE_TYPE["q4_0"] if "q4_0" in grids else _FILE_TYPE.get("q8_0" if grids else "", 0)
-    )
+    file_type = next((code for grid, code in _FILE_TYPE.items() if grid in grids), 0)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in layout.hparams.items():

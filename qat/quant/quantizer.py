@@ -26,6 +26,7 @@ from qat.quant.blocks import gguf_fake_quantize, gguf_scale, group_view, ungroup
 from qat.quant.distributed import is_distributed, rank_phrase, reduce_across_ranks
 from qat.quant.dynamic import dynamic_fake_quantize
 from qat.quant.fake_quant import compiled_relu, fake_quantize
+from qat.quant.kquants import KQUANT_GRIDS, kquant_fake_quantize
 from qat.quant.lsq import lsq_fake_quantize
 from qat.quant.py_state import PyStateDict
 from qat.quant.qparams import SCALE_EPS, guard_scale, qparams_from_range, qrange
@@ -40,7 +41,7 @@ from qat.quant.spec import QuantSpec
 
 ROLES = ("weight", "activation")
 #: The integer codes of GGUF's block grids (signed, after Q4_0's offset of 8).
-GGUF_RANGES = {"q8_0": (-127, 127), "q4_0": (-8, 7)}
+GGUF_RANGES = {"q8_0": (-127, 127), "q4_0": (-8, 7), "q4_k": (0, 15), "q6_k": (-32, 31)}
 
 
 class NonFiniteError(FloatingPointError):
@@ -387,7 +388,14 @@ class FakeQuantizer(PyStateDict, nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, axis)
 
     def _gguf(self, blocks: torch.Tensor) -> torch.Tensor:
-        """GGUF grids: ``d`` follows the weights like an observed range (module docstring)."""
+        """GGUF grids: ``d`` follows the weights like an observed range (module docstring).
+        K-quants derive all their scales from the weights at every call (kquants docstring)."""
+        if self.spec.grid in KQUANT_GRIDS:
+            if self.training and self.observer_enabled:
+                self.initialized = True
+            if not self.fake_quant_enabled or not self.initialized:
+                return blocks
+            return kquant_fake_quantize(blocks, self.spec.grid)
         if self.training and self.observer_enabled:
             with torch.no_grad():
                 self.scale.copy_(gguf_scale(blocks, self.spec.grid))

@@ -36,8 +36,11 @@ GROUP_SIZES = (0, 16, 32, 64, 128, 256, 512, 1024)
 DYNAMIC_MODES = ("none", "token", "tensor")
 #: Integer grids: ``affine`` (the numerics contract) or GGUF's block grids, bit for bit as
 #: ggml / ``gguf.quants`` compute them (blocks of 32, fp16 scale ``d``; :mod:`qat.quant.blocks`).
-GRIDS = ("affine", "q8_0", "q4_0")
-GGUF_GRID_BITS = {"q8_0": 8, "q4_0": 4}
+#: ``q4_k`` / ``q6_k``: GGUF's k-quants (super-blocks of 256, :mod:`qat.quant.kquants`), weights
+#: only.
+GRIDS = ("affine", "q8_0", "q4_0", "q4_k", "q6_k")
+GGUF_GRID_BITS = {"q8_0": 8, "q4_0": 4, "q4_k": 4, "q6_k": 6}
+GGUF_GRID_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k": 256, "q6_k": 256}
 _LLM_FIELDS = {"group_size", "dynamic", "grid"}
 
 
@@ -178,8 +181,16 @@ class QuantSpec:
             bits = GGUF_GRID_BITS[self.grid]
             if self.bits not in (bits, *FLOAT_BITS):
                 _fail(owner, "bits", self.bits, f"grid={self.grid} has {bits} bits")
-            if g != 32:
-                _fail(owner, "group_size", g, f"grid={self.grid} quantizes blocks of 32: set 32")
+            block = GGUF_GRID_BLOCK[self.grid]
+            if g != block:
+                _fail(
+                    owner,
+                    "group_size",
+                    g,
+                    f"grid={self.grid} quantizes blocks of {block}: set {block}",
+                )
+            if block == 256 and self.dynamic != "none":
+                _fail(owner, "grid", self.grid, "k-quant grids are for weights: use q8_0")
             if not self.signed or not self.symmetric:
                 _fail(owner, "grid", self.grid, "GGUF grids are signed and symmetric")
             if self.learned != "none":

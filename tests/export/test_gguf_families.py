@@ -179,3 +179,40 @@ def test_unsupported_family_names_onnx(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match=r"export\.targets=\[onnx\]"):
         gguf_layout(transformers.BertForMaskedLM(cfg))
+
+
+@pytest.mark.parametrize("recipe", ["lm_q4_k_m", "lm_q6_k"])
+def test_kquant_export_decodes_to_the_fake_quant_model(recipe: str, tmp_path: Path) -> None:
+    """Q4_K / Q6_K (the Q4_K_M mix): every quantized tensor in the file decodes to the
+    fake-quant weight; llama.cpp's graph in PyTorch then computes the fake-quant logits."""
+    cfg = make_hf_config("llama", hidden=256)
+    cfg.intermediate_size = 512  # every input size a multiple of the 256-element super-block
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (4, 33))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = qat.prepare(model, lm_recipe(recipe), example_inputs=ids[:2, :32])
+    model.train()
+    model(ids[:, :32])  # observe: the k-quant scales follow the weights
+    model.eval()
+    path = export_gguf(model, tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    if recipe == "lm_q4_k_m":
+        assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.attn_v.weight"] == "Q6_K"
+        assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["output.weight"] == "Q6_K"
+        assert reader.fields["general.file_type"].contents() == 15  # MOSTLY_Q4_K_M
+    else:
+        assert {t for n, t in types.items() if not n.endswith("norm.weight")} == {"Q6_K"}
+    tensors = {t.name: t for t in reader.tensors}
+    for entry in gguf_layout(model).tensors:
+        if entry.layer is None:
+            continue
+        t = tensors[entry.name]
+        got = np.array(gguf.quants.dequantize(t.data, t.tensor_type))
+        want = entry.layer.weight_quant(entry.layer.weight).detach()
+        want = want if entry.rows is None else want[entry.rows]
+        assert np.array_equal(got.reshape(want.shape), want.numpy()), entry.name
+    report = verify_lm_artifacts(model, {"gguf": path}, [(ids[:, :32], ids[:, 1:])])
+    check_lm_parity(report, min_agreement=0.999, max_ppl_rel_diff=0.001)
