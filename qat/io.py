@@ -150,14 +150,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _write_all(f, data: bytes, path: Path | None = None) -> None:  # type: ignore[no-untyped-def]
+def _write_all(f, data: bytes) -> None:  # type: ignore[no-untyped-def]
     view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        f.write(view[start : start + _CHUNK])
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError without a file name (a failed ``write``: disk full) names ``path``."""
     try:
-        for start in range(0, len(view), _CHUNK):
-            f.write(view[start : start + _CHUNK])
+        yield
     except OSError as err:
-        if err.filename is None and path is not None:
-            # Name the destination (a disk-full message should say what was being written).
+        if err.filename is None and err.errno is not None:
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
 
@@ -170,8 +175,8 @@ def write_staged(path: str | os.PathLike[str], data: bytes) -> Path:
     """
     tmp = staged_path(path)
     try:
-        with open(tmp, "wb") as f:
-            _write_all(f, data, Path(path))
+        with _naming(path), open(tmp, "wb") as f:
+            _write_all(f, data)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -181,8 +186,8 @@ def write_staged(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see the module docstring)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        _write_all(f, data, Path(path))
+    with _naming(path), atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _write_all(f, data)
     return Path(path)
 
 

@@ -211,8 +211,15 @@ def _update_results(run_dir: Path, out_dir: Path, report: dict[str, Any]) -> Non
     if not path.is_file():
         return
     results = json.loads(path.read_text(encoding="utf-8"))
-    old = results.get("export") or {}
-    if Path(str(old.get("out_dir", ""))).resolve() != out_dir.resolve():
+    old = Path(str((results.get("export") or {}).get("out_dir", "")))
+    # The folder results.json names, also when the run folder was moved or copied since.
+    recorded_run = Path(str(results.get("run_dir", "")))
+    same = old.resolve() == out_dir.resolve() or (
+        old.is_relative_to(recorded_run)
+        and out_dir.resolve().is_relative_to(run_dir.resolve())
+        and old.relative_to(recorded_run) == out_dir.resolve().relative_to(run_dir.resolve())
+    )
+    if not same:
         return
     results["export"] = report
     results["export_replaced_by"] = f"python -m qat.export ckpt_path={report['ckpt_path']}"

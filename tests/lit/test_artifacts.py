@@ -92,9 +92,11 @@ def test_checkpoint_crash_mid_save_keeps_the_previous_checkpoint(
     real_save = torch.save
 
     def torn_save(obj, f, *args, **kwargs) -> None:
+        # AtomicCheckpointIO hands torch.save an open file (a failed write then surfaces as
+        # its OSError).
         real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as fh:  # the bytes are half there when the "crash" comes
-            fh.truncate(Path(f).stat().st_size // 2)
+        f.flush()
+        f.truncate(f.tell() // 2)  # the bytes are half there when the "crash" comes
         raise OSError("killed mid-write (simulated)")
 
     monkeypatch.setattr(torch, "save", torn_save)
