@@ -40,13 +40,14 @@ def calibrate_on_training_data(
 
 
 def reestimate_bn_on_training_data(
-    trainer: Trainer | None, model: nn.Module, num_batches: int, seed: int
+    trainer: Trainer | None, model: nn.Module, num_batches: int, seed: int, announce: bool = True
 ) -> bool:
     """:func:`qat.reestimate_bn` of every live conv+BN on ``num_batches`` training batches.
 
     The same batches and augmentations on every rank (``seed``), and rank 0's old statistics,
     so the replicas end with equal statistics and weight scales. Returns whether it ran (not
-    when off, with no live BN, or without training data).
+    when off, with no live BN, or without training data). ``announce``: say so in the log
+    (the caller says it once, not at every validation).
     """
     if num_batches == 0:
         return False
@@ -62,9 +63,12 @@ def reestimate_bn_on_training_data(
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
         layers = reestimate_bn(model, loader, num_batches=num_batches)
-    rank_zero_info(
-        f"QAT: re-estimated the BN statistics of {len(layers)} layers on {num_batches} batches"
-    )
+    if announce:
+        rank_zero_info(
+            f"QAT: re-estimated the BN statistics of {len(layers)} layers on {num_batches} "
+            "batches (again before each validation and the BN freeze while quantized: "
+            "schedule.bn_reestimate_batches)"
+        )
     return True
 
 

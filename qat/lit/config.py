@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from qat.quant.control import iter_quantizers
 from qat.quant.prepare import prepare
 from qat.quant.schedule import ROLES, Schedule
 from qat.quant.spec import Recipe
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_DIR",
@@ -114,6 +117,28 @@ def _check_schedule(cfg: DictConfig, schedule: Schedule, qmodel: nn.Module) -> N
                 f"above the target {target}; set trainer.max_epochs>={first + anneal.epochs} or "
                 f"shorten schedule.{name}.epochs"
             )
+
+
+def fit_schedule(cfg: DictConfig, schedule: Schedule) -> Schedule:
+    """The schedule scaled onto ``trainer.max_epochs`` when it is longer (:meth:`Schedule.fitted`),
+    said in the log; a run of unknown length, or one that does not train, keeps it."""
+    max_epochs = (cfg.get("trainer") or {}).get("max_epochs")
+    if (
+        not cfg.get("train", True)
+        or isinstance(max_epochs, bool)
+        or not isinstance(max_epochs, int)
+    ):
+        return schedule
+    fitted = schedule.fitted(max_epochs)
+    if fitted != schedule:
+        log.warning(
+            "the QAT schedule needs %d epochs and trainer.max_epochs=%d: scaled onto the run (%s; "
+            "schedule.fit_to_run=false keeps it as written)",
+            schedule.last_change_epoch() + 1,
+            max_epochs,
+            schedule.describe_change(fitted),
+        )
+    return fitted
 
 
 def _check_task_recipe(task: str, recipe: Recipe | None, export: Any) -> None:
@@ -195,6 +220,8 @@ def validate_config(
         schedule = Schedule.from_dict(cfg.get("schedule"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if recipe is not None:
+        schedule = fit_schedule(cfg, schedule)
     task = cfg.get("task", "classification")
     if task not in TASK_TARGETS:
         raise ConfigError(

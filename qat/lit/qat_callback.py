@@ -306,7 +306,8 @@ class QATCallback(Callback):
                 "own config (its .hydra/config.yaml)."
             )
         schedule = state_dict.get("schedule")
-        if schedule is not None and schedule != self.schedule.to_dict():
+        # Through Schedule too: a checkpoint from before a field existed holds its default.
+        if schedule is not None and Schedule.from_dict(schedule) != self.schedule:
             rank_zero_warn(
                 "resuming with a different QAT schedule than the checkpoint's; the schedule "
                 "continues from the current epoch with the new settings"
@@ -435,6 +436,10 @@ class QATCallback(Callback):
         # Other batches each time (a fixed function of the step, so a resume draws the same).
         seed = self.calibration_seed + 1 + (step or 0)
         if reestimate_bn_on_training_data(
-            trainer, model, self.schedule.bn_reestimate_batches, seed
+            trainer,
+            model,
+            self.schedule.bn_reestimate_batches,
+            seed,
+            announce=self._bn_reestimated_at is None,  # said once a run, not every validation
         ):
             self._bn_reestimated_at = step

@@ -19,6 +19,10 @@ match the network they belong to.
 Everything here is a pure function of ``(epoch, fraction of the epoch done)``, so a run resumed
 from a checkpoint computes exactly the state the uninterrupted run had at that point.
 
+A schedule longer than the run (``trainer.max_epochs=1`` on an experiment laid out for ten
+epochs) is scaled onto it, as Lightning lays the learning-rate schedule out on the run's length:
+:meth:`Schedule.fitted` (``fit_to_run: false`` keeps it as written).
+
 Example:
     >>> s = Schedule.from_dict({"warmup_epochs": 1, "weight_anneal": {"epochs": 2}})
     >>> [s.bits("weight", target=4, epoch=e) for e in range(5)]
@@ -173,6 +177,8 @@ class Schedule:
             step above this many times the mean of the last ``divergence_window`` before it
             (and at least 0.1 higher).
         divergence_window: batches each of those means is taken over.
+        fit_to_run: scale the schedule's epochs onto a run too short for it
+            (:meth:`fitted`); false: keep them, and the run may end before they are reached.
     """
 
     warmup_epochs: int = 0
@@ -186,6 +192,7 @@ class Schedule:
     on_divergence: str = "warn"
     divergence_factor: float = 2.0
     divergence_window: int = 10
+    fit_to_run: bool = True
 
     def __post_init__(self) -> None:
         _check_epoch("warmup_epochs", self.warmup_epochs)
@@ -215,6 +222,8 @@ class Schedule:
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 1:
             _fail("divergence_factor", factor, "expected a number > 1 (e.g. 2.0)")
         _check_count("divergence_window", self.divergence_window, 1, "expected an integer >= 1")
+        if not isinstance(self.fit_to_run, bool):
+            _fail("fit_to_run", self.fit_to_run, "expected true or false")
         self._check_bn_freeze_after_anneal()
 
     def _check_bn_freeze_after_anneal(self) -> None:
@@ -349,3 +358,90 @@ class Schedule:
             ends.append(a.first_epoch(self.start_of(role)) + a.epochs)
         ends += [e for e in (self.freeze_bn_epoch, self.freeze_observer_epoch) if e is not None]
         return max(ends)
+
+    def last_change_epoch(self) -> int:
+        """The last epoch in which something changes (quantization starts, a bit width steps
+        or reaches its target, a freeze): a run of ``last_change_epoch() + 1`` epochs sees it
+        all."""
+        events = [self.warmup_epochs, self.act_start]
+        for role in ROLES:
+            a = self.anneal_for(role)
+            if a.epochs > 0:
+                # Both kinds of window end in their last epoch (step: at its start; linear /
+                # cosine: at its end).
+                events.append(a.first_epoch(self.start_of(role)) + a.epochs - 1)
+        events += [e for e in (self.freeze_bn_epoch, self.freeze_observer_epoch) if e is not None]
+        return max(events)
+
+    def fitted(self, max_epochs: int) -> Schedule:
+        """This schedule scaled onto a run of ``max_epochs`` epochs (itself when it fits).
+
+        Each epoch number ``e`` becomes ``floor(e * max_epochs / (last_change_epoch() + 1))``,
+        so the order of the phases is kept and the last change lands in the last epoch.
+        Annealing windows keep at least one epoch. A freeze that would land where it can no
+        longer follow what it must follow is dropped (never freezes): the BN freeze needs an
+        epoch at the final bit width after the anneal (see ``freeze_bn_epoch``) and, like the
+        observer freeze, an epoch after quantization starts; a one-epoch run has neither.
+        """
+        if not self.fit_to_run or max_epochs < 1 or self.last_change_epoch() < max_epochs:
+            return self
+        span = self.last_change_epoch() + 1
+
+        def scale(epoch: int) -> int:
+            return epoch * max_epochs // span
+
+        warmup = scale(self.warmup_epochs)
+        act_start = None if self.act_start_epoch is None else max(scale(self.act_start), warmup)
+        starts = {"weight": warmup, "activation": warmup if act_start is None else act_start}
+        anneals = {}
+        for role in ROLES:
+            a = self.anneal_for(role)
+            first = a.first_epoch(self.start_of(role))
+            start = None if a.start_epoch is None else max(scale(first), starts[role])
+            new_first = starts[role] if start is None else start
+            epochs = 0 if a.epochs == 0 else scale(first + a.epochs - 1) - new_first + 1
+            anneals[role] = dataclasses.replace(a, start_epoch=start, epochs=max(epochs, 0))
+        quantized_from = warmup
+        freeze_bn = None
+        if self.freeze_bn_epoch is not None:
+            freeze_bn = scale(self.freeze_bn_epoch)
+            after = [quantized_from + 1] if self.freeze_bn_epoch > self.warmup_epochs else []
+            for role in ROLES:
+                a = anneals[role]
+                if a.epochs > 0:
+                    first = starts[role] if a.start_epoch is None else a.start_epoch
+                    after.append(first + a.epochs if a.mode == "step" else first + a.epochs + 1)
+            freeze_bn = max([freeze_bn, *after])
+            if freeze_bn >= max_epochs:
+                freeze_bn = None
+        freeze_obs = None
+        if self.freeze_observer_epoch is not None:
+            freeze_obs = scale(self.freeze_observer_epoch)
+            if self.freeze_observer_epoch > self.act_start:
+                freeze_obs = max(freeze_obs, starts["activation"] + 1)
+            if freeze_obs >= max_epochs:
+                freeze_obs = None
+        return dataclasses.replace(
+            self,
+            warmup_epochs=warmup,
+            act_start_epoch=act_start,
+            weight_anneal=anneals["weight"],
+            act_anneal=anneals["activation"],
+            freeze_bn_epoch=freeze_bn,
+            freeze_observer_epoch=freeze_obs,
+        )
+
+    def describe_change(self, other: Schedule) -> str:
+        """The keys whose values differ from ``other``'s, as ``key a → b`` (for the log)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        changes = []
+        for key, value in mine.items():
+            if isinstance(value, dict):
+                changes += [
+                    f"{key}.{k} {v} → {theirs[key][k]}"
+                    for k, v in value.items()
+                    if theirs[key][k] != v
+                ]
+            elif theirs[key] != value:
+                changes.append(f"{key} {value} → {theirs[key]}")
+        return ", ".join(changes)

@@ -58,7 +58,7 @@ ANNEAL = ["schedule=anneal", "quant=w4a4"]  # warm-up 1, weights 8 → 4 over ep
             r"allowed 4–8",
         ),
         (
-            [*ANNEAL, "trainer.max_epochs=3"],
+            [*ANNEAL, "trainer.max_epochs=3", "schedule.fit_to_run=false"],
             r"^schedule\.weight_anneal .* ends after trainer\.max_epochs=3: the run would stop at "
             r"6-bit weights, above the target 4; set trainer\.max_epochs>=5",
         ),
@@ -66,6 +66,7 @@ ANNEAL = ["schedule=anneal", "quant=w4a4"]  # warm-up 1, weights 8 → 4 over ep
             [
                 *ANNEAL,
                 "trainer.max_epochs=5",
+                "schedule.fit_to_run=false",
                 "schedule.act_anneal.mode=linear",
                 "schedule.freeze_bn_epoch=null",
             ],

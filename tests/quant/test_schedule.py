@@ -111,3 +111,62 @@ def test_bn_freezes_only_after_a_whole_epoch_at_the_target_bits() -> None:
 def test_round_trip() -> None:
     s = Schedule.from_dict({"warmup_epochs": 2, "act_anneal": {"mode": "cosine", "epochs": 3}})
     assert Schedule.from_dict(s.to_dict()) == s
+
+
+# The stock schedules: configs/schedule/anneal.yaml and +experiment=quick / gpt_int4's.
+ANNEAL = {
+    "warmup_epochs": 1,
+    "act_start_epoch": 2,
+    "weight_anneal": {"epochs": 4},
+    "act_anneal": {"epochs": 4},
+    "freeze_bn_epoch": 6,
+    "freeze_observer_epoch": 7,
+}
+QUICK = {**ANNEAL, "warmup_epochs": 2, "act_start_epoch": 3, "freeze_bn_epoch": 9}
+QUICK["freeze_observer_epoch"] = 10
+GPT_INT4 = {"warmup_epochs": 8}
+
+
+@pytest.mark.parametrize("data", [ANNEAL, QUICK, GPT_INT4], ids=["anneal", "quick", "gpt_int4"])
+def test_a_schedule_longer_than_the_run_is_scaled_onto_it(data: dict) -> None:
+    s = Schedule.from_dict(data)
+    span = s.last_change_epoch() + 1
+    assert s.fitted(span) is s and s.fitted(span + 5) is s  # it fits: left as written
+    for max_epochs in range(1, span):
+        f = s.fitted(max_epochs)
+        # Every change happens within the run, in the order written, and the run quantizes.
+        assert f.last_change_epoch() < max_epochs
+        assert f.warmup_epochs < max_epochs and f.act_start <= max_epochs - 1
+        assert f.warmup_epochs <= s.warmup_epochs and f.act_start >= f.warmup_epochs
+        for role in ("weight", "activation"):
+            a = s.anneal_for(role)
+            assert f.bits(role, 4, max_epochs - 1, 1.0) == 4  # the target is reached
+            assert (f.anneal_for(role).epochs > 0) == (a.epochs > 0)
+        for key in ("freeze_bn_epoch", "freeze_observer_epoch"):
+            value = getattr(f, key)
+            assert value is None or value < max_epochs
+        assert Schedule.from_dict(f.to_dict()) == f  # valid: BN freezes after the anneal
+
+
+def test_fitted_schedules_of_stock_lengths() -> None:
+    gpt = Schedule.from_dict(GPT_INT4)
+    # gpt_int4 trainer.max_epochs=1: QAT from the first epoch (it trained in float only).
+    assert gpt.fitted(1).warmup_epochs == 0 and gpt.fitted(5).warmup_epochs == 4
+    quick = Schedule.from_dict(QUICK).fitted(1)
+    # One epoch: quantized and at the target from its start; no epoch left for the freezes
+    # (BN statistics and ranges frozen right at calibration would freeze an untrained net).
+    assert (quick.warmup_epochs, quick.act_start, quick.bits("weight", 4, 0)) == (0, 0, 4)
+    assert quick.freeze_bn_epoch is None and quick.freeze_observer_epoch is None
+    half = Schedule.from_dict(QUICK).fitted(6)  # 2 + 4 + freezes squeezed into 6 epochs
+    assert [half.bits("weight", 4, e) for e in range(1, 6)] == [6, 4, 4, 4, 4]
+    assert half.warmup_epochs == 1 and half.freeze_bn_epoch == 4
+    assert half.freeze_observer_epoch == 5
+    assert [half.phase(e).quantized for e in range(6)] == [False] + [True] * 5
+    assert "warmup_epochs 2 → 1" in Schedule.from_dict(QUICK).describe_change(half)
+
+
+def test_fit_to_run_false_keeps_the_schedule_as_written() -> None:
+    s = Schedule.from_dict({**GPT_INT4, "fit_to_run": False})
+    assert s.fitted(1) is s
+    with pytest.raises(ValueError, match="fit_to_run='yes' is invalid"):
+        Schedule.from_dict({"fit_to_run": "yes"})
