@@ -152,6 +152,18 @@ def bench_lm(
     return report
 
 
+def _checkpointing_off(model: nn.Module) -> None:
+    """Turn a Hugging Face model's gradient checkpointing off: training is over, and its
+    hooks neither deep-copy nor export."""
+    on = getattr(model, "is_activation_checkpointing", None)  # transformers 5.x
+    if on is None:
+        on = getattr(model, "is_gradient_checkpointing", False)
+    if not on:
+        return
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    (disable or model.gradient_checkpointing_disable)()
+
+
 def _size(path: Path) -> int:
     """Bytes of a file, or of every file in a folder (the hf checkpoint)."""
     path = Path(path)
@@ -179,6 +191,7 @@ def run_lm_export(
         float_model: the float model, for the FP32 baseline of the benchmark.
     """
     model = model.cpu().eval()
+    _checkpointing_off(model)
     limit = options.get("verify_batches")
     batches = list(itertools.islice(test_batches, int(limit)) if limit else test_batches)
     example = batches[0][0][:1].contiguous()

@@ -124,6 +124,11 @@ def load_hf_causal_lm(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # That also hooks the input embedding to make its output require grad (for frozen
+        # embeddings, e.g. adapters): every weight trains here, and the QAT swap replaces the
+        # embedding, leaving a dead hook handle that breaks deepcopy (export).
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
     # The QAT loop owns the cache and the loss: logits only.
     model.config.use_cache = False
     return model.train()
