@@ -181,15 +181,33 @@ def _hparams(model_type: str, cfg: Any) -> dict[str, Any]:
     if model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
         rot = float(getattr(cfg, "partial_rotary_factor", None) or 1.0)
         hp["rope_dimension_count"] = int(rot * head_dim)
-    if model_type == "gemma2":
-        hp["attn_logit_softcapping"] = float(cfg.attn_logit_softcapping or 0.0)
-        hp["final_logit_softcapping"] = float(cfg.final_logit_softcapping or 0.0)
-        hp["sliding_window"] = int(cfg.sliding_window)
-    if model_type == "gemma3_text":
+    if model_type in ("gemma2", "gemma3_text"):
+        _check_attention_scale(model_type, cfg, head_dim)
+        if getattr(cfg, "attn_logit_softcapping", None):
+            hp["attn_logit_softcapping"] = float(cfg.attn_logit_softcapping)
         if cfg.final_logit_softcapping:
             hp["final_logit_softcapping"] = float(cfg.final_logit_softcapping)
         hp["sliding_window"] = int(cfg.sliding_window)
+        # Which layers slide, as the config says (llama.cpp's default patterns are 2 and 6).
+        hp["sliding_window_pattern"] = [t == "sliding_attention" for t in cfg.layer_types]
+        params = getattr(cfg, "rope_parameters", None) or {}
+        local = params.get("sliding_attention", {}).get("rope_theta")
+        local = local or getattr(cfg, "rope_local_base_freq", None) or hp["rope_freq_base"]
+        hp["rope_freq_base_swa"] = float(local)
     return hp
+
+
+def _check_attention_scale(model_type: str, cfg: Any, head_dim: int) -> None:
+    """llama.cpp scales Gemma 2 / 3 attention by ``1/√head_dim`` (``1/√(hidden/heads)`` for
+    the 27B depths); Hugging Face by ``1/√query_pre_attn_scalar``: they must agree."""
+    big = cfg.num_hidden_layers in (46, 62)  # gemma-2-27b, gemma-3-27b
+    want = cfg.hidden_size // cfg.num_attention_heads if big else head_dim
+    if cfg.query_pre_attn_scalar != want:
+        raise ValueError(
+            f"GGUF {model_type}: llama.cpp scales attention by 1/sqrt({want}), this model by "
+            f"1/sqrt(query_pre_attn_scalar={cfg.query_pre_attn_scalar}): set "
+            f"query_pre_attn_scalar={want} or export it with export.targets=[onnx]"
+        )
 
 
 def _weighted(module: nn.Module) -> bool:

@@ -39,18 +39,41 @@ FAMILIES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
     "phi3": "phi3",
     "gpt2": "gpt2",
 }
 SEQ = 64
 
 
+def _gemma23_config(family: str):
+    """Gemma 2 / 3 with a sliding window shorter than the test sequences (so it masks), and
+    llama.cpp's attention scale (query_pre_attn_scalar = head_dim)."""
+    cls = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
+    return cls(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=128,
+        sliding_window=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
 def save_family(path: Path, family: str) -> Path:
     """A tiny ``family`` folder; Gemma ties its output layer to the embedding, as llama.cpp's
     gemma graph reads it."""
-    if family != "gemma":
+    if not family.startswith("gemma"):
         return make_hf_folder(path, family=family)
-    cfg = make_hf_config("gemma")
+    cfg = make_hf_config("gemma") if family == "gemma" else _gemma23_config(family)
     cfg.tie_word_embeddings = True
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
@@ -216,3 +239,10 @@ def test_kquant_export_decodes_to_the_fake_quant_model(recipe: str, tmp_path: Pa
         assert np.array_equal(got.reshape(want.shape), want.numpy()), entry.name
     report = verify_lm_artifacts(model, {"gguf": path}, [(ids[:, :32], ids[:, 1:])])
     check_lm_parity(report, min_agreement=0.999, max_ppl_rel_diff=0.001)
+
+
+def test_gemma3_attention_scale_llama_cpp_cannot_compute_is_refused() -> None:
+    cfg = _gemma23_config("gemma3")
+    cfg.query_pre_attn_scalar = 256  # transformers' default; llama.cpp uses 1/sqrt(head_dim)
+    with pytest.raises(ValueError, match="query_pre_attn_scalar=16"):
+        gguf_layout(transformers.Gemma3ForCausalLM(cfg))
