@@ -201,9 +201,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 # Through a Python file object: a failed write (disk full) surfaces as the
                 # OSError it is; torch writing to a path reports it as "unexpected pos N vs M".
                 torch.save(checkpoint, f)
-            except RuntimeError as err:
-                cause = err.__context__
-                if isinstance(cause, OSError):
+            except (RuntimeError, OSError) as err:
+                cause = err if isinstance(err, OSError) else err.__context__
+                if isinstance(cause, OSError) and cause.filename is None and cause.errno:
                     raise OSError(cause.errno, cause.strerror, str(path)) from None
                 raise
 
