@@ -73,6 +73,15 @@ def _split_regex(pre: dict[str, Any] | None) -> list[str]:
     return []
 
 
+def _prepends_space(normalizer: dict[str, Any] | None) -> bool:
+    """True when the normalizer prepends ``▁`` (SentencePiece's ``add_dummy_prefix``)."""
+    if not normalizer:
+        return False
+    if normalizer.get("type") == "Sequence":
+        return any(_prepends_space(n) for n in normalizer.get("normalizers", []))
+    return normalizer.get("type") == "Prepend"
+
+
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE ``tokenizer.json``.
 
@@ -143,9 +152,12 @@ def write_tokenizer(writer: Any, folder: Path, n_vocab: int) -> str:
     if model.get("byte_fallback", False):
         vocab = gguf.vocab.LlamaHfVocab(folder)
         tokens, scores, types = [], [], []
-        for text, score, toktype in vocab.all_tokens():
+        for i, (text, _, toktype) in enumerate(vocab.all_tokens()):
             tokens.append(text)
-            scores.append(score)
+            # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest;
+            # a BPE's merges made its tokens in id order, so -id ranks them as its merges do
+            # (LlamaHfVocab's placeholder scores are all equal).
+            scores.append(-float(i) if toktype == gguf.TokenType.NORMAL else 0.0)
             types.append(int(toktype))
         _pad(tokens, types, scores, n_vocab)
         writer.add_tokenizer_model("llama")
@@ -153,6 +165,7 @@ def write_tokenizer(writer: Any, folder: Path, n_vocab: int) -> str:
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
+        writer.add_add_space_prefix(_prepends_space(tok.get("normalizer")))
         load_merges, kind = False, "llama"
     else:
         tokens, types = _bpe_tokens(tok)

@@ -10,6 +10,7 @@ fake-quant model. ``test_gguf_llamacpp.py`` runs the same files in real llama.cp
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from functools import cache
 from pathlib import Path
@@ -246,3 +247,59 @@ def test_gemma3_attention_scale_llama_cpp_cannot_compute_is_refused() -> None:
     cfg.query_pre_attn_scalar = 256  # transformers' default; llama.cpp uses 1/sqrt(head_dim)
     with pytest.raises(ValueError, match="query_pre_attn_scalar=16"):
         gguf_layout(transformers.Gemma3ForCausalLM(cfg))
+
+
+def save_spm_llama(path: Path, vocab_size: int = 600) -> Path:
+    """A tiny Llama with a SentencePiece-style tokenizer: BPE with byte fallback, ``▁`` for
+    spaces and a prepended ``▁``, ``<0x00>``-``<0xFF>`` byte tokens (Llama 2's tokenizer.json
+    form)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
+    tok.train([str(p) for p in stdlib_sample()], trainer)
+    cfg = make_hf_config("llama", vocab_size=vocab_size)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    return path
+
+
+def test_sentencepiece_style_tokenizer_is_written_as_llama_vocab(tmp_path: Path) -> None:
+    folder = save_spm_llama(tmp_path / "spm")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    ids = torch.randint(0, 600, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = qat.prepare(model, lm_recipe("lm_q8_0"), example_inputs=ids)
+    model.train()
+    model(ids)
+    path = export_gguf(model.eval(), tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    vocab = transformers.AutoTokenizer.from_pretrained(folder).get_vocab()
+    assert all(tokens[i] == t for t, i in vocab.items())
+    assert types[vocab["<0x41>"]] == gguf.TokenType.BYTE
+    assert types[vocab["<s>"]] == gguf.TokenType.CONTROL
+    normal = [i for i, t in enumerate(types) if t == gguf.TokenType.NORMAL]
+    assert all(scores[a] > scores[b] for a, b in itertools.pairwise(normal))  # merge order
