@@ -142,3 +142,25 @@ class RunDirGuard(Callback):
         except ConfigError as err:
             print(f"invalid config: {err}", file=sys.stderr)
             sys.exit(2)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep into a folder that already holds runs would rewrite their ``.hydra/``."""
+        try:
+            from qat.lit.targets import check_targets
+
+            check_targets(config)
+            sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+            taken = sorted(
+                p.name
+                for p in (sweep.iterdir() if sweep.is_dir() else [])
+                if (p / RESULTS_FILE).exists() or any((p / "checkpoints").glob("*.ckpt"))
+            )
+            if taken:
+                raise ConfigError(
+                    f"hydra.sweep.dir={sweep} already holds runs ({', '.join(taken[:5])}); "
+                    "a sweep never shares a folder: drop the hydra.sweep.dir override or pick "
+                    "a new one"
+                )
+        except ConfigError as err:
+            print(f"invalid config: {err}", file=sys.stderr)
+            sys.exit(2)

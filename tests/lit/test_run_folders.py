@@ -85,6 +85,16 @@ def test_guard_refuses_resuming_with_another_model_or_recipe(tmp_path: Path) -> 
         guard_run_dir(run_dir, None, same)
 
 
+def test_guard_refuses_a_sweep_into_a_folder_with_runs(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    cfg = _compose([f"hydra.sweep.dir={sweep}"])
+    RunDirGuard().on_multirun_start(config=cfg)  # new folder: fine
+    _finished_run(sweep)  # sweep/run holds a finished run
+    with pytest.raises(SystemExit) as stop:
+        RunDirGuard().on_multirun_start(config=cfg)
+    assert stop.value.code == 2 and "already holds runs (run)" in capsys.readouterr().err
+
+
 def test_hydra_config_wires_the_guard() -> None:
     cfg = _compose([])
     assert cfg.hydra.callbacks.run_dir_guard._target_ == "qat.lit.rundir.RunDirGuard"
