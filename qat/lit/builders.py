@@ -42,7 +42,15 @@ def build_module(
     assert isinstance(options, dict)
     if cfg.get("task", "classification") == "language_model":
         # channels_last is for images only.
-        keys = ("scheduler_interval", "label_smoothing", "distill_weight", "distill_temperature")
+        keys = (
+            "scheduler_interval",
+            "label_smoothing",
+            "distill_weight",
+            "distill_temperature",
+            "lora_rank",
+            "lora_alpha",
+            "lora_targets",
+        )
         return LanguageModelModule(
             model=model,
             optimizer=optimizer,

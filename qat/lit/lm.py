@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from qat.export.lm_io import logits_of
+from qat.lit.lora import add_lora, lora_layers, merge_lora
 from qat.lit.optim import ConfiguresOptimizers, OptimizerFactory, SchedulerFactory
 
 __all__ = ["LanguageModelModule"]
@@ -46,6 +47,11 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
             ``(1 - w) * CE + w * T² * KL(teacher ‖ student)``, the KL over the vocabulary at
             every position, averaged over positions; 0: off, 1: distillation only.
         distill_temperature: ``T``, the softmax temperature of both models in that term.
+        lora_rank: LoRA QAT (:mod:`qat.lit.lora`): rank of the adapters put on the quantized
+            linear layers once the QAT callback has swapped them in; the base model is frozen
+            and the adapters are merged into the weights when training ends. 0: off.
+        lora_alpha: the adapters' scale is ``lora_alpha / lora_rank``.
+        lora_targets: shell patterns of the layers adapted (null: all but the output layer).
     """
 
     def __init__(
@@ -58,6 +64,9 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
         teacher: nn.Module | None = None,
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_targets: list[str] | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("step", "epoch"):
@@ -88,8 +97,21 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
         self._teacher: tuple[nn.Module, ...] = ()
         if teacher is not None and self.distill_weight > 0:
             self._teacher = (teacher.eval().requires_grad_(False),)
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+            raise ValueError(f"lora_rank={lora_rank!r} is invalid: an int >= 0 (0: no adapters)")
+        self.lora_rank, self.lora_alpha = lora_rank, float(lora_alpha)
+        self.lora_targets = list(lora_targets) if lora_targets else None
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self.val_acc, self.test_acc = MeanMetric(), MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        # After the QAT callback's setup (the layers are QLinear now), before the optimizer.
+        if stage == "fit" and self.lora_rank and not lora_layers(self.model):
+            add_lora(self.model, self.lora_rank, self.lora_alpha, self.lora_targets)
+
+    def on_fit_end(self) -> None:
+        # Test, checkpoints written from here on and export see plain, merged weights.
+        merge_lora(self.model)
 
     def on_fit_start(self) -> None:
         for teacher in self._teacher:

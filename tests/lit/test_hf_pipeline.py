@@ -45,7 +45,7 @@ def _jsonl(path: Path) -> Path:
     return path
 
 
-def test_hf_w4g32_with_distillation_writes_a_checkpoint_transformers_loads(
+def test_hf_w4g32_with_distillation_and_lora_writes_a_checkpoint_transformers_loads(
     hf_dir: Path, tmp_path: Path
 ) -> None:
     data = _jsonl(tmp_path / "corpus.jsonl")
@@ -56,6 +56,7 @@ def test_hf_w4g32_with_distillation_writes_a_checkpoint_transformers_loads(
         "data.text_field=content",
         "module.distill_weight=0.5",
         "model.gradient_checkpointing=true",
+        "module.lora_rank=4",  # adapters through the quantizer, merged before export
         *TINY,
     ]
     train(compose_train(overrides, tmp_path / "run"))
