@@ -69,9 +69,16 @@ def _gemma23_config(family: str):
     )
 
 
-def save_family(path: Path, family: str) -> Path:
+def save_family(path: Path, family: str, hidden: int = 64) -> Path:
     """A tiny ``family`` folder; Gemma ties its output layer to the embedding, as llama.cpp's
-    gemma graph reads it."""
+    gemma graph reads it. ``hidden=256``: a Llama whose every input size fits k-quant blocks."""
+    if hidden != 64:
+        cfg = make_hf_config(family, hidden=hidden)
+        cfg.intermediate_size = 2 * hidden
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+        train_bpe(cfg.vocab_size).save_pretrained(path)
+        return path
     if not family.startswith("gemma"):
         return make_hf_folder(path, family=family)
     cfg = make_hf_config("gemma") if family == "gemma" else _gemma23_config(family)
@@ -90,8 +97,10 @@ def token_batches(folder: str) -> torch.Tensor:
     return torch.tensor(ids[: 16 * (SEQ + 1)]).reshape(16, SEQ + 1)
 
 
-def prepared_family(tmp: Path, family: str, recipe: str = "lm_q4_0", steps: int = 8):
-    folder = save_family(tmp / family, family)
+def prepared_family(
+    tmp: Path, family: str, recipe: str = "lm_q4_0", steps: int = 8, hidden: int = 64
+):
+    folder = save_family(tmp / family, family, hidden)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     ids = token_batches(str(folder))
     with warnings.catch_warnings():
