@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qat.quant.kquants import KQUANT_GRIDS
 from qat.quant.layers import QConv1D, QEmbedding, QLinear
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.weight_codes import weight_codes
@@ -70,6 +71,11 @@ def quant_weight(layer: nn.Module, name: str = "") -> QuantWeight:
             "train the model (qat.calibrate) before exporting"
         )
     spec = q.spec
+    if spec.grid in KQUANT_GRIDS:  # (d·sc)·q − dmin·m is no codes × scales: GGUF packs it
+        raise ValueError(
+            f"layer {where!r}: its weights are on the k-quant grid {spec.grid}, which only GGUF "
+            "stores: export it with export.targets=[gguf], or train with quant=lm_q4_0 for ONNX"
+        )
     codes, scales, group, d32 = weight_codes(layer, where)
     deq = (codes.reshape(-1, group) * scales.reshape(-1, 1)).reshape(codes.shape)
     expected = q(layer.weight).detach().float()

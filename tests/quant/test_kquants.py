@@ -54,3 +54,14 @@ def test_spec_k_grids_need_blocks_of_256_and_weights() -> None:
         QuantSpec(bits=4, per_channel=True, group_size=32, grid="q4_k")
     with pytest.raises(ValueError, match="k-quant grids are for weights"):
         QuantSpec(bits=6, group_size=256, grid="q6_k", dynamic="token")
+
+
+def test_k_grid_layers_are_refused_outside_gguf() -> None:
+    from qat.export.lm_weights import quant_weight
+    from qat.quant.layers import QLinear
+
+    spec = QuantSpec(bits=4, per_channel=True, group_size=256, grid="q4_k")
+    layer = QLinear.from_float(torch.nn.Linear(256, 8), spec, None).train()
+    layer(torch.randn(2, 256))
+    with pytest.raises(ValueError, match=r"targets=\[gguf\]"):
+        quant_weight(layer.eval(), "fc")
