@@ -98,6 +98,7 @@ def reexport(run_dir: Path) -> dict[str, Any]:
         f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
         "export=lm",
         "export.bench=false",  # the page times the files with bench_llm
+        "export.replace=true",  # into <run_dir>/export (swapped whole), not export-2
         f"export.targets=[{targets}]",
         *PARITY,
     ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +106,7 @@ def reexport_rows(
     checkpoint holds the model the row tested; otherwise it is left as it was, with a warning.
     ``extra``: ``export.*`` overrides for every export.
     """
+    from qat.io import commit_dir
     from qat.lit.results import write_json_atomic
 
     log = root / name / "log.txt"
@@ -114,14 +117,16 @@ def reexport_rows(
         if res is None or not ckpt.is_file():
             print(f"{name} {row}: no finished run with a checkpoint under {run_dir}; skipped")
             continue
-        report_path = run_dir / "export" / "export_report.json"
-        # Only a report this export wrote is merged; an earlier one stays as it is.
-        before = report_path.stat().st_mtime_ns if report_path.is_file() else None
-        cmd = ["-m", "qat.export", f"ckpt_path={ckpt}", "export.fail_on_parity=false", *extra]
+        # Into a folder of its own beside the row's export/, which it replaces only once the
+        # checks below accept it (an export lands whole: qat.export.bundle).
+        staged = run_dir / "export-reexport"
+        shutil.rmtree(staged, ignore_errors=True)
+        cmd = ["-m", "qat.export", f"ckpt_path={ckpt}", "export.fail_on_parity=false"]
+        cmd += [f"export.out_dir={staged}", "export.replace=true", *extra]
         rc = _run(cmd, log, script=False)
-        written = report_path.is_file() and report_path.stat().st_mtime_ns != before
-        report = _load(report_path) if written else None
+        report = _load(staged / "export_report.json")
         if rc != 0 or report is None or "parity" not in report:
+            shutil.rmtree(staged, ignore_errors=True)
             print(
                 f"warning: {name} {row}: the re-export failed (exit {rc}) or verified nothing "
                 f"(export.verify=false?), so the row is left as it was; see {log}"
@@ -136,7 +141,10 @@ def reexport_rows(
                 "fake-quant evaluation requantized as the runtimes do (2026-12-01); the row is "
                 "left as it was (re-run it to update it)"
             )
+            shutil.rmtree(staged, ignore_errors=True)
             continue
+        commit_dir(staged, run_dir / "export")
+        report = json.loads(json.dumps(report).replace(str(staged), str(run_dir / "export")))
         export = {k: v for k, v in report.items() if k not in ("ckpt_path", "run_dir")}
         export["reexported"] = time.strftime("%Y-%m-%d %H:%M")
         res["export"] = export
