@@ -95,7 +95,7 @@ def export_folder(
     Returns:
         The report, with ``out_dir`` the folder the set landed in and ``manifest`` its path.
     """
-    wanted = Path(out_dir)
+    wanted = Path(out_dir).expanduser().absolute()  # "." has no name to number
     final = wanted if replace else free_dir(wanted)
     tmp = staged_dir(final)
     try:
