@@ -66,16 +66,20 @@ def test_jsonl_records_through_the_model_tokenizer(tmp_path: Path, hf_dir: Path)
     assert max(dm.train_set.data.tolist()) < 512
 
 
-def test_datasets_folder_needs_the_package_or_says_so(tmp_path: Path) -> None:
-    (tmp_path / "dataset_info.json").write_text("{}")
-    (tmp_path / "state.json").write_text("{}")
-    dm = TextDataModule(data_dir=str(tmp_path), **SMALL)
-    assert dm.files() == [tmp_path]
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match=r"datasets.*pip install datasets"):
-            dm.check()
+def test_a_datasets_folder_saved_to_disk(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    lines = _text().splitlines(keepends=True)
+    docs = ["".join(lines[i : i + 40]) for i in range(0, len(lines), 40)]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"body": docs, "n": list(range(len(docs)))}).save_to_disk(folder)
+    dm = TextDataModule(data_dir=str(folder), text_field="body", **SMALL)
+    assert dm.files() == [folder]
+    dm.setup()
+    # Rows are documents, in order: the test split starts with the first row.
+    assert bytes(dm.test_set.data[:300].tolist()) == docs[0].encode()[:300]
+    assert len(dm.train_set) > 0 and len(dm.val_set) > 0
+    with pytest.raises(ValueError, match=r"no column 'text' \(columns: body, n\)"):
+        TextDataModule(data_dir=str(folder), **SMALL).check()
 
 
 def _refused(tmp_path: Path, overrides: list[str]) -> str:
