@@ -55,10 +55,33 @@ def _reads_training_flag(cls: type) -> bool:
     return "self.training" in source
 
 
+_UNKNOWN = object()
+#: Reading these of a tensor gives its metadata, never its data: branches on them are on shapes.
+_META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
+_META_METHODS = frozenset({"size", "dim", "ndimension", "numel", "__len__", "is_floating_point"})
+
+
 class _Tracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+    """fx's tracer, with every node's value on the example input alongside (when given).
+
+    Python control flow on a traced value (``if x.shape[1] == n``, ``for t in x.shape``)
+    stops a symbolic trace. With example values, where the value depends on shapes and
+    constants only (never on tensor data), the tracer takes the branch the example takes and
+    records where (``specialized``): the graph is then specialized to inputs shaped like the
+    example, as a model exported at a fixed input size is; :func:`capture` checks the graph
+    computes what the model computes on the example.
+    """
+
+    def __init__(
+        self, leaf_types: tuple[type[nn.Module], ...], example: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.static: set[fx.Node] = set()  # Python values computed from shapes, never data
+        self.specialized: list[str] = []
+        self._eager = False  # computing a value: module calls and attributes stay concrete
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (Add, Cat, FakeQuantizer, *QUANT_MODULES, *self.leaf_types)):
@@ -70,6 +93,97 @@ class _Tracer(fx.Tracer):
         ):
             return True  # mode-dependent and weightless: run it, don't bake one branch
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if self._eager:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._eager:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(
+        self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
+    ):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.example is not None:
+            node = proxy.node
+            self.values[node] = value = self._evaluate(node)
+            if self._is_static(node, value):
+                self.static.add(node)
+        return proxy
+
+    def _is_static(self, node: fx.Node, value: Any) -> bool:
+        """True for a Python value that depends on shapes and constants only (not on data:
+        ``x.shape[1] == n`` is, ``h.mean() > 0`` and ``h.sum().item()`` are not)."""
+        if value is _UNKNOWN or isinstance(value, torch.Tensor):
+            return False
+        if node.op in ("placeholder", "get_attr"):
+            return True
+        if node.op == "call_function" and node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _META_ATTRS
+        if node.op == "call_method" and node.target in _META_METHODS:
+            return True
+        return all(n in self.static for n in node.all_input_nodes)
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        """``node``'s value on the example (its inputs' values known), or ``_UNKNOWN``."""
+
+        def value(arg: Any) -> Any:
+            if isinstance(arg, fx.Node):
+                v = self.values.get(arg, _UNKNOWN)
+                if v is _UNKNOWN:
+                    raise LookupError
+                return v
+            return arg
+
+        self._eager = True
+        try:
+            args = fx.node.map_aggregate(node.args, value)
+            kwargs = fx.node.map_aggregate(node.kwargs, value)
+            if node.op == "placeholder":
+                return self.example.get(str(node.target).lstrip("*"), _UNKNOWN)
+            if node.op == "get_attr":
+                obj: Any = self.root
+                for part in str(node.target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            if node.op == "call_module":
+                return self.root.get_submodule(node.target)(*args, **kwargs)
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+        except Exception:
+            pass
+        finally:
+            self._eager = False
+        return _UNKNOWN
+
+    def _known(self, obj: fx.Proxy, what: str) -> Any:
+        if obj.node not in self.static:
+            return _UNKNOWN  # data-dependent: no graph can bake it (the module swap can)
+        v = self.values[obj.node]
+        frame = next(
+            (f for f in reversed(traceback.extract_stack()[:-3]) if _model_frame(f.filename)),
+            None,
+        )
+        where = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}" if frame else what
+        if where not in self.specialized:
+            self.specialized.append(where)
+        return v
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        v = self._known(obj, "a branch")
+        return super().to_bool(obj) if v is _UNKNOWN else bool(v)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        v = self._known(obj, "a loop")
+        if v is _UNKNOWN or not hasattr(v, "__len__"):
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(v))])
 
 
 def split_example(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -84,12 +198,17 @@ def split_example(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]
     return (example_inputs,), {}
 
 
+def _model_frame(filename: str) -> bool:
+    """True for a frame in the model's own code (not torch, not qat, not generated)."""
+    path = str(Path(filename).resolve())
+    return not path.startswith((_TORCH_DIR, _QAT_DIR)) and "<" not in filename
+
+
 def _where(err: BaseException) -> str | None:
     """``file:line: code`` of the innermost frame in the model's own code (not torch, not qat)."""
     frames = traceback.extract_tb(err.__traceback__)
     for frame in reversed(frames):
-        path = str(Path(frame.filename).resolve())
-        if not path.startswith((_TORCH_DIR, _QAT_DIR)) and "<" not in frame.filename:
+        if _model_frame(frame.filename):
             return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
     return None
 
@@ -151,13 +270,19 @@ def capture(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
+        example = None
+        if example_inputs is not None:
+            sig = inspect.signature(model.forward)
+            example = dict(sig.bind_partial(*args, **kwargs).arguments)
+        tracer = _Tracer(tuple(leaf_types), example)
         try:
-            graph = _Tracer(tuple(leaf_types)).trace(model, concrete_args=concrete)
+            graph = tracer.trace(model, concrete_args=concrete)
         except Exception as err:
             where = _where(err)
             first = (str(err).strip().splitlines() or [""])[0]
             raise CaptureError(f"{type(err).__name__}: {first}", where) from err
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        gm.qat_specialized = list(tracer.specialized)
         if example_inputs is not None:
             expected = model(*args, **kwargs)
             try:

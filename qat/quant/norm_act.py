@@ -5,7 +5,7 @@ timm writes "BN then activation" as one module, a ``BatchNorm2d`` subclass holdi
 forward becomes a functional ``F.batch_norm`` on the BN's parameters: no conv → BN fold, and a
 float island between integer layers. :func:`split_norm_act` replaces each such module by an
 ``nn.Sequential`` of a plain ``nn.BatchNorm2d`` (the same parameter and buffer tensors), its
-``drop`` and its ``act``, which computes the same and which the graph rewrite folds like any
+``drop`` (unless an identity) and its ``act``, which computes the same and which the graph rewrite folds like any
 conv → BN (→ ReLU). Duck-typed: a ``BatchNorm2d`` subclass whose extra children are
 ``drop`` / ``act`` and that adds no parameters of its own.
 """
@@ -45,7 +45,12 @@ def split_norm_act(model: nn.Module) -> int:
     """Replace ``model``'s norm + activation modules in place (module docstring); the count."""
     found = [(name, m) for name, m in model.named_modules() if name and _is_norm_act(m)]
     for name, m in found:
-        parts = [("bn", _plain(m))] + [(p, getattr(m, p)) for p in _PARTS if hasattr(m, p)]
+        # An identity drop would stand between the BN and a ReLU the rewrite fuses.
+        parts = [("bn", _plain(m))] + [
+            (p, getattr(m, p))
+            for p in _PARTS
+            if hasattr(m, p) and type(getattr(m, p)) is not nn.Identity
+        ]
         seq = nn.Sequential(OrderedDict(parts)).train(m.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, seq)

@@ -153,6 +153,8 @@ def prepare(
                 _install_input_quant(source, LayerSpecs(recipe, [])(INPUT_QUANT), gm.graph)
             prepared = adopt_graph(source, gm.graph)
             how = {"mode": "graph"}
+            if gm.qat_specialized:  # branches taken as the example takes them
+                how["specialized"] = gm.qat_specialized
         except CaptureError as err:
             if capture == "graph":
                 raise

@@ -240,3 +240,79 @@ def test_prepare_of_a_graph_model_without_example_inputs_still_captures() -> Non
         q = qat.prepare(resnet_basic())
     assert q.qat_capture == {"mode": "graph"}
     assert isinstance(q.layer1[0].add, QAdd)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, as timm writes it: BN then ``drop`` and ``act``, a checked input."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected 4D input")
+        x = F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            self.momentum,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class _ConvBnAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = _BatchNormAct(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("with_example", [True, False])
+def test_norm_act_modules_fold_into_the_conv_and_asserts_stay_checks(with_example: bool) -> None:
+    model = _ConvBnAct().eval()
+    x = torch.randn(2, 3, 8, 8)
+    q = qat.prepare(model, example_inputs=x if with_example else None, capture="graph")
+    assert isinstance(q.conv, QConvBn2d) and q.conv.relu  # BN and its ReLU folded
+    islands = [m.target for m in q.modules() if isinstance(m, FunctionalOp)]
+    assert F.batch_norm not in islands and torch._assert not in islands, islands
+    qat.calibrate(q, [x])
+    with torch.no_grad():
+        assert torch.allclose(q.eval()(x), model(x), atol=0.1)
+
+
+class _ShapeBranch(nn.Module):
+    """Branches on shapes (as timm's position-embedding resampling does) and on data."""
+
+    def __init__(self, data_branch: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.data_branch = data_branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        _, _, height, width = h.shape
+        if height * width != 16:  # shape-dependent: fixed by the example
+            h = F.interpolate(h, size=(4, 4))
+        if self.data_branch and h.sum().item() > 0:  # data-dependent: never baked
+            h = -h
+        return h.flatten(1)
+
+
+def test_branches_on_shapes_follow_the_example_branches_on_data_fall_back() -> None:
+    x = torch.randn(2, 1, 8, 8)
+    q = qat.prepare(_ShapeBranch(False), example_inputs=x, capture="graph")
+    assert q.qat_capture["mode"] == "graph"
+    assert any("height * width != 16" in w for w in q.qat_capture["specialized"])
+    assert q.eval()(x).shape == (2, 32)
+    with pytest.warns(UserWarning, match=r"h\.sum\(\)\.item\(\) > 0"):
+        q = qat.prepare(_ShapeBranch(True), example_inputs=x)
+    assert q.qat_capture["mode"] == "modules"

@@ -1,0 +1,347 @@
+"""Every timm classification family through qat: prepare → calibrate → QAT → export → verify.
+
+For each timm model module (``timm.list_modules()``: one family each), the smallest model of at
+most ``--max-params`` parameters (counted on the meta device, nothing allocated), randomly
+initialized, goes through the flow a user follows, on scikit-learn's digits upscaled to 32×32
+RGB: a short float training (so the logits have margins), ``qat.prepare`` (W8A8, float logits)
+with example inputs, calibration, a few QAT steps, bias snapping, TorchScript and ONNX export,
+verification of both against the fake-quant model on 256 held-out images, the share of MACs on
+integer kernels, and ONNX Runtime INT8 vs FP32 latency at batch 16. Each model runs in its own
+process with a time limit, so one that hangs or crashes costs only its own row.
+
+Writes ``docs/model_zoo.json`` (one record per family, kept between runs: ``--resume`` skips
+families already there) and renders ``docs/model_zoo.md`` from it.
+
+Usage:
+    python scripts/timm_sweep.py                        # every family (hours on 2 cores)
+    python scripts/timm_sweep.py --resume               # only families not yet in the JSON
+    python scripts/timm_sweep.py --models resnet18,convnext_atto --no-write
+    python scripts/timm_sweep.py --render               # re-render the page from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+JSON_PATH = ROOT / "docs" / "model_zoo.json"
+PAGE_PATH = ROOT / "docs" / "model_zoo.md"
+FAMILIES_PATH = ROOT / "docs" / "model_zoo_families.json"
+IMAGE_SIZE = 32
+AGREEMENT = 0.999
+RECIPE = {"overrides": [{"pattern": "@last", "activation": {"bits": 32}}]}  # float logits
+
+
+# ------------------------------------------------------------------------------- one model
+def _batches(image_size: int) -> tuple[list, list]:
+    from qat.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=64, image_size=image_size)
+    dm.setup("fit")
+    dm.setup("test")
+    rgb = lambda loader: [(x.repeat(1, 3, 1, 1), y) for x, y in loader]  # noqa: E731
+    return rgb(dm.train_dataloader()), rgb(dm.test_dataloader())
+
+
+def _train(model, batches: list, steps: int, lr: float, adam: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    opt = (torch.optim.AdamW if adam else torch.optim.SGD)(model.parameters(), lr)
+    model.train()
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        loss = F.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {i}")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def run_one(arch: str, out_dir: Path, bench: bool = True) -> dict:
+    """The whole flow for one timm model: a record for the table, whose ``status`` is
+    ``pass``, ``parity`` (an exported model disagrees) or ``error`` (``reason`` says where)."""
+    import warnings
+
+    import torch
+
+    import qat
+    from qat.export import export_model, verify_artifacts
+    from qat.export.bench import benchmark_artifacts
+    from qat.export.lowering import placement_report
+    from qat.models import create_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    rec: dict = {"model": arch}
+    stage = "build"
+    try:
+        train, test = _batches(IMAGE_SIZE)
+        model = create_model(
+            "timm", arch=arch, num_classes=10, in_channels=3, image_size=IMAGE_SIZE
+        )
+        rec["params"] = sum(p.numel() for p in model.parameters())
+        stage = "float training"
+        _train(model, train, steps=30, lr=1e-3, adam=True)
+        float_model = model.eval()
+        stage = "prepare"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = time.perf_counter()
+            q = qat.prepare(float_model, RECIPE, example_inputs=train[0][0][:2])
+            rec["prepare_s"] = time.perf_counter() - t
+        rec["capture"] = q.qat_capture["mode"]
+        if q.qat_capture["mode"] != "graph":
+            rec["capture_error"] = q.qat_capture.get("capture_error")
+            rec["where"] = q.qat_capture.get("where")
+        rec["warnings"] = sorted({str(w.message).splitlines()[0][:160] for w in caught})[:5]
+        stage = "calibrate / QAT"
+        qat.calibrate(q, [x for x, _ in train[:4]])
+        qat.set_observers(q, True)
+        _train(q, train, steps=4, lr=0.005, adam=False)
+        qat.set_observers(q, False)
+        q.eval()
+        qat.snap_bias(q, test[0][0][:8])
+        stage = "export"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = time.perf_counter()
+            paths = export_model(q, out_dir, test[0][0][:1])
+            rec["export_s"] = time.perf_counter() - t
+        stage = "verify"
+        report = verify_artifacts(q, paths, test[:4])
+        rec["fake_quant_accuracy"] = report["fake_quant"]["accuracy"]
+        rec["runtimes"] = {
+            name: {"agreement": r["agreement"], "max_abs_diff": r["max_abs_diff"]}
+            for name, r in report["runtimes"].items()
+        }
+        stage = "placement"
+        rec["integer_mac_share"] = placement_report(q, test[0][0][:1])["integer_mac_share"]
+        stage = "bench"
+        timing = bench and benchmark_artifacts(
+            {"onnx": paths["onnx"]},
+            float_model,
+            test[0][0][:16],
+            batch_sizes=(16,),
+            rounds=3,
+            threads=1,
+            min_time=0.1,
+        )
+        if timing:
+            rec["speedup_onnx_int8_vs_fp32"] = timing["ratios"]["speedup_ort_int8_vs_fp32"]["16"]
+        agree = [r["agreement"] for r in rec["runtimes"].values()]
+        rec["status"] = "pass" if min(agree) >= AGREEMENT else "parity"
+        if rec["status"] != "pass":
+            worst = min(rec["runtimes"], key=lambda k: rec["runtimes"][k]["agreement"])
+            rec["reason"] = (
+                f"{worst} agrees on {100 * rec['runtimes'][worst]['agreement']:.2f}% "
+                f"(max |Δlogit| {rec['runtimes'][worst]['max_abs_diff']:.3g})"
+            )
+    except Exception as err:  # one row per model: the table says what stopped it
+        rec["status"] = "error"
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        rec["reason"] = f"{stage}: {type(err).__name__}: {first}"
+    return rec
+
+
+# ------------------------------------------------------------------------------ families
+def families(max_params: float) -> dict[str, tuple[str, int]]:
+    """Per timm model module, its smallest model with at most ``max_params`` parameters.
+
+    The scan builds every timm model on the meta device (minutes on 2 cores); it is kept in
+    ``docs/model_zoo_families.json`` per timm version and limit, and resumes where it stopped.
+    """
+    import warnings
+
+    import torch
+
+    from qat.models.timm_models import import_timm
+
+    timm = import_timm()
+    key = {"timm": timm.__version__, "max_params": max_params}
+    cache = json.loads(FAMILIES_PATH.read_text()) if FAMILIES_PATH.exists() else {}
+    if {k: cache.get(k) for k in key} != key:
+        cache = {**key, "scanned": [], "families": {}}
+    found: dict[str, list] = cache["families"]
+    for module in timm.list_modules():
+        if module in cache["scanned"]:
+            continue
+        for name in timm.list_models(module=module):
+            try:
+                with warnings.catch_warnings(), torch.device("meta"):
+                    warnings.simplefilter("ignore")
+                    m = timm.create_model(name, num_classes=10)
+            except Exception:
+                continue  # needs arguments or files a bare create_model lacks
+            n = sum(p.numel() for p in m.parameters())
+            if n <= max_params and (module not in found or n < found[module][1]):
+                found[module] = [name, n]
+        cache["scanned"].append(module)
+        FAMILIES_PATH.write_text(json.dumps(cache, indent=1) + "\n")
+    return {k: (v[0], v[1]) for k, v in found.items()}
+
+
+# -------------------------------------------------------------------------------- render
+def render(records: dict[str, dict]) -> str:
+    rows = sorted(records.values(), key=lambda r: r["family"])
+    passed = [r for r in rows if r.get("status") == "pass"]
+    lines = [
+        "# timm model zoo",
+        "",
+        "Generated by `python scripts/timm_sweep.py` (do not edit by hand). Each family of timm",
+        f"{rows[0].get('timm', '') if rows else ''} (one per `timm.list_modules()` entry) is",
+        "represented by its smallest model of at most 30M parameters, randomly initialized, on",
+        f"scikit-learn's digits at {IMAGE_SIZE}×{IMAGE_SIZE} RGB: 30 float steps, `qat.prepare`"
+        " (W8A8,",
+        "float logits) with example inputs, calibration, 4 QAT steps, bias snapping, export, then",
+        "top-1 agreement of each exported model with the fake-quant model on 256 test images.",
+        "",
+        f"**{len(passed)} of {len(rows)} families** export with ≥ {100 * AGREEMENT:.1f}% top-1"
+        " agreement under both ONNX Runtime and TorchScript.",
+        "",
+        "Columns: agreement and max |Δlogit| per runtime; integer MAC share (ONNX / TorchScript);"
+        " prepare and",
+        "export seconds; ONNX Runtime INT8 latency speedup over FP32 at batch 16, one thread.",
+        "",
+        "| family | model | params | status | ORT agree % | ORT max Δ | TS agree % | TS max Δ "
+        "| int MACs ORT / TS | prepare s | export s | INT8 vs FP32 | note |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+
+    def pct(r: dict, k: str) -> str:
+        v = r.get("runtimes", {}).get(k, {}).get("agreement")
+        return f"{100 * v:.2f}" if v is not None else "–"
+
+    def diff(r: dict, k: str) -> str:
+        v = r.get("runtimes", {}).get(k, {}).get("max_abs_diff")
+        return f"{v:.3g}" if v is not None else "–"
+
+    def num(r: dict, k: str, fmt: str) -> str:
+        return format(r[k], fmt) if k in r else "–"
+
+    for r in rows:
+        share = r.get("integer_mac_share") or {}
+        macs = " / ".join(
+            f"{100 * share[k]:.0f}%" if share.get(k) is not None else "–"
+            for k in ("onnx", "torchscript")
+        )
+        note = r.get("reason", "")
+        if r.get("capture") == "modules":
+            note = f"module swap: {r.get('capture_error', '')} {note}".strip()
+        cells = [
+            r["family"],
+            r["model"],
+            f"{r.get('params', 0) / 1e6:.1f}M",
+            r["status"],
+            pct(r, "onnx"),
+            diff(r, "onnx"),
+            pct(r, "torchscript"),
+            diff(r, "torchscript"),
+            macs,
+            num(r, "prepare_s", ".1f"),
+            num(r, "export_s", ".1f"),
+            num(r, "speedup_onnx_int8_vs_fp32", ".2f")
+            + ("x" if "speedup_onnx_int8_vs_fp32" in r else ""),
+            note.replace("|", "\\|"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = rows[0].get("machine", "") if rows else ""
+    lines += ["", f"Machine: {machine}.", ""]
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown CPU":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else ("AVX2" if "avx2" in flags else "x86")
+    return f"{cpu}, {os.cpu_count()} cores, {isa}"
+
+
+# ---------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", help="comma-separated timm names (default: one per family)")
+    ap.add_argument("--max-params", type=float, default=30e6)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    ap.add_argument("--resume", action="store_true", help="skip families already in the JSON")
+    ap.add_argument("--no-write", action="store_true", help="print records, write nothing")
+    ap.add_argument("--render", action="store_true", help="only re-render the page")
+    ap.add_argument("--families", action="store_true", help="only scan the families")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # child process: one model, JSON on stdout
+    args = ap.parse_args()
+
+    if args.one:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print("RECORD " + json.dumps(run_one(args.one, Path(tmp))), flush=True)
+        return
+
+    records = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
+    if args.render:
+        PAGE_PATH.write_text(render(records))
+        return
+    if args.families:
+        print(f"{len(families(args.max_params))} families")
+        return
+    if args.models:
+        todo = {m: (m, 0) for m in args.models.split(",")}
+    else:
+        todo = families(args.max_params)
+        print(f"{len(todo)} families of at most {args.max_params / 1e6:.0f}M parameters")
+    from qat.models.timm_models import import_timm
+
+    timm_version = import_timm().__version__
+    for family, (arch, _) in sorted(todo.items()):
+        if args.resume and family in records:
+            continue
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", arch],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+                cwd=ROOT,
+            )
+            line = next((s for s in proc.stdout.splitlines() if s.startswith("RECORD ")), None)
+            if line is not None:
+                rec = json.loads(line[len("RECORD ") :])
+            else:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+                rec = {"model": arch, "status": "error", "reason": f"crashed: {tail}"}
+        except subprocess.TimeoutExpired:
+            rec = {"model": arch, "status": "error", "reason": f"over {args.timeout} s"}
+        rec.update(family=family, timm=timm_version, machine=_machine())
+        print(
+            f"{family:24s} {arch:36s} {rec['status']:7s} {time.perf_counter() - t:6.0f}s "
+            f"{rec.get('reason', '')}",
+            flush=True,
+        )
+        if args.no_write:
+            print(json.dumps(rec))
+            continue
+        records[family] = rec
+        JSON_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+        PAGE_PATH.write_text(render(records))
+
+
+if __name__ == "__main__":
+    main()
