@@ -302,8 +302,9 @@ class TextDataModule(LightningDataModule):
         self.tokenizer()
         self._load()
 
-    def _read(self) -> list[list[bytes]]:
-        """The documents of the test, validation and training splits, in that order."""
+    def documents(self) -> list[list[bytes]]:
+        """The documents of the test, validation and training splits, in that order (UTF-8;
+        e.g. to train a tokenizer on the training split only)."""
         splits: list[list[bytes]] = [[], [], []]  # test, val, train
         sizes = [0, 0, 0]
         limits = (self.test_bytes, self.val_bytes, self.max_bytes - self.val_bytes)
@@ -339,7 +340,7 @@ class TextDataModule(LightningDataModule):
     def _load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The train, validation and test token streams (read once)."""
         if self._splits is None:
-            test_docs, val_docs, train_docs = self._read()
+            test_docs, val_docs, train_docs = self.documents()
             train = self._tokens(train_docs, self.max_bytes - self.val_bytes)
             val, test = self._tokens(val_docs, None), self._tokens(test_docs, None)
             for name, data in (("train", train), ("validation", val), ("test", test)):

@@ -37,7 +37,9 @@ def _transformers() -> Any:
     return transformers
 
 
-def check_hf_folder(path: str | Path | None, need_tokenizer: bool = True) -> Path:
+def check_hf_folder(
+    path: str | Path | None, need_tokenizer: bool = True, need_config: bool = True
+) -> Path:
     """``path`` as a ``Path`` if it holds a saved model (and tokenizer); one clear error if not.
 
     Raises:
@@ -51,7 +53,7 @@ def check_hf_folder(path: str | Path | None, need_tokenizer: bool = True) -> Pat
             f"model.path={path}: no such folder (a local folder save_pretrained wrote; "
             "nothing is downloaded)"
         )
-    if not (folder / "config.json").is_file():
+    if need_config and not (folder / "config.json").is_file():
         raise ValueError(
             f"model.path={path} has no config.json: not a Hugging Face model folder (save one "
             "with model.save_pretrained(folder))"
@@ -66,7 +68,7 @@ def check_hf_folder(path: str | Path | None, need_tokenizer: bool = True) -> Pat
 
 def load_hf_tokenizer(path: str | Path) -> Any:
     """``AutoTokenizer.from_pretrained(path, local_files_only=True)``, checked first."""
-    folder = check_hf_folder(path)
+    folder = check_hf_folder(path, need_config=False)
     transformers = _transformers()
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)

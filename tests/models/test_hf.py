@@ -58,7 +58,11 @@ def test_bad_folders_are_one_line(tmp_path: Path, hf_dir: Path) -> None:
     assert "no such folder" in refused(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "has no config.json" in refused(empty)
+    assert "has no tokenizer" in refused(empty)  # the data reads the folder first
+    no_config = tmp_path / "no-config"
+    shutil.copytree(hf_dir, no_config)
+    (no_config / "config.json").unlink()
+    assert "has no config.json" in refused(no_config)
     no_tok = tmp_path / "no-tokenizer"
     shutil.copytree(hf_dir, no_tok)
     for name in ("tokenizer.json", "tokenizer_config.json"):
