@@ -130,8 +130,13 @@ def example_input(dm: Any) -> torch.Tensor | None:
 
 
 def model_name(cfg: DictConfig) -> str:
-    """``model.name`` of a registry model, else the class name of ``model._target_``."""
+    """``model.name`` of a registry model, ``hf:<folder name>`` of ``model=hf``, else the class
+    name of ``model._target_``."""
     model_cfg = cfg.get("model") or {}
+    if str(model_cfg.get("_target_", "")).endswith("load_hf_causal_lm"):
+        missing = isinstance(model_cfg, DictConfig) and OmegaConf.is_missing(model_cfg, "path")
+        path = None if missing else model_cfg.get("path")
+        return f"hf:{str(path).rstrip('/').rsplit('/', 1)[-1]}" if path else "hf"
     return str(model_cfg.get("name") or str(model_cfg.get("_target_", "?")).rsplit(".", 1)[-1])
 
 
