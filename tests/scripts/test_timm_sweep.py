@@ -26,7 +26,14 @@ def sweep():
 
 
 @pytest.mark.parametrize(
-    "arch", ["test_resnet", "test_efficientnet", "test_convnext", "test_vit", "test_byobnet"]
+    "arch",
+    [
+        "test_efficientnet",
+        "test_vit",
+        "test_byobnet",
+        pytest.param("test_resnet", marks=pytest.mark.slow),
+        pytest.param("test_convnext", marks=pytest.mark.slow),
+    ],
 )
 def test_tiny_timm_models_export_with_parity(sweep, arch: str, tmp_path) -> None:
     rec = sweep.run_one(arch, tmp_path, bench=False)
