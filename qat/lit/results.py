@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "RESULTS_FILE",
     "build_results",
     "jsonable",
+    "machine_info",
     "metrics_of",
     "optimized",
     "write_json_atomic",
@@ -87,6 +89,25 @@ def optimized(cfg: DictConfig, metrics: Mapping[str, float]) -> float | dict[str
         )
         return None
     return float(metrics[name])
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU the run (and its benchmark) ran on: name, torch's vector ISA, and whether it has
+    VNNI int8 dot products (``None`` where ``/proc/cpuinfo`` does not say)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    names = [
+        ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")
+    ]
+    flags = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "").split()
+    return {
+        "cpu": names[0] if names else platform.processor() or platform.machine(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "vnni": ("avx512_vnni" in flags or "avx_vnni" in flags) if flags else None,
+        "cores": os.cpu_count(),
+    }
 
 
 def build_results(
@@ -160,6 +181,7 @@ def build_results(
             "best_monitor": best_cb.monitor if best_cb else None,
             "best_score": best_cb.best_model_score if best_cb else None,
         },
+        "machine": machine_info(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
