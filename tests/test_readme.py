@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from lit_helpers import CONFIG_DIR, REPO, compose_train
@@ -113,8 +114,12 @@ def test_export_command_composes(args: list[str]) -> None:
     assert cfg.ckpt_path and cfg.export.enabled
 
 
-def test_python_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Python example, as written, on 2 training batches and 1 test batch of digits."""
+def test_python_block_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The Python example, as written, on 2 training batches and 1 val / test batch of digits:
+    it prints its progress and the parity report, and snaps biases and exports on test images."""
+    import qat
     import qat.data
 
     (block,) = code_blocks("python")
@@ -126,15 +131,38 @@ def test_python_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         def train_dataloader(self) -> list:
             return list(itertools.islice(super().train_dataloader(), 2))
 
+        def val_dataloader(self) -> list:
+            return list(itertools.islice(super().val_dataloader(), 1))
+
         def test_dataloader(self) -> list:
             return list(itertools.islice(super().test_dataloader(), 1))
 
+    snapped_on = []
+    snap_bias = qat.snap_bias
+
+    def recording_snap_bias(model, example):
+        snapped_on.append(example)
+        return snap_bias(model, example)
+
     monkeypatch.setattr(qat.data, "DigitsDataModule", TinyDigits)
+    monkeypatch.setattr(qat, "snap_bias", recording_snap_bias)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, str(README), "exec"), namespace)  # check_parity raises on disagreement
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.onnx", "model.ts"]
     assert namespace["report"]["num_samples"] == 64
+    # The training loop's `x` must not stand in for the test batch (it did once).
+    test_images = namespace["dm"].test_dataloader()[0][0]
+    (example,) = snapped_on
+    assert torch.equal(example, test_images[:8])
+    out = capsys.readouterr().out
+    assert re.findall(r"^epoch (\d): (\d)-bit, train loss [\d.]+, val acc [\d.]+%$", out, re.M) == [
+        ("0", "8"),
+        ("1", "6"),
+        ("2", "4"),
+    ]
+    for runtime in ("torchscript", "onnx"):
+        assert re.search(rf"^{runtime}: test acc [\d.]+%, top-1 agreement .* 100\.00%", out, re.M)
 
 
 def test_qat_names_exist() -> None:
