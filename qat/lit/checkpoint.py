@@ -308,6 +308,8 @@ def check_checkpoint_fits(
     from qat.lit.rundir import first_difference
     from qat.quant.spec import Recipe
 
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} holds no state_dict ({type(state).__name__})")
     saved = (state.get("callbacks") or {}).get("QATCallback") or {}
     saved_recipe = saved.get("recipe") if isinstance(saved, Mapping) else None
     if recipe is not None and saved_recipe is not None:
