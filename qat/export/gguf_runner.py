@@ -229,7 +229,13 @@ class LlamaCppRunner:
         from llama_cpp import Llama
 
         self.llm = Llama(
-            model_path=str(path), n_ctx=0, logits_all=True, n_threads=threads, verbose=False
+            model_path=str(path),
+            n_ctx=0,
+            logits_all=True,
+            n_threads=threads,
+            verbose=False,
+            type_k=0,  # GGML_TYPE_F32 KV cache: the file is checked, not the f16 cache's rounding
+            type_v=0,
         )
 
     def tokenize(self, text: str) -> list[int]:

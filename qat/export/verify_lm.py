@@ -1,7 +1,8 @@
 """Parity of exported language models with the fake-quant model: next-token agreement, perplexity.
 
 :func:`verify_lm_artifacts` runs the fake-quant model (eval) and every exported runtime
-(ONNX Runtime for ``onnx*`` files, :class:`~qat.export.gguf_runner.GGUFRunner` for ``gguf*``)
+(ONNX Runtime for ``onnx*`` files; for ``gguf*`` real llama.cpp when ``llama-cpp-python`` is
+installed, else :class:`~qat.export.gguf_runner.GGUFRunner`, its graphs in PyTorch)
 on the same token batches and reports, per runtime, the top-1 next-token agreement with the
 fake-quant model over every position, the perplexity of each on the targets, their relative
 difference, and the logit differences. :func:`check_lm_parity` turns it into pass / fail.
@@ -51,9 +52,10 @@ def load_lm_runtime(
 
         return load_hf_checkpoint(path)
     if kind.startswith("gguf"):
-        from qat.export.gguf_runner import GGUFRunner
+        from qat.export.gguf_runner import GGUFRunner, LlamaCppRunner, llama_cpp_available
 
-        return GGUFRunner(path)
+        # Real llama.cpp where it is installed (the llamacpp extra), else its graphs in PyTorch.
+        return LlamaCppRunner(path, threads) if llama_cpp_available() else GGUFRunner(path)
     if kind.startswith("onnx"):
         from qat.export.onnx import make_session
 
