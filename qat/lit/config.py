@@ -193,12 +193,24 @@ def _check_hf_target(targets: list[str], recipe: Recipe | None, model: nn.Module
             f"{type(model).__name__}: use model=hf model.path=<folder>, or drop hf"
         )
     act = recipe.activation if recipe is not None else None
-    if act is not None and act.enabled and act.bits < 32 and act.grid != "affine":
-        raise ConfigError(
-            f"export.targets={targets}: quant.activation.grid={act.grid} (llama.cpp's rounding) "
-            "has no compressed-tensors form; export it as gguf / onnx, or train for hf with "
-            "quant=lm_w4g32 (int4 weight-only) or lm_w8da8 (W8A8): +experiment=hf_w4g32"
-        )
+    if act is None or not act.enabled or act.bits >= 32:
+        return
+    if act.grid != "affine":
+        why = f"quant.activation.grid={act.grid} (llama.cpp's rounding)"
+    elif act.symmetric:
+        # compressed-tensors divides a symmetric range by 127.5 where qat (and ONNX Runtime,
+        # llama.cpp) divide by 127: other activation codes.
+        why = "symmetric dynamic activations (compressed-tensors scales them by amax/127.5)"
+    elif act.dynamic != "tensor":
+        # Measured: per-token asymmetric codes differ from compressed-tensors' now and then.
+        why = f"quant.activation.dynamic={act.dynamic} (only per-tensor rounds as qat does)"
+    else:
+        return
+    raise ConfigError(
+        f"export.targets={targets}: {why} has no exact compressed-tensors form; export it "
+        "as gguf / onnx, or train for hf with quant=lm_w4g32 (int4 weight-only) or lm_w8da8 "
+        "(W8A8, per-tensor asymmetric activations): +experiment=hf_w4g32 / hf_w8a8"
+    )
 
 
 def validate_config(

@@ -104,3 +104,23 @@ def test_a_model_of_qat_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"GPT is not a transformers model"):
         export_hf_checkpoint(create_model("gpt", vocab_size=256), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["+experiment=hf_q4_0", "export.targets=[gguf,hf]"], r"grid=q8_0 .*no exact"),
+        (["+experiment=hf_w4g32", "quant=lm_8da4w"], r"dynamic=token .*no exact"),
+        (["+experiment=gpt_int4", "export.targets=[hf]"], r"the model is GPT: use model=hf"),
+    ],
+)
+def test_hf_target_refused_where_transformers_would_compute_otherwise(
+    hf_dir: Path, tmp_path: Path, overrides: list[str], match: str
+) -> None:
+    from lit_helpers import compose_train
+
+    from qat.lit.config import ConfigError, validate_config
+
+    path = [f"model.path={hf_dir}"] if "hf_" in overrides[0] else []
+    with pytest.raises(ConfigError, match=match):
+        validate_config(compose_train([*overrides, *path], tmp_path))
