@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
         tokenizer=str(out), max_bytes=args.max_bytes, seq_len=args.seq_len, seed=args.seed
     )
     data.setup()
+    print(f"data: {len(data.train_set.data)} training tokens", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     train = _batches(data.train_set.data, args.seq_len, args.batch_size, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 100 == 0 or step == args.steps:
+        if step in (1, args.steps) or step % 100 == 0:
             rate = step / (time.perf_counter() - t0)
             print(
                 f"step {step}/{args.steps} loss {loss.item():.3f} ({rate:.2f} steps/s)", flush=True
