@@ -84,7 +84,13 @@ def build_callbacks(
         if cb_cfg._target_.endswith("QATCallback"):
             if recipe is None:
                 continue
-            callbacks.append(instantiate(cb_cfg, recipe=recipe.to_dict(), _convert_="all"))
+            # The validated recipe and schedule (the schedule fitted to the run's length), not
+            # the config's ${schedule}.
+            callbacks.append(
+                instantiate(
+                    cb_cfg, recipe=recipe.to_dict(), schedule=schedule.to_dict(), _convert_="all"
+                )
+            )
             have_qat = True
         elif cb_cfg._target_.endswith("LearningRateMonitor") and not have_logger:
             log.info("callback %s left out: it needs a logger (logger=none)", name)

@@ -38,3 +38,14 @@ def test_fit_to_run_false_keeps_the_warm_up(tmp_path: Path) -> None:
         [*FAST, "model=lenet5", "trainer.max_epochs=1", "schedule.fit_to_run=false"], tmp_path
     )
     assert validate_config(cfg, check_data=False).schedule.warmup_epochs == 1
+
+
+def test_the_qat_callback_runs_the_fitted_schedule(tmp_path: Path) -> None:
+    from qat.lit.builders import build_callbacks
+    from qat.lit.qat_callback import QATCallback
+
+    cfg = compose_train(["+experiment=gpt_int4", "trainer.max_epochs=1"], tmp_path)
+    parts = validate_config(cfg, check_data=False)
+    callbacks = build_callbacks(cfg, parts.recipe, parts.schedule)
+    (qat_cb,) = [cb for cb in callbacks if isinstance(cb, QATCallback)]
+    assert qat_cb.schedule == parts.schedule and qat_cb.schedule.warmup_epochs == 0
