@@ -129,7 +129,7 @@ def _lm_rows(results: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (
                 f"{split} perplexity, final {model}",
-                f"{_num(ppl, '{:.2f}')} (whole {split} split; next-token acc {_pct(acc)})",
+                f"{_num(ppl, '{:.2f}')} ({split} split, next-token acc {_pct(acc)})",
             )
         )
     return rows
@@ -146,7 +146,7 @@ def _parity_rows(export: Mapping[str, Any], lm: bool) -> list[tuple[str, str]]:
             (
                 "verify",
                 f"{parity.get('num_tokens')} test tokens (the first export.verify_batches "
-                f"batches): fake-quant perplexity {_num(fq.get('perplexity'), '{:.2f}')}",
+                f"test batches): fake-quant perplexity {_num(fq.get('perplexity'), '{:.2f}')}",
             )
         )
         for runtime, rep in _mapping(parity.get("runtimes")).items():

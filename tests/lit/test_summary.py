@@ -128,8 +128,11 @@ def test_language_model_summary_reports_perplexity_not_pixels() -> None:
     for wrong in ("px", "None", "samples", "acc –", "–"):
         assert wrong not in out, wrong
     # Two perplexities, each saying which model and which text it is of.
-    assert "val perplexity, final fake-quant model" in out and "11.37 (whole val split" in out
-    assert "8192 test tokens (the first export.verify_batches batches)" in out
+    assert (
+        "val perplexity, final fake-quant model" in out
+        and "11.37 (val split, next-token acc 41.00%)" in out
+    )
+    assert "8192 test tokens (the first export.verify_batches test batches)" in out
     assert "fake-quant perplexity 10.13" in out
     assert "next-token agreement 99.95%" in out
     assert "onnx" in out and "2.00 ms (batch 1, 128 tokens, 2.00x FP32)" in out
