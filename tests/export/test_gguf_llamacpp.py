@@ -41,7 +41,7 @@ def _greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_runs_in_llama_cpp(family: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model, folder, ids = prepared_family(tmp_path, family, steps=30)
+    model, folder, ids = prepared_family(tmp_path, family, steps=80)
     path = export_gguf(model, tmp_path / "model.gguf")
     runner = LlamaCppRunner(path)
 
@@ -76,7 +76,7 @@ def test_sentencepiece_style_vocab_tokenizes_as_hugging_face(tmp_path: Path) -> 
 def test_kquant_file_runs_in_llama_cpp(recipe: str, tmp_path: Path) -> None:
     """Q4_K_M / Q6_K: llama.cpp loads the blocks as written; it rounds the matmul inputs to
     Q8_K, which the preset's float activations do not model, so the check is statistical."""
-    model, _, ids = prepared_family(tmp_path, "llama", recipe=recipe, steps=30, hidden=256)
+    model, _, ids = prepared_family(tmp_path, "llama", recipe=recipe, steps=80, hidden=256)
     path = export_gguf(model, tmp_path / "model.gguf")
     batches = [(ids[i : i + 4, :SEQ], ids[i : i + 4, 1 : SEQ + 1]) for i in (0, 4, 8, 12)]
     report = verify_lm_artifacts(model, {"gguf": path}, batches)
