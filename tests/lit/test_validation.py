@@ -119,7 +119,7 @@ def test_bad_config_is_one_line_naming_key_and_allowed_values_before_any_work(
 def test_schedule_checks_leave_runs_that_never_stop_mid_anneal_alone(tmp_path: Path) -> None:
     for extra in (
         ["trainer.max_epochs=6"],  # the schedule ends in time
-        ["trainer.max_epochs=1"],  # ends in the float warm-up: calibrated to the end state
+        ["trainer.max_epochs=1"],  # the schedule is fitted to the one epoch
         ["trainer.max_epochs=3", "trainer.fast_dev_run=true"],
         ["trainer.max_epochs=3", "train=false"],
         ["quant.bits=8", "schedule.weight_anneal.start_bits=8"],  # nothing to anneal
