@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     # The same files and splits as a run's data=text, through the new tokenizer.
     data = TextDataModule(
-        tokenizer=str(out), max_bytes=args.max_bytes, seq_len=args.seq_len, seed=args.seed
+        tokenizer=str(out),
+        max_bytes=args.max_bytes,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     data.setup()
     print(f"data: {len(data.train_set.data)} training tokens", flush=True)
