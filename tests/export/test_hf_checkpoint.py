@@ -122,5 +122,11 @@ def test_hf_target_refused_where_transformers_would_compute_otherwise(
     from qat.lit.config import ConfigError, validate_config
 
     path = [f"model.path={hf_dir}"] if "hf_" in overrides[0] else []
+    small = [
+        "data.seq_len=32",
+        "data.max_bytes=60000",
+        "data.val_bytes=6000",
+        "data.test_bytes=6000",
+    ]
     with pytest.raises(ConfigError, match=match):
-        validate_config(compose_train([*overrides, *path], tmp_path))
+        validate_config(compose_train([*overrides, *path, *small], tmp_path))

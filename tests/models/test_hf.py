@@ -18,6 +18,15 @@ from qat.models.hf import load_hf_causal_lm
 transformers = pytest.importorskip("transformers")
 
 
+#: A small slice of the text: validation tokenizes it before building the model.
+SMALL_TEXT = [
+    "data.seq_len=32",
+    "data.max_bytes=60000",
+    "data.val_bytes=6000",
+    "data.test_bytes=6000",
+]
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
@@ -49,7 +58,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_dir: Path) -> None:
 
 def test_bad_folders_are_one_line(tmp_path: Path, hf_dir: Path) -> None:
     def refused(path: Path | str, extra: tuple[str, ...] = ()) -> str:
-        cfg = compose_train(["+experiment=hf_q4_0", f"model.path={path}", *extra], tmp_path / "r")
+        overrides = ["+experiment=hf_q4_0", f"model.path={path}", *SMALL_TEXT, *extra]
+        cfg = compose_train(overrides, tmp_path / "r")
         with pytest.raises(ConfigError) as info:
             validate_config(cfg)
         assert "\n" not in str(info.value)
