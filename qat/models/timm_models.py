@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from types import ModuleType
@@ -63,7 +64,7 @@ def timm(
     """
     tm = import_timm()
     if not tm.is_model(arch):
-        close = tm.list_models(f"*{arch}*")[:8]
+        close = difflib.get_close_matches(arch, tm.list_models(), n=5, cutoff=0.7)
         raise ValueError(
             f"unknown timm model {arch!r}"
             + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()")
