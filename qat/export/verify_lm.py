@@ -1,8 +1,9 @@
 """Parity of exported language models with the fake-quant model: next-token agreement, perplexity.
 
 :func:`verify_lm_artifacts` runs the fake-quant model (eval) and every exported runtime
-(ONNX Runtime for ``onnx*`` files; for ``gguf*`` real llama.cpp when ``llama-cpp-python`` is
-installed, else :class:`~qat.export.gguf_runner.GGUFRunner`, its graphs in PyTorch)
+(ONNX Runtime for ``onnx*`` files, :class:`~qat.export.gguf_runner.GGUFRunner` for ``gguf*``:
+llama.cpp's graphs in PyTorch; where ``llama-cpp-python`` is installed, each GGUF file also
+runs in real llama.cpp as ``gguf_llamacpp``)
 on the same token batches and reports, per runtime, the top-1 next-token agreement with the
 fake-quant model over every position, the perplexity of each on the targets, their relative
 difference, and the logit differences. :func:`check_lm_parity` turns it into pass / fail.
@@ -40,7 +41,17 @@ from qat.export.lm_io import logits_of
 from qat.export.verify import ParityError
 from qat.quant.numerics import runtime_numerics
 
-__all__ = ["check_lm_parity", "load_lm_runtime", "perplexity", "verify_lm_artifacts"]
+__all__ = [
+    "LLAMA_CPP_SUFFIX",
+    "check_lm_parity",
+    "load_lm_runtime",
+    "perplexity",
+    "verify_lm_artifacts",
+    "with_llama_cpp",
+]
+
+#: Runtime names ending so run the GGUF file in real llama.cpp (``llama-cpp-python``).
+LLAMA_CPP_SUFFIX = "_llamacpp"
 
 
 def load_lm_runtime(
@@ -52,10 +63,11 @@ def load_lm_runtime(
 
         return load_hf_checkpoint(path)
     if kind.startswith("gguf"):
-        from qat.export.gguf_runner import GGUFRunner, LlamaCppRunner, llama_cpp_available
+        from qat.export.gguf_runner import GGUFRunner, LlamaCppRunner
 
-        # Real llama.cpp where it is installed (the llamacpp extra), else its graphs in PyTorch.
-        return LlamaCppRunner(path, threads) if llama_cpp_available() else GGUFRunner(path)
+        if kind.endswith(LLAMA_CPP_SUFFIX):
+            return LlamaCppRunner(path, threads)  # real llama.cpp (the llamacpp extra)
+        return GGUFRunner(path)  # llama.cpp's graphs in PyTorch
     if kind.startswith("onnx"):
         from qat.export.onnx import make_session
 
@@ -67,6 +79,19 @@ def load_lm_runtime(
 
         return run
     raise ValueError(f"unknown LM runtime {kind!r}: expected a key starting with onnx, gguf or hf")
+
+
+def with_llama_cpp(artifacts: Mapping[str, str | Path]) -> dict[str, str | Path]:
+    """``artifacts`` plus, where ``llama-cpp-python`` is installed, each GGUF file once more
+    under ``<name>_llamacpp``: run in real llama.cpp beside the PyTorch runner."""
+    from qat.export.gguf_runner import llama_cpp_available
+
+    out = dict(artifacts)
+    if llama_cpp_available():
+        for name, path in artifacts.items():
+            if name.startswith("gguf") and not name.endswith(LLAMA_CPP_SUFFIX):
+                out[f"{name}{LLAMA_CPP_SUFFIX}"] = path
+    return out
 
 
 def _exact_onnx(name: str, path: str | Path) -> bool:
@@ -129,6 +154,7 @@ def verify_lm_artifacts(
         The report described in the module docstring.
     """
     ref_model = copy.deepcopy(model).cpu().eval()
+    artifacts = with_llama_cpp(artifacts)
     runtimes = {name: load_lm_runtime(name, path, threads) for name, path in artifacts.items()}
     exact = {name for name, path in artifacts.items() if _exact_onnx(name, path)}
     stats = {

@@ -51,6 +51,7 @@ def test_family_runs_in_llama_cpp(family: str, tmp_path: Path) -> None:
 
     batches = [(ids[i : i + 4, :SEQ], ids[i : i + 4, 1 : SEQ + 1]) for i in (0, 4, 8, 12)]
     report = verify_lm_artifacts(model, {"gguf": path}, batches)
+    assert "gguf_llamacpp" in report["runtimes"]  # real llama.cpp beside the PyTorch runner
     check_lm_parity(report, min_agreement=0.999, max_ppl_rel_diff=0.001)
 
     prompt = ids[0, :16].tolist()
@@ -80,4 +81,5 @@ def test_kquant_file_runs_in_llama_cpp(recipe: str, tmp_path: Path) -> None:
     path = export_gguf(model, tmp_path / "model.gguf")
     batches = [(ids[i : i + 4, :SEQ], ids[i : i + 4, 1 : SEQ + 1]) for i in (0, 4, 8, 12)]
     report = verify_lm_artifacts(model, {"gguf": path}, batches)
+    assert "gguf_llamacpp" in report["runtimes"]  # real llama.cpp beside the PyTorch runner
     check_lm_parity(report, min_agreement=0.999, max_ppl_rel_diff=0.001)
