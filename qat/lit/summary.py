@@ -184,7 +184,7 @@ def _speed_note(machine: Mapping[str, Any], threads: Any) -> str:
     on = f"{threads} threads" + (f" of {cpu}" if cpu else "") if threads else cpu
     if machine.get("vnni") is False:
         # scripts/bench_inference.py's GEMM ceiling on a 2-core AVX2 EPYC: 1.74x, 1.87x.
-        return f"{on}; no VNNI: int8 GEMMs run at most ~1.8x FP32 on such CPUs"
+        return f"{on}; no VNNI: int8 GEMMs run at most ~1.9x FP32 on such CPUs"
     if machine.get("vnni"):
         return f"{on}; VNNI int8 dot products"
     return on
