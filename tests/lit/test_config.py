@@ -63,9 +63,17 @@ def test_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_validates(name: str, tmp_path: Path, fashion_data: str) -> None:
     # fashion_data: the experiments' Fashion-MNIST as tiny IDX files (no package, no download);
-    # the language models (gpt_*) read the stdlib's sources.
-    lm = name.startswith("gpt_")
-    cfg = compose_train([f"+experiment={name}", *([] if lm else [fashion_data])], tmp_path)
+    # the language models (gpt_*) read the stdlib's sources, the hf_* ones a tiny saved
+    # Hugging Face folder's tokenizer on a slice of them.
+    lm = name.startswith(("gpt_", "hf_"))
+    extra = [] if lm else [fashion_data]
+    if name.startswith("hf_"):
+        from hf_folder import make_hf_folder
+
+        folder = make_hf_folder(tmp_path / "hf")
+        extra = [f"model.path={folder}", "data.seq_len=32", "data.max_bytes=60000"]
+        extra += ["data.val_bytes=6000", "data.test_bytes=6000"]
+    cfg = compose_train([f"+experiment={name}", *extra], tmp_path)
     assert cfg.task_name == name
     assert cfg.task == ("language_model" if lm else "classification")
     schedule = Schedule.from_dict(cfg.schedule)
