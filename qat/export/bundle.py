@@ -99,7 +99,15 @@ def export_folder(
     final = wanted if replace else free_dir(wanted)
     tmp = staged_dir(final)
     try:
-        report = _retarget(build(tmp), str(tmp), str(final))
+        try:
+            report = _retarget(build(tmp), str(tmp), str(final))
+        except OSError as err:
+            # A failed write (disk full) names the file it was for, not the staging folder.
+            if err.errno is not None and isinstance(err.filename, str):
+                raise OSError(
+                    err.errno, err.strerror, _retarget(err.filename, str(tmp), str(final))
+                ) from None
+            raise
         report["out_dir"] = str(final)
         report["manifest"] = str(final / MANIFEST)
         if final != wanted:

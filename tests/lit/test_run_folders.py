@@ -206,6 +206,16 @@ def test_a_failed_export_changes_nothing(tmp_path: Path, error) -> None:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging left
 
 
+def test_a_full_disk_during_an_export_names_the_destination(tmp_path: Path) -> None:
+    def full(folder: Path) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.onnx"))
+
+    with pytest.raises(OSError) as err:
+        export_folder(tmp_path / "export", full)
+    assert err.value.filename == str(tmp_path / "export" / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------- item 5: disk full
 def test_disk_full_while_saving_a_checkpoint_names_the_file(tmp_path: Path, monkeypatch) -> None:
     io = AtomicCheckpointIO()
