@@ -270,7 +270,7 @@ class TextDataModule(LightningDataModule):
         """The Hugging Face tokenizer of ``tokenizer`` (None for bytes), loaded once."""
         if self.tokenizer_path is None or self._tokenizer is not None:
             return self._tokenizer
-        from qat.models.hf import load_hf_tokenizer
+        from qat.hf_folder import load_hf_tokenizer
 
         self._tokenizer = load_hf_tokenizer(self.tokenizer_path)
         self.vocab_size = len(self._tokenizer)

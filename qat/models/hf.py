@@ -13,67 +13,17 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qat.hf_folder import check_hf_folder, load_hf_tokenizer, transformers_module
+
 __all__ = ["DTYPES", "check_hf_folder", "load_hf_causal_lm", "load_hf_tokenizer"]
 
 #: ``model.dtype`` values: the weights' dtype after loading.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Files of which one marks a saved tokenizer.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError(
-            "model=hf needs the `transformers` package: pip install -e '.[llm]'"
-        ) from None
-    return transformers
-
-
-def check_hf_folder(
-    path: str | Path | None, need_tokenizer: bool = True, need_config: bool = True
-) -> Path:
-    """``path`` as a ``Path`` if it holds a saved model (and tokenizer); one clear error if not.
-
-    Raises:
-        ValueError: no path, no folder, no ``config.json``, or no tokenizer files.
-    """
-    if path is None or str(path) in ("", "???"):
-        raise ValueError("model.path is required: model.path=<a folder save_pretrained wrote>")
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ValueError(
-            f"model.path={path}: no such folder (a local folder save_pretrained wrote; "
-            "nothing is downloaded)"
-        )
-    if need_config and not (folder / "config.json").is_file():
-        raise ValueError(
-            f"model.path={path} has no config.json: not a Hugging Face model folder (save one "
-            "with model.save_pretrained(folder))"
-        )
-    if need_tokenizer and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(
-            f"model.path={path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): save it there "
-            "with tokenizer.save_pretrained(folder)"
-        )
-    return folder
-
-
-def load_hf_tokenizer(path: str | Path) -> Any:
-    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``, checked first."""
-    folder = check_hf_folder(path, need_config=False)
-    transformers = _transformers()
-    try:
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as err:
-        raise ValueError(f"model.path={path}: the tokenizer does not load: {err}") from None
 
 
 def load_hf_causal_lm(
@@ -100,7 +50,7 @@ def load_hf_causal_lm(
     folder = check_hf_folder(path, need_tokenizer=False)  # the data loads the tokenizer
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} is invalid: allowed: {', '.join(DTYPES)}")
-    transformers = _transformers()
+    transformers = transformers_module()
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": DTYPES[dtype]}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
