@@ -11,6 +11,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,13 @@ sys.path.insert(0, str(HELPERS))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    # CI's time budget (.ci/run sets it for the slow tests): start no test after the deadline.
+    deadline = os.environ.get("QAT_TEST_DEADLINE")
+    if deadline and nextitem is not None and time.time() > float(deadline):
+        item.session.shouldstop = "QAT_TEST_DEADLINE passed: the CI time budget is spent"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
