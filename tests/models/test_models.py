@@ -50,8 +50,9 @@ class _AddLeafTracer(torch.fx.Tracer):
 
 
 def test_registered_names() -> None:
-    # The CNNs here; the transformers (gpt, vit) in test_transformers.py.
-    assert list_models() == sorted([*MODELS, "gpt", "vit"])
+    # The CNNs here; the transformers (gpt, vit) in test_transformers.py; timm's in
+    # test_timm_models.py.
+    assert list_models() == sorted([*MODELS, "gpt", "timm", "vit"])
     assert list_models("resnet*") == ["resnet18", "resnet20", "resnet32", "resnet56"]
 
 
