@@ -24,6 +24,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from qat.lit.distill import check_distillation, kd_loss
 from qat.lit.optim import ConfiguresOptimizers, OptimizerFactory, SchedulerFactory
 from qat.quant.numerics import runtime_numerics
 
@@ -64,20 +65,12 @@ class ClassifierModule(ConfiguresOptimizers, LightningModule):
         distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        if isinstance(distill_weight, bool) or not 0.0 <= float(distill_weight) <= 1.0:
-            raise ValueError(
-                f"distill_weight={distill_weight!r} is invalid: a weight in [0, 1] (0: no "
-                "distillation)"
-            )
-        if isinstance(distill_temperature, bool) or not float(distill_temperature) > 0.0:
-            raise ValueError(
-                f"distill_temperature={distill_temperature!r} is invalid: a temperature > 0"
-            )
-        if distill_weight > 0 and teacher is None:
-            raise ValueError(
-                f"distill_weight={distill_weight} needs a teacher network to distil from (in "
-                "train.py: init_from=<float checkpoint>, the teacher)"
-            )
+        check_distillation(
+            distill_weight,
+            distill_temperature,
+            teacher,
+            "network to distil from (in train.py: init_from=<float checkpoint>, the teacher)",
+        )
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(
                 f"scheduler_interval={scheduler_interval!r} is invalid: allowed: step, epoch"
@@ -136,24 +129,13 @@ class ClassifierModule(ConfiguresOptimizers, LightningModule):
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits, y
 
     def distill_loss(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``T² * KL(teacher ‖ student)`` at temperature ``T`` (T² keeps the gradient scale of
-        the soft targets independent of ``T``)."""
+        """``T² · KL(teacher ‖ student)`` at temperature ``T`` (:func:`kd_loss`)."""
         (teacher,) = self._teacher
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             target = teacher(x).float()
-        t = self.distill_temperature
-        return (
-            F.kl_div(
-                F.log_softmax(logits.float() / t, dim=1),
-                F.log_softmax(target / t, dim=1),
-                reduction="batchmean",
-                log_target=True,
-            )
-            * t
-            * t
-        )
+        return kd_loss(logits, target, self.distill_temperature)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._loss(batch)

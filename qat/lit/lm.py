@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from qat.export.lm_io import logits_of
+from qat.lit.distill import check_distillation, kd_loss
 from qat.lit.lora import add_lora, lora_layers, merge_lora
 from qat.lit.optim import ConfiguresOptimizers, OptimizerFactory, SchedulerFactory
 
@@ -73,17 +74,7 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
             raise ValueError(
                 f"scheduler_interval={scheduler_interval!r} is invalid: allowed: step, epoch"
             )
-        if isinstance(distill_weight, bool) or not 0.0 <= float(distill_weight) <= 1.0:
-            raise ValueError(
-                f"distill_weight={distill_weight!r} is invalid: a weight in [0, 1] (0: no "
-                "distillation)"
-            )
-        if isinstance(distill_temperature, bool) or not float(distill_temperature) > 0.0:
-            raise ValueError(
-                f"distill_temperature={distill_temperature!r} is invalid: a temperature > 0"
-            )
-        if distill_weight > 0 and teacher is None:
-            raise ValueError(f"distill_weight={distill_weight} needs a teacher model")
+        check_distillation(distill_weight, distill_temperature, teacher, "model")
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "teacher"])
         self.model = model
         self.optimizer_factory = optimizer
@@ -121,19 +112,11 @@ class LanguageModelModule(ConfiguresOptimizers, LightningModule):
         return logits_of(self.model, ids)
 
     def distill_loss(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``T² * KL(teacher ‖ student)`` over the vocabulary, mean over positions (T² keeps the
-        gradient scale of the soft targets independent of ``T``)."""
+        """``T² · KL(teacher ‖ student)`` over the vocabulary, mean over positions."""
         (teacher,) = self._teacher
         with torch.no_grad():
-            target = logits_of(teacher, ids).float().flatten(0, -2)
-        t = self.distill_temperature
-        kl = F.kl_div(
-            F.log_softmax(logits.float().flatten(0, -2) / t, dim=-1),
-            F.log_softmax(target / t, dim=-1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        return kl * t * t
+            target = logits_of(teacher, ids)
+        return kd_loss(logits, target, self.distill_temperature)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         ids, targets = batch[0], batch[1]
