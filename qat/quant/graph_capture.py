@@ -76,6 +76,10 @@ class _Tracer(fx.Tracer):
         self, leaf_types: tuple[type[nn.Module], ...], example: dict[str, Any] | None = None
     ) -> None:
         super().__init__()
+        # Buffers as get_attr nodes of the module's own buffer, not constants copied at trace
+        # time: a buffer the forward reassigns or updates stays live, and a method called on
+        # it with traced arguments (``self.rel_indices.expand(B, ...)``) traces.
+        self.proxy_buffer_attributes = True
         self.leaf_types = leaf_types
         self.example = example
         self.values: dict[fx.Node, Any] = {}
