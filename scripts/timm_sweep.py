@@ -14,7 +14,7 @@ families already there) and renders ``docs/model_zoo.md`` from it.
 
 Usage:
     python scripts/timm_sweep.py                        # every family (hours on 2 cores)
-    python scripts/timm_sweep.py --resume               # only families not yet in the JSON
+    python scripts/timm_sweep.py --resume --jobs 2      # only families not yet in the JSON
     python scripts/timm_sweep.py --models resnet18,convnext_atto --no-write
     python scripts/timm_sweep.py --render               # re-render the page from the JSON
 """
@@ -26,7 +26,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -278,7 +280,9 @@ def render(records: dict[str, dict]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     machine = rows[0].get("machine", "") if rows else ""
-    lines += ["", f"Machine: {machine}.", ""]
+    jobs = max((r.get("jobs", 1) for r in rows), default=1)
+    side = f"; up to {jobs} models ran side by side, one thread each" if jobs > 1 else ""
+    lines += ["", f"Machine: {machine}{side}.", ""]
     return "\n".join(lines)
 
 
@@ -303,6 +307,7 @@ def main() -> None:
     ap.add_argument("--models", help="comma-separated timm names (default: one per family)")
     ap.add_argument("--max-params", type=float, default=30e6)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    ap.add_argument("--jobs", type=int, default=1, help="models run side by side (1 thread each)")
     ap.add_argument("--resume", action="store_true", help="skip families already in the JSON")
     ap.add_argument("--no-write", action="store_true", help="print records, write nothing")
     ap.add_argument("--render", action="store_true", help="only re-render the page")
@@ -332,9 +337,9 @@ def main() -> None:
     from qat.models.timm_models import import_timm
 
     timm_version = import_timm().__version__
-    for family, (arch, _) in sorted(todo.items()):
-        if args.resume and family in records:
-            continue
+    lock = threading.Lock()
+
+    def sweep_one(family: str, arch: str) -> None:
         t = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -352,18 +357,24 @@ def main() -> None:
                 rec = {"model": arch, "status": "error", "reason": f"crashed: {tail}"}
         except subprocess.TimeoutExpired:
             rec = {"model": arch, "status": "error", "reason": f"over {args.timeout} s"}
-        rec.update(family=family, timm=timm_version, machine=_machine())
-        print(
-            f"{family:24s} {arch:36s} {rec['status']:7s} {time.perf_counter() - t:6.0f}s "
-            f"{rec.get('reason', '')}",
-            flush=True,
-        )
-        if args.no_write:
-            print(json.dumps(rec))
-            continue
-        records[family] = rec
-        JSON_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
-        PAGE_PATH.write_text(render(records))
+        rec.update(family=family, timm=timm_version, machine=_machine(), jobs=args.jobs)
+        with lock:
+            print(
+                f"{family:24s} {arch:36s} {rec['status']:7s} {time.perf_counter() - t:6.0f}s "
+                f"{rec.get('reason', '')}",
+                flush=True,
+            )
+            if args.no_write:
+                print(json.dumps(rec))
+                return
+            records[family] = rec
+            JSON_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+            PAGE_PATH.write_text(render(records))
+
+    # Each model runs on one thread, so --jobs 2 uses both cores of a 2-core machine.
+    todo_now = [(f, a) for f, (a, _) in sorted(todo.items()) if not (args.resume and f in records)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda fa: sweep_one(*fa), todo_now))
 
 
 if __name__ == "__main__":
