@@ -214,6 +214,8 @@ def families(max_params: float) -> dict[str, tuple[str, int]]:
 # -------------------------------------------------------------------------------- render
 def render(records: dict[str, dict]) -> str:
     rows = sorted(records.values(), key=lambda r: r["family"])
+    scan = json.loads(FAMILIES_PATH.read_text()) if FAMILIES_PATH.exists() else {}
+    total = len(scan.get("families", {})) or len(rows)
     passed = [r for r in rows if r.get("status") == "pass"]
     lines = [
         "# timm model zoo",
@@ -228,7 +230,12 @@ def render(records: dict[str, dict]) -> str:
         "top-1 agreement of each exported model with the fake-quant model on 256 test images.",
         "",
         f"**{len(passed)} of {len(rows)} families** export with ≥ {100 * AGREEMENT:.1f}% top-1"
-        " agreement under both ONNX Runtime and TorchScript.",
+        " agreement under both ONNX Runtime and TorchScript"
+        + (
+            f" ({len(rows)} of the {total} families swept so far: `--resume` continues)."
+            if total > len(rows)
+            else "."
+        ),
         "",
         "Columns: input side in pixels (32, or the model's own size where it cannot run at 32:"
         " then batches of 16,",
@@ -264,7 +271,7 @@ def render(records: dict[str, dict]) -> str:
         cells = [
             r["family"],
             r["model"],
-            f"{r.get('params', 0) / 1e6:.1f}M",
+            f"{r['params'] / 1e6:.1f}M" if "params" in r else "–",
             str(r.get("image_size", "–")),
             r["status"],
             pct(r, "onnx"),
