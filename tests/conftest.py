@@ -30,6 +30,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama folder with its BPE tokenizer (``save_pretrained``), built once.
+
+    Shared by every test that needs one: copy it before changing anything in it.
+    """
+    from hf_folder import make_hf_folder
+
+    return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     # CI's time budget (.ci/run sets it for the slow tests): start no test after the deadline.
     deadline = os.environ.get("QAT_TEST_DEADLINE")

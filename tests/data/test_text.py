@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_folder import make_hf_folder, stdlib_sample
+from hf_folder import stdlib_sample
 from lit_helpers import compose_train
 
 from qat.data import TextDataModule
@@ -17,11 +17,6 @@ from qat.lit.config import ConfigError, validate_config
 pytest.importorskip("transformers")
 
 SMALL = {"seq_len": 32, "max_bytes": 60_000, "val_bytes": 6_000, "test_bytes": 6_000}
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
 def _text() -> str:

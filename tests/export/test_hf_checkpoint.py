@@ -21,11 +21,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
-
-
 def _fake_quant(path: Path, recipe: str, steps: int = 3) -> torch.nn.Module:
     """The model of ``path`` prepared with ``recipe`` and trained a few steps (scales move)."""
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hf_folder import make_hf_folder, stdlib_sample
+from hf_folder import stdlib_sample
 from lit_helpers import compose_train
 
 from qat.lit.train import train
@@ -31,11 +31,6 @@ TINY = [
     "export.verify_batches=2",
     "export.bench=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
 def _jsonl(path: Path) -> Path:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_folder import make_hf_folder
 from lit_helpers import compose_train
 
 from qat.export.lm_io import logits_of
@@ -25,11 +24,6 @@ SMALL_TEXT = [
     "data.val_bytes=6000",
     "data.test_bytes=6000",
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_hf_folder(tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
 def test_loads_the_saved_weights_in_the_dtype_asked(hf_dir: Path) -> None:
