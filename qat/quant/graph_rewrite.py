@@ -95,6 +95,8 @@ class _Rewriter:
         self.input_quantized = input_quantized
         self.names = set(self.modules)
         self.new: dict[fx.Node, str] = {}  # nodes whose module this rewrite made
+        # Weighted layers swapped at their first call: (float module, quantized type, skip).
+        self.weighted: dict[str, tuple[nn.Module, type, bool]] = {}
         self.specs = LayerSpecs(recipe, self._weighted_names())
 
     # ------------------------------------------------------------------ node queries
@@ -250,10 +252,19 @@ class _Rewriter:
     def swap(self) -> None:
         """Quantize every remaining op (see the module docstring, step 2)."""
         wrapped_calls: dict[str, int] = {}
+        live = self._input_dependent()
         for node in list(self.graph.nodes):
             if node in self.new or node.op not in ("call_module", "call_function", "call_method"):
                 continue
             mod = self.module(node)
+            if node not in live and not isinstance(getattr(mod, "weight", None), nn.Parameter):
+                # Computed from constants alone (buffers, parameters, shapes: positional
+                # encodings, normalization statistics): the same for every input, so it stays
+                # float, as exact as the model wrote it. An 8-bit grid would round small values
+                # to zero (CSATv2's ``var ** 0.5 + 1e-8`` and EdgeNeXt's Fourier ``dim_t`` then
+                # divided by 0). Where an integer op reads the result, requantize() puts it on
+                # a grid.
+                continue
             if mod is not None:
                 self._swap_module(node, mod, wrapped_calls)
             elif self._is_add(node):
@@ -270,12 +281,27 @@ class _Rewriter:
             ):
                 self._float_island(node)
 
+    def _input_dependent(self) -> set[fx.Node]:
+        """The nodes whose value depends on a model input through float tensors (not through
+        shapes or masks built from them)."""
+        live: set[fx.Node] = set()
+        for node in self.graph.nodes:
+            if node.op == "placeholder" or any(
+                a in live and (a.op == "placeholder" or self.is_float(a))
+                for a in node.all_input_nodes
+            ):
+                live.add(node)
+        return live
+
     def _set(self, name: str, module: nn.Module) -> None:
         parent, _, child = name.rpartition(".")
         setattr(self.root.get_submodule(parent) if parent else self.root, child, module)
         self.modules[name] = module
 
     def _swap_module(self, node: fx.Node, mod: nn.Module, wrapped: dict[str, int]) -> None:
+        if node.target in self.weighted:
+            self._call_site_twin(node)
+            return
         if isinstance(mod, FakeQuantizer | FloatLayer) or type(mod) in GRID_PRESERVING:
             return
         if hasattr(mod, "output_quant") or hasattr(mod, "weight_quant"):
@@ -293,8 +319,9 @@ class _Rewriter:
                 if skip
                 else from_float_named(qcls, node.target, mod, weight, activation)
             )
-            self._set(node.target, new)  # shared by every call (one set of weights)
+            self._set(node.target, new)
             self.new[node] = node.target
+            self.weighted[node.target] = (mod, qcls, skip)
             return
         if not self.is_float(node) or not self.single_tensor(node):
             return
@@ -313,6 +340,26 @@ class _Rewriter:
             self.new[node] = name
         else:
             self.replace_with_module(node, name, new, node.args, node.kwargs)
+
+    def _call_site_twin(self, node: fx.Node) -> None:
+        """Another call of a weighted layer gets its own layer: the same weight and bias
+        Parameters and weight quantizer (one set of weights, trained once), its own output
+        quantizer. Each call then has its own input and output grid, as the integer runtimes
+        need (one input scale per integer layer; CoaT calls one conv on differently
+        quantized tensors)."""
+        first = self.modules[node.target]
+        mod, qcls, skip = self.weighted[node.target]
+        weight, activation, _ = self.specs(node.target)
+        name = self.fresh_name(node, node.target.rpartition(".")[2])
+        if skip:
+            twin: nn.Module = FloatLayer(mod, activation)
+        else:
+            twin = from_float_named(qcls, node.target, mod, weight, activation)
+            for attr in ("weight", "bias"):
+                if isinstance(getattr(first, attr, None), nn.Parameter):
+                    setattr(twin, attr, getattr(first, attr))
+            twin.weight_quant = first.weight_quant
+        self.replace_with_module(node, name, twin, node.args, node.kwargs)
 
     def _is_add(self, node: fx.Node) -> bool:
         add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (

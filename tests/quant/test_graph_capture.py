@@ -316,3 +316,77 @@ def test_branches_on_shapes_follow_the_example_branches_on_data_fall_back() -> N
     with pytest.warns(UserWarning, match=r"h\.sum\(\)\.item\(\) > 0"):
         q = qat.prepare(_ShapeBranch(True), example_inputs=x)
     assert q.qat_capture["mode"] == "modules"
+
+
+class _SharedConv(nn.Module):
+    """One conv called on two differently quantized tensors (CoaT's shared ``cpe`` conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        a = self.proj(h)
+        b = self.proj(F.gelu(h) * 3.0)  # another grid
+        return self.fc((a + b).mean((2, 3)))
+
+
+def test_a_module_called_on_two_grids_gets_a_layer_per_call_sharing_its_weights(
+    tmp_path,
+) -> None:
+    from qat.export import export_model, verify_artifacts
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    q = _prepared(_SharedConv().eval(), x)
+    assert isinstance(q.proj, QConv2d) and isinstance(q.proj_1, QConv2d)
+    assert q.proj_1.weight is q.proj.weight and q.proj_1.bias is q.proj.bias
+    assert q.proj_1.weight_quant is q.proj.weight_quant
+    assert q.proj_1.output_quant is not q.proj.output_quant
+    assert sum(p is q.proj.weight for p in q.parameters()) == 1  # trained once
+    qat.calibrate(q, [x])
+    q.eval()
+    qat.snap_bias(q, x)
+    paths = export_model(q, tmp_path, x[:1])  # refused before: one layer, two input grids
+    report = verify_artifacts(q, paths, [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+
+
+class _FourierPos(nn.Module):
+    """A positional encoding computed from the input's shape alone (EdgeNeXt, CSATv2's stem
+    statistics): ``x / 10000 ** (2i / d)`` spans four decades."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        b, c, height, width = h.shape
+        steps = (~torch.zeros((b, height, width), dtype=torch.bool)).cumsum(2, dtype=torch.float32)
+        dim_t = 10000.0 ** (torch.arange(c, dtype=torch.float32) / c)
+        pos = (steps[..., None] / dim_t).sin().permute(0, 3, 1, 2)
+        return self.fc((h + self.proj(pos)).mean((2, 3)))
+
+
+def test_values_computed_from_constants_stay_float_and_are_quantized_where_read(
+    tmp_path,
+) -> None:
+    from qat.export import export_model, verify_artifacts
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    q = _prepared(_FourierPos().eval(), x)
+    islands = {m.target for m in q.modules() if isinstance(m, FunctionalOp)}
+    assert operator.truediv not in islands and operator.pow not in islands, islands
+    qat.calibrate(q, [x])  # raised NonFiniteError: dim_t's small values on an 8-bit grid were 0
+    q.eval()
+    assert torch.isfinite(q(x)).all()
+    qat.snap_bias(q, x)
+    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
