@@ -15,6 +15,7 @@ families already there) and renders ``docs/model_zoo.md`` from it.
 Usage:
     python scripts/timm_sweep.py                        # every family (hours on 2 cores)
     python scripts/timm_sweep.py --resume --jobs 2      # only families not yet in the JSON
+    python scripts/timm_sweep.py --models coat_tiny     # re-run models: rows of their families
     python scripts/timm_sweep.py --models resnet18,convnext_atto --no-write
     python scripts/timm_sweep.py --render               # re-render the page from the JSON
 """
@@ -22,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -37,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 JSON_PATH = ROOT / "docs" / "model_zoo.json"
 PAGE_PATH = ROOT / "docs" / "model_zoo.md"
 FAMILIES_PATH = ROOT / "docs" / "model_zoo_families.json"
+if str(ROOT) not in sys.path:  # run as a file from anywhere: the checkout's qat
+    sys.path.insert(0, str(ROOT))
 IMAGE_SIZE = 32
 AGREEMENT = 0.999
 RECIPE = {"overrides": [{"pattern": "@last", "activation": {"bits": 32}}]}  # float logits
@@ -211,6 +215,33 @@ def families(max_params: float) -> dict[str, tuple[str, int]]:
     return {k: (v[0], v[1]) for k, v in found.items()}
 
 
+def family_of(arch: str) -> str:
+    """The family (timm model module) of a timm model name."""
+    from qat.models.timm_models import import_timm
+
+    timm = import_timm()
+    if not timm.is_model(arch):
+        raise SystemExit(f"--models: {arch!r} is not a timm model (see timm.list_models())")
+    from timm.models import _registry
+
+    return _registry._model_to_module[_registry.get_arch_name(arch)]
+
+
+def _write_record(family: str, rec: dict) -> dict[str, dict]:
+    """Store one family's record in the JSON and re-render the page; the records now there.
+
+    Read, updated and written under a file lock, so sweeps running at once (a ``--resume``
+    in the background, ``--models`` re-runs) keep each other's rows.
+    """
+    with open(JSON_PATH, "a+") as lock:  # write_text keeps the inode: the lock holds
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = json.loads(JSON_PATH.read_text() or "{}")
+        records[family] = rec
+        JSON_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+        PAGE_PATH.write_text(render(records))
+    return records
+
+
 # -------------------------------------------------------------------------------- render
 def render(records: dict[str, dict]) -> str:
     rows = sorted(records.values(), key=lambda r: r["family"])
@@ -337,7 +368,7 @@ def main() -> None:
         print(f"{len(families(args.max_params))} families")
         return
     if args.models:
-        todo = {m: (m, 0) for m in args.models.split(",")}
+        todo = {family_of(m): (m, 0) for m in args.models.split(",")}
     else:
         todo = families(args.max_params)
         print(f"{len(todo)} families of at most {args.max_params / 1e6:.0f}M parameters")
@@ -374,9 +405,7 @@ def main() -> None:
             if args.no_write:
                 print(json.dumps(rec))
                 return
-            records[family] = rec
-            JSON_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
-            PAGE_PATH.write_text(render(records))
+            records.update(_write_record(family, rec))
 
     # Each model runs on one thread, so --jobs 2 uses both cores of a 2-core machine.
     todo_now = [(f, a) for f, (a, _) in sorted(todo.items()) if not (args.resume and f in records)]
