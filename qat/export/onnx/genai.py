@@ -1,0 +1,480 @@
+"""ONNX Runtime GenAI folders (``export.targets=[genai]``): generation with a KV cache.
+
+A Hugging Face causal LM trained with a weight-only or dynamic int8 recipe becomes the folder
+``onnxruntime-genai`` loads (``og.Model(folder)``): ``model.onnx`` (+ ``model.onnx.data``)
+with ``input_ids``, ``attention_mask``, ``past_key_values.N.key/value`` in and ``logits``,
+``present.N.key/value`` out, ``genai_config.json`` and the tokenizer files.
+
+The graph is onnxruntime-genai's own model builder's (``onnxruntime_genai.models.builder``, the
+peer the issue measures against): fused ``GroupQueryAttention`` with rotary embeddings and a
+shared KV buffer, ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization``,
+built at fp32 from the fake-quant weights (``codes · scales``, exact). Then every ``MatMul``
+whose weight is one or more quantized layers side by side (the builder fuses q/k/v into one
+``qkv_proj``) is replaced by the kernel of the trained grid, from the layers' own codes
+(:func:`qat.export.lm_weights.quant_weight`), so the file computes what was trained, not the
+builder's re-quantization (RTN) of the float weights:
+
+- 4 / 8-bit weights per group (``lm_w4g32``, ``lm_q4_0`` …): ``MatMulNBits``, codes stored
+  unsigned with the default zero point ``2^(b−1)``, one float scale per group.
+  ``accuracy_level`` 0 (float32 on the exact dequantized weights: what a weight-only recipe
+  trained) unless the layer's activations are Q8_0 blocks (4: ORT's int8 kernel); an explicit
+  ``accuracy_level`` sets it for every such layer (4 is faster on CPUs, and quantizes the
+  activations, which a weight-only model never saw);
+- 8-bit per-channel weights after per-tensor dynamic uint8 activations (``lm_w8da8``):
+  ``DynamicQuantizeMatMul`` (what ONNX Runtime fuses ``DynamicQuantizeLinear → MatMulInteger``
+  into);
+- other quantized weights (8-bit per channel with float activations): a float ``MatMul`` on the
+  fake-quant weight (exact; not smaller).
+
+Quantized embeddings are gathered from their fake-quant table. Recipes whose activations are
+quantized per token or per group (``lm_8da4w``) are refused: the builder's graph has no place
+for those ops.
+
+The decode loop quantizes each call's input: a per-tensor dynamic recipe sees one token per
+decode step, as the fake-quant model does when it generates with its KV cache
+(:func:`greedy_tokens`), not the whole-sequence tensor of a training forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from qat.export.hf_checkpoint import HF_FILES, float_state_dict
+from qat.export.lm_io import is_hf_model
+from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
+from qat.quant.layers import QEmbedding
+from qat.quant.runtime_matmul import ort_linear_kind
+
+__all__ = [
+    "BUILDER_PRECISIONS",
+    "GENAI_CONFIG",
+    "build_genai_folder",
+    "builder_folder",
+    "export_genai",
+    "genai_generate",
+    "genai_layer_kinds",
+    "greedy_tokens",
+    "load_genai_runtime",
+]
+
+GENAI_CONFIG = "genai_config.json"
+#: The builder's CPU precisions used here (the peer's files and qat's fp32 base graph).
+BUILDER_PRECISIONS = ("fp32", "int8", "int4")
+_MS = "com.microsoft"
+_INSTALL = "pip install -e '.[genai]' (onnxruntime-genai and onnx-ir, with --no-deps)"
+
+
+def _builder() -> Any:
+    """onnxruntime-genai's model builder module (it imports its siblings as top-level
+    modules, so its folder goes on ``sys.path``)."""
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        raise ValueError(f"export target genai needs onnxruntime-genai: {_INSTALL}") from None
+    models = str(Path(onnxruntime_genai.__file__).parent / "models")
+    if models not in sys.path:
+        sys.path.append(models)
+    try:
+        from onnxruntime_genai.models import builder
+    except ImportError as err:
+        raise ValueError(
+            f"onnxruntime-genai's model builder does not import ({err}): {_INSTALL}"
+        ) from None
+    return builder
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The builder prints its options and a progress bar per tensor: keep the run's log clean
+    (the output is shown if it fails)."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            yield
+    except Exception as err:
+        raise RuntimeError(
+            f"{err}\n--- model builder output ---\n{out.getvalue()[-4000:]}"
+        ) from err
+
+
+def builder_folder(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    extra_options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Run onnxruntime-genai's model builder (CPU) on the Hugging Face folder ``hf_dir``.
+
+    Args:
+        hf_dir: a ``save_pretrained`` folder with its tokenizer.
+        out_dir: the genai folder to write.
+        precision: ``fp32``, ``int8`` or ``int4`` (the builder's RTN quantization of the float
+            weights: ``MatMulNBits`` with blocks of 32 at ``accuracy_level`` 4 by default).
+        extra_options: the builder's ``--extra_options`` (e.g. ``{"int4_accuracy_level": 0}``).
+    """
+    if precision not in BUILDER_PRECISIONS:
+        raise ValueError(f"precision={precision!r} is invalid: one of {BUILDER_PRECISIONS}")
+    builder = _builder()
+    out_dir = Path(out_dir)
+    extra = [f"{k}={v}" for k, v in (extra_options or {}).items()]
+    with tempfile.TemporaryDirectory() as cache, _quiet():
+        opts = builder.parse_extra_options(
+            None, str(hf_dir), str(out_dir), precision, "cpu", cache, extra
+        )
+        builder.create_model(None, str(hf_dir), str(out_dir), precision, "cpu", cache, **opts)
+    return out_dir
+
+
+def _dequantized_hf_folder(model: nn.Module, folder: Path, source_dir: Path | None) -> None:
+    """``save_pretrained`` of ``model``'s architecture with its fake-quant weights (exact
+    ``codes · scales``) and float everything else, plus the source folder's tokenizer."""
+    import transformers
+
+    state = float_state_dict(model)
+    for name, layer in weighted_layers(model):
+        state[f"{name}.weight"] = quant_weight(layer, name).weight
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False  # a quantized lm_head is its own tensor
+    config.use_cache = True
+    with torch.device("cpu"):
+        plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise ValueError(
+            f"export target genai: the model's weights do not fit {type(plain).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    plain.save_pretrained(folder)
+    copied = 0
+    if source_dir is not None and source_dir.is_dir():
+        for fname in HF_FILES:
+            if (source_dir / fname).is_file():
+                shutil.copyfile(source_dir / fname, folder / fname)
+                copied += fname.startswith("tokenizer")
+    if not copied:
+        raise ValueError(
+            f"export target genai: no tokenizer in {source_dir} (the folder the model was loaded "
+            "from): onnxruntime-genai needs tokenizer.json; pass source_dir=<a folder with it>"
+        )
+
+
+def genai_layer_kinds(model: nn.Module, accuracy_level: int | None = None) -> dict[str, str]:
+    """How each quantized layer exports to the genai graph: ``nbits`` (with its
+    ``accuracy_level``), ``dynamic_int8``, ``float`` (fake-quant weight) or ``gather``.
+
+    Raises:
+        ValueError: a layer quantizes its activations in a way no kernel here reproduces.
+    """
+    kinds = {}
+    for name, layer in weighted_layers(model):
+        if isinstance(layer, QEmbedding):
+            kinds[name] = "gather"
+            continue
+        qw = quant_weight(layer, name)
+        runtime = ort_linear_kind(layer)
+        aq = getattr(layer, "act_quant", None)
+        act_on = aq is not None and aq.enabled and bool(aq.fake_quant_enabled)
+        if runtime == "dynamic_int8":
+            kinds[name] = "dynamic_int8"
+        elif act_on and runtime != "nbits_int8":
+            raise ValueError(
+                f"export target genai: layer {name!r} quantizes its inputs "
+                f"(dynamic={aq.spec.dynamic}, grid={aq.spec.grid}), which the genai graph "
+                "cannot reproduce: train with quant=lm_w4g32 (int4 weight-only) or lm_w8da8 "
+                "(dynamic int8), or drop genai from export.targets"
+            )
+        elif _nbits_ok(qw):
+            level = accuracy_level
+            if level is None:
+                level = 4 if runtime == "nbits_int8" else 0
+            kinds[name] = f"nbits{qw.bits}_g{qw.group}_acc{level}"
+        else:
+            kinds[name] = "float"
+    return kinds
+
+
+def _nbits_ok(w: QuantWeight) -> bool:
+    k = w.codes.shape[1]
+    pow2 = w.group & (w.group - 1) == 0
+    return w.bits in (4, 8) and 16 <= w.group < k and pow2 and k % w.group == 0
+
+
+def _pack(w: QuantWeight) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' ``B`` ``(N, blocks, group·bits/8)`` uint8 and scales ``(N·blocks,)``."""
+    n, k = w.codes.shape
+    u = (w.codes + (1 << (w.bits - 1))).to(torch.uint8).reshape(n, k // w.group, w.group)
+    if w.bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    return u.contiguous().numpy(), w.scales.float().reshape(-1).contiguous().numpy()
+
+
+def _match(
+    weight: np.ndarray, layers: list[tuple[str, QuantWeight]], used: set[str]
+) -> list[tuple[str, QuantWeight]] | None:
+    """The layers whose fake-quant weights, transposed and side by side, are ``weight``
+    ``(K, N)`` bit for bit (the builder's fused q/k/v), or None."""
+    k, n = weight.shape
+    parts, col = [], 0
+    while col < n:
+        for name, qw in layers:
+            rows = qw.weight.shape[0]
+            if name in used or qw.weight.shape[1] != k or col + rows > n:
+                continue
+            wt = qw.weight.numpy().T
+            if np.array_equal(weight[:, col], wt[:, 0]) and np.array_equal(
+                weight[:, col : col + rows], wt
+            ):
+                parts.append((name, qw))
+                col += rows
+                break
+        else:
+            return None
+    return parts
+
+
+def _rewrite_matmuls(
+    proto: onnx.ModelProto, model: nn.Module, kinds: Mapping[str, str]
+) -> dict[str, str]:
+    """Replace each builder ``MatMul`` on quantized layers' weights with their kernel (module
+    docstring). Returns ``MatMul node → kind``; raises if a quantized layer found no node."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    layers = [
+        (name, quant_weight(layer, name))
+        for name, layer in weighted_layers(model)
+        if not isinstance(layer, QEmbedding)
+    ]
+    used: set[str] = set()
+    done: dict[str, str] = {}
+    new_nodes = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        parts = _match(weight, layers, used) if weight.ndim == 2 else None
+        part_kinds = {kinds[name] for name, _ in parts or []}
+        if not parts or len(part_kinds) != 1 or part_kinds == {"float"}:
+            new_nodes.append(node)  # a float layer, or mixed grids: the fake-quant weight
+            used.update(name for name, _ in parts or [])
+            continue
+        used.update(name for name, _ in parts)
+        kind = part_kinds.pop()
+        new_nodes.append(_kernel(node, [qw for _, qw in parts], kind, graph))
+        graph.initializer.remove(inits.pop(node.input[1]))
+        done[node.name] = kind
+    missing = [name for name, _ in layers if name not in used]
+    if missing:
+        raise ValueError(
+            f"export target genai: no MatMul of the builder's graph holds layer(s) "
+            f"{missing[:4]}: this architecture's layout is not supported"
+        )
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return done
+
+
+def _kernel(node: onnx.NodeProto, parts: list[QuantWeight], kind: str, graph: Any) -> Any:
+    """The quantized node that replaces ``node`` (``MatMul(x, W)``)."""
+    base = node.input[1]
+    n = sum(int(p.codes.shape[0]) for p in parts)
+    k = int(parts[0].codes.shape[1])
+    if kind == "dynamic_int8":
+        codes = torch.cat([p.codes for p in parts]).t().to(torch.int8).contiguous().numpy()
+        scales = torch.cat([p.scales.reshape(-1) for p in parts]).float().numpy()
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, f"{base}_s8"),
+                numpy_helper.from_array(scales, f"{base}_scale"),
+            ]
+        )
+        return helper.make_node(
+            "DynamicQuantizeMatMul",
+            [node.input[0], f"{base}_s8", f"{base}_scale"],
+            list(node.output),
+            name=f"{node.name}_DQ8",
+            domain=_MS,
+        )
+    bits, group = parts[0].bits, parts[0].group
+    level = int(kind.rsplit("acc", 1)[1])
+    packed = [_pack(p) for p in parts]
+    b = np.concatenate([p[0] for p in packed])
+    s = np.concatenate([p[1] for p in packed])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(b, f"{base}_Q{bits}"),
+            numpy_helper.from_array(s, f"{base}_scales"),
+        ]
+    )
+    return helper.make_node(
+        "MatMulNBits",
+        [node.input[0], f"{base}_Q{bits}", f"{base}_scales"],
+        list(node.output),
+        name=f"{node.name}_Q{bits}",
+        domain=_MS,
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=group,
+        accuracy_level=level,
+    )
+
+
+@torch.no_grad()
+def build_genai_folder(
+    model: nn.Module,
+    out_dir: str | Path,
+    source_dir: str | Path | None = None,
+    accuracy_level: int | None = None,
+) -> dict[str, Any]:
+    """Write the genai folder of a quantized Hugging Face causal LM into ``out_dir``.
+
+    Args:
+        model: a prepared, calibrated (trained) ``transformers`` causal LM (unchanged).
+        out_dir: the folder to fill (created).
+        source_dir: the folder with its tokenizer (default: ``model.config._name_or_path``,
+            the folder ``model=hf`` loaded).
+        accuracy_level: ``MatMulNBits``' compute type for every grouped layer; None: per layer
+            (:func:`genai_layer_kinds`).
+
+    Returns:
+        ``{"nodes": MatMul node → kind, "layers": layer → kind}``.
+
+    Raises:
+        ValueError: not a Hugging Face model, no quantized layer, an unsupported activation
+            recipe or architecture, no tokenizer, or no onnxruntime-genai.
+    """
+    if not is_hf_model(model):
+        raise ValueError(
+            f"export target genai needs a Hugging Face causal LM (model=hf), not "
+            f"{type(model).__name__}: use export.targets=[onnx] for qat's own models"
+        )
+    if not weighted_layers(model):
+        raise ValueError("export target genai: no layer has quantized weights (quant=lm_*)")
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level={accuracy_level!r} is invalid: 0, 1, 2, 3 or 4")
+    model = model.cpu().eval()
+    kinds = genai_layer_kinds(model, accuracy_level)
+    _builder()  # fail before any work when it is missing
+    source = Path(source_dir or getattr(model.config, "_name_or_path", "") or ".")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / "hf"
+        _dequantized_hf_folder(model, hf, source)
+        built = builder_folder(hf, Path(tmp) / "genai", "fp32")
+        proto = onnx.load(str(built / "model.onnx"))
+        nodes = _rewrite_matmuls(proto, model, kinds)
+        for f in built.iterdir():
+            if f.name not in ("model.onnx", "model.onnx.data"):
+                shutil.copyfile(f, out_dir / f.name)
+        onnx.save(proto, str(out_dir / "model.onnx"))
+    return {"nodes": nodes, "layers": kinds}
+
+
+def export_genai(
+    model: nn.Module,
+    out_dir: str | Path,
+    source_dir: str | Path | None = None,
+    accuracy_level: int | None = None,
+) -> Path:
+    """:func:`build_genai_folder` into ``out_dir``; returns it."""
+    build_genai_folder(model, out_dir, source_dir, accuracy_level)
+    return Path(out_dir)
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / GENAI_CONFIG).read_text())["model"]
+
+
+def load_genai_runtime(
+    folder: str | Path, threads: int = 2
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``ids (B, T) → logits (B, T, V)`` of a genai folder's ``model.onnx`` in ONNX Runtime,
+    the whole sequence at once with an empty KV cache (the verify step's runtime)."""
+    from qat.export.onnx import make_session
+
+    folder = Path(folder)
+    cfg = _config(folder)
+    dec = cfg["decoder"]
+    session = make_session(folder / dec["filename"], threads=threads, spinning=False)
+    names = {i.name for i in session.get_inputs()}
+    past = [
+        (dec["inputs"]["past_key_names"] % i, dec["inputs"]["past_value_names"] % i)
+        for i in range(dec["num_hidden_layers"])
+    ]
+    logits_name = dec["outputs"]["logits"]
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        empty = np.zeros((b, dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": ids.cpu().long().numpy(),
+            "attention_mask": np.ones((b, t), np.int64),
+        }
+        if "position_ids" in names:
+            feeds["position_ids"] = np.tile(np.arange(t, dtype=np.int64), (b, 1))
+        for k, v in past:
+            feeds[k] = feeds[v] = empty
+        (out,) = session.run([logits_name], feeds)
+        return torch.from_numpy(np.asarray(out)).float()
+
+    return run
+
+
+def genai_generate(
+    folder: str | Path, prompt: list[int], max_new_tokens: int, threads: int = 2
+) -> list[int]:
+    """Greedy tokens ``onnxruntime-genai`` generates from ``prompt`` (the new ones only; it
+    stops early at the end-of-sequence token)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(
+        do_sample=False, max_length=len(prompt) + max_new_tokens, batch_size=1
+    )
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray([prompt], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)[len(prompt) :]]
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The fake-quant model's greedy tokens with its KV cache (one token per decode step, as
+    the genai file runs), stopping after the end-of-sequence token as genai does."""
+    model = model.eval()
+    eos = model.config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    ids = torch.tensor([prompt])
+    out = model(input_ids=ids, use_cache=True)
+    # transformers 5 names the cache ``cache`` (``past_key_values`` before).
+    key = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        tok = int(out.logits[0, -1].argmax())
+        new.append(tok)
+        if tok in eos:
+            break
+        out = model(input_ids=torch.tensor([[tok]]), use_cache=True, **{key: getattr(out, key)})
+    return new

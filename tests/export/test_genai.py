@@ -1,0 +1,81 @@
+"""``export.targets=[genai]``: onnxruntime-genai generates, with its KV cache, the fake-quant
+model's greedy tokens from the exported folder, whose weights are the trained grids."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from lm_helpers import lm_recipe
+
+import qat
+from qat.export.lm_io import logits_of
+from qat.export.onnx.genai import (
+    build_genai_folder,
+    genai_generate,
+    greedy_tokens,
+    load_genai_runtime,
+)
+from qat.models.hf import load_hf_causal_lm
+
+
+def _fake_quant(path: Path, recipe: str, steps: int = 2) -> torch.nn.Module:
+    """The model of ``path`` prepared with ``recipe``, calibrated and trained a few steps."""
+    torch.manual_seed(0)
+    model = load_hf_causal_lm(str(path))
+    ids = torch.randint(0, 512, (4, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the module-swap fallback warning
+        qmodel = qat.prepare(model, lm_recipe(recipe), example_inputs=ids[:2])
+    qat.calibrate(qmodel, [ids], num_batches=1)
+    opt = torch.optim.AdamW(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    for _ in range(steps):
+        logits = logits_of(qmodel, ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qmodel.eval()
+
+
+@pytest.mark.parametrize(
+    "recipe,op", [("lm_w4g32", "MatMulNBits"), ("lm_w8da8", "DynamicQuantizeMatMul")]
+)
+def test_genai_generates_the_fake_quant_models_greedy_tokens(
+    hf_dir: Path, tmp_path: Path, recipe: str, op: str
+) -> None:
+    qmodel = _fake_quant(hf_dir, recipe)
+    out = tmp_path / "genai"
+    report = build_genai_folder(qmodel, out)
+    assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    # Every projection of both blocks and the lm_head is one quantized kernel (q/k/v fused).
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("MatMul") == 0 and ops.count("GroupQueryAttention") == 2
+    assert sum(o in (op, "MatMulNBits") for o in ops) == len(report["nodes"]) == 2 * 5 + 1
+    assert ops.count(op) >= 2 * 5
+
+    tokenizer = qat.hf_folder.load_hf_tokenizer(hf_dir)
+    prompt = tokenizer("def wrap(text, width=70):\n    return")["input_ids"]
+    expected = greedy_tokens(qmodel, prompt, 32)
+    assert len(expected) == 32  # no early end-of-sequence: all 32 compared
+    assert genai_generate(out, prompt, 32) == expected
+
+    # The whole-sequence logits (the verify step's runtime) are the fake-quant model's.
+    ids = torch.tensor([prompt + expected])
+    with torch.no_grad():
+        ref = logits_of(qmodel, ids)
+    got = load_genai_runtime(out)(ids)
+    if recipe == "lm_w4g32":  # per-tensor dynamic activations see the whole sequence here
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert bool((got.argmax(-1) == ref.argmax(-1)).all())
+
+
+def test_genai_refuses_per_token_activations_before_any_work(hf_dir: Path, tmp_path: Path) -> None:
+    qmodel = _fake_quant(hf_dir, "lm_8da4w", steps=0)
+    with pytest.raises(ValueError, match="cannot reproduce: train with quant=lm_w4g32"):
+        build_genai_folder(qmodel, tmp_path / "genai")
+    assert not (tmp_path / "genai").exists()
