@@ -1,5 +1,6 @@
 """The export stage of a language model: GGUF / ONNX / a quantized Hugging Face checkpoint
-(compressed-tensors, :mod:`qat.export.hf_checkpoint`) → verify → parity check → benchmark.
+(compressed-tensors, :mod:`qat.export.hf_checkpoint`) / an ONNX Runtime GenAI folder
+(:mod:`qat.export.onnx.genai`) → verify → parity check → benchmark.
 
 The language-model counterpart of :func:`qat.export.run_export`, with the same report shape:
 ``artifacts``, ``sizes_bytes``, ``parity`` (next-token agreement and perplexity,
@@ -28,8 +29,9 @@ from qat.quant.control import uninitialized_quantizers
 
 __all__ = ["DEFAULT_LM_TARGETS", "LM_FILENAMES", "LM_TARGETS", "export_lm", "run_lm_export"]
 
-#: Where each target goes in the export folder (``hf``: a Hugging Face checkpoint folder).
-LM_FILENAMES = {"gguf": "model.gguf", "onnx": "model.onnx", "hf": "hf"}
+#: Where each target goes in the export folder (``hf``: a Hugging Face checkpoint folder;
+#: ``genai``: an onnxruntime-genai folder, model.onnx with a KV cache and genai_config.json).
+LM_FILENAMES = {"gguf": "model.gguf", "onnx": "model.onnx", "hf": "hf", "genai": "genai"}
 LM_TARGETS = tuple(LM_FILENAMES)
 #: What a call that names no targets writes (hf only for Hugging Face models, on affine grids).
 DEFAULT_LM_TARGETS = ("gguf", "onnx")
@@ -54,8 +56,8 @@ def export_lm(
     accuracy_level: int | None = None,
     float_islands: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``model.gguf`` / ``model.onnx`` / the ``hf`` checkpoint folder of a quantized
-    language model, atomically.
+    """Write ``model.gguf`` / ``model.onnx`` / the ``hf`` checkpoint folder / the ``genai``
+    folder of a quantized language model, atomically.
 
     Each file (folder) is staged, smoke-tested (loaded, run on ``example_ids``: logits of the
     fake-quant model's shape, finite) and only then moved into place; a failure leaves the old
@@ -84,6 +86,11 @@ def export_lm(
             if target == "hf":
                 staged[target] = staged_dir(final)  # listed first: removed if the write fails
                 export_hf_checkpoint(model, staged[target])
+            elif target == "genai":
+                from qat.export.onnx.genai import export_genai
+
+                staged[target] = staged_dir(final)  # listed first: removed if the write fails
+                export_genai(model, staged[target], accuracy_level=accuracy_level)
             elif target == "onnx":
                 proto = build_lm_onnx(
                     model, example_ids, accuracy_level=accuracy_level, float_islands=float_islands
@@ -92,7 +99,7 @@ def export_lm(
             else:
                 staged[target] = staged_path(final)  # listed first: removed if the write fails
                 export_gguf(model, staged[target])
-            out = load_lm_runtime(target, staged[target])(example_ids)
+            out = _runtime(target, staged[target])(example_ids)
             if out.shape != expected or not bool(torch.isfinite(out).all()):
                 raise RuntimeError(
                     f"{target} smoke test: logits {tuple(out.shape)} (finite: "
@@ -109,6 +116,16 @@ def export_lm(
             else:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+
+
+def _runtime(target: str, path: Path) -> Any:
+    """``ids → logits`` of one exported target (the genai folder's model.onnx with an empty
+    KV cache; the others through :func:`~qat.export.verify_lm.load_lm_runtime`)."""
+    if target == "genai":
+        from qat.export.onnx.genai import load_genai_runtime
+
+        return load_genai_runtime(path)
+    return load_lm_runtime(target, path)
 
 
 def bench_lm(
@@ -213,7 +230,14 @@ def run_lm_export(
         "layers": linear_kinds(model),
     }
     if options.get("verify", True):
-        report["parity"] = verify_lm_artifacts(model, artifacts, batches)
+        others = {k: v for k, v in artifacts.items() if k != "genai"}
+        report["parity"] = (
+            verify_lm_artifacts(model, others, batches) if others else {"runtimes": {}}
+        )
+        if "genai" in artifacts:
+            from qat.export.onnx.genai import verify_genai
+
+            report["parity"]["runtimes"]["genai"] = verify_genai(model, artifacts["genai"], batches)
         try:
             check_lm_parity(report["parity"], **dict(options.get("parity") or {}))
             report["parity_ok"] = True

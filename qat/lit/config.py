@@ -60,7 +60,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 EXPORT_TARGETS = ("torchscript", "onnx")
 #: What ``task`` may be, and the export targets of each.
-TASK_TARGETS = {"classification": EXPORT_TARGETS, "language_model": ("gguf", "onnx", "hf")}
+TASK_TARGETS = {
+    "classification": EXPORT_TARGETS,
+    "language_model": ("gguf", "onnx", "hf", "genai"),
+}
 
 
 @dataclass
@@ -213,6 +216,33 @@ def _check_hf_target(targets: list[str], recipe: Recipe | None, model: nn.Module
     )
 
 
+def _check_genai_target(targets: list[str], recipe: Recipe | None, model: nn.Module) -> None:
+    """``export.targets=[genai]`` fills onnxruntime-genai's builder graph of a Hugging Face
+    model: refuse other models, and activation grids its kernels cannot reproduce, before
+    training (:mod:`qat.export.onnx.genai`)."""
+    if "genai" not in targets:
+        return
+    from qat.export.lm_io import is_hf_model
+
+    if not is_hf_model(model):
+        raise ConfigError(
+            f"export.targets={targets}: genai builds on a Hugging Face model and the model is "
+            f"{type(model).__name__}: use model=hf model.path=<folder>, or drop genai"
+        )
+    act = recipe.activation if recipe is not None else None
+    if act is None or not act.enabled or act.bits >= 32:
+        return
+    if act.grid == "q8_0" or (
+        act.dynamic == "tensor" and act.bits == 8 and not act.signed and not act.symmetric
+    ):
+        return
+    raise ConfigError(
+        f"export.targets={targets}: quant.activation.dynamic={act.dynamic} (grid {act.grid}) "
+        "has no kernel in the genai graph: train with quant=lm_w4g32 (int4 weight-only) or "
+        "lm_w8da8 (dynamic int8), or drop genai"
+    )
+
+
 def validate_config(
     cfg: DictConfig, check_data: bool = True, check_schedule: bool = True
 ) -> Validated:
@@ -287,6 +317,7 @@ def validate_config(
         check_fit(cfg, dm, model)
     if export is not None and export.get("enabled", False):
         _check_hf_target(list(export.get("targets") or []), recipe, model)
+        _check_genai_target(list(export.get("targets") or []), recipe, model)
     if recipe is not None:
         try:
             # A dry run on a copy: override patterns that match no layer fail here.

@@ -41,16 +41,18 @@ import contextlib
 import copy
 import io
 import json
+import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
@@ -70,6 +72,7 @@ __all__ = [
     "genai_layer_kinds",
     "greedy_tokens",
     "load_genai_runtime",
+    "verify_genai",
 ]
 
 GENAI_CONFIG = "genai_config.json"
@@ -478,3 +481,58 @@ def greedy_tokens(model: nn.Module, prompt: list[int], max_new_tokens: int) -> l
             break
         out = model(input_ids=torch.tensor([[tok]]), use_cache=True, **{key: getattr(out, key)})
     return new
+
+
+def _kl_sum(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Sum over positions of ``KL(softmax(ref) ‖ softmax(out))`` in nats (float64)."""
+    p = torch.log_softmax(ref.flatten(0, -2).double(), dim=-1)
+    q = torch.log_softmax(out.flatten(0, -2).double(), dim=-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+@torch.no_grad()
+def verify_genai(
+    model: nn.Module,
+    folder: str | Path,
+    batches: Iterable[Any],
+    max_batches: int | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """The genai folder's whole-sequence logits (:func:`load_genai_runtime`) against the
+    fake-quant model's on ``(ids, targets)`` batches: one runtime entry of
+    :func:`qat.export.verify_lm.verify_lm_artifacts`' report (``agreement``, ``perplexity``,
+    ``reference_perplexity``, ``ppl_rel_diff``, ``mean_kl``, ``max_abs_diff``,
+    ``mean_abs_diff``), which :func:`~qat.export.verify_lm.check_lm_parity` checks."""
+    from qat.export.lm_io import logits_of
+
+    ref_model = copy.deepcopy(model).cpu().eval()
+    run = load_genai_runtime(folder, threads)
+    agree, tokens, nll, ref_nll, kl, dmax, dsum, count = 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    for i, (x, y) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        ref = logits_of(ref_model, x).float()
+        out = run(x)
+        diff = (out - ref).abs()
+        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        tokens += y.numel()
+        nll += float(F.cross_entropy(out.flatten(0, -2).double(), y.flatten(), reduction="sum"))
+        ref_nll += float(F.cross_entropy(ref.flatten(0, -2).double(), y.flatten(), reduction="sum"))
+        kl += _kl_sum(ref, out)
+        dmax, dsum, count = (
+            max(dmax, float(diff.max())),
+            dsum + float(diff.sum()),
+            count + diff.numel(),
+        )
+    if tokens == 0:
+        raise ValueError("verify_genai got no batches")
+    ppl, ref_ppl = math.exp(nll / tokens), math.exp(ref_nll / tokens)
+    return {
+        "agreement": agree / tokens,
+        "perplexity": ppl,
+        "reference_perplexity": ref_ppl,
+        "ppl_rel_diff": abs(ppl - ref_ppl) / ref_ppl,
+        "mean_kl": kl / tokens,
+        "max_abs_diff": dmax,
+        "mean_abs_diff": dsum / max(count, 1),
+    }
