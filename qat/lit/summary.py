@@ -156,7 +156,9 @@ def _parity_rows(export: Mapping[str, Any], lm: bool) -> list[tuple[str, str]]:
                     f"  {runtime}",
                     f"perplexity {_num(rep.get('perplexity'), '{:.2f}')} (Δ "
                     f"{_pct(rep.get('ppl_rel_diff'))}), next-token agreement "
-                    f"{_pct(rep.get('agreement'))}, max |Δlogit| {_num(rep.get('max_abs_diff'))}",
+                    f"{_pct(rep.get('agreement'))}, "
+                    + (f"KL {_num(rep['mean_kl'])} nats, " if "mean_kl" in rep else "")
+                    + f"max |Δlogit| {_num(rep.get('max_abs_diff'))}",
                 )
             )
     else:

@@ -1,4 +1,5 @@
-"""The ONNX language-model exports compute what the fake-quant model computes, bit for bit.
+"""The bit-exact ONNX language-model files (``float_islands="float64"``, an opt-in) compute what
+the fake-quant model computes, bit for bit.
 
 Under :func:`qat.runtime_numerics` a GPT's dynamically quantized linears compute ONNX Runtime's
 kernels (``MatMulNBits`` int8, ``DynamicQuantizeMatMul``; :mod:`qat.quant.runtime_matmul`) and
@@ -97,7 +98,7 @@ def test_onnx_logits_equal_the_runtime_numerics_of_the_fake_quant_model(
     kinds = {ort_linear_kind(m) for m in model.modules() if hasattr(m, "act_quant")}
     assert kind in kinds
     x = lm_test_batches(1)[0][0]
-    path = export_lm(model, tmp_path, x[:1], targets=["onnx"])["onnx"]
+    path = export_lm(model, tmp_path, x[:1], targets=["onnx"], float_islands="float64")["onnx"]
     with torch.no_grad(), qat.runtime_numerics(model):
         ref = model(x)
     exact = kind == "dynamic_int8" or VNNI

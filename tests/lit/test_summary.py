@@ -90,6 +90,7 @@ def language_model() -> dict[str, Any]:
                         "agreement": 0.9995,
                         "perplexity": 10.131,
                         "ppl_rel_diff": 0.0001,
+                        "mean_kl": 1.5e-08,
                         "max_abs_diff": 0.01,
                     }
                 },
@@ -134,7 +135,7 @@ def test_language_model_summary_reports_perplexity_not_pixels() -> None:
     )
     assert "8192 test tokens (the first export.verify_batches test batches)" in out
     assert "fake-quant perplexity 10.13" in out
-    assert "next-token agreement 99.95%" in out
+    assert "next-token agreement 99.95%, KL 1.5e-08 nats" in out
     assert "onnx" in out and "2.00 ms (batch 1, 128 tokens, 2.00x FP32)" in out
 
 

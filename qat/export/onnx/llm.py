@@ -5,27 +5,30 @@ Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.expo
 - per-group weights of 2–8 bits (4-bit groups, GGUF's Q4_0 / Q8_0 blocks): ``MatMulNBits``
   (``com.microsoft``): codes stored unsigned with the default zero point ``2^(b−1)``, one float
   scale per block (``block_size`` = the group size), so ORT dequantizes exactly the fake-quant
-  weight. After Q8_0 activations it runs at ``accuracy_level=4`` (int8: ORT re-quantizes the
-  Q8_0 values to the same codes and sums each block exactly), with the bias as the kernel's
-  input; after float activations at ``accuracy_level=0`` (float32);
+  weight. After Q8_0 activations it runs at ``accuracy_level=4``: its int8 kernel quantizes
+  the input per block of 32 with the scale ``amax/127``, the Q8_0 grid, after one rescale of
+  each block that makes that scale Q8_0's fp16 ``d`` (:func:`_q8_0_rescale_ops`); the bias is
+  the kernel's input. After float activations at ``accuracy_level=0`` (float32);
 - 8-bit per-channel weights with per-tensor dynamic uint8 activations:
   ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul(s_x · s_w)``, the pattern ONNX Runtime
   fuses into ``DynamicQuantizeMatMul`` (u8 × s8 integer GEMM, exact int32 sums);
 - other per-channel weights: ``DequantizeLinear`` of int8 codes → ``MatMul``.
 
-Dynamic per-token / per-block activations (torchao's 8da4w, llama.cpp's Q8_0 activations) are
-emitted as the float ops of :mod:`qat.quant.dynamic` (min / max reductions, ``Div``, ``Round``,
-fp16 ``d``), op for op what the fake-quant model computes, then the layer's weight op.
-Quantized embeddings are int8 codes times their block scales, then ``Gather``. Float islands
-(LayerNorm, attention, GELU: a ``QAct`` with a float output) compute in float64, cast back to
-float32 (:mod:`qat.quant.float_island`). Everything else (residual adds, reshapes) is the
+Other dynamic activations (torchao's 8da4w per token) are emitted as the float ops of
+:mod:`qat.quant.dynamic` (min / max reductions, ``Div``, ``Round``), op for op what the
+fake-quant model computes, then the layer's weight op. Quantized embeddings are int8 codes
+times their block scales, then ``Gather``. Everything else (residual adds, reshapes) is the
 model's own float code, exported by ``torch.onnx.export(dynamo=False)``, which calls these
 layers' ``symbolic``.
 
-The fake-quant model evaluated under :func:`qat.runtime_numerics` computes what this graph
-computes on ONNX Runtime's x86 AVX-512 VNNI kernels, bit for bit
-(:mod:`qat.quant.runtime_matmul`), so the parity check compares equal logits, not logits
-one float32 rounding apart that a dynamic quantizer turns into a different next token.
+Float islands (LayerNorm, attention, GELU: a ``QAct`` with a float output) are float32 by
+default, in the ops ONNX Runtime fuses (``LayerNormalization`` at opset 17): the files are
+fast and agree with the fake-quant model statistically (next-token agreement, KL divergence,
+perplexity: :mod:`qat.export.verify_lm`) on every CPU. ``float_islands="float64"`` is the
+bit-exact file: islands in float64 rounded to float32 (:mod:`qat.quant.float_island`) and the
+Q8_0 rounding as explicit float ops, which the fake-quant model evaluated under
+:func:`qat.runtime_numerics` computes bit for bit on ONNX Runtime's x86 AVX-512 VNNI kernels
+(:mod:`qat.quant.runtime_matmul`); 2–4x slower (docs/design.md).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from qat.export.lm_io import LogitsModule
 from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
 from qat.export.onnx.emit import _const, _tracing_off
 from qat.export.onnx.passes import compact_names
+from qat.quant.blocks import GGUF_BLOCK
 from qat.quant.dynamic import dynamic_quantize
 from qat.quant.float_island import to_float64
 from qat.quant.layers import QAct, QEmbedding
@@ -79,6 +83,9 @@ class _Linear:
     bias: torch.Tensor | None
     act: QuantSpec | None  # dynamic activation spec, or None (float input)
     accuracy_level: int
+    # Q8_0 activations left to MatMulNBits' int8 kernel (accuracy level 4, blocks of 32), which
+    # quantizes its input on the same grid itself, instead of explicit float ops before it.
+    act_in_kernel: bool = False
 
 
 def _kind(w: QuantWeight, act: QuantSpec | None) -> str:
@@ -145,6 +152,21 @@ def _dynamic_ops(g: Any, x: Any, spec: QuantSpec, k: int) -> Any:
     return g.op("Reshape", out, g.op("Shape", x))
 
 
+def _q8_0_rescale_ops(g: Any, x: Any) -> Any:
+    """``x`` with each block of 32 scaled by ``d16 / d`` (``d = amax / 127``, ``d16`` its fp16
+    rounding: Q8_0's stored scale), so that ``MatMulNBits``' int8 kernel, which quantizes its
+    input per block with the float32 scale ``amax / 127``, takes the Q8_0 scale ``d16`` and the
+    codes ``round(x / d)`` of the fake-quant model (up to float32 rounding of the ratio and
+    round-half-to-even ties). Three passes over ``x`` where the explicit rounding
+    (:func:`_dynamic_ops`) takes a dozen."""
+    f32 = lambda v: _const(g, torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    v = g.op("Reshape", x, _const(g, torch.tensor([-1, GGUF_BLOCK], dtype=torch.int64)))
+    d = g.op("Div", g.op("ReduceMax", g.op("Abs", v), axes_i=[1], keepdims_i=1), f32(127.0))
+    d16 = g.op("Cast", g.op("Cast", d, to_i=10), to_i=1)
+    ratio = g.op("Where", g.op("Equal", d, f32(0.0)), f32(1.0), g.op("Div", d16, d))
+    return g.op("Reshape", g.op("Mul", v, ratio), g.op("Shape", x))
+
+
 def _pack(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """MatMulNBits' ``B`` ``(N, blocks, group·bits/8)`` uint8 and scales ``(N, blocks)``."""
     n, k = w.codes.shape
@@ -158,7 +180,9 @@ def _pack(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
 def _emit_linear(g: Any, plan: _Linear, x: Any) -> Any:
     w = plan.weight
     n, k = w.codes.shape
-    if plan.act is not None and plan.kind != "dynamic_int8":
+    if plan.act_in_kernel:
+        x = _q8_0_rescale_ops(g, x)
+    elif plan.act is not None and plan.kind != "dynamic_int8":
         x = _dynamic_ops(g, x, plan.act, k)
     if plan.kind == "nbits":
         packed, scales = _pack(w)
@@ -306,19 +330,16 @@ def build_lm_onnx(
         opset: the ONNX opset (13–20; ``ReduceMax`` with axis attributes needs ≤ 17).
         accuracy_level: ``MatMulNBits``' compute type. None (the default): per layer, the one
             that computes the fake-quant model's arithmetic: 4 (int8) where the activations
-            are Q8_0 blocks, which ORT's int8 kernel takes as they are
-            (:mod:`qat.quant.runtime_matmul` reproduces its sums), else 0 (float32 on the
-            exact dequantized weights). 0 or 4 sets it for every layer.
-        float_islands: ``"float64"``: LayerNorm, attention and GELU in float64, rounded to
-            float32, which the fake-quant model reproduces exactly under
-            :func:`qat.runtime_numerics`; ``"float32"``: the model's own float32 ops, faster
-            (ONNX Runtime's float64 softmax, tanh and matmul are not vectorized) but rounded
-            as ONNX Runtime's kernels round, so a dynamic quantizer after them can pick
-            another level than the fake-quant model. None (the default): float64 where
-            activations are quantized dynamically, float32 for weight-only models (no
-            quantizer follows the islands: float64 would buy nothing). Recorded in the file's
-            metadata (``qat.float_islands``), which :func:`~qat.export.verify_lm_artifacts`
-            reads.
+            are Q8_0 blocks, else 0 (float32 on the exact dequantized weights). 0 or 4 sets
+            it for every layer (0 after Q8_0 activations keeps their rounding as float ops).
+        float_islands: ``"float32"`` (None, the default): LayerNorm, attention and GELU in
+            ONNX Runtime's float32 kernels, Q8_0 activations quantized by ``MatMulNBits``'
+            int8 kernel (module docstring): fast, and statistically the fake-quant model.
+            ``"float64"``: the bit-exact file (islands in float64, the Q8_0 rounding as
+            explicit float ops), which the fake-quant model reproduces exactly under
+            :func:`qat.runtime_numerics` on AVX-512 VNNI CPUs; 2–4x slower. Recorded in the
+            file's metadata (``qat.float_islands``), which
+            :func:`~qat.export.verify_lm_artifacts` reads to pick the reference.
 
     Raises:
         ValueError: an unprepared model, a static activation grid, or a weight whose codes do
@@ -331,9 +352,7 @@ def build_lm_onnx(
         )
     if opset > LM_OPSET:
         raise ValueError(f"opset={opset} is invalid: 13–{LM_OPSET} (ReduceMax axes attribute)")
-    if float_islands is None:
-        dynamic = any(_act_spec(m) is not None for _, m in weighted_layers(model))
-        float_islands = "float64" if dynamic else "float32"
+    float_islands = "float32" if float_islands is None else float_islands
     if float_islands not in FLOAT_ISLANDS:
         raise ValueError(f"float_islands={float_islands!r} is invalid: one of {FLOAT_ISLANDS}")
     deploy = copy.deepcopy(model).cpu().eval()
@@ -345,10 +364,16 @@ def build_lm_onnx(
             continue
         act = _act_spec(layer)
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        kind = _kind(qw, act)
+        q8_blocks = kind == "nbits" and act is not None and act.grid == "q8_0"
+        q8_blocks = q8_blocks and qw.group == GGUF_BLOCK
+        exact = float_islands == "float64"
         level = accuracy_level
         if level is None:
-            level = 4 if ort_linear_kind(layer) == "nbits_int8" else 0
-        plan = _Linear(_kind(qw, act), qw, bias, act, level)
+            int8 = ort_linear_kind(layer) == "nbits_int8" if exact else q8_blocks
+            level = 4 if int8 else 0
+        in_kernel = q8_blocks and level == 4 and not exact
+        plan = _Linear(kind, qw, bias, act, level, act_in_kernel=in_kernel)
         set_module(deploy, name, _ExportLinear(plan))
     islands = [
         name
