@@ -19,6 +19,9 @@ QAT runs again with the current exporter, as ``python -m qat.export`` does, inst
 the exports they made when they trained). About 25 minutes on 2 cores.
 
     python scripts/lm_table.py [--reuse [--reexport]] [--out docs/lm_results.md]
+
+``--model hf --path <folder>``: the page's section on a Hugging Face Llama of realistic shape
+instead (``scripts/lm_table_hf.py``); each mode rewrites its own section of the page.
 """
 
 from __future__ import annotations
@@ -173,7 +176,17 @@ def ptq(method: str, preset: str, model: torch.nn.Module, calib: list) -> torch.
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--model", choices=["gpt", "hf"], default="gpt")
+    known, _ = which.parse_known_args(argv)
+    if known.model == "hf":  # the Hugging Face Llama's section: scripts/lm_table_hf.py
+        from lm_table_hf import main as hf_main
+
+        hf_main(argv)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["gpt", "hf"], default="gpt", help="hf: see lm_table_hf")
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "lm_table")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "lm_results.md")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs")

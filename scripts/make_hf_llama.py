@@ -17,6 +17,7 @@ Sizes (``--size``): ``33m`` (d 512, 8 blocks, 8 heads / 4 KV heads, MLP 1536, vo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -25,6 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python scripts/make_hf_llama.py` from a checkout
 
 #: Model shapes by name: LlamaConfig arguments and the tokenizer's vocabulary.
 SIZES: dict[str, dict[str, int]] = {
@@ -103,9 +107,10 @@ def main(argv: list[str] | None = None) -> Path:
     if args.steps < 0 or args.seq_len < 8 or args.batch_size < 1:
         parser.error("--steps >= 0, --seq-len >= 8 and --batch-size >= 1, please")
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    import qat  # noqa: F401  # first: lets transformers import beside a CUDA-built torchvision
     from qat.data import TextDataModule
+
+    from transformers import LlamaConfig, LlamaForCausalLM  # isort: skip
 
     out = Path(args.out)
     torch.manual_seed(args.seed)
@@ -171,9 +176,28 @@ def main(argv: list[str] | None = None) -> Path:
             print(
                 f"step {step}/{args.steps} loss {loss.item():.3f} ({rate:.2f} steps/s)", flush=True
             )
+    train_s = time.perf_counter() - t0
     val = perplexity(model, iter(data.val_dataloader()), batches=8)
+    test = perplexity(model, iter(data.test_dataloader()), batches=16)
     print(f"val perplexity {val:.3f} (8 batches of {args.batch_size} x {args.seq_len})")
+    print(f"test perplexity {test:.3f} (16 batches of {args.batch_size} x {args.seq_len})")
     model.save_pretrained(out)
+    # What the folder's pre-training was (scripts/lm_table.py reports it on the page).
+    summary = {
+        "size": args.size,
+        "parameters": params,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "tokens_seen": args.steps * args.batch_size * args.seq_len,
+        "train_tokens": len(data.train_set.data),
+        "threads": torch.get_num_threads(),
+        "train_s": round(train_s),
+        "val_ppl_8_batches": val,
+        "test_ppl_16_batches": test,
+    }
+    (out / "pretraining.json").write_text(json.dumps(summary, indent=2))
     print(f"saved {out}")
     return out
 
