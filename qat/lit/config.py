@@ -36,6 +36,7 @@ from qat.lit.config_parts import (
 from qat.lit.config_recipe import QUANT_KEYS, build_recipe
 from qat.lit.config_run import check_optimizer, check_trainer
 from qat.lit.errors import ConfigError
+from qat.lit.quant_auto import auto_options, check_budget, saved_recipe
 from qat.quant.control import iter_quantizers
 from qat.quant.prepare import prepare
 from qat.quant.schedule import ROLES, Schedule
@@ -237,9 +238,19 @@ def _check_genai_target(targets: list[str], recipe: Recipe | None, model: nn.Mod
         return
     raise ConfigError(
         f"export.targets={targets}: quant.activation.dynamic={act.dynamic} (grid {act.grid}) "
-        "has no kernel in the genai graph: train with quant=lm_w4g32 (int4 weight-only) or "
-        "lm_w8da8 (dynamic int8), or drop genai"
+        "has no kernel in the genai graph: train with quant=lm_w4g32 (int4 weight-only), "
+        "lm_q4_0 (int4, Q8_0 activations) or lm_w8da8 (dynamic int8), or drop genai"
     )
+
+
+def _output_dir(cfg: DictConfig) -> Path | None:
+    """``paths.output_dir``, or None where it does not resolve (a config composed outside a
+    Hydra run)."""
+    try:
+        out = (cfg.get("paths") or {}).get("output_dir")
+    except Exception:  # an unresolved ${hydra:...} interpolation
+        return None
+    return Path(out) if out else None
 
 
 def validate_config(
@@ -257,6 +268,11 @@ def validate_config(
         ConfigError: the first problem found, with the key and how to fix it.
     """
     recipe = build_recipe(cfg.get("quant"))
+    auto = auto_options(cfg.get("quant"))
+    if auto is not None and recipe is not None:
+        # A resumed or re-exported quant=auto run: the widths it chose, not new ones.
+        run_dir = _output_dir(cfg)
+        recipe = (saved_recipe(run_dir, recipe) if run_dir else None) or recipe
     try:
         schedule = Schedule.from_dict(cfg.get("schedule"))
     except ValueError as err:
@@ -328,4 +344,6 @@ def validate_config(
             ) from None
         if check_schedule:
             _check_schedule(cfg, schedule, qmodel)
+        if auto is not None:
+            check_budget(auto, qmodel, example_input(dm))
     return Validated(datamodule=dm, model=model, recipe=recipe, schedule=schedule)

@@ -79,3 +79,30 @@ def test_genai_refuses_per_token_activations_before_any_work(hf_dir: Path, tmp_p
     with pytest.raises(ValueError, match="cannot reproduce: train with quant=lm_w4g32"):
         build_genai_folder(qmodel, tmp_path / "genai")
     assert not (tmp_path / "genai").exists()
+
+
+def test_genai_q4_0_rounds_inputs_to_q8_0_blocks_before_the_int8_kernel(
+    hf_dir: Path, tmp_path: Path
+) -> None:
+    """llama.cpp's scheme (Q4_0 weights, Q8_0 activations): the fake-quant model's Q8_0 rounding
+    as float ops, then MatMulNBits at accuracy level 4 (ORT's int8 kernel takes those values
+    as they are); logits of the whole sequence match the fake-quant model's up to summation
+    order."""
+    qmodel = _fake_quant(hf_dir, "lm_q4_0", steps=0)
+    out = tmp_path / "genai"
+    report = build_genai_folder(qmodel, out)
+    assert set(report["nodes"].values()) == {"q8_0+nbits4_g32_acc4", "q8_0+nbits8_g32_acc4"}
+    graph = onnx.load(str(out / "model.onnx")).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute}
+    assert 4 in levels
+    # Four inputs per block (qkv, o, gate = up, down) and the lm_head's: gate and up read one
+    # input, rounded once.
+    assert sum(n.op_type == "Sign" for n in graph.node) == 2 * 4 + 1
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = logits_of(qmodel, ids)
+    got = load_genai_runtime(out)(ids)
+    # ORT's int8 kernel sums blocks in its own order (exact only for K a multiple of its 128-wide
+    # tiles on VNNI; here K = 64): differences of float32 summation, not of the grid.
+    torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.95

@@ -15,20 +15,23 @@ whose weight is one or more quantized layers side by side (the builder fuses q/k
 builder's re-quantization (RTN) of the float weights:
 
 - 4 / 8-bit weights per group (``lm_w4g32``, ``lm_q4_0`` …): ``MatMulNBits``, codes stored
-  unsigned with the default zero point ``2^(b−1)``, one float scale per group.
-  ``accuracy_level`` 0 (float32 on the exact dequantized weights: what a weight-only recipe
-  trained) unless the layer's activations are Q8_0 blocks (4: ORT's int8 kernel); an explicit
-  ``accuracy_level`` sets it for every such layer (4 is faster on CPUs, and quantizes the
-  activations, which a weight-only model never saw);
+  unsigned with the default zero point ``2^(b−1)``, one float scale per group. After float
+  activations (weight-only recipes) at ``accuracy_level`` 0: float32 on the exact dequantized
+  weights, what the model trained with. After Q8_0 activations (``lm_q4_0``, llama.cpp's
+  scheme) the input is rounded to Q8_0 blocks by the fake-quant model's own float ops (as
+  :mod:`qat.export.onnx.llm` writes them) and the kernel runs at ``accuracy_level`` 4 (int8:
+  ONNX Runtime re-quantizes those values to the same codes), the fast path on CPUs. An
+  explicit ``accuracy_level`` sets it for every grouped layer (4 on a weight-only model is
+  faster and quantizes activations the model never saw: the verify step measures what that
+  costs);
 - 8-bit per-channel weights after per-tensor dynamic uint8 activations (``lm_w8da8``):
   ``DynamicQuantizeMatMul`` (what ONNX Runtime fuses ``DynamicQuantizeLinear → MatMulInteger``
   into);
 - other quantized weights (8-bit per channel with float activations): a float ``MatMul`` on the
   fake-quant weight (exact; not smaller).
 
-Quantized embeddings are gathered from their fake-quant table. Recipes whose activations are
-quantized per token or per group (``lm_8da4w``) are refused: the builder's graph has no place
-for those ops.
+Quantized embeddings are gathered from their fake-quant table. Other dynamic activation
+grids (``lm_8da4w``'s per-token int8) are refused.
 
 The decode loop quantizes each call's input: a per-tensor dynamic recipe sees one token per
 decode step, as the fake-quant model does when it generates with its KV cache
@@ -178,8 +181,9 @@ def _dequantized_hf_folder(model: nn.Module, folder: Path, source_dir: Path | No
 
 
 def genai_layer_kinds(model: nn.Module, accuracy_level: int | None = None) -> dict[str, str]:
-    """How each quantized layer exports to the genai graph: ``nbits`` (with its
-    ``accuracy_level``), ``dynamic_int8``, ``float`` (fake-quant weight) or ``gather``.
+    """How each quantized layer exports to the genai graph: ``nbits<bits>_g<group>_acc<level>``
+    (``q8_0+`` in front: after Q8_0 activation rounding), ``dynamic_int8``, ``float``
+    (fake-quant weight) or ``gather``.
 
     Raises:
         ValueError: a layer quantizes its activations in a way no kernel here reproduces.
@@ -193,20 +197,22 @@ def genai_layer_kinds(model: nn.Module, accuracy_level: int | None = None) -> di
         runtime = ort_linear_kind(layer)
         aq = getattr(layer, "act_quant", None)
         act_on = aq is not None and aq.enabled and bool(aq.fake_quant_enabled)
+        q8 = act_on and aq.spec.grid == "q8_0"
         if runtime == "dynamic_int8":
             kinds[name] = "dynamic_int8"
-        elif act_on and runtime != "nbits_int8":
+        elif act_on and not (q8 and _nbits_ok(qw)):
             raise ValueError(
                 f"export target genai: layer {name!r} quantizes its inputs "
                 f"(dynamic={aq.spec.dynamic}, grid={aq.spec.grid}), which the genai graph "
-                "cannot reproduce: train with quant=lm_w4g32 (int4 weight-only) or lm_w8da8 "
-                "(dynamic int8), or drop genai from export.targets"
+                "cannot reproduce: train with quant=lm_w4g32 (int4 weight-only), lm_q4_0 "
+                "(int4, Q8_0 activations) or lm_w8da8 (dynamic int8), or drop genai from "
+                "export.targets"
             )
         elif _nbits_ok(qw):
             level = accuracy_level
             if level is None:
-                level = 4 if runtime == "nbits_int8" else 0
-            kinds[name] = f"nbits{qw.bits}_g{qw.group}_acc{level}"
+                level = 4 if q8 else 0
+            kinds[name] = f"{'q8_0+' if q8 else ''}nbits{qw.bits}_g{qw.group}_acc{level}"
         else:
             kinds[name] = "float"
     return kinds
@@ -265,6 +271,7 @@ def _rewrite_matmuls(
     ]
     used: set[str] = set()
     done: dict[str, str] = {}
+    q8: dict[str, str] = {}
     new_nodes = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
@@ -279,7 +286,7 @@ def _rewrite_matmuls(
             continue
         used.update(name for name, _ in parts)
         kind = part_kinds.pop()
-        new_nodes.append(_kernel(node, [qw for _, qw in parts], kind, graph))
+        new_nodes += _kernel(node, [qw for _, qw in parts], kind, graph, q8)
         graph.initializer.remove(inits.pop(node.input[1]))
         done[node.name] = kind
     missing = [name for name, _ in layers if name not in used]
@@ -293,8 +300,11 @@ def _rewrite_matmuls(
     return done
 
 
-def _kernel(node: onnx.NodeProto, parts: list[QuantWeight], kind: str, graph: Any) -> Any:
-    """The quantized node that replaces ``node`` (``MatMul(x, W)``)."""
+def _kernel(
+    node: onnx.NodeProto, parts: list[QuantWeight], kind: str, graph: Any, q8: dict[str, str]
+) -> list[onnx.NodeProto]:
+    """The quantized node(s) that replace ``node`` (``MatMul(x, W)``); ``q8``: input → its
+    Q8_0 rounding already in the graph (gate and up read one input: rounded once)."""
     base = node.input[1]
     n = sum(int(p.codes.shape[0]) for p in parts)
     k = int(parts[0].codes.shape[1])
@@ -307,15 +317,23 @@ def _kernel(node: onnx.NodeProto, parts: list[QuantWeight], kind: str, graph: An
                 numpy_helper.from_array(scales, f"{base}_scale"),
             ]
         )
-        return helper.make_node(
-            "DynamicQuantizeMatMul",
-            [node.input[0], f"{base}_s8", f"{base}_scale"],
-            list(node.output),
-            name=f"{node.name}_DQ8",
-            domain=_MS,
-        )
+        return [
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                [node.input[0], f"{base}_s8", f"{base}_scale"],
+                list(node.output),
+                name=f"{node.name}_DQ8",
+                domain=_MS,
+            )
+        ]
     bits, group = parts[0].bits, parts[0].group
     level = int(kind.rsplit("acc", 1)[1])
+    x, nodes = node.input[0], []
+    if kind.startswith("q8_0+") and x in q8:
+        x = q8[x]
+    elif kind.startswith("q8_0+"):
+        q8[x], nodes = _q8_0_ops(x, f"{node.name}/q8_0", graph)
+        x = q8[x]
     packed = [_pack(p) for p in parts]
     b = np.concatenate([p[0] for p in packed])
     s = np.concatenate([p[1] for p in packed])
@@ -325,18 +343,53 @@ def _kernel(node: onnx.NodeProto, parts: list[QuantWeight], kind: str, graph: An
             numpy_helper.from_array(s, f"{base}_scales"),
         ]
     )
-    return helper.make_node(
-        "MatMulNBits",
-        [node.input[0], f"{base}_Q{bits}", f"{base}_scales"],
-        list(node.output),
-        name=f"{node.name}_Q{bits}",
-        domain=_MS,
-        K=k,
-        N=n,
-        bits=bits,
-        block_size=group,
-        accuracy_level=level,
-    )
+    return [
+        *nodes,
+        helper.make_node(
+            "MatMulNBits",
+            [x, f"{base}_Q{bits}", f"{base}_scales"],
+            list(node.output),
+            name=f"{node.name}_Q{bits}",
+            domain=_MS,
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=group,
+            accuracy_level=level,
+        ),
+    ]
+
+
+def _q8_0_ops(x: str, prefix: str, graph: Any) -> tuple[str, list[onnx.NodeProto]]:
+    """Append llama.cpp's Q8_0 rounding of ``x`` (blocks of 32 along the last axis: ``d =
+    amax / 127``, codes rounded half away from zero, ``d`` stored as fp16) as float ops: the
+    ops :mod:`qat.export.onnx.llm` writes, which compute :func:`qat.quant.dynamic.
+    dynamic_quantize` exactly. Returns the rounded tensor's name and the nodes."""
+    nodes = []
+    count = iter(range(1000))
+
+    def op(kind: str, *inputs: str, **attrs: Any) -> str:
+        out = f"{prefix}/{kind}_{next(count)}"
+        nodes.append(helper.make_node(kind, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def const(value: Any, dtype: Any = np.float32) -> str:
+        name = f"{prefix}/c{next(count)}"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    v = op("Reshape", x, const([-1, 32], np.int64))
+    amax = op("ReduceMax", op("Abs", v), const([1], np.int64), keepdims=1)
+    d = op("Div", amax, const(127.0))
+    inv = op("Where", op("Equal", d, const(0.0)), const(0.0), op("Div", const(1.0), d))
+    scaled = op("Mul", v, inv)
+    a = op("Abs", scaled)
+    floored = op("Floor", a)
+    frac2 = op("Floor", op("Mul", const(2.0), op("Sub", a, floored)))
+    codes = op("Mul", op("Sign", scaled), op("Add", floored, frac2))
+    codes = op("Clip", codes, const(-127.0), const(127.0))
+    d16 = op("Cast", op("Cast", d, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
+    return op("Reshape", op("Mul", codes, d16), op("Shape", x)), nodes
 
 
 @torch.no_grad()
