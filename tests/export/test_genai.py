@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from hf_folder import make_hf_folder
 from lm_helpers import lm_recipe
 
 import qat
@@ -106,3 +107,17 @@ def test_genai_q4_0_rounds_inputs_to_q8_0_blocks_before_the_int8_kernel(
     # tiles on VNNI; here K = 64): differences of float32 summation, not of the grid.
     torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.95
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_genai_other_families_generate_the_fake_quant_models_tokens(
+    tmp_path: Path, family: str
+) -> None:
+    """Qwen2 (q/k/v biases after the fused projection) and Gemma (scaled embeddings, 1 + w
+    norms): the builder's graph around the trained kernels, the same 32 greedy tokens."""
+    path = make_hf_folder(tmp_path / family, family=family)
+    qmodel = _fake_quant(path, "lm_w4g32", steps=0)
+    build_genai_folder(qmodel, tmp_path / "genai")
+    prompt = qat.hf_folder.load_hf_tokenizer(path)("import os\nclass A:")["input_ids"]
+    expected = greedy_tokens(qmodel, prompt, 32)
+    assert genai_generate(tmp_path / "genai", prompt, 32) == expected
