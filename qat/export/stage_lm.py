@@ -227,7 +227,8 @@ def run_lm_export(
         "artifacts": {k: str(v) for k, v in artifacts.items()},
         "sizes_bytes": {k: _size(v) for k, v in artifacts.items()},
         "export_time_s": round(time.perf_counter() - t0, 2),
-        "layers": linear_kinds(model),
+        # How each layer runs in ONNX; a k-quant grid (GGUF only) has no ONNX kind.
+        "layers": linear_kinds(model) if "onnx" in targets else {},
     }
     if options.get("verify", True):
         others = {k: v for k, v in artifacts.items() if k != "genai"}
