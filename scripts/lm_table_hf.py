@@ -22,8 +22,8 @@ F32, Q8_0, Q4_0 and Q4_K files of the same model, interleaved in one process.
 Rows are computed in groups, in this order, each kept in ``<work>/rows`` as it finishes
 (``--reuse`` skips finished ones): ``q4_0``, ``q4_k``, ``decode``, ``qad``, ``lora``.
 
-    python scripts/make_hf_llama.py --out outputs/models/stdlib-llama-33m --steps 280 \\
-        --seq-len 128 --batch-size 8 --lr 1.5e-3
+    python scripts/make_hf_llama.py --out outputs/models/stdlib-llama-33m --steps 200 \\
+        --seq-len 128 --batch-size 4 --lr 2e-3
     python scripts/lm_table.py --model hf --path outputs/models/stdlib-llama-33m [--reuse]
 """
 
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("q4_0", "q4_k", "decode", "qad", "lora")
 #: Row label → quant preset (``configs/quant/<preset>.yaml``), for the PTQ and QAT rows.
 PRESETS = {"Q4_0": "lm_q4_0", "Q4_K": "lm_q4_k"}
+KQUANT_PRESETS = {"lm_q4_k"}
 REFERENCE = "float, trained as long"
 
 
@@ -57,11 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "lm_results.md")
     parser.add_argument("--groups", default=",".join(GROUPS), help="comma-separated groups")
     parser.add_argument("--reuse", action="store_true", help="keep finished rows and runs")
-    parser.add_argument("--steps", type=int, default=100, help="training steps of every row")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50, help="training steps of every row")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-4, help="float, QAT and QAD rows")
-    parser.add_argument("--lora-lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-4, help="float, QAT and QAD rows")
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--test-batches", type=int, default=16)
     parser.add_argument("--verify-batches", type=int, default=8)
@@ -240,6 +241,22 @@ def float_rows(table: Table) -> torch.nn.Module:
     return longer
 
 
+def kquant_rtn(preset: str, model: torch.nn.Module, calib: list) -> torch.nn.Module:
+    """Round-to-nearest on a k-quant grid: the prepared model as it is (a k-quant weight
+    quantizer derives every scale from the weights at each call: ``qat.quant.kquants``)."""
+    import copy
+
+    from bench_llm import preset_recipe
+
+    import qat
+
+    qmodel = qat.prepare(
+        copy.deepcopy(model), preset_recipe(preset), example_inputs=calib[0][0][:2]
+    )
+    qat.calibrate(qmodel, calib[:1], num_batches=1)
+    return qmodel.eval()
+
+
 def ptq_rows(table: Table, longer: torch.nn.Module, label: str) -> None:
     from lm_table import ptq
 
@@ -248,12 +265,18 @@ def ptq_rows(table: Table, longer: torch.nn.Module, label: str) -> None:
 
     preset = PRESETS[label]
     _, test, calib = table.data()
-    for method in ("RTN", "GPTQ", "AWQ"):
+    # qat.quant.ptq's GPTQ and AWQ take the Q4_0 / Q8_0 grids (one scale per block of 32), not
+    # the k-quants' two-level scales: Q4_K has its RTN row only.
+    methods = ("RTN",) if preset in KQUANT_PRESETS else ("RTN", "GPTQ", "AWQ")
+    for method in methods:
         key = f"{preset}_{method.lower()}"
         if table.get(key) is not None:
             continue
         t0 = time.perf_counter()
-        qmodel = ptq(method, preset, longer, calib)
+        if preset in KQUANT_PRESETS:
+            qmodel = kquant_rtn(preset, longer, calib)
+        else:
+            qmodel = ptq(method, preset, longer, calib)
         seconds = time.perf_counter() - t0
         path = export_gguf(qmodel, table.args.work / "files" / f"{key}.gguf")
         table.put(
@@ -389,15 +412,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"group {group}", flush=True)
         if group in ("q4_0", "q4_k"):
             label = group.upper()
+            # QAT first: the row the page is about lands before the baselines.
+            train_row(table, f"qat_{group}", label, "QAT", qat_overrides(args, PRESETS[label]))
             longer = longer or float_rows(table)
             ptq_rows(table, longer, label)
-            train_row(
-                table,
-                f"qat_{group}",
-                label,
-                "QAT",
-                qat_overrides(args, PRESETS[label]),
-            )
         elif group == "qad":
             train_row(
                 table,

@@ -241,12 +241,17 @@ def _hf_goals(rows: list[dict[str, Any]], rec: dict[tuple[str, str], float]) -> 
             continue
         peers = {m: rec[(grid, m)] for m in ("GPTQ", "AWQ") if (grid, m) in rec}
         beaten = ", ".join(f"{m} {v:.0%}" for m, v in peers.items())
-        lines += [
+        lines.append(
             f"- {_mark(qat >= 0.7)} {grid}: QAT recovers {qat:.0%} of the RTN → float "
-            "perplexity gap (goal ≥ 70%).",
-            f"- {_mark(bool(peers) and all(qat > v for v in peers.values()))} {grid}: QAT above "
-            f"GPTQ and AWQ ({beaten}).",
-        ]
+            "perplexity gap (goal ≥ 70%)."
+        )
+        if peers:
+            lines.append(
+                f"- {_mark(all(qat > v for v in peers.values()))} {grid}: QAT above GPTQ and "
+                f"AWQ ({beaten})."
+            )
+        else:
+            lines.append(f"- ✗ {grid}: not compared with GPTQ and AWQ (no rows).")
     exact = [
         (r["method"], r["parity"]["gguf_llamacpp"])
         for r in rows
