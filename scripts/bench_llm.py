@@ -1,26 +1,30 @@
-"""ONNX Runtime latency of the gpt model: FP32 beside MatMulNBits 4-bit and dynamic int8.
+"""ONNX Runtime prompt latency of a language model: FP32 beside dynamic int8 and 4-bit.
 
-Batch 1, one window of ``--seq`` tokens (128), every model in the same interleaved rounds
-(``qat.export.bench.time_interleaved``: each round times each model once, the order rotating),
-medians reported, with file sizes. The models:
+Batch 1, one prompt of ``--seq`` tokens (128), every file in the same interleaved rounds
+(``qat.export.bench.time_interleaved``: each round times each file once, the order rotating),
+medians reported, with file sizes and the kernels ONNX Runtime ran. The files, each the
+default export of its preset (:func:`qat.export.onnx.llm.build_lm_onnx`: float32 islands):
 
 - ``fp32``: the float model (``torch.onnx.export``);
-- ``int4_w``: 4-bit weights per group of 32, float activations (quant=lm_w4g32): ``MatMulNBits``
-  at accuracy level 0, the exact-dequantization kernel the parity checks verify;
-- ``int4_q8``: the llama.cpp scheme (quant=lm_q4_0: Q4_0 weights, Q8_0 activation rounding as
-  explicit float ops before each ``MatMulNBits``), what ``+experiment=gpt_int4`` exports;
-- ``int4_acc4``: ``int4_w`` at accuracy level 4 (ONNX Runtime quantizes the activations to
-  int8 per block itself; not the fake-quant model's arithmetic);
 - ``int8_dyn``: quant=lm_w8da8, ``DynamicQuantizeLinear → MatMulInteger`` (fused into
-  ``DynamicQuantizeMatMul``), what ``+experiment=gpt_w8a8`` exports;
-- ``int4_q8_f32``, ``int8_dyn_f32``: the same with float32 islands (``export.float_islands=
-  float32``: LayerNorm, attention and GELU in ONNX Runtime's float32 kernels; the default
-  float64 islands are what makes the files bit-exact).
+  ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``), what ``+experiment=gpt_w8a8`` exports;
+- ``int4_q8``: the llama.cpp scheme (quant=lm_q4_0: Q4_0 weights, Q8_0 activations quantized
+  by ``MatMulNBits``' int8 kernel, accuracy level 4), what ``+experiment=gpt_int4`` exports;
+- ``int4_w``: 4-bit weights per group of 32, float activations (quant=lm_w4g32): ``MatMulNBits``
+  at accuracy level 0;
+- with ``--exact``, also ``int8_dyn_f64`` and ``int4_q8_f64``: the bit-exact opt-in
+  (``export.float_islands=float64``: float64 islands, explicit Q8_0 rounding).
 
-Timings do not depend on the weights' values, so by default the model is a fresh ``gpt``
+The model: ``--model gpt`` (a fresh ``gpt``, ``--d-model`` / ``--layers``) or ``--model hf
+--path <folder>`` (a Hugging Face causal LM saved with ``save_pretrained``, e.g. the Llama of
+``scripts/make_hf_llama.py``). Timings do not depend on the weights' values, so the weights are
 quantized to nearest; ``--onnx NAME=PATH`` adds (or replaces) files of trained runs.
 
-    python scripts/bench_llm.py [--rounds 9] [--threads 2] [--onnx int4_q8=<run>/export/model.onnx]
+The report is a list of sections, each a table of rows with the same columns
+(:func:`table`); a new measurement (e.g. decode tokens/s) adds a section.
+
+    python scripts/bench_llm.py [--model hf --path models/stdlib-llama-33m] [--rounds 9]
+        [--threads 2] [--exact] [--onnx int4_q8=<run>/export/model.onnx]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +48,25 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PRESETS = {"int4_w": "lm_w4g32", "int4_q8": "lm_q4_0", "int8_dyn": "lm_w8da8"}
+#: File name → the quant preset it is the default export of.
+PRESETS = {"int8_dyn": "lm_w8da8", "int4_q8": "lm_q4_0", "int4_w": "lm_w4g32"}
+#: With ``--exact``: the bit-exact opt-in files of the presets with dynamic activations.
+EXACT = {"int8_dyn_f64": "lm_w8da8", "int4_q8_f64": "lm_q4_0"}
+#: The weight kernels a table names (ONNX Runtime's names after its graph optimizations).
+KERNELS = (
+    "MatMulNBits",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "MatMul",
+)
+#: A table's columns: (header, row key, format, width); a row without the key shows "-".
+COLUMNS = (
+    ("ms", "latency_ms", "{:.3f}", 9),
+    ("vs fp32", "speedup_vs_fp32", "{:.2f}x", 8),
+    ("MB", "size_bytes", "{:.3f}", 8),
+    ("size x", "size_fp32_vs", "{:.2f}", 7),
+)
 
 
 def preset_recipe(name: str) -> dict[str, Any]:
@@ -57,99 +80,147 @@ def preset_recipe(name: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("enabled", "bits", "name")}
 
 
-def build_files(out: Path, seq: int, model_kwargs: dict[str, Any]) -> dict[str, Path]:
-    """The float and quantized ONNX files of a fresh gpt (weights quantized to nearest)."""
-    import qat
-    from qat.export.onnx.llm import build_lm_onnx, float_lm_onnx
+def float_model(model: str, seq: int, path: str | None, d_model: int, layers: int) -> Any:
+    """The float model to quantize: a fresh ``gpt`` or a Hugging Face folder's."""
+    if model == "hf":
+        from qat.models.hf import load_hf_causal_lm
+
+        return load_hf_causal_lm(str(path)).eval()
     from qat.models import create_model
-    from qat.quant.ptq import rtn
 
     torch.manual_seed(0)
-    model = create_model("gpt", context_length=seq, **model_kwargs).eval()
-    ids = torch.randint(0, model.vocab_size, (1, seq))
+    return create_model("gpt", context_length=seq, d_model=d_model, n_layers=layers).eval()
+
+
+def vocab_size(model: Any) -> int:
+    config = getattr(model, "config", None)
+    return int(config.vocab_size if config is not None else model.vocab_size)
+
+
+def build_files(out: Path, model: Any, seq: int, exact: bool = False) -> dict[str, Path]:
+    """The float and quantized ONNX files of ``model`` (weights quantized to nearest)."""
+    import qat
+    from qat.export.onnx.llm import build_lm_onnx, float_lm_onnx
+    from qat.quant.ptq import rtn
+
+    ids = torch.randint(0, vocab_size(model), (1, seq), generator=torch.Generator().manual_seed(0))
     files = {"fp32": out / "fp32.onnx"}
     files["fp32"].write_bytes(float_lm_onnx(model, ids))
-    for name, preset in PRESETS.items():
-        qmodel = qat.prepare(model, preset_recipe(preset), example_inputs=ids)
-        qat.calibrate(qmodel, [ids], num_batches=1)  # the embedding tables' ranges
-        rtn(qmodel)
-        # (accuracy level, float islands): the default file, and the variants timed beside it.
-        variants = {name: (None, None)}
-        if name == "int4_w":
-            variants["int4_acc4"] = (4, None)
-        else:
-            variants[f"{name}_f32"] = (None, "float32")
-        for key, (level, islands) in variants.items():
-            files[key] = out / f"{key}.onnx"
-            proto = build_lm_onnx(qmodel.eval(), ids, accuracy_level=level, float_islands=islands)
-            files[key].write_bytes(proto.SerializeToString())
+    variants = [(name, preset, "float32") for name, preset in PRESETS.items()]
+    variants += [(name, preset, "float64") for name, preset in EXACT.items()] if exact else []
+    quantized: dict[str, Any] = {}
+    for name, preset, islands in variants:
+        if preset not in quantized:
+            qmodel = qat.prepare(model, preset_recipe(preset), example_inputs=ids)
+            qat.calibrate(qmodel, [ids], num_batches=1)  # the embedding tables' ranges
+            rtn(qmodel)
+            quantized[preset] = qmodel.eval()
+        files[name] = out / f"{name}.onnx"
+        proto = build_lm_onnx(quantized[preset], ids, float_islands=islands)
+        files[name].write_bytes(proto.SerializeToString())
     return files
 
 
-def bench(files: dict[str, Path], seq: int, rounds: int, threads: int) -> dict[str, Any]:
+def prompt_section(
+    files: dict[str, Path], seq: int, vocab: int, rounds: int, threads: int
+) -> dict[str, Any]:
+    """Prompt processing: one call on ``(1, seq)`` token ids per file, interleaved rounds."""
     import numpy as np
 
     from qat.export.bench import time_interleaved
     from qat.export.onnx import make_session
     from qat.export.onnx.runtime import optimized_op_types
 
-    ids = {"input_ids": np.random.default_rng(0).integers(0, 256, (1, seq), dtype=np.int64)}
+    ids = {"input_ids": np.random.default_rng(0).integers(0, vocab, (1, seq), dtype=np.int64)}
     sessions = {n: make_session(p, threads=threads, spinning=False) for n, p in files.items()}
     fns = {n: (lambda s=s: s.run(None, ids)) for n, s in sessions.items()}
     latency = time_interleaved(fns, rounds=rounds, min_time=0.3)
     fp32 = latency.get("fp32")
-    kernels = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul")
     rows = {}
     for name, path in files.items():
-        ops = optimized_op_types(path)
+        ops = optimized_op_types(path, "all")
+        size = path.stat().st_size
         rows[name] = {
             "latency_ms": latency[name] * 1000.0,
             "speedup_vs_fp32": None if fp32 is None else fp32 / latency[name],
-            "size_bytes": path.stat().st_size,
-            "size_fp32_vs": files["fp32"].stat().st_size / path.stat().st_size
-            if "fp32" in files
-            else None,
-            "kernels": {k: ops[k] for k in kernels if ops.get(k)},
+            "size_bytes": size,
+            "size_fp32_vs": files["fp32"].stat().st_size / size if "fp32" in files else None,
+            "kernels": {k: ops[k] for k in KERNELS if ops.get(k)},
         }
-    return {"batch": 1, "seq": seq, "rounds": rounds, "threads": threads, "models": rows}
+    title = f"prompt: batch 1 x {seq} tokens"
+    return {"title": title, "batch": 1, "seq": seq, "models": rows}
 
 
-def print_table(report: dict[str, Any]) -> None:
+def table(section: dict[str, Any]) -> list[str]:
+    """A section as text lines: one row per file, :data:`COLUMNS` then the kernels."""
+    heads = "".join(f" {h:>{w}}" for h, _, _, w in COLUMNS)
+    lines = [f"{'model':<14}{heads}  kernels"]
+    for name, row in section["models"].items():
+        cells = ""
+        for _, key, fmt, width in COLUMNS:
+            value = row.get(key)
+            value = value / 1e6 if key == "size_bytes" and value is not None else value
+            cells += f" {'-' if value is None else fmt.format(value):>{width}}"
+        kernels = ", ".join(f"{k} {v}" for k, v in (row.get("kernels") or {}).items())
+        lines.append(f"{name:<14}{cells}  {kernels}")
+    return lines
+
+
+def print_report(report: dict[str, Any]) -> None:
     print(
-        f"ONNX Runtime, batch 1 x {report['seq']} tokens, {report['threads']} threads, "
+        f"ONNX Runtime {report['onnxruntime']}, {report['model']}, {report['threads']} threads, "
         f"median of {report['rounds']} interleaved rounds"
     )
-    print(f"{'model':<10} {'ms':>8} {'vs fp32':>8} {'MB':>7} {'size x':>7}  kernels")
-    for name, r in report["models"].items():
-        speed = f"{r['speedup_vs_fp32']:.2f}x" if r["speedup_vs_fp32"] else "-"
-        ratio = f"{r['size_fp32_vs']:.2f}" if r["size_fp32_vs"] else "-"
-        kernels = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
-        print(
-            f"{name:<10} {r['latency_ms']:>8.3f} {speed:>8} {r['size_bytes'] / 1e6:>7.3f} "
-            f"{ratio:>7}  {kernels}"
-        )
+    for section in report["sections"]:
+        print(f"\n{section['title']}")
+        print("\n".join(table(section)))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("gpt", "hf"), default="gpt")
+    parser.add_argument("--path", default=None, help="--model hf: the saved folder")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--exact", action="store_true", help="also time the float64 files")
     parser.add_argument("--onnx", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.model == "hf" and not args.path:
+        parser.error("--model hf needs --path <folder saved with save_pretrained>")
+    extra = {}
+    for item in args.onnx:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_file():
+            parser.error(f"--onnx {item!r}: expected NAME=PATH of an existing .onnx file")
+        extra[name] = Path(path)
+    if args.model == "hf":
+        from qat.models.hf import check_hf_folder
+
+        try:
+            check_hf_folder(args.path, need_tokenizer=False)
+        except ValueError as err:
+            parser.error(str(err))
+    import onnxruntime
+
+    model = float_model(args.model, args.seq, args.path, args.d_model, args.layers)
     with tempfile.TemporaryDirectory() as tmp:
-        kwargs = {"d_model": args.d_model, "n_layers": args.layers}
-        files = build_files(Path(tmp), args.seq, kwargs)
-        for item in args.onnx:
-            name, _, path = item.partition("=")
-            if not path:
-                parser.error(f"--onnx {item!r}: expected NAME=PATH")
-            files[name] = Path(path)
-        report = bench(files, args.seq, args.rounds, args.threads)
-    print_table(report)
+        files = {**build_files(Path(tmp), model, args.seq, args.exact), **extra}
+        prompt = prompt_section(files, args.seq, vocab_size(model), args.rounds, args.threads)
+    params = sum(p.numel() for p in model.parameters())
+    report = {
+        "model": f"{args.model} ({type(model).__name__}, {params / 1e6:.1f}M parameters)",
+        "onnxruntime": onnxruntime.__version__,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "sections": [prompt],
+        # The prompt section's fields at the top level, as scripts/lm_table.py reads them.
+        **{k: prompt[k] for k in ("batch", "seq", "models")},
+    }
+    print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return report

@@ -24,7 +24,7 @@ def _attr(node: onnx.NodeProto, name: str) -> int | None:
 
 @pytest.mark.parametrize("recipe", ["lm_q4_0", "lm_w8da8"])
 def test_default_file_is_fast_and_meets_the_default_contract(recipe: str, tmp_path: Path) -> None:
-    model = qat_gpt(recipe)
+    model = qat_gpt(recipe, steps=10)
     batches = lm_test_batches(4)
     path = export_lm(model, tmp_path, batches[0][0][:1], targets=["onnx"])["onnx"]
     proto = onnx.load(str(path))
@@ -33,6 +33,8 @@ def test_default_file_is_fast_and_meets_the_default_contract(recipe: str, tmp_pa
     doubles = [n for n in proto.graph.node if n.op_type == "Cast" and _attr(n, "to") == 11]
     assert not doubles  # no float64 island
     assert ops["LayerNormalization"] == 2 * 2 + 1  # opset 17's fused op, per block and final
+    assert ops["MultiHeadAttention"] == 2 and ops["FastGelu"] == 2  # one per block
+    assert not ops["Softmax"] and not ops["Tanh"]
     if recipe == "lm_q4_0":
         # The Q8_0 rounding is the kernel's (no Floor / Sign chain), at accuracy level 4.
         assert not ops["Floor"] and not ops["Sign"], ops
@@ -59,3 +61,40 @@ def test_float64_islands_stay_the_bit_exact_opt_in(tmp_path: Path) -> None:
     assert {p.key: p.value for p in proto.metadata_props}[ISLANDS_KEY] == "float64"
     with torch.no_grad():
         assert build_lm_onnx(model, x).graph.node  # the default still builds from the same model
+
+
+def test_float_file_has_the_same_fused_ops_and_the_model_logits(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from qat.export.onnx.llm import float_lm_onnx
+    from qat.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("gpt", d_model=64, n_layers=2, n_heads=2, context_length=32).eval()
+    ids = torch.randint(0, 256, (2, 32))
+    data = float_lm_onnx(model, ids[:1])
+    ops = Counter(n.op_type for n in onnx.load_from_string(data).graph.node)
+    assert ops["MultiHeadAttention"] == 2 and ops["FastGelu"] == 2, ops
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run(None, {"input_ids": ids[:, :17].numpy()})[0])
+    with torch.no_grad():
+        ref = model(ids[:, :17])  # another batch and length than traced: both stay dynamic
+    assert float((out - ref).abs().max()) < 1e-4
+
+
+def test_attention_that_multiheadattention_cannot_compute_stays_as_written() -> None:
+    import torch.nn.functional as F
+
+    from qat.export.onnx.llm_fused import _causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 6, 8, generator=gen) for _ in range(3))
+    mask = torch.rand(6, 6, generator=gen) > 0.3
+    mask.fill_diagonal_(True)
+    for kwargs in ({"attn_mask": mask}, {"is_causal": False}, {"is_causal": True, "scale": 0.5}):
+        want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert torch.equal(_causal_attention(q, k, v, **kwargs), want)
+    gqa = F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True)
+    assert torch.equal(
+        _causal_attention(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True), gqa
+    )

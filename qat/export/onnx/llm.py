@@ -33,6 +33,7 @@ Q8_0 rounding as explicit float ops, which the fake-quant model evaluated under
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
@@ -47,6 +48,7 @@ from torch import nn
 from qat.export.lm_io import LogitsModule
 from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
 from qat.export.onnx.emit import _const, _tracing_off
+from qat.export.onnx.llm_fused import MS_DOMAIN, fused_ops
 from qat.export.onnx.passes import compact_names
 from qat.quant.blocks import GGUF_BLOCK
 from qat.quant.dynamic import dynamic_quantize
@@ -71,7 +73,7 @@ LM_OPSET = 17
 #: How float islands compute (:func:`build_lm_onnx`), and the metadata key that records it.
 FLOAT_ISLANDS = ("float64", "float32")
 ISLANDS_KEY = "qat.float_islands"
-_MS = "com.microsoft"
+_MS = MS_DOMAIN
 
 
 @dataclass
@@ -163,7 +165,9 @@ def _q8_0_rescale_ops(g: Any, x: Any) -> Any:
     v = g.op("Reshape", x, _const(g, torch.tensor([-1, GGUF_BLOCK], dtype=torch.int64)))
     d = g.op("Div", g.op("ReduceMax", g.op("Abs", v), axes_i=[1], keepdims_i=1), f32(127.0))
     d16 = g.op("Cast", g.op("Cast", d, to_i=10), to_i=1)
-    ratio = g.op("Where", g.op("Equal", d, f32(0.0)), f32(1.0), g.op("Div", d16, d))
+    # An all-zero block (d = 0) gets ratio 0, not 0/0: d16 is 0 for every d below fp16's
+    # smallest subnormal, so the floor changes nothing else (and saves an Equal / Where).
+    ratio = g.op("Div", d16, g.op("Max", d, f32(1e-30)))
     return g.op("Reshape", g.op("Mul", v, ratio), g.op("Shape", x))
 
 
@@ -384,8 +388,10 @@ def build_lm_onnx(
         set_module(deploy, name, _ExportIsland(deploy.get_submodule(name).act))
     wrapper = LogitsModule(deploy).eval()
     kinds = {m.plan.kind for m in deploy.modules() if isinstance(m, _ExportLinear)}
-    custom = {_MS: 1} if "nbits" in kinds else {}
-    data = _export(wrapper, example_ids, opset, custom, fold=False)
+    fused = float_islands == "float32"
+    custom = {_MS: 1} if "nbits" in kinds or fused else {}
+    with fused_ops(deploy) if fused else contextlib.nullcontext():
+        data = _export(wrapper, example_ids, opset, custom, fold=False)
     proto = onnx.load_from_string(data)
     bias_into_matmulnbits(proto.graph)
     onnx.helper.set_model_props(proto, {ISLANDS_KEY: float_islands})
@@ -459,8 +465,13 @@ def _export(
 
 @torch.no_grad()
 def float_lm_onnx(model: nn.Module, example_ids: torch.Tensor, opset: int = LM_OPSET) -> bytes:
-    """The float language model as ONNX bytes (the FP32 baseline of the benchmarks)."""
-    wrapper = LogitsModule(copy.deepcopy(model).cpu().eval()).eval()
-    proto = onnx.load_from_string(_export(wrapper, example_ids, opset, {}, fold=True))
+    """The float language model as ONNX bytes (the FP32 baseline of the benchmarks), its GELU
+    and causal attention as ONNX Runtime's fused kernels, as in the quantized files
+    (:func:`~qat.export.onnx.llm_fused.fused_ops`)."""
+    deploy = copy.deepcopy(model).cpu().eval()
+    wrapper = LogitsModule(deploy).eval()
+    with fused_ops(deploy):
+        data = _export(wrapper, example_ids, opset, {_MS: 1}, fold=True)
+    proto = onnx.load_from_string(data)
     compact_names(proto.graph)  # as for the quantized files, so their sizes compare fairly
     return proto.SerializeToString()
