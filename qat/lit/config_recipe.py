@@ -21,8 +21,9 @@ from qat.quant.spec import (
 
 __all__ = ["QUANT_KEYS", "build_recipe", "container"]
 
-#: Keys of the ``quant`` group that are not Recipe fields.
-QUANT_KEYS = ("enabled", "bits", "name")
+#: Keys of the ``quant`` group that are not Recipe fields (``auto`` / ``budget``: quant=auto's,
+#: read by qat/lit/quant_auto.py).
+QUANT_KEYS = ("enabled", "bits", "name", "auto", "budget")
 
 
 def container(node: Any) -> Any:

@@ -222,6 +222,32 @@ def _bench_rows(export: Mapping[str, Any], machine: Mapping[str, Any]) -> list[t
     return rows
 
 
+def _mixed_rows(mixed: Mapping[str, Any], run_dir: Any) -> list[tuple[str, str]]:
+    """quant=auto's choice: the budget and what it used, then the per-layer bits table."""
+    if not mixed:
+        return []
+    mb = mixed.get("cost") == "size"
+    scale, unit = (1e6, "MB packed weights") if mb else (1.0, "BOPs per sample")
+    rows = [
+        (
+            "mixed precision",
+            f"{_num(mixed.get('used', 0) / scale, '{:.4g}')} of "
+            f"{_num(mixed.get('budget', 0) / scale, '{:.4g}')} {unit} "
+            f"({mixed.get('method')} on {mixed.get('batches')} batches; "
+            f"{_relative(mixed.get('overrides_file'), run_dir)})",
+        )
+    ]
+    for row in mixed.get("layers") or []:
+        rows.append(
+            (
+                f"  {row['layer']}",
+                f"{row['bits']} bits ({row['weights']} weights, Δloss "
+                f"{_num(row['loss_delta_chosen'])})",
+            )
+        )
+    return rows
+
+
 def summary_rows(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The summary as ``(what, value)`` rows (the run directory is printed on its own)."""
     cfg = _mapping(results.get("config"))
@@ -240,6 +266,7 @@ def summary_rows(results: Mapping[str, Any]) -> list[tuple[str, str]]:
         ),
         ("epochs", f"{cfg.get('epochs_run')} of {cfg.get('max_epochs')}"),
     ]
+    rows += _mixed_rows(_mapping(results.get("mixed_precision")), results.get("run_dir"))
     rows += _lm_rows(results) if lm else _classification_rows(results)
     rows += _checkpoint_rows(results, lm)
     export = _mapping(results.get("export"))

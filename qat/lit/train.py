@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 import warnings
@@ -48,6 +49,7 @@ from qat.lit.config import Validated, build_model, validate_config
 from qat.lit.config_parts import example_input
 from qat.lit.memory import peak_memory
 from qat.lit.qat_callback import QATCallback
+from qat.lit.quant_auto import OVERRIDES_FILE, auto_options, choose_bits
 from qat.lit.results import RESULTS_FILE, build_results, metrics_of, optimized, write_json_atomic
 from qat.lit.rundir import guard_run_dir
 from qat.lit.targets import check_targets
@@ -75,6 +77,7 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     snapped: list[str] | None = None
     ptq_ckpt: Path | None = None
+    mixed: dict[str, Any] | None = None  # quant=auto's choice (qat.lit.quant_auto)
 
     @property
     def quantized(self) -> bool:
@@ -115,6 +118,8 @@ def train(cfg: DictConfig) -> float | dict[str, float] | None:
     )
     if run.ptq_ckpt is not None:
         results["checkpoints"]["last"] = str(run.ptq_ckpt)
+    if run.mixed is not None:
+        results["mixed_precision"] = run.mixed
     error = export(run, results)
     write_results(run, results)
     if error is not None:
@@ -153,6 +158,14 @@ def setup(cfg: DictConfig) -> Run:
         # Fine-tune (or, with trainer.max_epochs=0, post-training-quantize) a trained float
         # model: its weights go in before the QAT callback swaps the layers.
         load_float_weights(model, cfg.init_from)
+    auto = auto_options(cfg.get("quant"))
+    mixed = None
+    if auto is not None and recipe is not None and not (run_dir / OVERRIDES_FILE).is_file():
+        # quant=auto: per-layer widths measured on the float weights, before QAT starts.
+        recipe, mixed = choose_bits(
+            auto, model, recipe, parts.datamodule, example_input(parts.datamodule), run_dir
+        )
+        parts = dataclasses.replace(parts, recipe=recipe)
     # The float model, before the QAT callback swaps its layers, is the distillation teacher.
     distill = float((cfg.get("module") or {}).get("distill_weight") or 0.0) > 0
     teacher = copy.deepcopy(model) if distill else None
@@ -173,7 +186,7 @@ def setup(cfg: DictConfig) -> Run:
     )
     log_hyperparameters(trainer, cfg, module, recipe)
     qat_cb = next((cb for cb in callbacks if isinstance(cb, QATCallback)), None)
-    return Run(cfg, run_dir, ckpt_path, parts, module, trainer, qat_cb, started)
+    return Run(cfg, run_dir, ckpt_path, parts, module, trainer, qat_cb, started, mixed=mixed)
 
 
 def fit(run: Run) -> None:

@@ -100,6 +100,17 @@ def log_results_to_wandb(trainer: Trainer, results: Mapping[str, Any]) -> None:
         ).items():
             summary[f"export/integer_mac_share_{target}"] = share
     run.summary.update(jsonable(summary))
+    mixed = results.get("mixed_precision")
+    if isinstance(mixed, Mapping) and mixed.get("layers"):
+        # quant=auto's choice: one row per layer, and the sensitivity plot.
+        columns = ["layer", "bits", "weights", "macs", "loss_delta_chosen"]
+        table = wandb.Table(
+            columns=columns, data=[[row[c] for c in columns] for row in mixed["layers"]]
+        )
+        logged: dict[str, Any] = {"mixed_precision/bits": table}
+        if mixed.get("plot") and Path(mixed["plot"]).is_file():
+            logged["mixed_precision/sensitivity"] = wandb.Image(str(mixed["plot"]))
+        run.log(logged)
     files = [Path(p) for p in (export.get("artifacts") or {}).values()] if export else []
     results_file = Path(results["run_dir"]) / RESULTS_FILE
     artifact = wandb.Artifact(

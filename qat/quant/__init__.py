@@ -7,6 +7,7 @@ runtime numerics and the QAT schedule. The exporters (:mod:`qat.export`) and the
 """
 
 from qat.quant.bias import bias_levels, grid_bias
+from qat.quant.bit_allocation import Allocation, allocate_bits
 from qat.quant.bn_reestimate import reestimate_bn
 from qat.quant.calibrate import calibrate
 from qat.quant.control import (
@@ -26,9 +27,11 @@ from qat.quant.numerics import runtime_numerics
 from qat.quant.prepare import prepare
 from qat.quant.quantizer import FakeQuantizer, NonFiniteError
 from qat.quant.schedule import Anneal, Phase, Schedule
+from qat.quant.sensitivity import Sensitivity, sensitivity
 from qat.quant.spec import LayerOverride, QuantSpec, Recipe
 
 __all__ = [
+    "Allocation",
     "Anneal",
     "FakeQuantizer",
     "FloatLayer",
@@ -44,6 +47,8 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "Schedule",
+    "Sensitivity",
+    "allocate_bits",
     "anneal_bits",
     "bias_levels",
     "calibrate",
@@ -59,6 +64,7 @@ __all__ = [
     "quantizer_summary",
     "reestimate_bn",
     "runtime_numerics",
+    "sensitivity",
     "set_fake_quant",
     "set_observers",
     "snap_bias",

@@ -1,0 +1,358 @@
+"""How much each layer suffers at each bit width: the measurement mixed precision is chosen by.
+
+:func:`sensitivity` takes a prepared, calibrated model and a few batches. A *unit* is one
+conv / linear layer: its weight quantizer and its output quantizer, which take one bit width
+together (a layer at 4 bits is W4A4 there). Units need no grouping in this project: a residual
+add or a concat requantizes its inputs onto its own output grid (``QAdd`` / ``QCat``, the
+runtimes' ``QLinearAdd`` / ``QLinearConcat``), so the layers that feed one may differ in width.
+
+Two estimates:
+
+- ``measure`` (the default): everything at the highest candidate, then each unit alone dropped
+  to each lower candidate, with its ranges calibrated at that width; the change of the loss
+  (and of top-1 accuracy, for classifiers) on the batches is the unit's cost.
+- ``fisher``: the empirical Fisher estimate ``½ Σ E[g²] · (w − Q_b(w))²`` over each unit's
+  quantized weight, from one backward pass per batch: one pass instead of one per unit and
+  width, but it sees the weights' rounding only (not the activations').
+
+Each unit also records its weight count and multiply-accumulates per sample (from one forward),
+which :mod:`qat.quant.bit_allocation` turns into size and BOPs costs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.quant.calibrate import _default_forward, _model_device, _to_device, calibrate
+from qat.quant.control import is_prepared
+from qat.quant.quantizer import FakeQuantizer
+from qat.quant.spec import QUANT_BITS
+
+__all__ = [
+    "METHODS",
+    "LayerSensitivity",
+    "Sensitivity",
+    "layer_macs",
+    "quant_units",
+    "sensitivity",
+]
+
+METHODS = ("measure", "fisher")
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class LayerSensitivity:
+    """One unit: its name, size, work and the loss change at each candidate width.
+
+    ``loss_delta[b]``: loss with this unit alone at ``b`` bits minus the loss with every unit
+    at the highest candidate (0 at the highest). ``acc_delta[b]``: the same for top-1 accuracy
+    in points (``measure`` on classifier batches only).
+    """
+
+    name: str
+    weights: int
+    macs: int
+    activation: bool  # its output is quantized (and takes the unit's width)
+    loss_delta: dict[int, float]
+    acc_delta: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sensitivity:
+    """The result of :func:`sensitivity`: one :class:`LayerSensitivity` per unit."""
+
+    candidates: tuple[int, ...]
+    method: str
+    batches: int
+    reference_loss: float
+    reference_acc: float | None
+    layers: list[LayerSensitivity]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Sensitivity:
+        layers = [
+            LayerSensitivity(
+                name=row["name"],
+                weights=int(row["weights"]),
+                macs=int(row["macs"]),
+                activation=bool(row["activation"]),
+                loss_delta={int(k): float(v) for k, v in row["loss_delta"].items()},
+                acc_delta={int(k): float(v) for k, v in (row.get("acc_delta") or {}).items()},
+            )
+            for row in data["layers"]
+        ]
+        return cls(
+            candidates=tuple(int(b) for b in data["candidates"]),
+            method=str(data["method"]),
+            batches=int(data["batches"]),
+            reference_loss=float(data["reference_loss"]),
+            reference_acc=None if data.get("reference_acc") is None else data["reference_acc"],
+            layers=layers,
+        )
+
+
+def quant_units(model: nn.Module) -> dict[str, list[FakeQuantizer]]:
+    """``{layer name: [weight quantizer, output quantizer?]}`` of every conv / linear layer
+    whose weight is quantized on the affine grid, in definition order. The output quantizer is
+    listed where it quantizes (not for float logits or dynamic activations)."""
+    units: dict[str, list[FakeQuantizer]] = {}
+    for name, module in model.named_modules():
+        wq = getattr(module, "weight_quant", None)
+        if not isinstance(wq, FakeQuantizer) or not wq.spec.enabled or wq.spec.grid != "affine":
+            continue
+        if isinstance(module, nn.Embedding) or type(module).__name__.endswith("Embedding"):
+            continue  # a lookup table: no multiply-accumulates, weight-only
+        quants = [wq]
+        oq = getattr(module, "output_quant", None)
+        if isinstance(oq, FakeQuantizer) and oq.spec.enabled and oq.spec.dynamic == "none":
+            quants.append(oq)
+        units[name] = quants
+    return units
+
+
+def _check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
+    cands = tuple(sorted({int(b) for b in candidates}))
+    bad = [b for b in candidates if isinstance(b, bool) or b not in QUANT_BITS]
+    if bad or len(cands) < 2:
+        raise ValueError(
+            f"candidates={list(candidates)} is invalid: give two or more bit widths from "
+            f"{', '.join(map(str, QUANT_BITS))}, e.g. [2, 4, 8]"
+        )
+    return cands
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of ``model(x)`` against ``y`` for ``(x, y)`` batches (logits ``[..., C]``
+    against integer targets of the leading shape: classifiers and language models alike)."""
+    if not isinstance(batch, list | tuple) or len(batch) < 2:
+        raise ValueError(
+            "sensitivity(): the default loss needs (input, target) batches; pass loss_fn= for "
+            "other batches"
+        )
+    out = _default_forward(model, batch)
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[1].reshape(-1))
+
+
+def _top1(model: nn.Module, batch: Any) -> tuple[float, int] | None:
+    """``(correct, count)`` for classifier batches ``(x, y)`` with ``y`` of shape ``[N]``."""
+    if not isinstance(batch, list | tuple) or len(batch) < 2 or batch[1].dim() != 1:
+        return None
+    logits = _default_forward(model, batch)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        return None
+    return float((logits.argmax(1) == batch[1]).sum()), int(batch[1].numel())
+
+
+def layer_macs(
+    model: nn.Module, names: Sequence[str], batch: Any, forward_fn: Any
+) -> dict[str, int]:
+    """Multiply-accumulates per sample of each named layer, from one forward of ``batch``:
+    weight elements × output positions (conv: output pixels; linear: tokens)."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() >= 1:
+                per_sample = out[0].numel() if out.dim() > 1 else out.numel()
+                channels = max(int(mod.weight.shape[0]), 1)
+                macs[name] = int(mod.weight.numel() * max(per_sample // channels, 1))
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            (forward_fn or _default_forward)(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def _snapshot(quants: Iterable[FakeQuantizer]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in q.state_dict().items()} for q in quants]
+
+
+def _restore(quants: Sequence[FakeQuantizer], states: Sequence[dict[str, torch.Tensor]]) -> None:
+    for q, state in zip(quants, states, strict=True):
+        q.load_state_dict(state)
+
+
+def _states_at(
+    model: nn.Module,
+    units: Mapping[str, list[FakeQuantizer]],
+    bits: int,
+    batches: list[Any],
+    forward_fn: Any,
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Every unit's quantizer state calibrated at ``bits``. Calibration observes with fake
+    quantization off, so each range depends on the float activations only, and every unit
+    can be calibrated at once."""
+    for quants in units.values():
+        for q in quants:
+            q.set_bits(bits)
+            q.reset_observer()
+    calibrate(model, batches, forward_fn=forward_fn)
+    return {name: _snapshot(quants) for name, quants in units.items()}
+
+
+def _evaluate(
+    model: nn.Module, batches: list[Any], loss_fn: LossFn, classify: bool
+) -> tuple[float, float | None]:
+    total, correct, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            total += float(loss_fn(model, batch))
+            if classify:
+                top = _top1(model, batch)
+                if top is not None:
+                    correct, count = correct + top[0], count + top[1]
+    return total / len(batches), (100.0 * correct / count if count else None)
+
+
+def sensitivity(
+    model: nn.Module,
+    data: Iterable[Any],
+    candidates: Sequence[int] = (2, 4, 8),
+    num_batches: int = 4,
+    method: str = "measure",
+    loss_fn: LossFn | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> Sensitivity:
+    """Per-unit loss change at each candidate width (see the module docstring).
+
+    Args:
+        model: a prepared model (calibrated or not: it is calibrated anew on ``data``); it is
+            not changed (the measurement runs on a copy).
+        data: batches: ``(x, y)`` tuples for the default loss, else what ``loss_fn`` reads.
+        candidates: bit widths a unit may take (two or more of 2–8).
+        num_batches: batches of ``data`` used (the same ones for every measurement).
+        method: ``measure`` or ``fisher``.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default cross-entropy of ``(x, y)``.
+        forward_fn: ``forward_fn(model, batch)`` for calibration and the MAC count.
+
+    Returns:
+        A :class:`Sensitivity`, one row per unit in definition order.
+    """
+    if not is_prepared(model):
+        raise ValueError("sensitivity() needs a prepared model: call qat.prepare(model, recipe)")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is invalid: allowed: {', '.join(METHODS)}")
+    cands = _check_candidates(candidates)
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches} is invalid: expected ≥ 1")
+    device = _model_device(model)
+    batches = [_to_device(b, device) for b in itertools.islice(data, num_batches)]
+    if not batches:
+        raise ValueError("sensitivity() got no batches: pass an iterable with at least one")
+    loss_fn = loss_fn or default_loss
+    work = copy.deepcopy(model)
+    work.eval()
+    units = quant_units(work)
+    if not units:
+        raise ValueError(
+            "sensitivity(): the model has no conv / linear layer with quantized weights"
+        )
+    macs = layer_macs(work, list(units), batches[0], forward_fn)
+    states = {b: _states_at(work, units, b, batches, forward_fn) for b in cands}
+    top = cands[-1]
+    for name, quants in units.items():
+        _restore(quants, states[top][name])
+    classify = method == "measure"
+    ref_loss, ref_acc = _evaluate(work, batches, loss_fn, classify)
+    if method == "fisher":
+        deltas = _fisher(work, units, states, batches, loss_fn)
+        accs: dict[str, dict[int, float]] = {n: {} for n in units}
+    else:
+        deltas, accs = {}, {}
+        for name, quants in units.items():
+            deltas[name], accs[name] = {top: 0.0}, ({top: 0.0} if ref_acc is not None else {})
+            for b in cands[:-1]:
+                _restore(quants, states[b][name])
+                loss, acc = _evaluate(work, batches, loss_fn, classify)
+                deltas[name][b] = loss - ref_loss
+                if acc is not None and ref_acc is not None:
+                    accs[name][b] = acc - ref_acc
+            _restore(quants, states[top][name])
+    layers = [
+        LayerSensitivity(
+            name=name,
+            weights=int(work.get_submodule(name).weight.numel()),
+            macs=macs.get(name, 0),
+            activation=len(quants) > 1,
+            loss_delta=deltas[name],
+            acc_delta=accs[name],
+        )
+        for name, quants in units.items()
+    ]
+    return Sensitivity(cands, method, len(batches), ref_loss, ref_acc, layers)
+
+
+def _fisher(
+    model: nn.Module,
+    units: Mapping[str, list[FakeQuantizer]],
+    states: Mapping[int, Mapping[str, list[dict[str, torch.Tensor]]]],
+    batches: list[Any],
+    loss_fn: LossFn,
+) -> dict[str, dict[int, float]]:
+    """``½ Σ E[g²] (w − Q_b(w))²`` per unit: ``g`` the loss gradient at the quantized weight
+    (everything at the highest width), ``w`` the weight the quantizer sees (the BN-folded one
+    for a conv+BN)."""
+    seen: dict[str, torch.Tensor] = {}
+    sq: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, quants in units.items():
+
+        def hook(_mod: nn.Module, inp: Any, out: torch.Tensor, name: str = name) -> None:
+            seen[name] = inp[0].detach()
+            if out.requires_grad:
+
+                def acc(g: torch.Tensor, name: str = name) -> None:
+                    sq[name] = sq.get(name, 0) + g.detach().float() ** 2
+
+                out.register_hook(acc)
+
+        hooks.append(quants[0].register_forward_hook(hook))
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in grads.items():
+            p.requires_grad_(r)
+        model.zero_grad(set_to_none=True)
+    top = max(states)
+    out: dict[str, dict[int, float]] = {}
+    for name, quants in units.items():
+        w, fisher = seen[name], sq.get(name)
+        wq = quants[0]
+        out[name] = {}
+        for b in sorted(states):
+            if fisher is None or b == top:
+                out[name][b] = 0.0
+                continue
+            _restore([wq], states[b][name][:1])
+            with torch.no_grad():
+                err = (w - wq(w)).float() ** 2
+            out[name][b] = float(0.5 * (fisher / len(batches) * err).sum())
+        _restore([wq], states[top][name][:1])
+    return out

@@ -1,0 +1,120 @@
+"""quant=auto: measured per-layer widths under a budget, trained, summarized and exported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from lit_helpers import FAST, compose_train
+from onnx import numpy_helper
+
+from qat.lit.config import ConfigError, validate_config
+from qat.lit.summary import summary_rows
+from qat.lit.train import train
+
+REPO = Path(__file__).resolve().parents[2]
+AUTO = [*FAST, "model=lenet5", "quant=auto", "quant.auto.batches=1"]
+
+
+def _onnx_weight_levels(path: Path) -> list[int]:
+    """Per Conv / Gemm / MatMul of the QDQ graph, in graph order: the largest |integer weight|
+    (the int8 initializer its weight's DequantizeLinear reads)."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    levels = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        dq = producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        levels.append(int(np.abs(inits[dq.input[0]].astype(np.int32)).max()))
+    return levels
+
+
+@pytest.mark.slow  # ~50 s: measure, train, export both targets, verify
+def test_auto_chooses_trains_and_exports_per_layer_bits(tmp_path: Path) -> None:
+    cfg = compose_train(
+        [
+            *AUTO,
+            "quant.bits=4",
+            "+quant.budget.match=size",  # the size of this preset's uniform W4A4 model
+            "export.enabled=true",
+            "export.bench=false",
+        ],
+        tmp_path,
+    )
+    train(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "ok" and results["export"]["parity_ok"] is True
+    for target in ("torchscript", "onnx"):
+        assert results["export"]["parity"]["runtimes"][target]["agreement"] >= 0.999
+    mixed = results["mixed_precision"]
+    assert mixed["used"] <= mixed["budget"]
+    chosen = {row["layer"]: row["bits"] for row in mixed["layers"]}
+    assert len(set(chosen.values())) > 1, chosen  # a mixed model, not a uniform one
+    # The run folder's overrides are the ones trained with: the preset's, then one per layer.
+    saved = yaml.safe_load((tmp_path / "quant_overrides.yaml").read_text())["overrides"]
+    assert {o["pattern"]: o["weight"]["bits"] for o in saved[-len(chosen) :]} == chosen
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0
+    # The exported ONNX model holds each layer's weights on that layer's grid (8-bit weights
+    # use the reduced range [-64, 63]; b < 8 bits: [-2^(b-1), 2^(b-1)-1]).
+    top = [2 ** (b - 1) if b < 8 else 64 for b in chosen.values()]
+    levels = _onnx_weight_levels(Path(results["export"]["artifacts"]["onnx"]))
+    assert len(levels) == len(top)
+    assert all(lv <= t for lv, t in zip(levels, top, strict=True)), (levels, chosen)
+    assert any(lv > 8 for lv, b in zip(levels, chosen.values(), strict=True) if b == 8)
+    # The summary lists every layer's width.
+    rows = dict(summary_rows(results))
+    assert "mixed precision" in rows
+    assert all(f"  {name}" in rows for name in chosen)
+    # A re-export or resume of the run rebuilds the recipe it trained with.
+    again = validate_config(cfg, check_schedule=False)
+    assert again.recipe is not None
+    assert [o.pattern for o in again.recipe.overrides] == [o["pattern"] for o in saved]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["quant.budget.size_mb=0.0000001"], r"below the model with every layer at 2 bits"),
+        (["+quant.budget.latency=3"], r"quant.budget has no key\(s\) \['latency'\]"),
+        ([], r"quant=auto needs one budget, got none"),
+        (["quant.budget.size_mb=1", "quant.budget.bops=5"], r"needs one budget, got 2"),
+        (["quant.budget.match=speed"], r"quant.budget.match='speed' is invalid"),
+        (["quant.budget.size_mb=1", "quant.auto.candidates=[4]"], r"candidates=\[4\]"),
+    ],
+)
+def test_bad_budgets_fail_in_validation(extra: list[str], message: str, tmp_path: Path) -> None:
+    cfg = compose_train([*AUTO, *extra], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+    assert not (tmp_path / "quant_overrides.yaml").exists()
+
+
+@pytest.mark.slow  # a fresh process (~15 s); the messages are checked in-process above
+def test_bad_budget_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            *AUTO,
+            "quant.budget.size_mb=0.0000001",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid config" in line]
+    assert len(errors) == 1 and "quant.budget.size_mb=1e-07 is below" in errors[0], errors
+    assert "Traceback" not in proc.stderr
