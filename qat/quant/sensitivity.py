@@ -142,19 +142,41 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
             "sensitivity(): the default loss needs (input, target) batches; pass loss_fn= for "
             "other batches"
         )
-    out = _default_forward(model, batch)
-    logits = out.logits if hasattr(out, "logits") else out
+    logits = _logits_of(_default_forward(model, batch))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[1].reshape(-1))
 
 
-def _top1(model: nn.Module, batch: Any) -> tuple[float, int] | None:
-    """``(correct, count)`` for classifier batches ``(x, y)`` with ``y`` of shape ``[N]``."""
-    if not isinstance(batch, list | tuple) or len(batch) < 2 or batch[1].dim() != 1:
-        return None
-    logits = _default_forward(model, batch)
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        return None
-    return float((logits.argmax(1) == batch[1]).sum()), int(batch[1].numel())
+def _logits_of(out: Any) -> Any:
+    return out.logits if hasattr(out, "logits") else out
+
+
+class _Recorder:
+    """Wraps a loss function to keep the top-1 count of the classifier batches it sees, from
+    the forward the loss ran (one forward per batch for both)."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn = loss_fn
+        self.correct, self.count = 0.0, 0
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        seen: list[Any] = []
+        hook = model.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            loss = self.loss_fn(model, batch)
+        finally:
+            hook.remove()
+        target = batch[1] if isinstance(batch, list | tuple) and len(batch) > 1 else None
+        logits = _logits_of(seen[-1]) if seen else None
+        if (
+            isinstance(target, torch.Tensor)
+            and target.dim() == 1
+            and isinstance(logits, torch.Tensor)
+            and logits.dim() == 2
+            and logits.shape[0] == target.shape[0]
+        ):
+            self.correct += float((logits.argmax(1) == target).sum())
+            self.count += int(target.numel())
+        return loss
 
 
 def layer_macs(
@@ -213,15 +235,12 @@ def _states_at(
 def _evaluate(
     model: nn.Module, batches: list[Any], loss_fn: LossFn, classify: bool
 ) -> tuple[float, float | None]:
-    total, correct, count = 0.0, 0.0, 0
+    """Mean loss over ``batches``, and top-1 accuracy in % for classifier batches."""
+    rec = _Recorder(loss_fn)
     with torch.no_grad():
-        for batch in batches:
-            total += float(loss_fn(model, batch))
-            if classify:
-                top = _top1(model, batch)
-                if top is not None:
-                    correct, count = correct + top[0], count + top[1]
-    return total / len(batches), (100.0 * correct / count if count else None)
+        total = sum(float(rec(model, batch)) for batch in batches)
+    acc = 100.0 * rec.correct / rec.count if classify and rec.count else None
+    return total / len(batches), acc
 
 
 def sensitivity(
