@@ -2,7 +2,9 @@
 
 Batch 1, one prompt of ``--seq`` tokens (128), every file in the same interleaved rounds
 (``qat.export.bench.time_interleaved``: each round times each file once, the order rotating),
-medians reported, with file sizes and the kernels ONNX Runtime ran. The files, each the
+medians reported, with file sizes and the kernels ONNX Runtime ran; beside the wall clock at
+``--threads``, the thread CPU time of a single-threaded session (:func:`cpu_times`), which a
+machine shared with other jobs disturbs far less. The files, each the
 default export of its preset (:func:`qat.export.onnx.llm.build_lm_onnx`: float32 islands):
 
 - ``fp32``: the float model (``torch.onnx.export``);
@@ -64,6 +66,8 @@ KERNELS = (
 COLUMNS = (
     ("ms", "latency_ms", "{:.3f}", 9),
     ("vs fp32", "speedup_vs_fp32", "{:.2f}x", 8),
+    ("cpu ms 1t", "cpu_ms_1t", "{:.3f}", 10),
+    ("vs fp32", "cpu_speedup_vs_fp32", "{:.2f}x", 8),
     ("MB", "size_bytes", "{:.3f}", 8),
     ("size x", "size_fp32_vs", "{:.2f}", 7),
 )
@@ -121,6 +125,25 @@ def build_files(out: Path, model: Any, seq: int, exact: bool = False) -> dict[st
     return files
 
 
+def cpu_times(fns: dict[str, Any], rounds: int) -> dict[str, float]:
+    """Median thread CPU seconds per call, interleaved: the work a call does, which other
+    processes on a shared machine disturb far less than the wall clock (single-threaded
+    sessions: the calling thread does all of it)."""
+    import statistics
+    import time
+
+    for fn in fns.values():
+        fn()  # warm up (lazy weight packing)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.thread_time()
+            fns[name]()
+            samples[name].append(time.thread_time() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def prompt_section(
     files: dict[str, Path], seq: int, vocab: int, rounds: int, threads: int
 ) -> dict[str, Any]:
@@ -135,7 +158,9 @@ def prompt_section(
     sessions = {n: make_session(p, threads=threads, spinning=False) for n, p in files.items()}
     fns = {n: (lambda s=s: s.run(None, ids)) for n, s in sessions.items()}
     latency = time_interleaved(fns, rounds=rounds, min_time=0.3)
-    fp32 = latency.get("fp32")
+    single = {n: make_session(p, threads=1, spinning=False) for n, p in files.items()}
+    cpu = cpu_times({n: (lambda s=s: s.run(None, ids)) for n, s in single.items()}, 3 * rounds)
+    fp32, fp32_cpu = latency.get("fp32"), cpu.get("fp32")
     rows = {}
     for name, path in files.items():
         ops = optimized_op_types(path, "all")
@@ -143,6 +168,8 @@ def prompt_section(
         rows[name] = {
             "latency_ms": latency[name] * 1000.0,
             "speedup_vs_fp32": None if fp32 is None else fp32 / latency[name],
+            "cpu_ms_1t": cpu[name] * 1000.0,
+            "cpu_speedup_vs_fp32": None if fp32_cpu is None else fp32_cpu / cpu[name],
             "size_bytes": size,
             "size_fp32_vs": files["fp32"].stat().st_size / size if "fp32" in files else None,
             "kernels": {k: ops[k] for k in KERNELS if ops.get(k)},

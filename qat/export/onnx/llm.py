@@ -28,7 +28,7 @@ perplexity: :mod:`qat.export.verify_lm`) on every CPU. ``float_islands="float64"
 bit-exact file: islands in float64 rounded to float32 (:mod:`qat.quant.float_island`) and the
 Q8_0 rounding as explicit float ops, which the fake-quant model evaluated under
 :func:`qat.runtime_numerics` computes bit for bit on ONNX Runtime's x86 AVX-512 VNNI kernels
-(:mod:`qat.quant.runtime_matmul`); 2–4x slower (docs/design.md).
+(:mod:`qat.quant.runtime_matmul`); about 2.5x slower (docs/design.md).
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def build_lm_onnx(
             int8 kernel (module docstring): fast, and statistically the fake-quant model.
             ``"float64"``: the bit-exact file (islands in float64, the Q8_0 rounding as
             explicit float ops), which the fake-quant model reproduces exactly under
-            :func:`qat.runtime_numerics` on AVX-512 VNNI CPUs; 2–4x slower. Recorded in the
+            :func:`qat.runtime_numerics` on AVX-512 VNNI CPUs; about 2.5x slower. Recorded in the
             file's metadata (``qat.float_islands``), which
             :func:`~qat.export.verify_lm_artifacts` reads to pick the reference.
 
