@@ -15,7 +15,9 @@ def _ms(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def _bits(w: int, a: int) -> str:
+def _bits(w: int | str, a: int | str) -> str:
+    if isinstance(w, str):  # a mixed-precision row: its budget, in words
+        return w
     return "fp32" if w >= 16 else f"W{w}A{a}"
 
 

@@ -40,6 +40,22 @@ def _checks(items: list[dict[str, Any]]) -> list[str]:
             if gap is not None and gap < 0:
                 text = f"{-gap:.2f} pt above float"
             check(f"{row}: {text} (goal ≤ {limit})", None if gap is None else gap <= limit)
+        for auto, uniform in (("qat_auto_w4a4", "qat_w4a4"), ("qat_auto_w2a2", "qat_w2a2_anneal")):
+            a, u = acc(m, auto), acc(m, uniform)
+            if a is None:
+                continue  # not run (the mixed rows are optional on the page)
+            check(
+                f"mixed at {uniform}'s size {_pct(a)}% vs uniform {_pct(u)}% (goal: at least as "
+                f"good{mixed(m, auto, uniform)})",
+                None if u is None else a >= u,
+            )
+            if auto == "qat_auto_w2a2" and m == "mobilenetv2" and u is not None and f > u:
+                closed = (a - u) / (f - u)
+                check(
+                    f"mixed at W2A2 size closes {100 * closed:.0f}% of uniform W2A2's "
+                    f"{100 * (f - u):.2f} pt gap to float (goal ≥ 50%)",
+                    closed >= 0.5,
+                )
         d, an = acc(m, "qat_w4a4"), acc(m, "qat_w4a4_anneal")
         check(
             f"annealed W4A4 {_pct(an)}% vs direct W4A4 {_pct(d)}% (goal: at least as good"

@@ -65,6 +65,17 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         "ran on the same 10,000 images.",
         *own_budget,
         "",
+        "Mixed rows (`quant=auto`, configs/experiment/table/qat_auto_*.yaml): the uniform "
+        "row's training and budget (W4A4: LSQ, lr 0.005, the last epoch with BN frozen; W2A2: "
+        "the anneal, distillation, int32-grid biases), with each conv / linear layer's width "
+        "(weights and output together) chosen from 2, 4 and 8 bits before QAT: every layer "
+        "alone dropped to each width on 2 training batches (the rest at 8, each width's ranges "
+        "calibrated), then the widths with the least summed loss change whose packed weights "
+        "(Σ weights × bits / 8) fit in the uniform preset's own (the first conv and the "
+        "classifier at 8 bits, the rest at 4 or 2), by an exact knapsack. The input, residual "
+        "adds and the pool stay at the uniform row's width. Exported files keep sub-8-bit "
+        "values in int8 containers, so their KiB do not show the packed size.",
+        "",
         "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
         "(ONNX Runtime CPU, integer kernels; residual adds on `QLinearAdd`, whose kernel the "
         "fake-quant model reproduces) and "

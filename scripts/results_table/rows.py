@@ -10,7 +10,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "train.py"
 
-#: Table rows in order: (row name, method, weight bits, activation bits).
+#: Table rows in order: (row name, method, weight bits, activation bits); the mixed rows give
+#: the bits column's text instead.
 ROWS = [
     ("float", "float", 32, 32),
     ("ptq_w8a8", "PTQ", 8, 8),
@@ -21,6 +22,10 @@ ROWS = [
     ("qat_w4a4_anneal", "QAT annealed (LSQ)", 4, 4),
     ("qat_w3a3_anneal", "QAT annealed (LSQ)", 3, 3),
     ("qat_w2a2_anneal", "QAT annealed (LSQ, distilled)", 2, 2),
+    # Mixed precision (quant=auto): per-layer widths from {2, 4, 8} chosen by measurement,
+    # within the packed-weight size of the uniform row named in the bits column, trained as it.
+    ("qat_auto_w4a4", "mixed 2/4/8 by measurement (LSQ)", "≤ W4A4 size", "mixed"),
+    ("qat_auto_w2a2", "mixed 2/4/8 by measurement (LSQ, distilled)", "≤ W2A2 size", "mixed"),
 ]
 QUANT_ROWS = [r[0] for r in ROWS if r[0] != "float"]
 #: The table's models, with the overrides every run of one takes.
