@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,57 @@ def test_bad_budget_is_one_line_and_exit_2(tmp_path: Path) -> None:
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid config" in line]
     assert len(errors) == 1 and "quant.budget.size_mb=1e-07 is below" in errors[0], errors
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_gets_the_per_layer_bits_table(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from qat.lit.wandb_report import log_results_to_wandb
+
+    logged: dict = {}
+
+    class Run:
+        def __init__(self) -> None:
+            self.summary: dict = {}
+
+        def log(self, data: dict) -> None:
+            logged.update(data)
+
+        def log_artifact(self, artifact: object) -> None:
+            pass
+
+    class Logger(WandbLogger):
+        def __init__(self) -> None:  # no wandb run: the experiment is the fake above
+            pass
+
+        @property
+        def experiment(self) -> Run:
+            return Run()
+
+    fake = types.SimpleNamespace(
+        Table=lambda columns, data: ("table", columns, data),
+        Image=lambda path: ("image", path),
+        Artifact=lambda **kw: types.SimpleNamespace(add_file=lambda path: None),
+        finish=lambda: None,
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    plot = tmp_path / "sensitivity.png"
+    plot.write_bytes(b"png")
+    layer = {"layer": "stem.0", "bits": 8, "weights": 144, "macs": 9, "loss_delta_chosen": 0.0}
+    results = {
+        "metrics": {"test_acc": 0.5},
+        "bits": {"weight": 2, "activation": 2},
+        "run_dir": str(tmp_path),
+        "task_name": "t",
+        "mixed_precision": {
+            "layers": [layer, {**layer, "layer": "fc", "bits": 2}],
+            "plot": str(plot),
+        },
+    }
+    log_results_to_wandb(types.SimpleNamespace(loggers=[Logger()]), results)
+    kind, columns, data = logged["mixed_precision/bits"]
+    assert kind == "table" and columns[:2] == ["layer", "bits"]
+    assert [row[:2] for row in data] == [["stem.0", 8], ["fc", 2]]
+    assert logged["mixed_precision/sensitivity"] == ("image", str(plot))
