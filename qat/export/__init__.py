@@ -11,7 +11,8 @@ Public API (what ``qat.lit`` and ``python -m qat.export`` call):
 
 Language models (``task: language_model``): :func:`export_lm` (``model.gguf`` for llama.cpp,
 ``model.onnx`` with ONNX Runtime's ``MatMulNBits`` / dynamic int8 kernels),
-:func:`verify_lm_artifacts` / :func:`check_lm_parity` (next-token agreement, perplexity) and
+:func:`verify_lm_artifacts` / :func:`check_lm_parity` (next-token agreement, KL divergence,
+perplexity) and
 :func:`run_lm_export`, the same stage for them.
 
 Layout: :mod:`~qat.export.convert` reads the trained quantizers into :mod:`~qat.export.ir`;

@@ -202,7 +202,7 @@ def run_lm_export(
         model: the final fake-quant language model.
         test_batches: ``(ids, targets)`` batches; the first ``verify_batches`` are used.
         options: the ``export`` config group (targets, verify, verify_batches, parity
-            (min_agreement, max_ppl_rel_diff), fail_on_parity, bench, accuracy_level,
+            (min_agreement, max_ppl_rel_diff, max_kl), fail_on_parity, bench, accuracy_level,
             float_islands).
         out_dir: where the files go.
         float_model: the float model, for the FP32 baseline of the benchmark.
