@@ -10,8 +10,11 @@ Sizes (``--size``): ``33m`` (d 512, 8 blocks, 8 heads / 4 KV heads, MLP 1536, vo
 33.6M parameters; every row a multiple of 256, so GGUF's k-quant super-blocks fit) and ``tiny``
 (d 64, 2 blocks, vocab 512: the smoke test's).
 
-    python scripts/make_hf_llama.py --out models/stdlib-llama-33m --steps 3000
-    python train.py +experiment=hf_w4g32 model.path=models/stdlib-llama-33m
+    python scripts/make_hf_llama.py --out outputs/models/stdlib-llama-33m --steps 200 \
+        --seq-len 128 --batch-size 4 --lr 2e-3  # docs/lm_results.md's model (~30 min, 1 thread)
+    python train.py +experiment=hf_q4_0 model.path=outputs/models/stdlib-llama-33m
+
+``pretraining.json`` in the folder records the run (steps, tokens seen, test perplexity).
 """
 
 from __future__ import annotations
