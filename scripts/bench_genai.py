@@ -7,8 +7,10 @@ run by ``onnxruntime-genai`` (CPU, KV cache, batch 1):
 - ``builder_int4`` / ``builder_int8``: the builder's RTN quantization of the float model
   (``MatMulNBits`` 4 / 8-bit, blocks of 32, accuracy level 4: int8 activations);
 - ``qat_int4``: quant=lm_q4_0 (llama.cpp's scheme: Q4_0 weights, Q8_0 activations) after
-  ``--qat-steps`` QAT steps, exported by ``export.targets=[genai]``: the Q8_0 rounding as float
-  ops, then ``MatMulNBits`` at accuracy level 4 (ONNX Runtime's int8 kernel);
+  ``--qat-steps`` QAT steps, exported by ``export.targets=[genai]``: ``MatMulNBits`` at
+  accuracy level 4 (ONNX Runtime's int8 kernel, which rounds its input to int8 blocks of 32);
+- ``qat_int4_q8ops``: the same model with the fake-quant model's Q8_0 rounding as float ops
+  before each kernel (``build_genai_folder(..., q8_ops=True)``: exact up to summation order);
 - ``qat_int4_w``: quant=lm_w4g32 (4-bit weights per group of 32, float activations) after the
   same steps: ``MatMulNBits`` at accuracy level 0 (float32 on the exact trained weights);
 - ``qat_int4_w_acc4``: the same file at accuracy level 4 (``export.accuracy_level=4``: the
@@ -57,6 +59,7 @@ ROWS = {
     "builder_int4": ("qat_int4", "int4"),
     "qat_int8": ("qat_int8", None),
     "qat_int4": ("qat_int4", None),
+    "qat_int4_q8ops": ("qat_int4", None),
     "qat_int4_w": ("qat_int4_w", None),
     "qat_int4_w_acc4": ("qat_int4_w", None),
 }
@@ -231,9 +234,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if precision is not None:
             builder_folder(folder, out, precision)
         else:
-            model = refs[name.removesuffix("_acc4")]
+            model = refs[ROWS[name][0]]
             level = 4 if name.endswith("_acc4") else None
-            build_genai_folder(model, out, source_dir=folder, accuracy_level=level)
+            q8_ops = name.endswith("_q8ops")
+            build_genai_folder(model, out, folder, accuracy_level=level, q8_ops=q8_ops)
         _threads(out, args.threads)
         folders[name] = out
     print(f"folders in {work}: {time.perf_counter() - t0:.0f} s", flush=True)

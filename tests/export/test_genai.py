@@ -82,23 +82,25 @@ def test_genai_refuses_per_token_activations_before_any_work(hf_dir: Path, tmp_p
     assert not (tmp_path / "genai").exists()
 
 
-def test_genai_q4_0_rounds_inputs_to_q8_0_blocks_before_the_int8_kernel(
-    hf_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("q8_ops", [True, False])
+def test_genai_q4_0_runs_the_int8_kernel_on_q8_0_blocks(
+    hf_dir: Path, tmp_path: Path, q8_ops: bool
 ) -> None:
-    """llama.cpp's scheme (Q4_0 weights, Q8_0 activations): the fake-quant model's Q8_0 rounding
-    as float ops, then MatMulNBits at accuracy level 4 (ORT's int8 kernel takes those values
-    as they are); logits of the whole sequence match the fake-quant model's up to summation
-    order."""
+    """llama.cpp's scheme (Q4_0 weights, Q8_0 activations): MatMulNBits at accuracy level 4
+    (ORT's int8 kernel on blocks of 32), after the fake-quant model's Q8_0 rounding as float
+    ops (``q8_ops``) or on the float input (ORT rounds it to int8 blocks itself); logits of
+    the whole sequence match the fake-quant model's up to summation order / scale rounding."""
     qmodel = _fake_quant(hf_dir, "lm_q4_0", steps=0)
     out = tmp_path / "genai"
-    report = build_genai_folder(qmodel, out)
-    assert set(report["nodes"].values()) == {"q8_0+nbits4_g32_acc4", "q8_0+nbits8_g32_acc4"}
+    report = build_genai_folder(qmodel, out, q8_ops=q8_ops)
+    ops = "q8_0+" if q8_ops else ""
+    assert set(report["nodes"].values()) == {f"{ops}nbits4_g32_acc4", f"{ops}nbits8_g32_acc4"}
     graph = onnx.load(str(out / "model.onnx")).graph
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute}
     assert 4 in levels
     # Four inputs per block (qkv, o, gate = up, down) and the lm_head's: gate and up read one
     # input, rounded once.
-    assert sum(n.op_type == "Sign" for n in graph.node) == 2 * 4 + 1
+    assert sum(n.op_type == "Sign" for n in graph.node) == (2 * 4 + 1 if q8_ops else 0)
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = logits_of(qmodel, ids)

@@ -18,9 +18,12 @@ builder's re-quantization (RTN) of the float weights:
   unsigned with the default zero point ``2^(b−1)``, one float scale per group. After float
   activations (weight-only recipes) at ``accuracy_level`` 0: float32 on the exact dequantized
   weights, what the model trained with. After Q8_0 activations (``lm_q4_0``, llama.cpp's
-  scheme) the input is rounded to Q8_0 blocks by the fake-quant model's own float ops (as
-  :mod:`qat.export.onnx.llm` writes them) and the kernel runs at ``accuracy_level`` 4 (int8:
-  ONNX Runtime re-quantizes those values to the same codes), the fast path on CPUs. An
+  scheme) at ``accuracy_level`` 4, ONNX Runtime's int8 kernel, the fast path on CPUs: it
+  quantizes its input to int8 blocks of 32 with Q8_0's scale ``amax / 127`` (kept in float32,
+  where Q8_0 rounds it to fp16), so it agrees with the model to the verify contract, not bit
+  for bit; ``q8_ops=True`` writes the fake-quant model's Q8_0 rounding as float ops before it
+  (as :mod:`qat.export.onnx.llm` does: the kernel re-quantizes those values to the same
+  codes), exact up to summation order and slower. An
   explicit ``accuracy_level`` sets it for every grouped layer (4 on a weight-only model is
   faster and quantizes activations the model never saw: the verify step measures what that
   costs);
@@ -180,9 +183,11 @@ def _dequantized_hf_folder(model: nn.Module, folder: Path, source_dir: Path | No
         )
 
 
-def genai_layer_kinds(model: nn.Module, accuracy_level: int | None = None) -> dict[str, str]:
+def genai_layer_kinds(
+    model: nn.Module, accuracy_level: int | None = None, q8_ops: bool = False
+) -> dict[str, str]:
     """How each quantized layer exports to the genai graph: ``nbits<bits>_g<group>_acc<level>``
-    (``q8_0+`` in front: after Q8_0 activation rounding), ``dynamic_int8``, ``float``
+    (``q8_0+`` in front: after the Q8_0 rounding ops, ``q8_ops``), ``dynamic_int8``, ``float``
     (fake-quant weight) or ``gather``.
 
     Raises:
@@ -212,7 +217,8 @@ def genai_layer_kinds(model: nn.Module, accuracy_level: int | None = None) -> di
             level = accuracy_level
             if level is None:
                 level = 4 if q8 else 0
-            kinds[name] = f"{'q8_0+' if q8 else ''}nbits{qw.bits}_g{qw.group}_acc{level}"
+            ops = "q8_0+" if q8 and q8_ops else ""
+            kinds[name] = f"{ops}nbits{qw.bits}_g{qw.group}_acc{level}"
         else:
             kinds[name] = "float"
     return kinds
@@ -398,6 +404,7 @@ def build_genai_folder(
     out_dir: str | Path,
     source_dir: str | Path | None = None,
     accuracy_level: int | None = None,
+    q8_ops: bool = False,
 ) -> dict[str, Any]:
     """Write the genai folder of a quantized Hugging Face causal LM into ``out_dir``.
 
@@ -408,6 +415,11 @@ def build_genai_folder(
             the folder ``model=hf`` loaded).
         accuracy_level: ``MatMulNBits``' compute type for every grouped layer; None: per layer
             (:func:`genai_layer_kinds`).
+        q8_ops: after Q8_0 activations, write the fake-quant model's Q8_0 rounding as float
+            ops before each kernel (the file then computes the model's arithmetic up to
+            summation order, at about half the speed: docs/benchmarks.md). False: the int8
+            kernel quantizes its float input to blocks of 32 itself, with the same
+            ``amax / 127`` scale kept in float32 rather than rounded to fp16.
 
     Returns:
         ``{"nodes": MatMul node → kind, "layers": layer → kind}``.
@@ -426,7 +438,7 @@ def build_genai_folder(
     if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level={accuracy_level!r} is invalid: 0, 1, 2, 3 or 4")
     model = model.cpu().eval()
-    kinds = genai_layer_kinds(model, accuracy_level)
+    kinds = genai_layer_kinds(model, accuracy_level, q8_ops)
     _builder()  # fail before any work when it is missing
     source = Path(source_dir or getattr(model.config, "_name_or_path", "") or ".")
     out_dir = Path(out_dir)
@@ -449,9 +461,10 @@ def export_genai(
     out_dir: str | Path,
     source_dir: str | Path | None = None,
     accuracy_level: int | None = None,
+    q8_ops: bool = False,
 ) -> Path:
     """:func:`build_genai_folder` into ``out_dir``; returns it."""
-    build_genai_folder(model, out_dir, source_dir, accuracy_level)
+    build_genai_folder(model, out_dir, source_dir, accuracy_level, q8_ops)
     return Path(out_dir)
 
 
