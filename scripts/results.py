@@ -38,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,27 @@ __all__ = [
 ]
 
 
+SHORT_SAVED = "results_short.json"
+
+
+def short_rows(
+    root: Path | None, models: Sequence[str], items: list[dict], out: Path
+) -> list[dict]:
+    """The finished rows under ``root`` (a shorter matched budget), saved beside the page; or
+    the saved ones when no root is given. Each gets the page's float accuracy of its model."""
+    saved = out / SHORT_SAVED
+    if root is None:
+        return json.loads(saved.read_text())["items"] if saved.is_file() else []
+    rows = [
+        i for i in collect(root.resolve(), list(models), {}) if i["done"] and i["row"] != "float"
+    ]
+    floats = {i["model"]: i.get("acc") for i in items if i["row"] == "float" and i["done"]}
+    for i in rows:
+        i["float_acc"] = floats.get(i["model"])
+    saved.write_text(json.dumps({"items": rows}, indent=1) + "\n")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -102,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--reexport",
         action="store_true",
         help="export the finished --rows again with the current exporter (no training)",
+    )
+    parser.add_argument(
+        "--short-root",
+        type=Path,
+        help="finished uniform / mixed rows trained on a shorter matched budget under this "
+        "root (<root>/<model>/table_<row>): shown in a section of their own (saved beside the "
+        "page in results_short.json, which later renders keep)",
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
@@ -125,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Models run earlier and not named by --models stay on the page (carried over).
     models = [m for m in MODELS if m in args.models or any(k[0] == m for k in saved)]
     items = collect(args.root.resolve(), models, saved)
-    path = render(items, args.out, {"float_epochs": args.float_epochs})
+    short = short_rows(args.short_root, models, items, args.out)
+    path = render(items, args.out, {"float_epochs": args.float_epochs}, short)
     for m in models:
         # The page's float weights, so a later run can add rows beside these (run_model).
         ckpt = _float_ckpt(args.root.resolve(), m)

@@ -21,8 +21,17 @@ from .rows import own_row_configs
 INTEGER_ADDS_SINCE = "2026-12-06"
 
 
-def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Path:
-    """Write ``out/results.md`` (and the plots beside it); return the markdown path."""
+def render(
+    items: list[dict[str, Any]],
+    out: Path,
+    budget: dict[str, Any],
+    short: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``out/results.md`` (and the plots beside it); return the markdown path.
+
+    ``short``: rows trained on a shorter budget than the table's, uniform beside mixed (their
+    own section, compared only with each other)."""
+    short = short or []
     from qat.export.torchscript import ENGINE as TS_ENGINE
 
     out.mkdir(parents=True, exist_ok=True)
@@ -94,30 +103,11 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
     ]
     machines = {
         m: f"M{n + 1}"
-        for n, m in enumerate(dict.fromkeys(i.get("machine", "?") for i in items if i["done"]))
-    }
-    for i in items:
-        if not i["done"]:
-            lines.append(
-                f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
-                f"| | {'unfinished (no results.json)' if i.get('unfinished') else 'not run'} "
-                "| | | | | | | | | | | |"
-            )
-            continue
-        agree = [i.get(k) for k in ("ort_agree", "ts_agree") if i.get(k) is not None]
-        diffs = [i.get(k) for k in ("ort_maxdiff", "ts_maxdiff") if i.get(k) is not None]
-        status = "" if i.get("status") in (None, "ok") else f" ({i['status']})"
-        status += " †" if i.get("carried") else ""
-        lines.append(
-            f"| {i['model']} | {i['method']}{status} | {_bits(i['w_bits'], i['a_bits'])} "
-            f"| {_trained(i.get('epochs'), i.get('steps'))} | {_pct(i['acc'])} "
-            f"| {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
-            f"| {_pct(min(agree)) if agree else '–'} "
-            f"| {f'{max(diffs):.3f}' if diffs else '–'} "
-            f"| {_kib(i.get('ort_size'))} | {_kib(i.get('ts_size'))} "
-            f"| {_ms(i.get('ort_ms1'))} | {_ms(i.get('ort_ms64'))} | {_ms(i.get('ts_ms64'))} "
-            f"| {i.get('wall_time_s') or 0:.0f} | {machines[i.get('machine', '?')]} |"
+        for n, m in enumerate(
+            dict.fromkeys(i.get("machine", "?") for i in [*items, *short] if i["done"])
         )
+    }
+    lines += [_row(i, machines) for i in items]
     if machines:
         lines += [
             "",
@@ -174,6 +164,7 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
             "exactly; see docs/design.md, the TorchScript engine, and its design notes): "
             f"{', '.join(unpinned)}.",
         ]
+    lines += _short_section(short, machines)
     lines += ["", "## Goals", *_checks(items), "", "## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Machine", ""]
@@ -188,3 +179,74 @@ def render(items: list[dict[str, Any]], out: Path, budget: dict[str, Any]) -> Pa
         tmp.write_text(text)
         os.replace(tmp, out / name)
     return out / "results.md"
+
+
+def _row(i: dict[str, Any], machines: dict[str, str]) -> str:
+    """One table row (a run not done: its state)."""
+    if not i["done"]:
+        return (
+            f"| {i['model']} | {i['method']} | {_bits(i['w_bits'], i['a_bits'])} "
+            f"| | {'unfinished (no results.json)' if i.get('unfinished') else 'not run'} "
+            "| | | | | | | | | | | |"
+        )
+    agree = [i.get(k) for k in ("ort_agree", "ts_agree") if i.get(k) is not None]
+    diffs = [i.get(k) for k in ("ort_maxdiff", "ts_maxdiff") if i.get(k) is not None]
+    status = "" if i.get("status") in (None, "ok") else f" ({i['status']})"
+    status += " †" if i.get("carried") else ""
+    return (
+        f"| {i['model']} | {i['method']}{status} | {_bits(i['w_bits'], i['a_bits'])} "
+        f"| {_trained(i.get('epochs'), i.get('steps'))} | {_pct(i['acc'])} "
+        f"| {_pct(i.get('ort_acc'))} | {_pct(i.get('ts_acc'))} "
+        f"| {_pct(min(agree)) if agree else '–'} "
+        f"| {f'{max(diffs):.3f}' if diffs else '–'} "
+        f"| {_kib(i.get('ort_size'))} | {_kib(i.get('ts_size'))} "
+        f"| {_ms(i.get('ort_ms1'))} | {_ms(i.get('ort_ms64'))} | {_ms(i.get('ts_ms64'))} "
+        f"| {i.get('wall_time_s') or 0:.0f} | {machines[i.get('machine', '?')]} |"
+    )
+
+
+def _short_section(short: list[dict[str, Any]], machines: dict[str, str]) -> list[str]:
+    """Uniform and mixed rows trained on one shorter budget (saved in results_short.json)."""
+    if not short:
+        return []
+    header = [
+        "| model | method | bits | epochs × batches | fake-quant % | ORT % | TS % | agree % "
+        "| max Δ logit | ONNX KiB | TS KiB | ORT ms b1 | ORT ms b64 | TS ms b64 | run s "
+        "| machine |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    lines = [
+        "",
+        "## Mixed precision on a shorter matched budget",
+        "",
+        "The mixed rows at the table's budget were too long for the shared machine on the day "
+        "they were added; these uniform and mixed rows were trained on the same shorter budget "
+        "(the epochs × batches column; validation on 10 batches and 8 BN re-estimation batches, "
+        "no benchmark), each from the same float model, and compare only with each other. "
+        f"Run {', '.join(sorted({i.get('date', '?') for i in short}))} "
+        "(`scripts/results.py --short-root`).",
+        "",
+        *header,
+        *[_row(i, machines) for i in short],
+        "",
+    ]
+    by = {(i["model"], i["row"]): i for i in short}
+    for (m, row), i in by.items():
+        uniform = {"qat_auto_w4a4": "qat_w4a4", "qat_auto_w2a2": "qat_w2a2_anneal"}.get(row)
+        u = by.get((m, uniform or ""))
+        if u is None:
+            continue
+        ok = i["acc"] >= u["acc"]
+        text = (
+            f"- {'✓' if ok else '✗'} {m}: mixed at {uniform}'s size {_pct(i['acc'])}% vs uniform "
+            f"{_pct(u['acc'])}% (goal: at least as good)"
+        )
+        f = i.get("float_acc") or u.get("float_acc")
+        if row == "qat_auto_w2a2" and f and f > u["acc"]:
+            closed = (i["acc"] - u["acc"]) / (f - u["acc"])
+            text += (
+                f"; it closes {100 * closed:.0f}% of this budget's uniform gap to float "
+                f"({100 * (f - u['acc']):.2f} pt; goal ≥ 50%: {'✓' if closed >= 0.5 else '✗'})"
+            )
+        lines.append(text)
+    return lines

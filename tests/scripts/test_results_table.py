@@ -333,3 +333,29 @@ def test_row_configs_and_the_budget_text_agree(results_script, tmp_path: Path) -
             if cfg.trainer.max_epochs:
                 assert f"lr {cfg.optimizer.lr:g}" in budget, (model, row, cfg.optimizer.lr)
     assert "mobilenetv2 qat_w4a4, mobilenetv2 qat_w4a4_anneal" in budget
+
+
+def test_mixed_rows_goals_and_the_short_budget_section(results_script, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    accs = {"float": 0.9, "qat_w4a4": 0.88, "qat_auto_w4a4": 0.885, "qat_w2a2_anneal": 0.6}
+    accs["qat_auto_w2a2"] = 0.8  # closes 2/3 of the 30-point gap
+    for row, acc in accs.items():
+        _fake_run(results_script._row_dir(root, "mobilenetv2", row), acc, export=row != "float")
+    items = results_script.collect(root, ["mobilenetv2"])
+    md = results_script.render(items, tmp_path / "docs", {"float_epochs": 4}).read_text()
+    assert "| mobilenetv2 | mixed 2/4/8 by measurement (LSQ) | ≤ W4A4 size | 2 × 80 | 88.50 |" in md
+    assert "✓ mixed at qat_w4a4's size 88.50% vs uniform 88.00%" in md
+    assert "✓ mixed at W2A2 size closes 67% of uniform W2A2's 30.00 pt gap" in md
+    # A shorter matched budget: its own section, saved beside the page, kept by later renders.
+    short_root = tmp_path / "short"
+    for row, acc in (("qat_w2a2_anneal", 0.5), ("qat_auto_w2a2", 0.6)):
+        _fake_run(results_script._row_dir(short_root, "mobilenetv2", row), acc)
+    docs = tmp_path / "docs"
+    short = results_script.short_rows(short_root, ["mobilenetv2"], items, docs)
+    assert [i["row"] for i in short] == ["qat_w2a2_anneal", "qat_auto_w2a2"]
+    md = results_script.render(items, docs, {"float_epochs": 4}, short).read_text()
+    section = md.split("## Mixed precision on a shorter matched budget")[1].split("## Goals")[0]
+    assert "| mobilenetv2 | mixed 2/4/8 by measurement (LSQ, distilled) | ≤ W2A2 size |" in section
+    assert "✓ mobilenetv2: mixed at qat_w2a2_anneal's size 60.00% vs uniform 50.00%" in section
+    assert "closes 25% of this budget's uniform gap to float (40.00 pt; goal ≥ 50%: ✗)" in section
+    assert results_script.short_rows(None, ["mobilenetv2"], items, docs) == short
