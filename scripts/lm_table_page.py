@@ -341,23 +341,27 @@ def hf_section(report: dict[str, Any]) -> list[str]:
         "`module.distill_weight=1.0` (KL to the frozen float model's logits); LoRA QAT: "
         f"`module.lora_rank={meta['lora_rank']}` (adapters inside the fake quantizer, merged "
         "before export).",
-        "- *recovered*: the share of the grid's RTN → float perplexity gap a method closes. "
+        f"- *vs float*: against *{HF_REFERENCE}*; *vs start*: against the folder's model before "
+        "these steps (QAD's teacher: distillation learns the teacher's logits, not the text). "
+        "*recovered*: the share of the grid's RTN → float perplexity gap a method closes. "
         "*llama.cpp*: the run's GGUF file in real llama.cpp (llama-cpp-python, F32 KV cache) "
         "against the fake-quant model on the run's verification tokens: next-token top-1 "
         "agreement / perplexity difference; *GGUF runner*: the same file run in PyTorch as "
         "llama.cpp's CPU graph (`qat.export.gguf_runner`).",
         "",
-        "| grid | method | test ppl | vs float | recovered | GGUF MB | llama.cpp vs fake-quant | "
-        "GGUF runner vs fake-quant |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| grid | method | test ppl | vs float | vs start | recovered | GGUF MB | llama.cpp vs "
+        "fake-quant | GGUF runner vs fake-quant |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
+    start = next((r["ppl"] for r in rows if r["method"] == "float"), None)
     rec = _hf_recovered(rows)
     for r in rows:
         v = rec.get((r["bits"], r["method"]))
         rec_s = "–" if v is None else f"{v:.0%}"
         rel = "–" if ref_ppl is None else f"{(r['ppl'] - ref_ppl) / ref_ppl:+.2%}"
+        rel_start = "–" if start is None else f"{(r['ppl'] - start) / start:+.2%}"
         lines.append(
-            f"| {r['bits']} | {r['method']} | {r['ppl']:.3f} | {rel} | {rec_s} | "
+            f"| {r['bits']} | {r['method']} | {r['ppl']:.3f} | {rel} | {rel_start} | {rec_s} | "
             f"{_mb(r['sizes'].get('gguf'))} | {_runtime(r, 'gguf_llamacpp')} | "
             f"{_runtime(r, 'gguf')} |"
         )

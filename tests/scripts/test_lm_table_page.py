@@ -28,7 +28,7 @@ def _bench() -> dict:
         "size_fp32_vs": 1.0,
         "kernels": {"MatMul": 1},
     }
-    return {"threads": 2, "rounds": 3, "models": {"fp32": model}}
+    return {"seq": 128, "threads": 2, "rounds": 3, "models": {"fp32": model}}
 
 
 def _report(w8_qat: float, onnx_agreement: float) -> dict:
