@@ -261,10 +261,20 @@ def _runtime(row: dict[str, Any], name: str) -> str:
 
 def _hf_goals(rows: list[dict[str, Any]], rec: dict[tuple[str, str], float]) -> list[str]:
     lines = []
+    ppl = {(r["bits"], r["method"]): r["ppl"] for r in rows}
+    ref = next((r["ppl"] for r in rows if r["method"] == HF_REFERENCE), None)
     for grid in ("Q4_0", "Q4_K"):
         qat = rec.get((grid, "QAT"))
         if qat is None:
             lines.append(f"- ✗ {grid}: no QAT row yet.")
+            continue
+        rtn = ppl.get((grid, "RTN"))
+        if rtn is not None and ref is not None and rtn <= ref:
+            lines.append(
+                f"- ✗ {grid}: no gap to recover: RTN's perplexity {rtn:.3f} is not above the "
+                f"float model's {ref:.3f} (QAT {ppl[(grid, 'QAT')]:.3f}), so the share is not "
+                "measured on this model."
+            )
             continue
         peers = {m: rec[(grid, m)] for m in ("GPTQ", "AWQ") if (grid, m) in rec}
         beaten = ", ".join(f"{m} {v:.0%}" for m, v in peers.items())
@@ -357,7 +367,7 @@ def hf_section(report: dict[str, Any]) -> list[str]:
     rec = _hf_recovered(rows)
     for r in rows:
         v = rec.get((r["bits"], r["method"]))
-        rec_s = "–" if v is None else f"{v:.0%}"
+        rec_s = "–" if v is None or v != v else f"{v:.0%}"  # v != v: NaN, no gap
         rel = "–" if ref_ppl is None else f"{(r['ppl'] - ref_ppl) / ref_ppl:+.2%}"
         rel_start = "–" if start is None else f"{(r['ppl'] - start) / start:+.2%}"
         lines.append(

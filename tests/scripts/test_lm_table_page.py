@@ -174,3 +174,15 @@ def test_a_page_without_sections_becomes_the_gpt_section(tmp_path: Path) -> None
     page.write_hf_section(_hf_report(qat_q4_0=32.0, llamacpp_agreement=1.0), out)
     gpt = page.read_sections(out.read_text())["gpt"]
     assert gpt.startswith(page.GPT_TITLE) and "Old figures." in gpt and "### Goals" in gpt
+
+
+def test_no_gap_to_recover_is_said_not_divided_by(tmp_path: Path) -> None:
+    report = _hf_report(qat_q4_0=32.0, llamacpp_agreement=1.0)
+    for row in report["rows"]:
+        if row["bits"] == "Q4_0" and row["method"] == "RTN":
+            row["ppl"] = 29.9  # RTN below the float model trained as long
+    out = tmp_path / "lm.md"
+    _page_module().write_hf_section(report, out)
+    text = out.read_text()
+    assert "✗ Q4_0: no gap to recover: RTN's perplexity 29.900 is not above" in text
+    assert "nan" not in text
