@@ -55,6 +55,7 @@ def export_lm(
     targets: Sequence[str] = DEFAULT_LM_TARGETS,
     accuracy_level: int | None = None,
     float_islands: str | None = None,
+    genai_q8_ops: bool = False,
 ) -> dict[str, Path]:
     """Write ``model.gguf`` / ``model.onnx`` / the ``hf`` checkpoint folder / the ``genai``
     folder of a quantized language model, atomically.
@@ -90,7 +91,9 @@ def export_lm(
                 from qat.export.onnx.genai import export_genai
 
                 staged[target] = staged_dir(final)  # listed first: removed if the write fails
-                export_genai(model, staged[target], accuracy_level=accuracy_level)
+                export_genai(
+                    model, staged[target], accuracy_level=accuracy_level, q8_ops=genai_q8_ops
+                )
             elif target == "onnx":
                 proto = build_lm_onnx(
                     model, example_ids, accuracy_level=accuracy_level, float_islands=float_islands
@@ -203,7 +206,8 @@ def run_lm_export(
         test_batches: ``(ids, targets)`` batches; the first ``verify_batches`` are used.
         options: the ``export`` config group (targets, verify, verify_batches, parity
             (min_agreement, max_ppl_rel_diff, max_kl), fail_on_parity, bench, accuracy_level,
-            float_islands).
+            float_islands, genai_q8_ops: the genai target's Q8_0 rounding as float ops, see
+            :func:`qat.export.onnx.genai.build_genai_folder`).
         out_dir: where the files go.
         float_model: the float model, for the FP32 baseline of the benchmark.
     """
@@ -217,8 +221,15 @@ def run_lm_export(
     level = options.get("accuracy_level")
     level = None if level is None else int(level)
     islands = options.get("float_islands")
+    q8_ops = bool(options.get("genai_q8_ops", False))
     artifacts = export_lm(
-        model, out_dir, example, targets, accuracy_level=level, float_islands=islands
+        model,
+        out_dir,
+        example,
+        targets,
+        accuracy_level=level,
+        float_islands=islands,
+        genai_q8_ops=q8_ops,
     )
     from qat.export.onnx.llm import linear_kinds
 

@@ -175,6 +175,12 @@ def _check_lm_export(export: Any) -> None:
             f"export.accuracy_level={level!r} is invalid: null (per layer), or MatMulNBits' "
             "0 (float32), 1, 2, 3 or 4 (int8)"
         )
+    q8_ops = export.get("genai_q8_ops", False)
+    if not isinstance(q8_ops, bool):
+        raise ConfigError(
+            f"export.genai_q8_ops={q8_ops!r} is invalid: true (the genai folder rounds inputs "
+            "to Q8_0 with the fake-quant model's ops: exact, slower) or false"
+        )
     islands = export.get("float_islands")
     if islands not in (None, "float64", "float32"):
         raise ConfigError(

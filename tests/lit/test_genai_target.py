@@ -49,6 +49,7 @@ def test_hf_w4g32_exports_a_genai_folder_that_agrees(hf_dir: Path, tmp_path: Pat
     [
         (["model=gpt", "quant=lm_w4g32"], "genai builds on a Hugging Face model"),
         (["+experiment=hf_w4g32", "quant=lm_8da4w"], "dynamic=token .* no kernel in the genai"),
+        (["+experiment=hf_q4_0", "+export.genai_q8_ops=3"], "genai_q8_ops=3 is invalid"),
     ],
 )
 def test_genai_target_is_refused_before_training(
