@@ -100,6 +100,9 @@ def auto_options(quant: Any) -> AutoOptions | None:
                 f"(e.g. quant.budget.size_mb=0.2)"
             )
     given = {k: v for k, v in budget.items() if v is not None}
+    if len(given) > 1 and "match" in given:
+        # The preset's default (match: size) gives way to a budget set on the command line.
+        given.pop("match")
     if len(given) != 1:
         raise ConfigError(
             "quant=auto needs one budget, "

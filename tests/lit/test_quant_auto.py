@@ -46,7 +46,7 @@ def test_auto_chooses_trains_and_exports_per_layer_bits(tmp_path: Path) -> None:
         [
             *AUTO,
             "quant.bits=4",
-            "+quant.budget.match=size",  # the size of this preset's uniform W4A4 model
+            "quant.budget.match=size",  # the size of this preset's uniform W4A4 model
             "export.enabled=true",
             "export.bench=false",
         ],
@@ -87,7 +87,7 @@ def test_auto_chooses_trains_and_exports_per_layer_bits(tmp_path: Path) -> None:
     [
         (["quant.budget.size_mb=0.0000001"], r"below the model with every layer at 2 bits"),
         (["+quant.budget.latency=3"], r"quant.budget has no key\(s\) \['latency'\]"),
-        ([], r"quant=auto needs one budget, got none"),
+        (["quant.budget.match=null"], r"quant=auto needs one budget, got none"),
         (["quant.budget.size_mb=1", "quant.budget.bops=5"], r"needs one budget, got 2"),
         (["quant.budget.match=speed"], r"quant.budget.match='speed' is invalid"),
         (["quant.budget.size_mb=1", "quant.auto.candidates=[4]"], r"candidates=\[4\]"),
