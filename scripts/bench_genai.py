@@ -11,6 +11,8 @@ run by ``onnxruntime-genai`` (CPU, KV cache, batch 1):
   accuracy level 4 (ONNX Runtime's int8 kernel, which rounds its input to int8 blocks of 32);
 - ``qat_int4_q8ops``: the same model with the fake-quant model's Q8_0 rounding as float ops
   before each kernel (``build_genai_folder(..., q8_ops=True)``: exact up to summation order);
+- ``qat_int4_head4``: ``qat_int4`` with a 4-bit output layer too (``quant.overrides=[]``:
+  lm_q4_0 keeps the lm_head on Q8_0; the builder quantizes it to 4 bits);
 - ``qat_int4_w``: quant=lm_w4g32 (4-bit weights per group of 32, float activations) after the
   same steps: ``MatMulNBits`` at accuracy level 0 (float32 on the exact trained weights);
 - ``qat_int4_w_acc4``: the same file at accuracy level 4 (``export.accuracy_level=4``: the
@@ -60,10 +62,17 @@ ROWS = {
     "qat_int8": ("qat_int8", None),
     "qat_int4": ("qat_int4", None),
     "qat_int4_q8ops": ("qat_int4", None),
+    "qat_int4_head4": ("qat_int4_head4", None),
     "qat_int4_w": ("qat_int4_w", None),
     "qat_int4_w_acc4": ("qat_int4_w", None),
 }
-PRESETS = {"qat_int4": "lm_q4_0", "qat_int4_w": "lm_w4g32", "qat_int8": "lm_w8da8"}
+#: qat model → (preset, recipe keys replaced).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qat_int4": ("lm_q4_0", {}),
+    "qat_int4_head4": ("lm_q4_0", {"overrides": []}),
+    "qat_int4_w": ("lm_w4g32", {}),
+    "qat_int8": ("lm_w8da8", {}),
+}
 
 
 def preset_recipe(name: str) -> dict[str, Any]:
@@ -77,8 +86,11 @@ def preset_recipe(name: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("enabled", "bits", "name")}
 
 
-def qat_model(folder: Path, preset: str, train: Any, steps: int, lr: float) -> torch.nn.Module:
-    """The model of ``folder`` prepared with ``preset``, calibrated, and QAT-trained ``steps``."""
+def qat_model(
+    folder: Path, preset: tuple[str, dict[str, Any]], train: Any, steps: int, lr: float
+) -> torch.nn.Module:
+    """The model of ``folder`` prepared with ``preset`` (a preset name and the recipe keys it
+    replaces), calibrated, and QAT-trained ``steps``."""
     import warnings
 
     import qat
@@ -90,7 +102,8 @@ def qat_model(folder: Path, preset: str, train: Any, steps: int, lr: float) -> t
     batches = list(itertools.islice(train, steps + 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the module-swap fallback warning
-        qmodel = qat.prepare(model, preset_recipe(preset), example_inputs=batches[0][0][:1])
+        recipe = {**preset_recipe(preset[0]), **preset[1]}
+        qmodel = qat.prepare(model, recipe, example_inputs=batches[0][0][:1])
     qat.calibrate(qmodel, [batches[0][0]], num_batches=1)
     opt = torch.optim.AdamW(qmodel.parameters(), lr=lr, weight_decay=0.0)
     qmodel.train()
@@ -197,10 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="data=text's max_bytes")
     parser.add_argument("--work", help="where the folders go (default: a temporary folder)")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--rows", help=f"a comma-separated subset of {','.join(ROWS)}")
     args = parser.parse_args(argv)
     folder = Path(args.model)
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
         parser.error(f"--model {folder}: not a Hugging Face folder with config.json and tokenizer")
+    if args.rows and not set(args.rows.split(",")) <= set(ROWS) | {"fp32"}:
+        parser.error(f"--rows {args.rows}: choose from {','.join(ROWS)}")
+    if args.rows and "fp32" not in args.rows.split(","):
+        args.rows = "fp32," + args.rows  # the baseline of every ratio
     if args.rounds < 1 or args.prompt < 1 or args.decode < 1 or args.qat_steps < 0:
         parser.error("--rounds, --prompt and --decode >= 1 and --qat-steps >= 0, please")
 
@@ -223,13 +241,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_genai_"))
     t0 = time.perf_counter()
     refs = {"float": load_hf_causal_lm(str(folder)).eval()}
+    rows = {n: ROWS[n] for n in (args.rows.split(",") if args.rows else ROWS)}
     for name, preset in PRESETS.items():
+        if not any(ref == name for ref, _ in rows.values()):
+            continue
         refs[name] = qat_model(
             folder, preset, iter(data.train_dataloader()), args.qat_steps, args.lr
         )
     print(f"models: {time.perf_counter() - t0:.0f} s", flush=True)
     folders: dict[str, Path] = {}
-    for name, (_, precision) in ROWS.items():
+    for name, (_, precision) in rows.items():
         out = work / name
         if precision is not None:
             builder_folder(folder, out, precision)
