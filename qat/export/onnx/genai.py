@@ -1,6 +1,7 @@
 """ONNX Runtime GenAI folders (``export.targets=[genai]``): generation with a KV cache.
 
-A Hugging Face causal LM trained with a weight-only or dynamic int8 recipe becomes the folder
+A Hugging Face causal LM trained with a weight-only, Q8_0-activation or dynamic int8 recipe
+(tested: Llama, Mistral, Qwen2, Qwen3, Gemma; the builder fails on Phi-3) becomes the folder
 ``onnxruntime-genai`` loads (``og.Model(folder)``): ``model.onnx`` (+ ``model.onnx.data``)
 with ``input_ids``, ``attention_mask``, ``past_key_values.N.key/value`` in and ``logits``,
 ``present.N.key/value`` out, ``genai_config.json`` and the tokenizer files.
@@ -23,10 +24,9 @@ builder's re-quantization (RTN) of the float weights:
   where Q8_0 rounds it to fp16), so it agrees with the model to the verify contract, not bit
   for bit; ``q8_ops=True`` writes the fake-quant model's Q8_0 rounding as float ops before it
   (as :mod:`qat.export.onnx.llm` does: the kernel re-quantizes those values to the same
-  codes), exact up to summation order and slower. An
-  explicit ``accuracy_level`` sets it for every grouped layer (4 on a weight-only model is
-  faster and quantizes activations the model never saw: the verify step measures what that
-  costs);
+  codes), exact up to summation order and slower. An explicit ``accuracy_level`` sets it for
+  every grouped layer (4 on a weight-only model is faster and quantizes activations the model
+  never saw: the verify step measures what that costs);
 - 8-bit per-channel weights after per-tensor dynamic uint8 activations (``lm_w8da8``):
   ``DynamicQuantizeMatMul`` (what ONNX Runtime fuses ``DynamicQuantizeLinear → MatMulInteger``
   into);
