@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -323,29 +324,38 @@ def decode_speed(
         for name, path in files.items()
     }
     seconds: dict[str, list[float]] = {name: [] for name in files}
+    cpu: dict[str, list[float]] = {name: [] for name in files}
     outputs: dict[str, list[int]] = {}
+    load = os.getloadavg()[0]
     for r in range(rounds + 1):
         for name, llm in llms.items():
             llm.reset()
             llm.eval(prompt)
             out = []
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(tokens):
                 token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                 out.append(token)
                 llm.eval([token])
             if r:
                 seconds[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.thread_time() - c0)
             outputs[name] = out
     return {
         "tokens": tokens,
         "prompt_tokens": len(prompt),
         "rounds": rounds,
         "threads": threads,
+        # A shared machine: the wall clock counts other jobs' time slices; with one thread
+        # llama.cpp computes in the calling thread, whose CPU time does not.
+        "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
         "files": {
             name: {
                 "size_bytes": files[name].stat().st_size,
                 "tokens_per_s": tokens / statistics.median(seconds[name]),
+                "cpu_tokens_per_s": (
+                    tokens / statistics.median(cpu[name]) if threads == 1 else None
+                ),
                 "same_tokens_as_f32": outputs[name] == outputs.get("F32"),
             }
             for name in files

@@ -386,21 +386,38 @@ def hf_section(report: dict[str, Any]) -> list[str]:
         return lines
     files = decode["files"]
     f32 = files.get("F32", {}).get("tokens_per_s")
+    cpu = all(f.get("cpu_tokens_per_s") for f in files.values())
+    load = decode.get("load_average")
     lines += [
         f"Greedy decoding of {decode['tokens']} tokens after a {decode['prompt_tokens']}-token "
         f"prompt in llama-cpp-python, {decode['threads']} thread, the files interleaved, "
-        f"median of {decode['rounds']} rounds. F32: the float model; Q8_0: the float model "
-        "trained as long, rounded to Q8_0; Q4_0, Q4_K: the QAT rows' files.",
+        f"median of {decode['rounds']} rounds"
+        + (f" (load average {load[0]:g} → {load[1]:g} on the machine's cores)" if load else "")
+        + (
+            "; *CPU tokens/s* counts the decoding thread's own CPU time, which other jobs do "
+            "not inflate"
+            if cpu
+            else ""
+        )
+        + ". F32: the float model; Q8_0: the float model trained as long, rounded to Q8_0; "
+        "Q4_0, Q4_K: the QAT rows' files.",
         "",
-        "| file | MB | tokens/s | speed vs F32 | size vs F32 | same greedy tokens as F32 |",
-        "|---|---:|---:|---:|---:|---|",
+        "| file | MB | size vs F32 | tokens/s | speed vs F32 |"
+        + (" CPU tokens/s | vs F32 |" if cpu else "")
+        + " same greedy tokens as F32 |",
+        "|---|---:|---:|---:|---:|" + ("---:|---:|" if cpu else "") + "---|",
     ]
     f32_size = files.get("F32", {}).get("size_bytes")
+    f32_cpu = files.get("F32", {}).get("cpu_tokens_per_s")
     for name, f in files.items():
         speed = f"{f['tokens_per_s'] / f32:.2f}x" if f32 else "–"
         size = f"{f32_size / f['size_bytes']:.2f}x" if f32_size else "–"
+        cells = ""
+        if cpu:
+            vs = f"{f['cpu_tokens_per_s'] / f32_cpu:.2f}x" if f32_cpu else "–"
+            cells = f" {f['cpu_tokens_per_s']:.1f} | {vs} |"
         lines.append(
-            f"| {name} | {_mb(f['size_bytes'])} | {f['tokens_per_s']:.1f} | {speed} | {size} | "
-            f"{'yes' if f['same_tokens_as_f32'] else 'no'} |"
+            f"| {name} | {_mb(f['size_bytes'])} | {size} | {f['tokens_per_s']:.1f} | {speed} |"
+            f"{cells} {'yes' if f['same_tokens_as_f32'] else 'no'} |"
         )
     return lines

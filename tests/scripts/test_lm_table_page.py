@@ -143,7 +143,7 @@ def test_llama_section_checks_each_grid_against_its_own_rtn(tmp_path: Path) -> N
     assert "✗ Q4_K: QAT recovers 12%" in text and "✗ Q4_K: QAT above GPTQ and AWQ" in text
     # The Q4_0 files in llama.cpp (QAT, QAD); the Q4_K one is not held to exactness.
     assert "✓ Q4_0 files in real llama.cpp (QAT, QAD): lowest next-token agreement" in text
-    assert "| Q4_0 | 1.000 | 250.0 | 2.50x | 4.00x | no |" in text  # decode: vs F32
+    assert "| Q4_0 | 1.000 | 4.00x | 250.0 | 2.50x | no |" in text  # decode: vs F32
 
 
 def test_a_llama_cpp_mismatch_is_marked(tmp_path: Path) -> None:
@@ -186,3 +186,15 @@ def test_no_gap_to_recover_is_said_not_divided_by(tmp_path: Path) -> None:
     text = out.read_text()
     assert "✗ Q4_0: no gap to recover: RTN's perplexity 29.900 is not above" in text
     assert "nan" not in text
+
+
+def test_decode_table_gives_the_thread_cpu_speed_when_measured(tmp_path: Path) -> None:
+    report = _hf_report(qat_q4_0=32.0, llamacpp_agreement=1.0)
+    report["decode"]["load_average"] = [9.5, 10.0]
+    report["decode"]["files"]["F32"]["cpu_tokens_per_s"] = 200.0
+    report["decode"]["files"]["Q4_0"]["cpu_tokens_per_s"] = 600.0
+    out = tmp_path / "lm.md"
+    _page_module().write_hf_section(report, out)
+    text = out.read_text()
+    assert "| Q4_0 | 1.000 | 4.00x | 250.0 | 2.50x | 600.0 | 3.00x | no |" in text
+    assert "load average 9.5 → 10" in text
