@@ -5,7 +5,8 @@ Batch 1, one prompt of ``--seq`` tokens (128), every file in the same interleave
 medians reported, with file sizes and the kernels ONNX Runtime ran; beside the wall clock at
 ``--threads``, the thread CPU time of a single-threaded session (:func:`cpu_times`), which a
 machine shared with other jobs disturbs far less. The files, each the
-default export of its preset (:func:`qat.export.onnx.llm.build_lm_onnx`: float32 islands):
+fast export of its preset (:func:`qat.export.onnx.llm.build_lm_onnx` with
+``float_islands="float32"``: fused float32 islands):
 
 - ``fp32``: the float model (``torch.onnx.export``);
 - ``int8_dyn``: quant=lm_w8da8, ``DynamicQuantizeLinear → MatMulInteger`` (fused into
@@ -14,8 +15,9 @@ default export of its preset (:func:`qat.export.onnx.llm.build_lm_onnx`: float32
   by ``MatMulNBits``' int8 kernel, accuracy level 4), what ``+experiment=gpt_int4`` exports;
 - ``int4_w``: 4-bit weights per group of 32, float activations (quant=lm_w4g32): ``MatMulNBits``
   at accuracy level 0;
-- with ``--exact``, also ``int8_dyn_f64`` and ``int4_q8_f64``: the bit-exact opt-in
-  (``export.float_islands=float64``: float64 islands, explicit Q8_0 rounding).
+- with ``--exact``, also ``int8_dyn_f64`` and ``int4_q8_f64``: the default files of the
+  dynamic presets, bit-exact (float64 islands, explicit Q8_0 rounding; docs/design.md says why
+  they are the default).
 
 The model: ``--model gpt`` (a fresh ``gpt``, ``--d-model`` / ``--layers``) or ``--model hf
 --path <folder>`` (a Hugging Face causal LM saved with ``save_pretrained``, e.g. the Llama of
@@ -52,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 #: File name → the quant preset it is the default export of.
 PRESETS = {"int8_dyn": "lm_w8da8", "int4_q8": "lm_q4_0", "int4_w": "lm_w4g32"}
-#: With ``--exact``: the bit-exact opt-in files of the presets with dynamic activations.
+#: With ``--exact``: the default (bit-exact, float64) files of the presets with dynamic activations.
 EXACT = {"int8_dyn_f64": "lm_w8da8", "int4_q8_f64": "lm_q4_0"}
 #: The weight kernels a table names (ONNX Runtime's names after its graph optimizations).
 KERNELS = (

@@ -156,10 +156,10 @@ def gpt_section(report: dict[str, Any]) -> list[str]:
         f"Exported models are checked on {tokens} test tokens: `gguf` is the GGUF file run in "
         "PyTorch as llama.cpp's CPU graph (`qat.export.gguf_runner`: dequantized tensors from "
         "the file, Q8_0 rounding of matmul inputs), against the fake-quant model; `onnx` is "
-        "the default ONNX file in ONNX Runtime (float32 islands in its fused kernels), against "
-        "the fake-quant model: next-token agreement, mean KL divergence of the next-token "
-        "distributions and perplexity (`qat.export.check_lm_parity`'s thresholds hold on any "
-        "CPU).",
+        "the ONNX file in ONNX Runtime (the default: float64 islands), against the fake-quant "
+        "model under `qat.runtime_numerics` (ONNX Runtime's integer kernels' float epilogues, "
+        "float islands in float64, as the file computes them): next-token agreement, mean KL "
+        "divergence of the next-token distributions and perplexity.",
         "",
     ]
     lines += latency_lines(report["bench"], report.get("bench_one_token"), "###")
@@ -196,9 +196,10 @@ def latency_lines(
         "`fp32`: the float model; `int8_dyn`: `quant=lm_w8da8` (`DynamicQuantizeMatMul`); "
         "`int4_q8`: `quant=lm_q4_0` (Q4_0 weights in `MatMulNBits`, the Q8_0 activations "
         "quantized by its int8 kernel, accuracy level 4); `int4_w`: 4-bit weight-only "
-        "(`quant=lm_w4g32`, accuracy level 0). Each is the default export (float32 islands: "
-        "`LayerNormalization`, `MultiHeadAttention`, `FastGelu`, as in the FP32 file); timings do "
-        "not depend on the weights. Without VNNI the 4-bit files' int8 kernel is not faster "
+        "(`quant=lm_w4g32`, accuracy level 0). Each is the fast export "
+        "(`export.float_islands=float32`: `LayerNormalization`, `MultiHeadAttention`, `FastGelu`, "
+        "as in the FP32 file); `*_f64`: the default files of the dynamic presets (float64 "
+        "islands, bit-exact); timings do not depend on the weights. Without VNNI the 4-bit files' int8 kernel is not faster "
         "than FP32 on a prompt; they are 5x smaller (8-bit embeddings and output layer, one "
         "float32 scale per 32 weights).",
     ]

@@ -184,8 +184,9 @@ def _check_lm_export(export: Any) -> None:
     islands = export.get("float_islands")
     if islands not in (None, "float64", "float32"):
         raise ConfigError(
-            f"export.float_islands={islands!r} is invalid: float32 (the default, also null: "
-            "fast, rounds as ONNX Runtime's float kernels do) or float64 (bit-exact, slower)"
+            f"export.float_islands={islands!r} is invalid: null (float64 where activations are "
+            "dynamic), float64 (bit-exact) or float32 (faster, rounds as ONNX Runtime's fused "
+            "float kernels do)"
         )
 
 

@@ -1,7 +1,8 @@
-"""The default ONNX language-model files: float32 islands in ONNX Runtime's fused kernels, Q8_0
-activations quantized inside ``MatMulNBits``, within the statistical contract of
-:func:`qat.export.check_lm_parity` (its default thresholds) on every CPU: no skips, no
-per-machine limits."""
+"""The fast ONNX language-model files (``float_islands="float32"``): float32 islands in ONNX
+Runtime's fused kernels, Q8_0 activations quantized inside ``MatMulNBits``, within the
+statistical contract of :func:`qat.export.check_lm_parity` (its default thresholds) on the tests'
+gpt on every CPU: no skips, no per-machine limits. And the default: float64 (bit-exact) islands
+where activations are dynamic."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ def _attr(node: onnx.NodeProto, name: str) -> int | None:
 
 
 @pytest.mark.parametrize("recipe", ["lm_q4_0", "lm_w8da8"])
-def test_default_file_is_fast_and_meets_the_default_contract(recipe: str, tmp_path: Path) -> None:
+def test_float32_file_is_fused_and_meets_the_default_contract(recipe: str, tmp_path: Path) -> None:
     model = qat_gpt(recipe, steps=10)
     batches = lm_test_batches(4)
-    path = export_lm(model, tmp_path, batches[0][0][:1], targets=["onnx"])["onnx"]
+    x = batches[0][0][:1]
+    path = export_lm(model, tmp_path, x, targets=["onnx"], float_islands="float32")["onnx"]
     proto = onnx.load(str(path))
     assert {p.key: p.value for p in proto.metadata_props}[ISLANDS_KEY] == "float32"
     ops = Counter(n.op_type for n in proto.graph.node)
@@ -50,17 +52,21 @@ def test_default_file_is_fast_and_meets_the_default_contract(recipe: str, tmp_pa
     assert r["mean_kl"] < 1e-6, r
 
 
-def test_float64_islands_stay_the_bit_exact_opt_in(tmp_path: Path) -> None:
+def test_default_islands_are_float64_where_activations_are_dynamic() -> None:
     from qat.export.onnx.llm import build_lm_onnx
 
-    model = qat_gpt("lm_q4_0", steps=0)
     x = lm_test_batches(1)[0][0][:1]
-    proto = build_lm_onnx(model, x, float_islands="float64")
-    ops = Counter(n.op_type for n in proto.graph.node)
-    assert ops["Floor"] > 0  # Q8_0 rounded by explicit float ops, as the fake-quant model does
-    assert {p.key: p.value for p in proto.metadata_props}[ISLANDS_KEY] == "float64"
-    with torch.no_grad():
-        assert build_lm_onnx(model, x).graph.node  # the default still builds from the same model
+    for recipe, islands in (
+        ("lm_q4_0", "float64"),
+        ("lm_w8da8", "float64"),
+        ("lm_w4g32", "float32"),
+    ):
+        proto = build_lm_onnx(qat_gpt(recipe, steps=0), x)
+        assert {p.key: p.value for p in proto.metadata_props}[ISLANDS_KEY] == islands, recipe
+        ops = Counter(n.op_type for n in proto.graph.node)
+        # float64: Q8_0 rounded by explicit float ops, as the fake-quant model does; no fusion.
+        assert bool(ops["Floor"]) == (recipe == "lm_q4_0"), (recipe, ops["Floor"])
+        assert bool(ops["MultiHeadAttention"]) == (islands == "float32"), recipe
 
 
 def test_float_file_has_the_same_fused_ops_and_the_model_logits(tmp_path: Path) -> None:

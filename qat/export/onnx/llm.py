@@ -21,14 +21,16 @@ times their block scales, then ``Gather``. Everything else (residual adds, resha
 model's own float code, exported by ``torch.onnx.export(dynamo=False)``, which calls these
 layers' ``symbolic``.
 
-Float islands (LayerNorm, attention, GELU: a ``QAct`` with a float output) are float32 by
-default, in the ops ONNX Runtime fuses (``LayerNormalization`` at opset 17): the files are
-fast and agree with the fake-quant model statistically (next-token agreement, KL divergence,
-perplexity: :mod:`qat.export.verify_lm`) on every CPU. ``float_islands="float64"`` is the
-bit-exact file: islands in float64 rounded to float32 (:mod:`qat.quant.float_island`) and the
-Q8_0 rounding as explicit float ops, which the fake-quant model evaluated under
-:func:`qat.runtime_numerics` computes bit for bit on ONNX Runtime's x86 AVX-512 VNNI kernels
-(:mod:`qat.quant.runtime_matmul`); about 2.5x slower (docs/design.md).
+Float islands (LayerNorm, attention, GELU: a ``QAct`` with a float output) come two ways.
+``float_islands="float32"``: the ops ONNX Runtime fuses (``LayerNormalization`` at opset 17,
+``FastGelu``, ``MultiHeadAttention``: :mod:`qat.export.onnx.llm_fused`), fast, agreeing with
+the fake-quant model statistically (:mod:`qat.export.verify_lm`). ``"float64"``: the bit-exact
+file: islands in float64 rounded to float32 (:mod:`qat.quant.float_island`) and the Q8_0
+rounding as explicit float ops, which the fake-quant model evaluated under
+:func:`qat.runtime_numerics` computes bit for bit (:mod:`qat.quant.runtime_matmul`); about
+2.5x slower. The default is float64 where activations are dynamic: a dynamic quantizer after a
+float32 island turns its one-ulp differences into other codes, and on a well-trained model
+that moved 0.2–0.5% of next tokens (docs/design.md).
 """
 
 from __future__ import annotations
@@ -336,14 +338,16 @@ def build_lm_onnx(
             that computes the fake-quant model's arithmetic: 4 (int8) where the activations
             are Q8_0 blocks, else 0 (float32 on the exact dequantized weights). 0 or 4 sets
             it for every layer (0 after Q8_0 activations keeps their rounding as float ops).
-        float_islands: ``"float32"`` (None, the default): LayerNorm, attention and GELU in
-            ONNX Runtime's float32 kernels, Q8_0 activations quantized by ``MatMulNBits``'
-            int8 kernel (module docstring): fast, and statistically the fake-quant model.
-            ``"float64"``: the bit-exact file (islands in float64, the Q8_0 rounding as
-            explicit float ops), which the fake-quant model reproduces exactly under
-            :func:`qat.runtime_numerics` on AVX-512 VNNI CPUs; about 2.5x slower. Recorded in the
-            file's metadata (``qat.float_islands``), which
-            :func:`~qat.export.verify_lm_artifacts` reads to pick the reference.
+        float_islands: ``"float32"``: LayerNorm, attention and GELU in ONNX Runtime's fused
+            float32 kernels, Q8_0 activations quantized by ``MatMulNBits``' int8 kernel
+            (module docstring): fast, and statistically the fake-quant model. ``"float64"``:
+            the bit-exact file (islands in float64, the Q8_0 rounding as explicit float ops),
+            which the fake-quant model reproduces exactly under :func:`qat.runtime_numerics`
+            (``DynamicQuantizeMatMul`` files on every x86 CPU, ``MatMulNBits`` ones on AVX-512
+            VNNI); about 2.5x slower. None (the default): float64 where activations are
+            quantized dynamically, float32 for weight-only models. Recorded in the file's
+            metadata (``qat.float_islands``), which :func:`~qat.export.verify_lm_artifacts`
+            reads to pick the reference.
 
     Raises:
         ValueError: an unprepared model, a static activation grid, or a weight whose codes do
@@ -356,7 +360,11 @@ def build_lm_onnx(
         )
     if opset > LM_OPSET:
         raise ValueError(f"opset={opset} is invalid: 13–{LM_OPSET} (ReduceMax axes attribute)")
-    float_islands = "float32" if float_islands is None else float_islands
+    if float_islands is None:
+        # Measured (docs/design.md): with dynamic activations float32 islands move next tokens
+        # of a well-trained model past the parity thresholds; weight-only models lose nothing.
+        dynamic = any(_act_spec(m) is not None for _, m in weighted_layers(model))
+        float_islands = "float64" if dynamic else "float32"
     if float_islands not in FLOAT_ISLANDS:
         raise ValueError(f"float_islands={float_islands!r} is invalid: one of {FLOAT_ISLANDS}")
     deploy = copy.deepcopy(model).cpu().eval()
