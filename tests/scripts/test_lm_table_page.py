@@ -143,7 +143,7 @@ def test_llama_section_checks_each_grid_against_its_own_rtn(tmp_path: Path) -> N
     assert "✗ Q4_K: QAT recovers 12%" in text and "✗ Q4_K: QAT above GPTQ and AWQ" in text
     # The Q4_0 files in llama.cpp (QAT, QAD); the Q4_K one is not held to exactness.
     assert "✓ Q4_0 files in real llama.cpp (QAT, QAD): lowest next-token agreement" in text
-    assert "| Q4_0 | 1.000 | 4.00x | 250.0 | 2.50x | no |" in text  # decode: vs F32
+    assert "| Q4_0 | 1.000 | 4.00x | 250.0 | 2.50x |\n" in text  # decode: vs F32
 
 
 def test_a_llama_cpp_mismatch_is_marked(tmp_path: Path) -> None:
@@ -196,5 +196,5 @@ def test_decode_table_gives_the_thread_cpu_speed_when_measured(tmp_path: Path) -
     out = tmp_path / "lm.md"
     _page_module().write_hf_section(report, out)
     text = out.read_text()
-    assert "| Q4_0 | 1.000 | 4.00x | 250.0 | 2.50x | 600.0 | 3.00x | no |" in text
+    assert "| Q4_0 | 1.000 | 4.00x | 250.0 | 2.50x | 600.0 | 3.00x |\n" in text
     assert "load average 9.5 → 10" in text
