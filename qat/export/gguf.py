@@ -10,7 +10,9 @@ The vocabulary: the Hugging Face tokenizer of the model's folder is embedded
 (:mod:`qat.export.gguf_vocab`: BPE or SentencePiece, special tokens, chat template), so
 ``llama-cli -m model.gguf -p "..."`` runs the file. Without one, a 256-token model is taken as
 byte-level and gets GPT-2's byte-to-unicode tokens with no merges (a BPE that leaves every byte
-a token); other vocabularies are written as ``no_vocab`` (llama.cpp then runs on token ids).
+a token); other vocabularies are written as ``no_vocab``: llama.cpp (0.3.36) refuses to load
+such a file (it reads a vocabulary of 0 tokens), so the export warns and verify runs it in
+PyTorch only (:mod:`qat.export.gguf_runner`). Pass ``tokenizer=`` a folder to make it runnable.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from qat.export.gguf_vocab import tokenizer_folder, write_tokenizer
 from qat.export.lm_weights import quant_weight
 from qat.quant.kquants import KQUANT_BLOCK, KQUANT_GRIDS, kquant_params
 from qat.quant.layers import FloatLayer, is_hf_conv1d
+
+log = logging.getLogger(__name__)
 
 __all__ = ["byte_tokens", "export_gguf", "pack_blocks", "pack_kquant"]
 
@@ -165,6 +169,12 @@ def _write_vocab(writer: object, layout: GGUFLayout, tokenizer: Path | None) -> 
         writer.add_token_merges(["Ā ā"])  # one never-matching merge: the key must exist
     else:
         writer.add_tokenizer_model("no_vocab")
+        log.warning(
+            "GGUF: the model has no tokenizer and %d tokens (not bytes): the file is written "
+            "with no vocabulary, which llama.cpp does not load; pass a Hugging Face folder "
+            "with its tokenizer (export_gguf(..., tokenizer=<folder>))",
+            layout.vocab_size,
+        )
 
 
 def _drop_tied_output(

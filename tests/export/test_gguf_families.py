@@ -171,7 +171,7 @@ def test_family_gguf_names_tokenizer_weights_and_runner(family: str, tmp_path: P
 
     # llama.cpp's graph in PyTorch agrees with the fake-quant model.
     batches = [(ids[8:, :SEQ], ids[8:, 1 : SEQ + 1])]
-    report = verify_lm_artifacts(model, {"gguf": path}, batches)
+    report = verify_lm_artifacts(model, {"gguf": path}, batches, llama_cpp=False)
     check_lm_parity(report, min_agreement=0.999, max_ppl_rel_diff=0.001)
 
 
@@ -247,7 +247,9 @@ def test_kquant_export_decodes_to_the_fake_quant_model(recipe: str, tmp_path: Pa
         want = entry.layer.weight_quant(entry.layer.weight).detach()
         want = want if entry.rows is None else want[entry.rows]
         assert np.array_equal(got.reshape(want.shape), want.numpy()), entry.name
-    report = verify_lm_artifacts(model, {"gguf": path}, [(ids[:, :32], ids[:, 1:])])
+    report = verify_lm_artifacts(
+        model, {"gguf": path}, [(ids[:, :32], ids[:, 1:])], llama_cpp=False
+    )
     check_lm_parity(report, min_agreement=0.999, max_ppl_rel_diff=0.001)
 
 

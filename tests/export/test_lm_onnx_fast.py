@@ -45,7 +45,7 @@ def test_float32_file_is_fused_and_meets_the_default_contract(recipe: str, tmp_p
         }
         assert levels == {4}
     report = verify_lm_artifacts(model, {"onnx": path}, batches)
-    check_lm_parity(report)  # the defaults: 99.9%, KL 1e-5 nats, perplexity within 0.1%
+    check_lm_parity(report)  # the defaults: 99.9%, KL 1e-4 nats, perplexity within 0.1%
     r = report["runtimes"]["onnx"]
     # Measured here (AVX2): 100% and 1.5e-8 nats; the kernel's own float32 Q8_0 scale without
     # the rescale to fp16 d gave 99.85% and 1.9e-6 (the rescale is what keeps the grid).

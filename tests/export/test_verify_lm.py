@@ -40,15 +40,15 @@ def _report(agreement: float, ppl_rel: float, kl: float | None) -> dict:
 
 
 def test_check_lm_parity_defaults_and_each_limit() -> None:
-    assert (DEFAULT_MIN_AGREEMENT, DEFAULT_MAX_PPL_REL_DIFF, DEFAULT_MAX_KL) == (0.999, 1e-3, 1e-5)
-    check_lm_parity(_report(0.999, 1e-3, 1e-5))
+    assert (DEFAULT_MIN_AGREEMENT, DEFAULT_MAX_PPL_REL_DIFF, DEFAULT_MAX_KL) == (0.999, 1e-3, 1e-4)
+    check_lm_parity(_report(0.999, 1e-3, 1e-4))
     check_lm_parity(_report(1.0, 0.0, None))  # a report from before mean_kl
-    with pytest.raises(ParityError, match=r"onnx: mean KL divergence .* 2e-05 nats > 1e-05"):
-        check_lm_parity(_report(1.0, 0.0, 2e-5))
+    with pytest.raises(ParityError, match=r"onnx: mean KL divergence .* 0.0002 nats > 0.0001"):
+        check_lm_parity(_report(1.0, 0.0, 2e-4))
     with pytest.raises(ParityError, match=r"differs by 0\.200%.*allowed 0\.100%"):
         check_lm_parity(_report(1.0, 2e-3, 0.0))
     with pytest.raises(ParityError, match=r"agreement 99\.8000% < 99\.9000%"):
         check_lm_parity(_report(0.998, 0.0, 0.0))
-    check_lm_parity(_report(1.0, 0.0, 2e-5), max_kl=1e-4)
+    check_lm_parity(_report(1.0, 0.0, 2e-4), max_kl=1e-3)
     with pytest.raises(ValueError, match=r"max_kl=-1 is invalid"):
         check_lm_parity(_report(1.0, 0.0, 0.0), max_kl=-1)
