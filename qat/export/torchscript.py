@@ -294,19 +294,65 @@ class _FloatIsland(nn.Module):
     linear layers whose weights are kept in float. Bitwise the fake-quant arithmetic.
     """
 
-    def __init__(self, desc: LayerDesc) -> None:
+    def __init__(self, desc: LayerDesc, channels_last: tuple[bool, ...] = ()) -> None:
         super().__init__()
         self.desc = desc
         self.module = desc.module  # registered, so its parameters travel with the model
+        self.channels_last = channels_last
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = float_forward(self.desc, *_dequant(args), **_dequant(kwargs))
+        args = tuple(
+            a.contiguous(memory_format=torch.channels_last)
+            if i < len(self.channels_last) and self.channels_last[i]
+            else a
+            for i, a in enumerate(_dequant(args))
+        )
+        y = float_forward(self.desc, *args, **_dequant(kwargs))
         if self.desc.output is None:
             return y
         return _quantize(y, self.desc.output)
 
 
-def _integer_layer(desc: LayerDesc, contiguous: bool) -> nn.Module:
+def _channels_last(t: Any) -> bool:
+    return (
+        isinstance(t, torch.Tensor)
+        and t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+@torch.no_grad()
+def _island_layouts(model: nn.Module, example_input: Any, names: list[str]) -> dict[str, tuple]:
+    """Per layer, which positional inputs are channels-last in the fake-quant model.
+
+    A float island computes on its input's memory layout: a GroupNorm (PoolFormer) or a sum
+    over channels-last tensors (a conv fed by a permute hands them on) reduces in another
+    order than over NCHW ones, and a last-ulp difference next to a half level moves an output
+    level. The islands take the fake-quant model's layout.
+    """
+    ref = copy.deepcopy(model).cpu().eval()
+    mods = dict(ref.named_modules())
+    layouts: dict[str, tuple] = {}
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple) -> None:
+            layouts.setdefault(name, tuple(_channels_last(a) for a in args))
+
+        return record
+
+    handles = [mods[name].register_forward_pre_hook(hook(name)) for name in names]
+    try:
+        run_model(ref, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return layouts
+
+
+def _integer_layer(
+    desc: LayerDesc, contiguous: bool, channels_last: tuple[bool, ...] = ()
+) -> nn.Module:
     kind = lower(desc, "torchscript")
     if kind == "conv":
         return _IntConv(desc, contiguous)
@@ -318,7 +364,7 @@ def _integer_layer(desc: LayerDesc, contiguous: bool) -> nn.Module:
         return _IntCat(desc)
     # Conv / linear with a float output or float weights, non-zero / asymmetric padding,
     # pooling, activations, skipped layers: exact float islands.
-    return _FloatIsland(desc)
+    return _FloatIsland(desc, channels_last)
 
 
 class IntegerModel(nn.Module):
@@ -356,7 +402,8 @@ def build_integer_model(
     """
     if converted is None:
         converted = convert(model, example_input)
-    fast = _build(model, converted, contiguous=False, engine=engine)
+    layouts = _island_layouts(model, example_input, list(converted.layers))
+    fast = _build(model, converted, contiguous=False, engine=engine, layouts=layouts)
     try:
         with torch.no_grad():
             fast(*_example_args(example_input))
@@ -364,11 +411,15 @@ def build_integer_model(
     except RuntimeError as err:
         if "view" not in str(err):
             raise
-    return _build(model, converted, contiguous=True, engine=engine)
+    return _build(model, converted, contiguous=True, engine=engine, layouts=layouts)
 
 
 def _build(
-    model: nn.Module, converted: ConvertedModel, contiguous: bool, engine: str
+    model: nn.Module,
+    converted: ConvertedModel,
+    contiguous: bool,
+    engine: str,
+    layouts: dict[str, tuple] | None = None,
 ) -> IntegerModel:
     body = copy.deepcopy(model).cpu().eval()
     remove_input_quant_hook(body)
@@ -379,7 +430,8 @@ def _build(
             # The float islands compute with the copy's modules (never the caller's).
             desc = copy.copy(desc)
             desc.module = modules[name]
-            set_module(body, name, _integer_layer(desc, contiguous))
+            layout = (layouts or {}).get(name, ())
+            set_module(body, name, _integer_layer(desc, contiguous, layout))
     return IntegerModel(body, converted.input).eval()
 
 

@@ -30,3 +30,37 @@ def test_a_relu_or_sub_8_bit_grid_clamps_the_levels() -> None:
     x = torch.linspace(-2.0, 3.0, 101)
     assert int(_quantize(x, grid).int_repr().max()) == 15
     assert int(_quantize(x, grid, relu=True).int_repr().min()) == 3
+
+
+class _ChannelsLastNorm(torch.nn.Module):
+    """A GroupNorm island on a channels-last tensor (PoolFormer's convs hand them on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).contiguous(memory_format=torch.channels_last)
+        h = torch.nn.functional.group_norm(h, 2)
+        return self.fc(self.conv2(h).mean((2, 3)))
+
+
+def test_float_islands_compute_on_the_fake_quant_models_memory_layout() -> None:
+    import qat
+    from qat.export.torchscript import _FloatIsland, build_integer_model, quantized_engine
+    from qat.quant.numerics import runtime_numerics
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    q = qat.prepare(_ChannelsLastNorm().eval(), example_inputs=x)
+    qat.calibrate(q, [x])
+    q.eval()
+    qat.snap_bias(q, x)
+    integer = build_integer_model(q, x[:1])
+    islands = {n: m for n, m in integer.body.named_modules() if isinstance(m, _FloatIsland)}
+    norm = next(m for n, m in islands.items() if "group_norm" in n)
+    assert norm.channels_last[:1] == (True,)  # NCHW before: another summation order
+    with torch.no_grad(), runtime_numerics(q, target="torchscript"), quantized_engine():
+        assert torch.equal(integer(x), q(x))
