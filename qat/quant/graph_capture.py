@@ -17,10 +17,11 @@ leaves, so they still follow ``.train()`` / ``.eval()``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,10 @@ class _Tracer(fx.Tracer):
         if node.op in ("placeholder", "get_attr"):
             return True
         if node.op == "call_function" and node.target is getattr:
-            return len(node.args) > 1 and node.args[1] in _META_ATTRS
+            # ``x.shape``, and an attribute of such metadata (``x.device.type``).
+            return len(node.args) > 1 and (
+                node.args[1] in _META_ATTRS or node.args[0] in self.static
+            )
         if node.op == "call_method" and node.target in _META_METHODS:
             return True
         return all(n in self.static for n in node.all_input_nodes)
@@ -188,6 +192,33 @@ class _Tracer(fx.Tracer):
         if v is _UNKNOWN or not hasattr(v, "__len__"):
             return super().iter(obj)
         return iter([obj[i] for i in range(len(v))])
+
+
+class _NoAutocast:
+    """``torch.autocast`` while tracing: takes any arguments, does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def _autocast_untraced() -> Iterator[None]:
+    """A graph records no context manager, so ``with torch.autocast(...)`` (timm's float32
+    attention: ``device_type=v.device.type``) only ever ran on the tracer's side, where a
+    traced device type stops it; during the trace it is a no-op (the graph computes in the
+    caller's precision)."""
+    saved = torch.autocast
+    torch.autocast = _NoAutocast  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        torch.autocast = saved  # type: ignore[misc]
 
 
 def split_example(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -280,7 +311,8 @@ def capture(
             example = dict(sig.bind_partial(*args, **kwargs).arguments)
         tracer = _Tracer(tuple(leaf_types), example)
         try:
-            graph = tracer.trace(model, concrete_args=concrete)
+            with _autocast_untraced():
+                graph = tracer.trace(model, concrete_args=concrete)
         except Exception as err:
             where = _where(err)
             first = (str(err).strip().splitlines() or [""])[0]

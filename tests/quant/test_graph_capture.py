@@ -390,3 +390,34 @@ def test_values_computed_from_constants_stay_float_and_are_quantized_where_read(
     qat.snap_bias(q, x)
     report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
     assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+
+
+class _Float32Attention(nn.Module):
+    """timm's EfficientViT (MIT) attention: a branch on the device type, an autocast block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.conv(x)
+        if not torch.jit.is_scripting() and v.device.type != "meta":
+            with torch.autocast(device_type=v.device.type, enabled=False):
+                out = v.float() * 2.0
+        else:
+            out = v
+        return out.mean((2, 3))
+
+
+def test_device_type_branches_and_autocast_blocks_are_captured() -> None:
+    x = torch.randn(2, 3, 4, 4)
+    model = _Float32Attention().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the module swap
+        q = qat.prepare(model, example_inputs=x, capture="graph")
+    assert q.qat_capture["mode"] == "graph"
+    assert any("v.device.type" in w for w in q.qat_capture["specialized"])
+    assert torch.autocast is not None and torch.autocast.__name__ == "autocast"  # restored
+    qat.calibrate(q, [x])
+    with torch.no_grad():
+        assert torch.allclose(q.eval()(x), model(x), atol=0.1)
