@@ -84,7 +84,7 @@ def run_one(arch: str, out_dir: Path, bench: bool = True) -> dict:
     """
     rec = _flow(arch, out_dir, bench, IMAGE_SIZE, batch_size=64, steps=30)
     if rec["status"] == "error" and rec["reason"].startswith(("build", "float training")):
-        small = rec["reason"]
+        small = _enter("choosing a side", IMAGE_SIZE) and rec["reason"]
         size = next((s for s in sizes(arch)[1:] if fits(arch, s)), None)
         if size is not None:
             rec = _flow(arch, out_dir, bench, size, batch_size=16, steps=20)
@@ -117,6 +117,26 @@ def fits(arch: str, image_size: int) -> bool:
     return True
 
 
+_START = time.perf_counter()
+
+
+def _enter(stage: str, image_size: int) -> str:
+    """Print the stage the child process enters (the parent names it if time runs out)."""
+    print(f"STAGE {time.perf_counter() - _START:.0f} {image_size} {stage}", flush=True)
+    return stage
+
+
+def _last_stage(stdout: str | bytes | None) -> str:
+    """``"in verify at 64×64, 250 s in"`` from a child's progress lines ('' if none)."""
+    if isinstance(stdout, bytes):
+        stdout = stdout.decode(errors="replace")
+    lines = [s.split(" ", 3) for s in (stdout or "").splitlines() if s.startswith("STAGE ")]
+    if not lines:
+        return ""
+    _, t, side, stage = lines[-1]
+    return f" (in {stage} at {side}×{side}, {t} s in)"
+
+
 def _flow(arch: str, out_dir: Path, bench: bool, image_size: int, batch_size: int, steps: int):
     import warnings
 
@@ -131,17 +151,17 @@ def _flow(arch: str, out_dir: Path, bench: bool, image_size: int, batch_size: in
     torch.manual_seed(0)
     torch.set_num_threads(1)
     rec: dict = {"model": arch, "image_size": image_size}
-    stage = "build"
+    stage = _enter("build", image_size)
     try:
         train, test = _batches(image_size, batch_size)
         model = create_model(
             "timm", arch=arch, num_classes=10, in_channels=3, image_size=image_size
         )
         rec["params"] = sum(p.numel() for p in model.parameters())
-        stage = "float training"
+        stage = _enter("float training", image_size)
         _train(model, train, steps=steps, lr=1e-3, adam=True)
         float_model = model.eval()
-        stage = "prepare"
+        stage = _enter("prepare", image_size)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t = time.perf_counter()
@@ -152,29 +172,29 @@ def _flow(arch: str, out_dir: Path, bench: bool, image_size: int, batch_size: in
             rec["capture_error"] = q.qat_capture.get("capture_error")
             rec["where"] = q.qat_capture.get("where")
         rec["warnings"] = sorted({str(w.message).splitlines()[0][:160] for w in caught})[:5]
-        stage = "calibrate / QAT"
+        stage = _enter("calibrate / QAT", image_size)
         qat.calibrate(q, [x for x, _ in train[:4]])
         qat.set_observers(q, True)
         _train(q, train, steps=4, lr=1e-4, adam=True)
         qat.set_observers(q, False)
         q.eval()
         qat.snap_bias(q, test[0][0][:8])
-        stage = "export"
+        stage = _enter("export", image_size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t = time.perf_counter()
             paths = export_model(q, out_dir, test[0][0][:1])
             rec["export_s"] = time.perf_counter() - t
-        stage = "verify"
+        stage = _enter("verify", image_size)
         report = verify_artifacts(q, paths, test[: 256 // batch_size])
         rec["fake_quant_accuracy"] = report["fake_quant"]["accuracy"]
         rec["runtimes"] = {
             name: {"agreement": r["agreement"], "max_abs_diff": r["max_abs_diff"]}
             for name, r in report["runtimes"].items()
         }
-        stage = "placement"
+        stage = _enter("placement", image_size)
         rec["integer_mac_share"] = placement_report(q, test[0][0][:1])["integer_mac_share"]
-        stage = "bench"
+        stage = _enter("bench", image_size)
         timing = bench and benchmark_artifacts(
             {"onnx": paths["onnx"]},
             float_model,
@@ -418,8 +438,9 @@ def main() -> None:
             else:
                 tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
                 rec = {"model": arch, "status": "error", "reason": f"crashed: {tail}"}
-        except subprocess.TimeoutExpired:
-            rec = {"model": arch, "status": "error", "reason": f"over {args.timeout} s"}
+        except subprocess.TimeoutExpired as err:
+            where = _last_stage(err.stdout)
+            rec = {"model": arch, "status": "error", "reason": f"over {args.timeout} s{where}"}
         rec.update(family=family, timm=timm_version, machine=_machine(), jobs=args.jobs)
         with lock:
             print(
