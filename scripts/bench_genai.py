@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import qat  # noqa: F401  # first: lets transformers import beside a CUDA-built torchvision
     from qat.data import TextDataModule
-    from qat.export.onnx.genai import build_genai_folder, builder_folder, verify_genai
+    from qat.export.onnx.genai import build_genai_folder
+    from qat.export.onnx.genai_builder import builder_folder
+    from qat.export.onnx.genai_runtime import verify_genai
     from qat.models.hf import load_hf_causal_lm
 
     torch.set_num_threads(args.threads)

@@ -125,7 +125,7 @@ def _runtime(target: str, path: Path) -> Any:
     """``ids → logits`` of one exported target (the genai folder's model.onnx with an empty
     KV cache; the others through :func:`~qat.export.verify_lm.load_lm_runtime`)."""
     if target == "genai":
-        from qat.export.onnx.genai import load_genai_runtime
+        from qat.export.onnx.genai_runtime import load_genai_runtime
 
         return load_genai_runtime(path)
     return load_lm_runtime(target, path)
@@ -247,7 +247,7 @@ def run_lm_export(
             verify_lm_artifacts(model, others, batches) if others else {"runtimes": {}}
         )
         if "genai" in artifacts:
-            from qat.export.onnx.genai import verify_genai
+            from qat.export.onnx.genai_runtime import verify_genai
 
             report["parity"]["runtimes"]["genai"] = verify_genai(model, artifacts["genai"], batches)
         try:

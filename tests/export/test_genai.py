@@ -14,12 +14,8 @@ from lm_helpers import lm_recipe
 
 import qat
 from qat.export.lm_io import logits_of
-from qat.export.onnx.genai import (
-    build_genai_folder,
-    genai_generate,
-    greedy_tokens,
-    load_genai_runtime,
-)
+from qat.export.onnx.genai import build_genai_folder
+from qat.export.onnx.genai_runtime import genai_generate, greedy_tokens, load_genai_runtime
 from qat.models.hf import load_hf_causal_lm
 
 

@@ -43,110 +43,36 @@ decode step, as the fake-quant model does when it generates with its KV cache
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import json
-import math
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
 from qat.export.hf_checkpoint import HF_FILES, float_state_dict
 from qat.export.lm_io import is_hf_model
 from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
+from qat.export.onnx.genai_builder import builder_folder, builder_module
 from qat.quant.layers import QEmbedding
 from qat.quant.runtime_matmul import ort_linear_kind
 
 __all__ = [
-    "BUILDER_PRECISIONS",
     "GENAI_CONFIG",
     "build_genai_folder",
-    "builder_folder",
     "export_genai",
-    "genai_generate",
     "genai_layer_kinds",
-    "greedy_tokens",
-    "load_genai_runtime",
-    "verify_genai",
 ]
 
 GENAI_CONFIG = "genai_config.json"
 #: The builder's CPU precisions used here (the peer's files and qat's fp32 base graph).
-BUILDER_PRECISIONS = ("fp32", "int8", "int4")
 _MS = "com.microsoft"
-_INSTALL = "pip install -e '.[genai]' (onnxruntime-genai and onnx-ir, with --no-deps)"
-
-
-def _builder() -> Any:
-    """onnxruntime-genai's model builder module (it imports its siblings as top-level
-    modules, so its folder goes on ``sys.path``)."""
-    try:
-        import onnxruntime_genai
-    except ImportError:
-        raise ValueError(f"export target genai needs onnxruntime-genai: {_INSTALL}") from None
-    models = str(Path(onnxruntime_genai.__file__).parent / "models")
-    if models not in sys.path:
-        sys.path.append(models)
-    try:
-        from onnxruntime_genai.models import builder
-    except ImportError as err:
-        raise ValueError(
-            f"onnxruntime-genai's model builder does not import ({err}): {_INSTALL}"
-        ) from None
-    return builder
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The builder prints its options and a progress bar per tensor: keep the run's log clean
-    (the output is shown if it fails)."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            yield
-    except Exception as err:
-        raise RuntimeError(
-            f"{err}\n--- model builder output ---\n{out.getvalue()[-4000:]}"
-        ) from err
-
-
-def builder_folder(
-    hf_dir: str | Path,
-    out_dir: str | Path,
-    precision: str = "fp32",
-    extra_options: Mapping[str, Any] | None = None,
-) -> Path:
-    """Run onnxruntime-genai's model builder (CPU) on the Hugging Face folder ``hf_dir``.
-
-    Args:
-        hf_dir: a ``save_pretrained`` folder with its tokenizer.
-        out_dir: the genai folder to write.
-        precision: ``fp32``, ``int8`` or ``int4`` (the builder's RTN quantization of the float
-            weights: ``MatMulNBits`` with blocks of 32 at ``accuracy_level`` 4 by default).
-        extra_options: the builder's ``--extra_options`` (e.g. ``{"int4_accuracy_level": 0}``).
-    """
-    if precision not in BUILDER_PRECISIONS:
-        raise ValueError(f"precision={precision!r} is invalid: one of {BUILDER_PRECISIONS}")
-    builder = _builder()
-    out_dir = Path(out_dir)
-    extra = [f"{k}={v}" for k, v in (extra_options or {}).items()]
-    with tempfile.TemporaryDirectory() as cache, _quiet():
-        opts = builder.parse_extra_options(
-            None, str(hf_dir), str(out_dir), precision, "cpu", cache, extra
-        )
-        builder.create_model(None, str(hf_dir), str(out_dir), precision, "cpu", cache, **opts)
-    return out_dir
 
 
 def _dequantized_hf_folder(model: nn.Module, folder: Path, source_dir: Path | None) -> None:
@@ -439,7 +365,7 @@ def build_genai_folder(
         raise ValueError(f"accuracy_level={accuracy_level!r} is invalid: 0, 1, 2, 3 or 4")
     model = model.cpu().eval()
     kinds = genai_layer_kinds(model, accuracy_level, q8_ops)
-    _builder()  # fail before any work when it is missing
+    builder_module()  # fail before any work when it is missing
     source = Path(source_dir or getattr(model.config, "_name_or_path", "") or ".")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -466,139 +392,3 @@ def export_genai(
     """:func:`build_genai_folder` into ``out_dir``; returns it."""
     build_genai_folder(model, out_dir, source_dir, accuracy_level, q8_ops)
     return Path(out_dir)
-
-
-def _config(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / GENAI_CONFIG).read_text())["model"]
-
-
-def load_genai_runtime(
-    folder: str | Path, threads: int = 2
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``ids (B, T) → logits (B, T, V)`` of a genai folder's ``model.onnx`` in ONNX Runtime,
-    the whole sequence at once with an empty KV cache (the verify step's runtime)."""
-    from qat.export.onnx import make_session
-
-    folder = Path(folder)
-    cfg = _config(folder)
-    dec = cfg["decoder"]
-    session = make_session(folder / dec["filename"], threads=threads, spinning=False)
-    names = {i.name for i in session.get_inputs()}
-    past = [
-        (dec["inputs"]["past_key_names"] % i, dec["inputs"]["past_value_names"] % i)
-        for i in range(dec["num_hidden_layers"])
-    ]
-    logits_name = dec["outputs"]["logits"]
-
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        b, t = ids.shape
-        empty = np.zeros((b, dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": ids.cpu().long().numpy(),
-            "attention_mask": np.ones((b, t), np.int64),
-        }
-        if "position_ids" in names:
-            feeds["position_ids"] = np.tile(np.arange(t, dtype=np.int64), (b, 1))
-        for k, v in past:
-            feeds[k] = feeds[v] = empty
-        (out,) = session.run([logits_name], feeds)
-        return torch.from_numpy(np.asarray(out)).float()
-
-    return run
-
-
-def genai_generate(
-    folder: str | Path, prompt: list[int], max_new_tokens: int, threads: int = 2
-) -> list[int]:
-    """Greedy tokens ``onnxruntime-genai`` generates from ``prompt`` (the new ones only; it
-    stops early at the end-of-sequence token)."""
-    import onnxruntime_genai as og
-
-    config = og.Config(str(folder))
-    config.clear_providers()
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(
-        do_sample=False, max_length=len(prompt) + max_new_tokens, batch_size=1
-    )
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray([prompt], dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)[len(prompt) :]]
-
-
-@torch.no_grad()
-def greedy_tokens(model: nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The fake-quant model's greedy tokens with its KV cache (one token per decode step, as
-    the genai file runs), stopping after the end-of-sequence token as genai does."""
-    model = model.eval()
-    eos = model.config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    ids = torch.tensor([prompt])
-    out = model(input_ids=ids, use_cache=True)
-    # transformers 5 names the cache ``cache`` (``past_key_values`` before).
-    key = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        tok = int(out.logits[0, -1].argmax())
-        new.append(tok)
-        if tok in eos:
-            break
-        out = model(input_ids=torch.tensor([[tok]]), use_cache=True, **{key: getattr(out, key)})
-    return new
-
-
-def _kl_sum(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Sum over positions of ``KL(softmax(ref) ‖ softmax(out))`` in nats (float64)."""
-    p = torch.log_softmax(ref.flatten(0, -2).double(), dim=-1)
-    q = torch.log_softmax(out.flatten(0, -2).double(), dim=-1)
-    return float((p.exp() * (p - q)).sum())
-
-
-@torch.no_grad()
-def verify_genai(
-    model: nn.Module,
-    folder: str | Path,
-    batches: Iterable[Any],
-    max_batches: int | None = None,
-    threads: int = 2,
-) -> dict[str, Any]:
-    """The genai folder's whole-sequence logits (:func:`load_genai_runtime`) against the
-    fake-quant model's on ``(ids, targets)`` batches: one runtime entry of
-    :func:`qat.export.verify_lm.verify_lm_artifacts`' report (``agreement``, ``perplexity``,
-    ``reference_perplexity``, ``ppl_rel_diff``, ``mean_kl``, ``max_abs_diff``,
-    ``mean_abs_diff``), which :func:`~qat.export.verify_lm.check_lm_parity` checks."""
-    from qat.export.lm_io import logits_of
-
-    ref_model = copy.deepcopy(model).cpu().eval()
-    run = load_genai_runtime(folder, threads)
-    agree, tokens, nll, ref_nll, kl, dmax, dsum, count = 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0
-    for i, (x, y) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        ref = logits_of(ref_model, x).float()
-        out = run(x)
-        diff = (out - ref).abs()
-        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-        tokens += y.numel()
-        nll += float(F.cross_entropy(out.flatten(0, -2).double(), y.flatten(), reduction="sum"))
-        ref_nll += float(F.cross_entropy(ref.flatten(0, -2).double(), y.flatten(), reduction="sum"))
-        kl += _kl_sum(ref, out)
-        dmax, dsum, count = (
-            max(dmax, float(diff.max())),
-            dsum + float(diff.sum()),
-            count + diff.numel(),
-        )
-    if tokens == 0:
-        raise ValueError("verify_genai got no batches")
-    ppl, ref_ppl = math.exp(nll / tokens), math.exp(ref_nll / tokens)
-    return {
-        "agreement": agree / tokens,
-        "perplexity": ppl,
-        "reference_perplexity": ref_ppl,
-        "ppl_rel_diff": abs(ppl - ref_ppl) / ref_ppl,
-        "mean_kl": kl / tokens,
-        "max_abs_diff": dmax,
-        "mean_abs_diff": dsum / max(count, 1),
-    }

@@ -239,3 +239,43 @@ def finalize(model: onnx.ModelProto, opset: int, int4_packed: bool) -> onnx.Mode
     _rename_io(model)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def bias_into_matmulnbits(graph: onnx.GraphProto) -> int:
+    """Give each ``MatMulNBits → Add(constant bias)`` its bias as the kernel's own input.
+
+    The kernel adds it inside its epilogue, before the zero-point term, which rounds
+    differently from an ``Add`` after it; ORT's optimizer makes the same fusion at its default
+    level but not with optimizations off, so the file states it and every level computes what
+    :mod:`qat.quant.runtime_matmul` reproduces. Returns the number of layers rewritten.
+    """
+    consts = {
+        n.output[0]: n
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    }
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    dropped = []
+    for mm in graph.node:
+        if mm.op_type != "MatMulNBits" or len(mm.input) > 3:
+            continue
+        users = readers.get(mm.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add" or users[0].input[0] != mm.output[0]:
+            continue
+        add, bias = users[0], users[0].input[1]
+        if bias not in consts or len(consts[bias].attribute[0].t.dims) != 1:
+            continue
+        mm.input.extend(["", "", bias])  # zero_points, g_idx: absent
+        mm.output[0] = add.output[0]  # the Add was the kernel's only reader
+        # An initializer: the Constant node may come after the kernel in the node order.
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(consts[bias].attribute[0].t)
+        tensor.name = bias
+        graph.initializer.append(tensor)
+        dropped += [add, consts[bias]]
+    for node in dropped:
+        graph.node.remove(node)
+    return len(dropped) // 2
