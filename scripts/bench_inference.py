@@ -56,7 +56,8 @@ from qat.export import export_model, verify_artifacts
 from qat.export.bench import make_batch, time_interleaved
 from qat.export.onnx import export_float_onnx, make_session
 from qat.export.onnx.runtime import runtime_graph
-from qat.export.torchscript import ENGINE, EXACT_ENGINES, load_torchscript
+from qat.export.torchscript import ENGINE, load_torchscript
+from qat.export.torchscript_engine import EXACT_ENGINES
 from qat.models import create_model
 
 MODELS = ("resnet20", "mobilenetv2", "resnet18")

@@ -29,27 +29,13 @@ Grid-preserving ops in the forward (ReLU, max-pool, flatten, view, dropout) run 
 tensors as they are. The result is traced with ``torch.jit.trace`` and loads with
 ``torch.jit.load`` in a process that never imports qat.
 
-Engine: ``torch.jit.load`` packs the saved weights for the ``torch.backends.quantized.engine``
-set *when it loads*, and the engines round differently. ``fbgemm`` requantizes as ONNX Runtime
-does, ``round(float32(acc + b/(s_in·s_w)) · M) + z``. The default ``x86`` engine, on a Linux CPU
-with AVX-512 VNNI, runs convs of at most 100 groups on oneDNN, which applies the scales one by
-one and adds the zero point before it rounds (:func:`qat.quant.numerics.onednn_levels`, matched
-bit for bit on millions of near-tie outputs), so near-ties land one level apart (MobileNetV2
-W4A4: 99.85% top-1 agreement with fbgemm's numerics); wider depthwise convs, linears, adds and
-concats run as under ``fbgemm``. Each engine is exact against the fake-quant model evaluated
-for it (:func:`qat.runtime_numerics` with the target :func:`numerics_target` names), and ``x86``
-ran batch 64 faster (ResNet-20 1.9-4.3x, MobileNetV2 1.03-2.3x: docs/benchmarks.md). So this module builds, loads and verifies under
-:data:`ENGINE` (``x86``) and restores the caller's engine afterwards; ``fbgemm`` stays available
-(``engine=``). Without qat, set the engine the model was verified under, then ``torch.jit.load``.
+Engine: which quantized engine the model is built, loaded and verified under, and why:
+:mod:`qat.export.torchscript_engine`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -62,6 +48,12 @@ from qat.export.convert import convert, explicit_padding
 from qat.export.ir import ActGrid, ConvertedModel, LayerDesc
 from qat.export.lowering import lower
 from qat.export.reference import float_forward
+from qat.export.torchscript_engine import (
+    ENGINE,
+    deprecations_silenced,
+    numerics_target,
+    quantized_engine,
+)
 from qat.quant.grids import run_model
 from qat.quant.prepare import remove_input_quant_hook, set_module
 
@@ -91,73 +83,6 @@ QUANTIZED_OPS = (
     "aten::quantize_per_tensor",
     "aten::_make_per_tensor_quantized_tensor",
 )
-
-
-#: The quantized engine the TorchScript model is built, verified and timed under (see above).
-ENGINE = "x86"
-
-#: The engines whose numerics the fake-quant model reproduces (:func:`numerics_target`).
-EXACT_ENGINES = ("x86", "fbgemm")
-
-
-@contextlib.contextmanager
-def quantized_engine(name: str = ENGINE) -> Iterator[None]:
-    """Set ``torch.backends.quantized.engine`` for a block; the previous engine comes back after.
-
-    Raises:
-        RuntimeError: this PyTorch build has no such engine (fbgemm needs an x86 CPU build).
-    """
-    supported = torch.backends.quantized.supported_engines
-    if name not in supported:
-        raise RuntimeError(
-            f"PyTorch's quantized engine {name!r} is not in this build "
-            f"(supported: {', '.join(supported)}): the TorchScript export runs on x86 CPUs "
-            "(u8 activations × s8 weights on fbgemm); export onnx only (export.targets=[onnx])"
-        )
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = before
-
-
-def numerics_target(engine: str = ENGINE) -> str:
-    """The :func:`qat.runtime_numerics` target that computes what ``engine`` computes here:
-    ``"torchscript_x86"`` where ``x86`` runs convs on oneDNN (a Linux CPU with AVX-512 VNNI),
-    else ``"torchscript"`` (fbgemm's rounding).
-
-    Raises:
-        ValueError: ``engine`` is not one of :data:`EXACT_ENGINES`.
-    """
-    if engine not in EXACT_ENGINES:
-        raise ValueError(f"engine={engine!r}: the fake-quant model reproduces only {EXACT_ENGINES}")
-    return "torchscript_x86" if engine == "x86" and _x86_convs_on_onednn() else "torchscript"
-
-
-@functools.cache
-def _x86_convs_on_onednn() -> bool:
-    """Asks the kernel rather than the CPU flags: one conv output lies on an exact tie
-    (``acc · M = 1 · 1 · 1/2``) with zero point 1; oneDNN rounds ``0.5 + 1`` to 2, fbgemm
-    ``round(0.5) + 1`` to 1."""
-    with _deprecations_silenced(), quantized_engine("x86"):
-        conv = nnq.Conv2d(1, 1, 1, bias=False)
-        conv.set_weight_bias(
-            torch.quantize_per_tensor(torch.ones(1, 1, 1, 1), 1.0, 0, torch.qint8), None
-        )
-        conv.scale, conv.zero_point = 2.0, 1
-        x = torch.quantize_per_tensor(torch.ones(1, 1, 1, 1), 1.0, 0, torch.quint8)
-        return int(conv(x).int_repr().item()) == 2
-
-
-@contextlib.contextmanager
-def _deprecations_silenced() -> Iterator[None]:
-    """This file targets torch's deprecated quantized tensors and tracer on purpose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        warnings.filterwarnings("ignore", message=".*torch.jit.(trace|save|load).* is deprecated.*")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
 
 
 def _quantize(x: torch.Tensor, grid: ActGrid, relu: bool = False) -> torch.Tensor:
@@ -425,7 +350,7 @@ def _build(
     remove_input_quant_hook(body)
     modules = dict(body.named_modules())
     # The integer layers pack their weights when built: under the engine, as a load would.
-    with _deprecations_silenced(), quantized_engine(engine):
+    with deprecations_silenced(), quantized_engine(engine):
         for name, desc in converted.layers.items():
             # The float islands compute with the copy's modules (never the caller's).
             desc = copy.copy(desc)
@@ -445,7 +370,7 @@ def _example_args(example_input: Any) -> tuple[Any, ...]:
 def trace_integer_model(integer_model: IntegerModel, example_input: Any) -> torch.jit.ScriptModule:
     """``torch.jit.trace`` of an :class:`IntegerModel` (frozen control flow, fixed layers)."""
     args = _example_args(example_input)
-    with _deprecations_silenced():
+    with deprecations_silenced():
         return torch.jit.trace(integer_model, args, check_trace=False)
 
 
@@ -470,7 +395,7 @@ def export_torchscript(
 
 def save_torchscript(module: torch.jit.ScriptModule, target: str | Path | BinaryIO) -> None:
     """``torch.jit.save`` (a path or a binary file object)."""
-    with _deprecations_silenced():
+    with deprecations_silenced():
         torch.jit.save(module, target if not isinstance(target, Path) else str(target))
 
 
@@ -491,7 +416,7 @@ def load_torchscript(path: str | Path | BinaryIO, engine: str = ENGINE) -> torch
     Raises:
         RuntimeError: this PyTorch build has no such engine (the message lists the ones it has).
     """
-    with _deprecations_silenced(), quantized_engine(engine):
+    with deprecations_silenced(), quantized_engine(engine):
         source = str(path) if isinstance(path, str | Path) else path
         return torch.jit.load(source, map_location="cpu").eval()
 

@@ -98,7 +98,7 @@ def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _engine(runtime: str) -> str:
     """The quantized engine a TorchScript key names (``torchscript_fbgemm``), or the default."""
-    from qat.export.torchscript import ENGINE, EXACT_ENGINES
+    from qat.export.torchscript_engine import ENGINE, EXACT_ENGINES
 
     suffix = runtime.removeprefix("torchscript").removeprefix("_")
     return suffix if suffix in EXACT_ENGINES else ENGINE
