@@ -24,16 +24,28 @@ New modules are named after the module whose forward wrote the op and the op
 from __future__ import annotations
 
 import copy
-import keyword
-import operator
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from qat.ops import Add, Cat
+from qat.quant.graph_ops import (
+    ADD_FUNCTIONS,
+    ADD_METHODS,
+    CAT_FUNCTIONS,
+    MATMUL_FUNCTIONS,
+    MATMUL_METHODS,
+    NON_TENSOR_FUNCTIONS,
+    NON_TENSOR_METHODS,
+    RELU_FUNCTIONS,
+    RELU_METHODS,
+    cat_args,
+    input_dependent,
+    only_user,
+    target_name,
+)
 from qat.quant.grids import GRID_PRESERVING
 from qat.quant.layers import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear, QMatMul
 from qat.quant.layers.functional import (
@@ -54,28 +66,7 @@ from qat.quant.spec import Recipe
 
 __all__ = ["rewrite_graph"]
 
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
-_CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
-_MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
-_MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
-_RELU_METHODS = ("relu", "relu_")
-#: Calls whose result is not a float tensor (sizes, shapes, flags): never quantized.
-_NON_TENSOR_METHODS = frozenset({"size", "dim", "numel", "item", "tolist", "__len__"})
-#: Functions called for their checks, not a value (timm's ``_assert``, ``torch._check``).
-_NON_TENSOR_FUNCTIONS = frozenset(
-    {torch._assert, torch._assert_async, torch._check, torch.jit.is_scripting, torch.is_tensor}
-)
 _INTEGER_LAYERS = (QConv2d, QConvBn2d, QLinear, QAdd, QCat, QMatMul)
-
-
-def _target_name(node: fx.Node) -> str:
-    """A module-name part for the op: an identifier that is no keyword (``_assert`` → ``assert_``)."""
-    t = node.target
-    name = t if isinstance(t, str) else getattr(t, "__name__", type(t).__name__)
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name).strip("_") or "op"
-    return f"{name}_" if keyword.iskeyword(name) or name[0].isdigit() else name
 
 
 class _Rewriter:
@@ -109,8 +100,8 @@ class _Rewriter:
         if node.op == "call_module":
             return type(self.module(node)) is nn.ReLU
         if node.op == "call_function":
-            return node.target in _RELU_FUNCTIONS
-        return node.op == "call_method" and node.target in _RELU_METHODS
+            return node.target in RELU_FUNCTIONS
+        return node.op == "call_method" and node.target in RELU_METHODS
 
     @staticmethod
     def is_float(node: Any) -> bool:
@@ -124,9 +115,9 @@ class _Rewriter:
             return any(getattr(m, "dtype", torch.int64).is_floating_point for m in meta)
         if "tensor_meta" in node.meta or node.meta.get("type") not in (None, torch.Tensor):
             return False
-        if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+        if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
             return False
-        if node.op == "call_function" and node.target in _NON_TENSOR_FUNCTIONS:
+        if node.op == "call_function" and node.target in NON_TENSOR_FUNCTIONS:
             return False
         return not (node.op == "call_function" and node.target is getattr)
 
@@ -214,7 +205,7 @@ class _Rewriter:
             if type(head) not in (nn.Conv2d, nn.Linear) or calls[node.target] > 1:
                 continue
             chain, bn = [node], None
-            user = _only_user(node)
+            user = only_user(node)
             if (
                 type(head) is nn.Conv2d
                 and self.recipe.fuse_bn
@@ -225,7 +216,7 @@ class _Rewriter:
             ):
                 bn = self.module(user)
                 chain.append(user)
-                user = _only_user(user)
+                user = only_user(user)
             relu = user is not None and self.is_relu(user)
             if relu:
                 chain.append(user)
@@ -252,7 +243,7 @@ class _Rewriter:
     def swap(self) -> None:
         """Quantize every remaining op (see the module docstring, step 2)."""
         wrapped_calls: dict[str, int] = {}
-        live = self._input_dependent()
+        live = input_dependent(self.graph, self.is_float)
         for node in list(self.graph.nodes):
             if node in self.new or node.op not in ("call_module", "call_function", "call_method"):
                 continue
@@ -272,26 +263,14 @@ class _Rewriter:
             elif self._is_matmul(node):
                 name = self.fresh_name(node, "matmul")
                 self.replace_with_module(node, name, QMatMul(self.specs(name)[1]), tuple(node.args))
-            elif node.op == "call_function" and node.target in _CAT_FUNCTIONS:
-                tensors, dim = _cat_args(node)
+            elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
+                tensors, dim = cat_args(node)
                 name = self.fresh_name(node, "cat")
                 self.replace_with_module(node, name, QCat(dim, self.specs(name)[1]), (tensors,))
             elif (
                 not self.grid_preserving(node) and self.is_float(node) and self.single_tensor(node)
             ):
                 self._float_island(node)
-
-    def _input_dependent(self) -> set[fx.Node]:
-        """The nodes whose value depends on a model input through float tensors (not through
-        shapes or masks built from them)."""
-        live: set[fx.Node] = set()
-        for node in self.graph.nodes:
-            if node.op == "placeholder" or any(
-                a in live and (a.op == "placeholder" or self.is_float(a))
-                for a in node.all_input_nodes
-            ):
-                live.add(node)
-        return live
 
     def _set(self, name: str, module: nn.Module) -> None:
         parent, _, child = name.rpartition(".")
@@ -362,8 +341,8 @@ class _Rewriter:
         self.replace_with_module(node, name, twin, node.args, node.kwargs)
 
     def _is_add(self, node: fx.Node) -> bool:
-        add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _ADD_METHODS
+        add = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ADD_METHODS
         )
         if not add or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
             return False
@@ -372,8 +351,8 @@ class _Rewriter:
         return all(isinstance(a, fx.Node) and self.is_float(a) for a in node.args)
 
     def _is_matmul(self, node: fx.Node) -> bool:
-        matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _MATMUL_METHODS
+        matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
+            node.op == "call_method" and node.target in MATMUL_METHODS
         )
         return (
             matmul
@@ -383,7 +362,7 @@ class _Rewriter:
         )
 
     def _swap_add(self, node: fx.Node) -> None:
-        user = _only_user(node)
+        user = only_user(node)
         relu = user is not None and self.is_relu(user)
         name = self.fresh_name(node, "add")
         new = self.replace_with_module(
@@ -408,7 +387,7 @@ class _Rewriter:
 
         args, kwargs = slot(node.args), slot(dict(node.kwargs))
         op = FunctionalOp(node.target, args, kwargs)
-        name = self.fresh_name(node, _target_name(node))
+        name = self.fresh_name(node, target_name(node))
         _, activation, skip = self.specs(name)
         new = FloatLayer(op, activation) if skip else QAct(op, activation)
         self.replace_with_module(node, name, new, tuple(values))
@@ -444,17 +423,6 @@ class _Rewriter:
         made = set(self.new.values())
         names = [n.target for n in self.graph.nodes if n.op == "call_module" and n.target in made]
         return list(dict.fromkeys(names))
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _cat_args(node: fx.Node) -> tuple[Any, int]:
-    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return list(tensors), int(dim)
 
 
 def rewrite_graph(

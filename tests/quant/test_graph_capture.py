@@ -228,10 +228,10 @@ def test_a_weightless_module_that_branches_on_training_stays_a_live_module() -> 
 
 
 def test_the_add_function_table_covers_inline_forms() -> None:
-    from qat.quant.graph_rewrite import _ADD_FUNCTIONS
+    from qat.quant.graph_ops import ADD_FUNCTIONS
 
-    assert operator.add in _ADD_FUNCTIONS and operator.iadd in _ADD_FUNCTIONS
-    assert torch.add in _ADD_FUNCTIONS
+    assert operator.add in ADD_FUNCTIONS and operator.iadd in ADD_FUNCTIONS
+    assert torch.add in ADD_FUNCTIONS
 
 
 def test_prepare_of_a_graph_model_without_example_inputs_still_captures() -> None:
