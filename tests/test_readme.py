@@ -29,8 +29,9 @@ RESULTS = REPO / "docs" / "results.md"
 
 #: Keys whose README value may be a placeholder (``<run>``, ``<float ckpt>``): paths the
 #: commands only read when they run, which config validation does not open, and the class of
-#: a model of your own, validated with a torchvision-style test model in its place.
-PLACEHOLDER_KEYS = ("ckpt_path", "init_from", "hydra.run.dir", "model._target_")
+#: a model of your own, validated with a torchvision-style test model in its place, and your
+#: Hugging Face folder (``model.path``), validated with the tests' tiny Llama folder in its place.
+PLACEHOLDER_KEYS = ("ckpt_path", "init_from", "hydra.run.dir", "model._target_", "model.path")
 DUMMY = "placeholder"
 #: What stands for ``model._target_=<your_package.YourNet>`` (tests/helpers/zoo.py).
 YOUR_MODEL = "model._target_=zoo.resnet_basic"
@@ -93,12 +94,32 @@ def test_readme_has_the_commands() -> None:
     assert EXPORT_COMMANDS, "README: no `python -m qat.export ...` command"
 
 
+@pytest.fixture(scope="module")
+def kquant_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama folder whose every input size is a multiple of the k-quants' 256 block."""
+    import transformers
+    from hf_folder import make_hf_config, train_bpe
+
+    cfg = make_hf_config("llama", hidden=256)
+    cfg.intermediate_size = 512
+    path = tmp_path_factory.mktemp("hf") / "kquant-llama"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    train_bpe(cfg.vocab_size).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("args", TRAIN_COMMANDS, ids=" ".join)
-def test_train_command_composes_and_validates(args: list[str], tmp_path: Path) -> None:
+def test_train_command_composes_and_validates(
+    args: list[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     from qat.lit.config import validate_config
 
     check_placeholders(args)
     args = [YOUR_MODEL if a == f"model._target_={DUMMY}" else a for a in args]
+    if any(a.startswith("model.path=") for a in args):  # the folder a command names, or yours
+        kquant = any(a.startswith(("quant=lm_q4_k", "quant=lm_q6_k")) for a in args)
+        hf_dir = request.getfixturevalue("kquant_hf_dir" if kquant else "hf_dir")
+        args = [f"model.path={hf_dir}" if a.startswith("model.path=") else a for a in args]
     for overrides in sweep_jobs(args):
         cfg = compose_train(overrides, tmp_path)
         # What train(cfg) checks first (recipe, schedule, export targets, model, a dry-run

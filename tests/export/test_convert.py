@@ -110,7 +110,9 @@ def test_input_grids_are_found_through_functional_ops() -> None:
     _runtimes_match(q, torch.randn(16, 3, 6, 6))
 
 
-def test_layer_called_on_two_grids_is_refused() -> None:
+def test_layer_called_on_two_grids_is_refused_after_the_module_swap() -> None:
+    # A captured graph gives each call its own layer (tests/quant/test_graph_capture.py); the
+    # module swap keeps one module, whose one input grid export cannot choose.
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -120,7 +122,7 @@ def test_layer_called_on_two_grids_is_refused() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(self.a(x)) + self.b(x) * 0
 
-    q = quantize(Twice(), recipe(8), _batch, steps=0)
+    q = quantize(Twice(), recipe(8), _batch, steps=0, capture="modules")
     with pytest.raises(ValueError, match=r"layer b is called several times on different"):
         convert(q, _batch())
 
