@@ -103,6 +103,12 @@ def calibration_loader(trainer: Trainer | None, seed: int) -> DataLoader | None:
         source = source[0] if source else None
     if not isinstance(source, DataLoader):
         return None
+    return seeded_shuffle(source, seed)
+
+
+def seeded_shuffle(source: DataLoader, seed: int) -> DataLoader:
+    """``source``'s dataset in shuffled batches whose order ``seed`` fixes (the global RNG
+    untouched), in this process."""
     return DataLoader(
         source.dataset,
         batch_size=source.batch_size or 1,

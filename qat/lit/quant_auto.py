@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from qat.lit.calibration import seeded_shuffle
 from qat.lit.config_recipe import container
 from qat.lit.errors import ConfigError
 from qat.quant.bit_allocation import Allocation, allocate_bits, layer_cost
@@ -212,15 +213,7 @@ def _batches(datamodule: Any, seed: int) -> DataLoader:
     """Shuffled training batches, their order fixed by ``seed`` (the global RNG untouched)."""
     if hasattr(datamodule, "setup"):
         datamodule.setup("fit")
-    source = datamodule.train_dataloader()
-    return DataLoader(
-        source.dataset,
-        batch_size=source.batch_size or 1,
-        shuffle=True,
-        num_workers=0,
-        collate_fn=source.collate_fn,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return seeded_shuffle(datamodule.train_dataloader(), seed)
 
 
 def choose_bits(
