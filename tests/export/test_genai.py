@@ -3,40 +3,18 @@ model's greedy tokens from the exported folder, whose weights are the trained gr
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
 from hf_folder import make_hf_folder
-from lm_helpers import lm_recipe
+from lm_helpers import fake_quant_hf
 
 import qat
 from qat.export.lm_io import logits_of
 from qat.export.onnx.genai import build_genai_folder
 from qat.export.onnx.genai_runtime import genai_generate, greedy_tokens, load_genai_runtime
-from qat.models.hf import load_hf_causal_lm
-
-
-def _fake_quant(path: Path, recipe: str, steps: int = 2) -> torch.nn.Module:
-    """The model of ``path`` prepared with ``recipe``, calibrated and trained a few steps."""
-    torch.manual_seed(0)
-    model = load_hf_causal_lm(str(path))
-    ids = torch.randint(0, 512, (4, 32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the module-swap fallback warning
-        qmodel = qat.prepare(model, lm_recipe(recipe), example_inputs=ids[:2])
-    qat.calibrate(qmodel, [ids], num_batches=1)
-    opt = torch.optim.AdamW(qmodel.parameters(), lr=1e-3)
-    qmodel.train()
-    for _ in range(steps):
-        logits = logits_of(qmodel, ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qmodel.eval()
 
 
 @pytest.mark.parametrize(
@@ -45,7 +23,7 @@ def _fake_quant(path: Path, recipe: str, steps: int = 2) -> torch.nn.Module:
 def test_genai_generates_the_fake_quant_models_greedy_tokens(
     hf_dir: Path, tmp_path: Path, recipe: str, op: str
 ) -> None:
-    qmodel = _fake_quant(hf_dir, recipe)
+    qmodel = fake_quant_hf(hf_dir, recipe)
     out = tmp_path / "genai"
     report = build_genai_folder(qmodel, out)
     assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
@@ -72,7 +50,7 @@ def test_genai_generates_the_fake_quant_models_greedy_tokens(
 
 
 def test_genai_refuses_per_token_activations_before_any_work(hf_dir: Path, tmp_path: Path) -> None:
-    qmodel = _fake_quant(hf_dir, "lm_8da4w", steps=0)
+    qmodel = fake_quant_hf(hf_dir, "lm_8da4w", steps=0)
     with pytest.raises(ValueError, match="cannot reproduce: train with quant=lm_w4g32"):
         build_genai_folder(qmodel, tmp_path / "genai")
     assert not (tmp_path / "genai").exists()
@@ -86,7 +64,7 @@ def test_genai_q4_0_runs_the_int8_kernel_on_q8_0_blocks(
     (ORT's int8 kernel on blocks of 32), after the fake-quant model's Q8_0 rounding as float
     ops (``q8_ops``) or on the float input (ORT rounds it to int8 blocks itself); logits of
     the whole sequence match the fake-quant model's up to summation order / scale rounding."""
-    qmodel = _fake_quant(hf_dir, "lm_q4_0", steps=0)
+    qmodel = fake_quant_hf(hf_dir, "lm_q4_0", steps=0)
     out = tmp_path / "genai"
     report = build_genai_folder(qmodel, out, q8_ops=q8_ops)
     ops = "q8_0+" if q8_ops else ""
@@ -114,7 +92,7 @@ def test_genai_other_families_generate_the_fake_quant_models_tokens(
     """Qwen2 (q/k/v biases after the fused projection) and Gemma (scaled embeddings, 1 + w
     norms): the builder's graph around the trained kernels, the same 32 greedy tokens."""
     path = make_hf_folder(tmp_path / family, family=family)
-    qmodel = _fake_quant(path, "lm_w4g32", steps=0)
+    qmodel = fake_quant_hf(path, "lm_w4g32", steps=0)
     build_genai_folder(qmodel, tmp_path / "genai")
     prompt = qat.hf_folder.load_hf_tokenizer(path)("import os\nclass A:")["input_ids"]
     expected = greedy_tokens(qmodel, prompt, 32)

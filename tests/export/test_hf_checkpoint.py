@@ -4,41 +4,18 @@ computes the fake-quant model's logits (int4 weight-only per group, W8A8 with dy
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from hf_folder import make_hf_folder
-from lm_helpers import lm_recipe
+from lm_helpers import fake_quant_hf
 
-import qat
 from qat.export.hf_checkpoint import export_hf_checkpoint, load_hf_checkpoint
 from qat.export.lm_io import logits_of
-from qat.models.hf import load_hf_causal_lm
 
 pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
-
-
-def _fake_quant(path: Path, recipe: str, steps: int = 3) -> torch.nn.Module:
-    """The model of ``path`` prepared with ``recipe`` and trained a few steps (scales move)."""
-    torch.manual_seed(0)
-    model = load_hf_causal_lm(str(path))
-    ids = torch.randint(0, 512, (4, 32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the module-swap fallback warning
-        qmodel = qat.prepare(model, lm_recipe(recipe), example_inputs=ids[:2])
-    qat.calibrate(qmodel, [ids], num_batches=1)
-    opt = torch.optim.AdamW(qmodel.parameters(), lr=1e-3)
-    qmodel.train()
-    for _ in range(steps):
-        logits = logits_of(qmodel, ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return qmodel.eval()
 
 
 @pytest.mark.parametrize(
@@ -51,7 +28,7 @@ def _fake_quant(path: Path, recipe: str, steps: int = 3) -> torch.nn.Module:
 def test_transformers_loads_the_fake_quant_model_back(
     hf_dir: Path, tmp_path: Path, recipe: str, formats: set[str], inputs: dict | None
 ) -> None:
-    qmodel = _fake_quant(hf_dir, recipe)
+    qmodel = fake_quant_hf(hf_dir, recipe, steps=3)
     out = export_hf_checkpoint(qmodel, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
@@ -84,7 +61,7 @@ def test_transformers_loads_the_fake_quant_model_back(
 
 def test_gpt2_conv1d_layers_are_kept_as_their_fake_quant_weights(tmp_path: Path) -> None:
     path = make_hf_folder(tmp_path / "gpt2", family="gpt2", tokenizer=False)
-    qmodel = _fake_quant(path, "lm_w4g32", steps=0)
+    qmodel = fake_quant_hf(path, "lm_w4g32", steps=0)
     out = export_hf_checkpoint(qmodel, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "transformer.h.0.attn.c_attn" in config["ignore"]

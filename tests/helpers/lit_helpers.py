@@ -43,6 +43,23 @@ FAST = [
 ]
 
 
+#: A few batches of a tiny ``model=hf`` run, exported and verified on 2 batches, no benchmark.
+HF_TINY = [
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.val_bytes=8000",
+    "data.test_bytes=8000",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.rich_progress_bar",
+    "export.verify_batches=2",
+    "export.bench=false",
+]
+
+
 def compose_train(overrides: Sequence[str], output_dir: Path | str) -> DictConfig:
     """Compose configs/train.yaml as ``python train.py <overrides>`` would, output in ``output_dir``."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -33,6 +33,32 @@ def lm_recipe(name: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("enabled", "bits", "name")}
 
 
+def fake_quant_hf(path: str | Path, recipe: str, steps: int = 2) -> nn.Module:
+    """The Hugging Face model of ``path`` prepared with ``recipe``, calibrated on random ids and
+    trained ``steps`` AdamW steps (the scales move), in eval mode."""
+    import warnings
+
+    from qat.export.lm_io import logits_of
+    from qat.models.hf import load_hf_causal_lm
+
+    torch.manual_seed(0)
+    model = load_hf_causal_lm(str(path))
+    ids = torch.randint(0, 512, (4, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the module-swap fallback warning
+        qmodel = qat.prepare(model, lm_recipe(recipe), example_inputs=ids[:2])
+    qat.calibrate(qmodel, [ids], num_batches=1)
+    opt = torch.optim.AdamW(qmodel.parameters(), lr=1e-3)
+    qmodel.train()
+    for _ in range(steps):
+        logits = logits_of(qmodel, ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return qmodel.eval()
+
+
 @lru_cache
 def text_data(seq_len: int = SEQ, batch_size: int = 16) -> Any:
     from qat.data import TextDataModule

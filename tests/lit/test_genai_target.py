@@ -7,27 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from lit_helpers import compose_train
+from lit_helpers import HF_TINY, compose_train
 
 from qat.lit.config import validate_config
 from qat.lit.errors import ConfigError
 from qat.lit.train import train
 
-TINY = [
-    "data.seq_len=32",
-    "data.batch_size=4",
-    "data.max_bytes=60000",
-    "data.val_bytes=8000",
-    "data.test_bytes=8000",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "~callbacks.rich_progress_bar",
-    "export.verify_batches=2",
-    "export.bench=false",
-]
+TINY = [*HF_TINY, "data.max_bytes=60000"]
 
 
 def test_hf_w4g32_exports_a_genai_folder_that_agrees(hf_dir: Path, tmp_path: Path) -> None:

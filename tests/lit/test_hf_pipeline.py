@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from hf_folder import stdlib_sample
-from lit_helpers import compose_train
+from lit_helpers import HF_TINY, compose_train
 
 from qat.lit.train import train
 
@@ -17,20 +17,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
 #: A few batches of short windows.
-TINY = [
-    "data.seq_len=32",
-    "data.batch_size=4",
-    "data.val_bytes=8000",
-    "data.test_bytes=8000",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "~callbacks.rich_progress_bar",
-    "export.verify_batches=2",
-    "export.bench=false",
-]
 
 
 def _jsonl(path: Path) -> Path:
@@ -52,7 +38,7 @@ def test_hf_w4g32_with_distillation_and_lora_writes_a_checkpoint_transformers_lo
         "module.distill_weight=0.5",
         "model.gradient_checkpointing=true",
         "module.lora_rank=4",  # adapters through the quantizer, merged before export
-        *TINY,
+        *HF_TINY,
     ]
     train(compose_train(overrides, tmp_path / "run"))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -73,7 +59,7 @@ def test_hf_w4g32_with_distillation_and_lora_writes_a_checkpoint_transformers_lo
 
 @pytest.mark.slow
 def test_hf_q4_0_writes_gguf_and_onnx(hf_dir: Path, tmp_path: Path) -> None:
-    overrides = ["+experiment=hf_q4_0", f"model.path={hf_dir}", *TINY, "data.max_bytes=60000"]
+    overrides = ["+experiment=hf_q4_0", f"model.path={hf_dir}", *HF_TINY, "data.max_bytes=60000"]
     # A random model's logits are near-ties: the stage runs and reports (parity targets are
     # held on trained models in tests/export).
     train(compose_train([*overrides, "export.fail_on_parity=false"], tmp_path / "run"))
