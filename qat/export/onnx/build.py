@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import warnings
 from collections.abc import Sequence
@@ -30,8 +31,35 @@ def _io_names(example_args: Sequence[Any], outputs: Any) -> tuple[list[str], lis
     return ins, outs
 
 
+class _PositionalOnly(nn.Module):
+    """Calls ``module`` with the positional inputs only.
+
+    torch's TorchScript-based exporter appends the defaults of the forward arguments the
+    inputs leave out (``is_causal=False`` of timm's Eva) to the traced inputs, where a Python
+    bool becomes a tensor the model's code then rejects; behind this wrapper the defaults stay
+    the model's own Python values.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*args)
+
+
+def _has_defaults_after(module: nn.Module, n_args: int) -> bool:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is not p.empty for p in params[n_args:])
+
+
 def _export_torch(module: nn.Module, example_input: Any, opset: int) -> onnx.ModelProto:
     args = example_input if isinstance(example_input, tuple) else (example_input,)
+    if _has_defaults_after(module, len(args)):
+        module = _PositionalOnly(module)
     with torch.no_grad():
         outputs = module(*args)
     ins, outs = _io_names(args, outputs)
