@@ -14,7 +14,14 @@ from torch import nn
 
 from qat.quant.grids import ActGrid
 
-__all__ = ["COMBINE_KINDS", "ActGrid", "ConvertedModel", "LayerDesc", "WeightDesc"]
+__all__ = [
+    "COMBINE_KINDS",
+    "ActGrid",
+    "ConvertedModel",
+    "LayerDesc",
+    "WeightDesc",
+    "keep_parameter_reads",
+]
 
 #: Integer ops over activations only (no weights): residual add, concat, matmul.
 COMBINE_KINDS = ("add", "cat", "matmul")
@@ -121,3 +128,17 @@ class ConvertedModel:
 
     def float_islands(self) -> list[LayerDesc]:
         return [d for d in self.layers.values() if not d.on_integer_kernel]
+
+
+def keep_parameter_reads(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (an exporter's replacement of layer ``old``), answering reads of ``old``'s own
+    parameters (as plain tensors: they travel in no exported file).
+
+    A captured forward may read a layer's parameter beside calling it (EdgeNeXt's positional
+    encoding: ``self.token_projection.weight.device``); the read must still work on the
+    integer layer or float island that replaces the layer.
+    """
+    for name, p in old.named_parameters(recurse=False):
+        if not hasattr(new, name):
+            object.__setattr__(new, name, p.detach())
+    return new

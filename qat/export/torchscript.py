@@ -45,7 +45,7 @@ import torch.ao.nn.quantized as nnq
 from torch import nn
 
 from qat.export.convert import convert, explicit_padding
-from qat.export.ir import ActGrid, ConvertedModel, LayerDesc
+from qat.export.ir import ActGrid, ConvertedModel, LayerDesc, keep_parameter_reads
 from qat.export.lowering import lower
 from qat.export.reference import float_forward
 from qat.export.torchscript_engine import (
@@ -356,7 +356,8 @@ def _build(
             desc = copy.copy(desc)
             desc.module = modules[name]
             layout = (layouts or {}).get(name, ())
-            set_module(body, name, _integer_layer(desc, contiguous, layout))
+            layer = _integer_layer(desc, contiguous, layout)
+            set_module(body, name, keep_parameter_reads(modules[name], layer))
     return IntegerModel(body, converted.input).eval()
 
 

@@ -175,13 +175,16 @@ class _Tracer(fx.Tracer):
             return _UNKNOWN  # data-dependent: no graph can bake it (the module swap can)
         v = self.values[obj.node]
         frame = next(
-            (f for f in reversed(traceback.extract_stack()[:-3]) if _model_frame(f.filename)),
+            (f for f in reversed(traceback.extract_stack()) if _model_frame(f.filename)),
             None,
         )
         where = f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}" if frame else what
         if where not in self.specialized:
             self.specialized.append(where)
         return v
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         v = self._known(obj, "a branch")
@@ -192,6 +195,18 @@ class _Tracer(fx.Tracer):
         if v is _UNKNOWN or not hasattr(v, "__len__"):
             return super().iter(obj)
         return iter([obj[i] for i in range(len(v))])
+
+
+class _Proxy(fx.Proxy):
+    """fx's proxy, with ``len()`` of a shape-derived value (``torch.ones(*x.shape[2:])``:
+    Python asks the length of what it unpacks) known from the example."""
+
+    def __len__(self) -> int:
+        tracer = self.tracer
+        v = tracer._known(self, "len()") if isinstance(tracer, _Tracer) else _UNKNOWN
+        if v is _UNKNOWN or not hasattr(v, "__len__"):
+            return super().__len__()
+        return len(v)
 
 
 class _NoAutocast:

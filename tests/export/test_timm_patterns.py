@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import warnings
+
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import qat
+from qat.export import export_model, verify_artifacts
 from qat.export.onnx import export_float_onnx
+
+
+def _export_and_verify(model: nn.Module, x: torch.Tensor, tmp_path) -> dict:
+    """prepare (graph capture) → calibrate → export → the verify report on ``x``."""
+    torch.manual_seed(0)
+    q = qat.prepare(model.eval(), None, example_inputs=x)
+    assert q.qat_capture == {"mode": "graph"}
+    qat.calibrate(q, [x])
+    q.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = export_model(q, tmp_path, x[:1])
+    return verify_artifacts(q, paths, [(x, torch.zeros(len(x), dtype=torch.long))])
 
 
 class _Attention(nn.Module):
@@ -34,3 +51,27 @@ def test_float_onnx_keeps_python_defaults_of_forward_arguments(tmp_path) -> None
     assert [i.name for i in sess.get_inputs()] == ["input"]  # the flag is no input
     (got,) = sess.run(None, {"input": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _ReadsConvWeight(nn.Module):
+    """EdgeNeXt's positional encoding: a conv's weight read for its device beside the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        mask = ~torch.zeros((b, h, w), device=self.proj.weight.device, dtype=torch.bool)
+        x = self.proj(x * mask.unsqueeze(1)).relu()
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_forward_reading_a_quantized_layers_weight_exports(tmp_path) -> None:
+    torch.manual_seed(0)
+    report = _export_and_verify(_ReadsConvWeight(), torch.randn(16, 3, 8, 8), tmp_path)
+    for name, r in report["runtimes"].items():
+        assert r["agreement"] == 1.0, name

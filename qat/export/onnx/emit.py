@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.export.convert import explicit_padding
-from qat.export.ir import ActGrid, ConvertedModel, LayerDesc
+from qat.export.ir import ActGrid, ConvertedModel, LayerDesc, keep_parameter_reads
 from qat.export.lowering import FLOAT, lower
 from qat.export.onnx.lookup import runs_exactly
 from qat.export.reference import float_forward, reference_forward
@@ -375,5 +375,5 @@ def deploy_model(model: nn.Module, converted: ConvertedModel) -> _OnnxModel:
     for name, desc in converted.layers.items():
         desc = copy.copy(desc)
         desc.module = modules[name]
-        set_module(body, name, _onnx_layer(desc))
+        set_module(body, name, keep_parameter_reads(modules[name], _onnx_layer(desc)))
     return _OnnxModel(body, converted.input).eval()
