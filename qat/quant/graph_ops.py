@@ -18,6 +18,8 @@ ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
 MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
+DIV_FUNCTIONS = (operator.truediv, torch.div, torch.true_divide, torch.divide)
+DIV_METHODS = ("div", "div_", "true_divide", "divide", "__truediv__")
 RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 RELU_METHODS = ("relu", "relu_")
 #: Calls whose result is not a float tensor (sizes, shapes, flags): never quantized.
@@ -36,9 +38,47 @@ def target_name(node: fx.Node) -> str:
     return f"{name}_" if keyword.iskeyword(name) or name[0].isdigit() else name
 
 
+def is_float(node: Any) -> bool:
+    """True unless the node is known not to produce a float tensor."""
+    if not isinstance(node, fx.Node):
+        return False
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "dtype"):
+        return meta.dtype.is_floating_point
+    if isinstance(meta, tuple | list):  # chunk / split / unbind: tensors (else returned above)
+        return any(getattr(m, "dtype", torch.int64).is_floating_point for m in meta)
+    if "tensor_meta" in node.meta or node.meta.get("type") not in (None, torch.Tensor):
+        return False
+    if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
+        return False
+    if node.op == "call_function" and node.target in NON_TENSOR_FUNCTIONS:
+        return False
+    return not (node.op == "call_function" and node.target is getattr)
+
+
+def single_tensor(node: fx.Node) -> bool:
+    """False when the node is known to produce a tuple (an island quantizes one tensor;
+    the tuple's float items get requantized where an integer op reads them)."""
+    meta = node.meta.get("tensor_meta")  # TensorMetadata is a NamedTuple: check its dtype
+    return meta is None or hasattr(meta, "dtype")
+
+
 def only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+def only_divisor(node: fx.Node) -> bool:
+    """True when every use of ``node`` is as the divisor of a division (``a / (s + eps)``)."""
+
+    def divides_by(user: fx.Node) -> bool:
+        div = (user.op == "call_function" and user.target in DIV_FUNCTIONS) or (
+            user.op == "call_method" and user.target in DIV_METHODS
+        )
+        divisor = user.args[1] if len(user.args) > 1 else user.kwargs.get("other")
+        return div and divisor is node and node not in user.args[:1]
+
+    return bool(node.users) and all(divides_by(u) for u in node.users)
 
 
 def cat_args(node: fx.Node) -> tuple[Any, int]:

@@ -24,10 +24,10 @@ New modules are named after the module whose forward wrote the op and the op
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from qat.ops import Add, Cat
@@ -37,13 +37,14 @@ from qat.quant.graph_ops import (
     CAT_FUNCTIONS,
     MATMUL_FUNCTIONS,
     MATMUL_METHODS,
-    NON_TENSOR_FUNCTIONS,
-    NON_TENSOR_METHODS,
     RELU_FUNCTIONS,
     RELU_METHODS,
     cat_args,
     input_dependent,
+    is_float,
+    only_divisor,
     only_user,
+    single_tensor,
     target_name,
 )
 from qat.quant.grids import GRID_PRESERVING
@@ -62,7 +63,7 @@ from qat.quant.module_swap import (
 )
 from qat.quant.overrides import LayerSpecs, check_overrides
 from qat.quant.quantizer import FakeQuantizer
-from qat.quant.spec import Recipe
+from qat.quant.spec import QuantSpec, Recipe
 
 __all__ = ["rewrite_graph"]
 
@@ -103,30 +104,8 @@ class _Rewriter:
             return node.target in RELU_FUNCTIONS
         return node.op == "call_method" and node.target in RELU_METHODS
 
-    @staticmethod
-    def is_float(node: Any) -> bool:
-        """True unless the node is known not to produce a float tensor."""
-        if not isinstance(node, fx.Node):
-            return False
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "dtype"):
-            return meta.dtype.is_floating_point
-        if isinstance(meta, tuple | list):  # chunk / split / unbind: tensors (else returned above)
-            return any(getattr(m, "dtype", torch.int64).is_floating_point for m in meta)
-        if "tensor_meta" in node.meta or node.meta.get("type") not in (None, torch.Tensor):
-            return False
-        if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
-            return False
-        if node.op == "call_function" and node.target in NON_TENSOR_FUNCTIONS:
-            return False
-        return not (node.op == "call_function" and node.target is getattr)
-
-    @staticmethod
-    def single_tensor(node: fx.Node) -> bool:
-        """False when the node is known to produce a tuple (an island quantizes one tensor;
-        the tuple's float items get requantized where an integer op reads them)."""
-        meta = node.meta.get("tensor_meta")  # TensorMetadata is a NamedTuple: check its dtype
-        return meta is None or hasattr(meta, "dtype")
+    is_float = staticmethod(is_float)
+    single_tensor = staticmethod(single_tensor)
 
     def grid_preserving(self, node: fx.Node) -> bool:
         if node.op == "call_module":
@@ -311,7 +290,7 @@ class _Rewriter:
             mod if count == 0 or next(mod.parameters(), None) is not None else copy.deepcopy(mod)
         )
         name = node.target if count == 0 else self.fresh_name(node, node.target.rpartition(".")[2])
-        _, activation, skip = self.specs(name)
+        activation, skip = self.island_spec(node, name)
         island = qcls or QAct
         new = FloatLayer(inner, activation) if skip else island.from_float(inner, activation)
         if count == 0:
@@ -388,9 +367,21 @@ class _Rewriter:
         args, kwargs = slot(node.args), slot(dict(node.kwargs))
         op = FunctionalOp(node.target, args, kwargs)
         name = self.fresh_name(node, target_name(node))
-        _, activation, skip = self.specs(name)
+        activation, skip = self.island_spec(node, name)
         new = FloatLayer(op, activation) if skip else QAct(op, activation)
         self.replace_with_module(node, name, new, tuple(values))
+
+    def island_spec(self, node: fx.Node, name: str) -> tuple[QuantSpec, bool]:
+        """The output spec of the float island ``name`` made from ``node``, and whether to skip.
+
+        A divisor feeds only the float division after it: it stays float. On a grid, a
+        normalizer near zero (EfficientViT's linear attention ``out / (den + eps)``, where a
+        ReLU kernel zeroes ``den``) rounds to 0 and the division returns inf or NaN.
+        """
+        _, activation, skip = self.specs(name)
+        if activation.enabled and only_divisor(node):
+            activation = dataclasses.replace(activation, bits=32)
+        return activation, skip
 
     def requantize(self) -> None:
         """Put every integer op's float inputs on a grid (see the module docstring, step 3)."""

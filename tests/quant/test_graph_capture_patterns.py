@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qat
@@ -34,3 +35,40 @@ def test_unpacking_a_shape_into_arguments_is_captured() -> None:
         next(w for w in q.qat_capture["specialized"] if "reshape(*y.shape[:2], -1)" in w)
     ]
     assert q.eval()(x).shape == (2, 2)
+
+
+class _LinearAttention(nn.Module):
+    """EfficientViT (MIT)'s ReLU linear attention: ``out[..., :-1] / (out[..., -1:] + eps)``,
+    whose normalizer is 0 wherever the ReLU kernel zeroes a query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(3, 12, 1)
+        self.proj = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, 4, h * w).transpose(-1, -2).unbind(1)
+        q, k = q.relu(), k.relu()
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)
+        out = q @ (k.transpose(-1, -2) @ v)
+        out = out[..., :-1] / (out[..., -1:] + 1e-15)
+        return self.proj(out.transpose(-1, -2).reshape(b, 4, h, w)).mean((2, 3))
+
+
+def test_a_divisor_stays_float_so_a_zero_normalizer_stays_finite(tmp_path) -> None:
+    from qat.export import export_model, verify_artifacts
+
+    torch.manual_seed(0)
+    model = _LinearAttention().eval()
+    with torch.no_grad():
+        model.qkv.bias[:4] = -10.0  # most queries ReLU to 0: 0 / (0 + eps) = 0 in float
+    x = torch.randn(8, 3, 4, 4)
+    q = qat.prepare(model, example_inputs=x, capture="graph")
+    divisor = next(m for n, m in q.named_modules() if n.endswith(".add") or n == "add")
+    assert not divisor.output_quant.enabled  # on a grid, eps rounds to 0: 0 / 0 = NaN
+    qat.calibrate(q, [x])
+    q.eval()
+    assert torch.isfinite(q(x)).all()
+    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
