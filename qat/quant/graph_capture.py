@@ -198,15 +198,37 @@ class _Tracer(fx.Tracer):
 
 
 class _Proxy(fx.Proxy):
-    """fx's proxy, with ``len()`` of a shape-derived value (``torch.ones(*x.shape[2:])``:
-    Python asks the length of what it unpacks) known from the example."""
+    """fx's proxy, where a shape-derived value must become a Python value known from the
+    example: ``len()`` (``x.reshape(*x.shape[:2], -1)``: Python asks the length of what it
+    unpacks), ``int()`` / ``float()`` / an index (Nest's ``int(math.sqrt(T))``)."""
+
+    def _value(self, what: str) -> Any:
+        tracer = self.tracer
+        return tracer._known(self, what) if isinstance(tracer, _Tracer) else _UNKNOWN
 
     def __len__(self) -> int:
-        tracer = self.tracer
-        v = tracer._known(self, "len()") if isinstance(tracer, _Tracer) else _UNKNOWN
+        v = self._value("len()")
         if v is _UNKNOWN or not hasattr(v, "__len__"):
             return super().__len__()
         return len(v)
+
+    def __int__(self) -> int:
+        v = self._value("int()")
+        if v is _UNKNOWN:
+            raise TypeError(f"int() of {self.node.name}, a value computed from tensor data")
+        return int(v)
+
+    def __float__(self) -> float:
+        v = self._value("float()")
+        if v is _UNKNOWN:
+            raise TypeError(f"float() of {self.node.name}, a value computed from tensor data")
+        return float(v)
+
+    def __index__(self) -> int:
+        v = self._value("an index")
+        if v is _UNKNOWN or not hasattr(v, "__index__"):
+            raise TypeError(f"{self.node.name} used as an index is computed from tensor data")
+        return v.__index__()
 
 
 class _NoAutocast:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -35,6 +36,29 @@ def test_unpacking_a_shape_into_arguments_is_captured() -> None:
         next(w for w in q.qat_capture["specialized"] if "reshape(*y.shape[:2], -1)" in w)
     ]
     assert q.eval()(x).shape == (2, 2)
+
+
+class _SqrtGrid(nn.Module):
+    """Nest's ``grid_size = int(math.sqrt(T))`` of a token count, then a reshape to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.fc(x.flatten(2).transpose(1, 2))  # (B, T, C)
+        side = int(math.sqrt(t.shape[1]))
+        return t.transpose(1, 2).reshape(t.shape[0], -1, side, side).mean((2, 3))
+
+
+def test_int_of_a_shape_computation_is_captured() -> None:
+    x = torch.randn(2, 4, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the module swap
+        q = qat.prepare(_SqrtGrid().eval(), example_inputs=x, capture="graph")
+    assert any("int(math.sqrt(t.shape[1]))" in w for w in q.qat_capture["specialized"])
+    qat.calibrate(q, [x])
+    assert q.eval()(x).shape == (2, 4)
 
 
 class _LinearAttention(nn.Module):
