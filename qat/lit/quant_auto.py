@@ -1,14 +1,19 @@
 """``quant=auto``: per-layer bit widths chosen by measurement under a budget, before QAT.
 
 The preset (configs/quant/auto.yaml) is an ordinary recipe plus two blocks the recipe does not
-read: ``auto`` (candidate widths, batches, estimate) and ``budget`` (``size_mb`` or ``bops``,
-one of them). Before training, :func:`choose_bits` prepares a copy of the float model,
+read: ``auto`` (candidate widths, batches, estimate, context) and ``budget`` (``size_mb``,
+``bops`` or ``latency_ms`` with its ``target``, one of them). Before training, :func:`choose_bits` prepares a copy of the float model,
 measures every layer's sensitivity (:func:`qat.sensitivity`, calibrated on training batches),
 allocates the widths (:func:`qat.allocate_bits`) and writes into the run folder:
 
 - ``quant_overrides.yaml``: the whole ``quant.overrides`` list the run trains with (the
   preset's, then one entry per layer): paste it into a preset to train the same model again;
 - ``sensitivity.json`` and ``sensitivity.png``: the measurement, and a plot of it per layer.
+
+A latency budget is timed on the export target instead (:mod:`qat.lit.quant_latency`: its int8
+kernels run every width alike, so every layer takes the highest candidate when that meets the
+budget, and the run refuses in one line when it does not); the run folder gets ``latency.json``.
+The report, bits table and plot are :mod:`qat.lit.quant_auto_report`'s.
 
 QAT then trains with those overrides. A resume or a re-export of the run reads its
 ``quant_overrides.yaml`` (:func:`saved_recipe`), so it rebuilds the model it trained.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 from collections.abc import Mapping
@@ -33,9 +39,17 @@ from torch.utils.data import DataLoader
 from qat.lit.calibration import seeded_shuffle
 from qat.lit.config_recipe import container
 from qat.lit.errors import ConfigError
-from qat.quant.bit_allocation import Allocation, allocate_bits, layer_cost
+from qat.lit.quant_auto_report import UNITS, auto_report, bits_table_lines, plot_sensitivity
+from qat.lit.quant_latency import LATENCY_TARGETS, check_latency, latency_table
+from qat.quant.bit_allocation import Allocation, allocate_bits
 from qat.quant.prepare import prepare
-from qat.quant.sensitivity import METHODS, Sensitivity, layer_macs, quant_units, sensitivity
+from qat.quant.sensitivity import (
+    CONTEXTS,
+    METHODS,
+    layer_macs,
+    quant_units,
+    sensitivity,
+)
 from qat.quant.spec import QUANT_BITS, Recipe
 
 __all__ = [
@@ -52,9 +66,12 @@ log = logging.getLogger(__name__)
 OVERRIDES_FILE = "quant_overrides.yaml"
 SENSITIVITY_FILE = "sensitivity.json"
 PLOT_FILE = "sensitivity.png"
-AUTO_KEYS = ("candidates", "batches", "method", "seed")
+LATENCY_FILE = "latency.json"
+AUTO_KEYS = ("candidates", "batches", "method", "seed", "context")
 #: Budget keys → (cost of qat.allocate_bits, factor from the key's unit to that cost's).
-BUDGET_KEYS = {"size_mb": ("size", 1e6), "bops": ("bops", 1.0)}
+BUDGET_KEYS = {key: (cost, factor) for cost, (key, factor) in UNITS.items()}
+#: Budget keys that qualify a latency budget rather than set one.
+LATENCY_KEYS = ("target", "threads")
 #: ``quant.budget.match``: the size / BOPs of the preset's own uniform model (``quant.bits``
 #: everywhere but where its overrides say otherwise), measured on the model itself.
 MATCH = ("size", "bops")
@@ -68,9 +85,12 @@ class AutoOptions:
     batches: int
     method: str
     seed: int
-    key: str  # the budget key given (size_mb / bops)
+    context: str  # what the unallocated quantizers sit at while measuring (top / preset)
+    key: str  # the budget key given (size_mb / bops / latency_ms / match)
     cost: str  # size / bops
-    budget: float  # in the cost's unit (bytes / bit operations)
+    budget: float  # in the cost's unit (bytes / bit operations / ms)
+    target: str | None = None  # latency_ms: the export target it is measured on
+    threads: int = 1  # latency_ms: threads it is measured with (one image)
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -90,7 +110,7 @@ def auto_options(quant: Any) -> AutoOptions | None:
         return None
     auto = data.get("auto") or {}
     budget = data.get("budget") or {}
-    budget_keys = (*BUDGET_KEYS, "match")
+    budget_keys = (*BUDGET_KEYS, "match", *LATENCY_KEYS)
     for name, block, keys in (("auto", auto, AUTO_KEYS), ("budget", budget, budget_keys)):
         if not isinstance(block, Mapping):
             raise ConfigError(f"quant.{name}={block!r} is invalid: expected a mapping")
@@ -100,7 +120,7 @@ def auto_options(quant: Any) -> AutoOptions | None:
                 f"quant.{name} has no key(s) {unknown}; allowed: {', '.join(keys)} "
                 f"(e.g. quant.budget.size_mb=0.2)"
             )
-    given = {k: v for k, v in budget.items() if v is not None}
+    given = {k: v for k, v in budget.items() if v is not None and k not in LATENCY_KEYS}
     if len(given) > 1 and "match" in given:
         # The preset's default (match: size) gives way to a budget set on the command line.
         given.pop("match")
@@ -109,7 +129,8 @@ def auto_options(quant: Any) -> AutoOptions | None:
             "quant=auto needs one budget, "
             + (f"got {len(given)} ({', '.join(given)})" if given else "got none")
             + ": set quant.budget.size_mb=<MB of packed weights>, quant.budget.bops=<bit "
-            "operations per sample> or quant.budget.match=size (the preset's uniform model's)"
+            "operations per sample>, quant.budget.latency_ms=<ms> with quant.budget.target=onnx "
+            "or quant.budget.match=size (the preset's uniform model's)"
         )
     ((key, value),) = given.items()
     if key == "match":
@@ -133,20 +154,47 @@ def auto_options(quant: Any) -> AutoOptions | None:
     method = auto.get("method", "measure")
     if method not in METHODS:
         raise ConfigError(f"quant.auto.method={method!r} is invalid: allowed: {', '.join(METHODS)}")
+    context = auto.get("context", "top")
+    if context not in CONTEXTS:
+        raise ConfigError(
+            f"quant.auto.context={context!r} is invalid: allowed: {', '.join(CONTEXTS)}"
+        )
+    target, threads = _latency_options(key, budget)
     cost, unit = (value, None) if key == "match" else BUDGET_KEYS[key]
     return AutoOptions(
         candidates=tuple(sorted(set(cands))),
         batches=_positive_int("quant.auto.batches", auto.get("batches", 2)),
         method=method,
         seed=int(auto.get("seed", 0)),
+        context=context,
+        target=target,
+        threads=threads,
         key=key,
         cost=cost,
         budget=None if unit is None else float(value) * unit,
     )
 
 
+def _latency_options(key: str, budget: Mapping[str, Any]) -> tuple[str | None, int]:
+    """``quant.budget.target`` / ``threads``: required with (and only with) ``latency_ms``."""
+    target, threads = budget.get("target"), budget.get("threads")
+    if key != "latency_ms":
+        if target is not None:
+            raise ConfigError(
+                f"quant.budget.target={target!r} applies to a latency budget only: set "
+                "quant.budget.latency_ms=<ms>, or drop target"
+            )
+        return None, 1
+    if target not in LATENCY_TARGETS:
+        raise ConfigError(
+            f"quant.budget.latency_ms needs the export target it is measured on: set "
+            f"quant.budget.target to one of {', '.join(LATENCY_TARGETS)} (got {target!r})"
+        )
+    return target, _positive_int("quant.budget.threads", 1 if threads is None else threads)
+
+
 def _unit_value(opts: AutoOptions, cost: float) -> str:
-    key = {"size": "size_mb", "bops": "bops"}[opts.cost]
+    key = UNITS[opts.cost][0]
     return f"{key}={cost / BUDGET_KEYS[key][1]:.6g}"
 
 
@@ -183,6 +231,13 @@ def check_budget(opts: AutoOptions, qmodel: nn.Module, example: torch.Tensor | N
         raise ConfigError(
             "quant=auto: the model has no conv / linear layer with quantized weights to allocate"
         )
+    if opts.cost == "latency":
+        if example is None:
+            raise ConfigError(
+                "quant.budget.latency_ms needs the data's input shape to export and time the "
+                "model; budget size_mb instead"
+            )
+        return  # measured on the target when the run starts (qat.lit.quant_latency)
     low = opts.candidates[0]
     if opts.cost == "size":
         floor = sum(qmodel.get_submodule(n).weight.numel() * low / 8.0 for n in units)
@@ -229,6 +284,8 @@ def choose_bits(
     ``model``: the float model (its trained weights loaded); it is not changed.
     """
     probe = prepare(copy.deepcopy(model), recipe, example_inputs=example)
+    if opts.cost == "latency":
+        return _choose_for_latency(opts, probe, recipe, datamodule, example, run_dir)
     log.info(
         "quant=auto: measuring %d layers at %s bits on %d batches (%s)",
         len(quant_units(probe)),
@@ -243,6 +300,7 @@ def choose_bits(
             opts.candidates,
             num_batches=opts.batches,
             method=opts.method,
+            context=opts.context,
         )
     if opts.budget is None:
         budget = preset_cost(probe, opts.cost, example)
@@ -254,7 +312,8 @@ def choose_bits(
     overrides += alloc.overrides()
     chosen = Recipe.from_dict({**recipe.to_dict(), "overrides": overrides})
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_overrides(run_dir / OVERRIDES_FILE, overrides, opts, alloc)
+    how = f"{opts.method} on {opts.batches} batches"
+    _write_overrides(run_dir / OVERRIDES_FILE, overrides, opts, alloc, how)
     (run_dir / SENSITIVITY_FILE).write_text(json.dumps(sens.to_dict(), indent=1) + "\n")
     report = auto_report(sens, alloc, opts)
     try:
@@ -263,6 +322,83 @@ def choose_bits(
     except ImportError as err:  # matplotlib is an optional extra
         log.warning("quant=auto: no sensitivity plot (%s)", err)
     report["overrides_file"] = str(run_dir / OVERRIDES_FILE)
+    for line in bits_table_lines(report):
+        log.info("%s", line)
+    return chosen, report
+
+
+def _choose_for_latency(
+    opts: AutoOptions,
+    probe: nn.Module,
+    recipe: Recipe,
+    datamodule: Any,
+    example: torch.Tensor,
+    run_dir: Path,
+) -> tuple[Recipe, dict[str, Any]]:
+    """``latency_ms``: time the model exported at each width; every layer at the highest
+    candidate when it meets the budget, else a one-line refusal (qat.lit.quant_latency)."""
+    assert opts.target is not None and opts.budget is not None
+    units = quant_units(probe)
+    log.info(
+        "quant=auto: timing the model exported to %s with every layer at %s bits",
+        opts.target,
+        "/".join(map(str, opts.candidates)),
+    )
+    batches = list(itertools.islice(_batches(datamodule, opts.seed), opts.batches))
+    with torch.random.fork_rng():
+        table = latency_table(probe, opts.candidates, batches, opts.target, example, opts.threads)
+    for b in sorted(table, reverse=True):
+        log.info("quant=auto: %s, %d bits: %.4g ms", opts.target, b, table[b])
+    bits = check_latency(table, opts.budget, opts.target)
+    alloc = Allocation(
+        bits={n: bits for n in units},
+        cost="latency",
+        budget=opts.budget,
+        total=table[bits],
+        predicted_loss_delta=0.0,
+        activation={n: len(q) > 1 for n, q in units.items()},
+    )
+    overrides = [_plain_override(o) for o in recipe.to_dict()["overrides"]] + alloc.overrides()
+    chosen = Recipe.from_dict({**recipe.to_dict(), "overrides": overrides})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    how = f"timed on {opts.target}, 1 image, {opts.threads} thread(s)"
+    _write_overrides(run_dir / OVERRIDES_FILE, overrides, opts, alloc, how)
+    measured = {
+        "target": opts.target,
+        "threads": opts.threads,
+        "batch": 1,
+        "budget_ms": opts.budget,
+        "ms_by_bits": {str(b): table[b] for b in sorted(table)},
+        "bits": bits,
+        "rule": "int8 kernels run every width 2-8 alike: every layer at the highest candidate "
+        "when the model at it meets the budget",
+    }
+    (run_dir / LATENCY_FILE).write_text(json.dumps(measured, indent=1) + "\n")
+    macs = _macs(probe, list(units), example)
+    report = {
+        "budget_key": opts.key,
+        "budget": opts.budget,
+        "cost": "latency",
+        "used": table[bits],
+        "target": opts.target,
+        "threads": opts.threads,
+        "latency_ms_by_bits": measured["ms_by_bits"],
+        "method": f"timed on {opts.target}",
+        "batches": opts.batches,
+        "layers": [
+            {
+                "layer": n,
+                "bits": bits,
+                "weights": int(probe.get_submodule(n).weight.numel()),
+                "macs": macs.get(n, 0),
+                "cost": None,
+                "loss_delta_chosen": 0.0,
+            }
+            for n in units
+        ],
+        "overrides_file": str(run_dir / OVERRIDES_FILE),
+        "latency_file": str(run_dir / LATENCY_FILE),
+    }
     for line in bits_table_lines(report):
         log.info("%s", line)
     return chosen, report
@@ -280,85 +416,12 @@ def _plain_override(ov: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_overrides(
-    path: Path, overrides: list[dict[str, Any]], opts: AutoOptions, alloc: Allocation
+    path: Path, overrides: list[dict[str, Any]], opts: AutoOptions, alloc: Allocation, how: str
 ) -> None:
     head = (
         f"# Chosen by quant=auto under quant.budget.{_unit_value(opts, opts.budget)} "
-        f"(uses {_unit_value(opts, alloc.total)}; {opts.method} on {opts.batches} batches).\n"
+        f"(uses {_unit_value(opts, alloc.total)}; {how}).\n"
         "# The run's whole quant.overrides: the preset's, then one entry per layer. Paste it\n"
         "# under `overrides:` in a quant preset (or edit it) to train with these widths.\n"
     )
     path.write_text(head + yaml.safe_dump({"overrides": overrides}, sort_keys=False))
-
-
-def auto_report(sens: Sensitivity, alloc: Allocation, opts: AutoOptions) -> dict[str, Any]:
-    """What results.json, the summary and W&B show: budget, use, and one row per layer."""
-    low = sens.candidates[0]
-    layers = []
-    for u in sens.layers:
-        b = alloc.bits[u.name]
-        layers.append(
-            {
-                "layer": u.name,
-                "bits": b,
-                "weights": u.weights,
-                "macs": u.macs,
-                "cost": layer_cost(u, b, opts.cost),
-                f"loss_delta_{low}": u.loss_delta[low],
-                "loss_delta_chosen": u.loss_delta[b],
-            }
-        )
-    return {
-        "budget_key": opts.key,
-        "budget": opts.budget,
-        "cost": opts.cost,
-        "used": alloc.total,
-        "uniform": {
-            str(b): sum(layer_cost(u, b, opts.cost) for u in sens.layers) for b in sens.candidates
-        },
-        "method": sens.method,
-        "batches": sens.batches,
-        "reference_loss": sens.reference_loss,
-        "predicted_loss_delta": alloc.predicted_loss_delta,
-        "layers": layers,
-    }
-
-
-def bits_table_lines(report: Mapping[str, Any]) -> list[str]:
-    """The per-layer bits table as text lines (log and summary)."""
-    key = {"size": "size_mb", "bops": "bops"}[report["cost"]]
-    unit = BUDGET_KEYS[key][1]
-    lines = [
-        f"mixed precision: {key} {report['used'] / unit:.6g} of "
-        f"{report['budget'] / unit:.6g} ({report['method']}, {report['batches']} batches)",
-        f"  {'layer':<28} {'bits':>4} {'weights':>9} {'Δloss chosen':>13}",
-    ]
-    for row in report["layers"]:
-        lines.append(
-            f"  {row['layer']:<28} {row['bits']:>4} {row['weights']:>9} "
-            f"{row['loss_delta_chosen']:>13.4g}"
-        )
-    return lines
-
-
-def plot_sensitivity(sens: Sensitivity, alloc: Allocation, path: Path) -> None:
-    """Loss change per layer at each lower candidate (log scale), chosen widths marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [u.name for u in sens.layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 4.0))
-    for b in sens.candidates[:-1]:
-        values = [max(u.loss_delta[b], 1e-6) for u in sens.layers]
-        ax.plot(range(len(names)), values, marker="o", ms=3, label=f"{b} bits")
-    ax.set_yscale("log")
-    ax.set_ylabel("loss change (this layer alone)")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([f"{n} [{alloc.bits[n]}]" for n in names], rotation=90, fontsize=6)
-    ax.set_title(f"sensitivity per layer ({sens.method}); chosen bits in brackets")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

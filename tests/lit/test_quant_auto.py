@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from lit_helpers import FAST, compose_train
 from onnx import numpy_helper
 
 from qat.lit.config import ConfigError, validate_config
+from qat.lit.config_parts import example_input
+from qat.lit.quant_auto import auto_options, choose_bits
 from qat.lit.summary import summary_rows
 from qat.lit.train import train
 
@@ -91,6 +94,16 @@ def test_auto_chooses_trains_and_exports_per_layer_bits(tmp_path: Path) -> None:
         (["quant.budget.size_mb=1", "quant.budget.bops=5"], r"needs one budget, got 2"),
         (["quant.budget.match=speed"], r"quant.budget.match='speed' is invalid"),
         (["quant.budget.size_mb=1", "quant.auto.candidates=[4]"], r"candidates=\[4\]"),
+        (["quant.budget.latency_ms=5"], r"latency_ms needs the export target it is measured on"),
+        (
+            ["quant.budget.latency_ms=5", "quant.budget.target=tflite"],
+            r"one of onnx, torchscript \(got 'tflite'\)",
+        ),
+        (
+            ["quant.budget.size_mb=1", "quant.budget.target=onnx"],
+            r"target='onnx' applies to a latency budget only",
+        ),
+        (["quant.auto.context=all"], r"quant.auto.context='all' is invalid"),
     ],
 )
 def test_bad_budgets_fail_in_validation(extra: list[str], message: str, tmp_path: Path) -> None:
@@ -100,16 +113,42 @@ def test_bad_budgets_fail_in_validation(extra: list[str], message: str, tmp_path
     assert not (tmp_path / "quant_overrides.yaml").exists()
 
 
+def test_latency_budget_is_timed_on_the_target(tmp_path: Path) -> None:
+    extra = ["quant.budget.target=onnx", "quant.auto.candidates=[4,8]"]
+    cfg = compose_train([*AUTO, *extra, "quant.budget.latency_ms=1000"], tmp_path)
+    parts, opts = validate_config(cfg), auto_options(cfg.quant)
+    assert opts is not None and opts.cost == "latency" and opts.target == "onnx"
+    example = example_input(parts.datamodule)
+    recipe, report = choose_bits(
+        opts, parts.model, parts.recipe, parts.datamodule, example, tmp_path
+    )
+    measured = json.loads((tmp_path / "latency.json").read_text())
+    # Both widths exported and timed; every layer at the highest, which meets 1 s.
+    assert set(measured["ms_by_bits"]) == {"4", "8"} and measured["bits"] == 8
+    assert all(0 < ms < 1000 for ms in measured["ms_by_bits"].values())
+    assert {row["bits"] for row in report["layers"]} == {8} and report["used"] <= 1000
+    chosen = yaml.safe_load((tmp_path / "quant_overrides.yaml").read_text())["overrides"]
+    assert [o["pattern"] for o in chosen][-len(report["layers"]) :] == [
+        row["layer"] for row in report["layers"]
+    ]
+    assert len(recipe.overrides) == len(chosen)
+    # A budget the int8 model misses: one line naming what was measured.
+    tight = dataclasses.replace(opts, budget=1e-6)
+    with pytest.raises(ConfigError, match=r"latency_ms=1e-06 is below the model exported to onnx"):
+        choose_bits(tight, parts.model, parts.recipe, parts.datamodule, example, tmp_path / "t")
+
+
 @pytest.mark.slow  # a fresh process (~15 s); the messages are checked in-process above
-def test_bad_budget_is_one_line_and_exit_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("quant.budget.size_mb=0.0000001", "quant.budget.size_mb=1e-07 is below"),
+        ("quant.budget.latency_ms=5", "latency_ms needs the export target"),
+    ],
+)
+def test_bad_budget_is_one_line_and_exit_2(bad: str, message: str, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            *AUTO,
-            "quant.budget.size_mb=0.0000001",
-            f"hydra.run.dir={tmp_path}",
-        ],
+        [sys.executable, str(REPO / "train.py"), *AUTO, bad, f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -117,7 +156,7 @@ def test_bad_budget_is_one_line_and_exit_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid config" in line]
-    assert len(errors) == 1 and "quant.budget.size_mb=1e-07 is below" in errors[0], errors
+    assert len(errors) == 1 and message in errors[0], errors
     assert "Traceback" not in proc.stderr
 
 

@@ -42,10 +42,15 @@ def _prepared(overrides: list[dict] | None = None) -> nn.Module:
     return qat.prepare(_net(), qat.Recipe.from_dict(recipe), example_inputs=torch.randn(2, 1, 8, 8))
 
 
-def test_measure_is_the_loss_of_that_layer_alone_at_that_width() -> None:
+@pytest.mark.parametrize("context", ["top", "preset"])
+def test_measure_is_the_loss_of_that_layer_alone_at_that_width(context: str) -> None:
     model = _prepared()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sens = qat.sensitivity(model, _data(), candidates=(2, 8), num_batches=1)
+    sens = qat.sensitivity(model, _data(), candidates=(2, 8), num_batches=1, context=context)
+    assert sens.context == context
+    # The quantizers no layer owns (the input's, the pool's): at the highest candidate with
+    # context=top, at the preset's 4 bits with context=preset.
+    rest = 8 if context == "top" else 4
     # The model passed in is not touched.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     names = [u.name for u in sens.layers]
@@ -60,12 +65,16 @@ def test_measure_is_the_loss_of_that_layer_alone_at_that_width() -> None:
     def loss_with(layer: str | None) -> float:
         every = [{"pattern": n, "weight": {"bits": 8}} for n in names]
         every += [{"pattern": n, "activation": {"bits": 8}} for n in names[:-1]]
-        every += [{"pattern": "input_quant", "activation": {"bits": 4}}]
+        every += [{"pattern": "input_quant", "activation": {"bits": rest}}]
         if layer is not None:
             every.append({"pattern": layer, "weight": {"bits": 2}})
             if layer != names[-1]:
                 every.append({"pattern": layer, "activation": {"bits": 2}})
-        m = _prepared(every).eval()
+        recipe = dict(RECIPE, activation={"bits": rest}, overrides=RECIPE["overrides"] + every)
+        m = qat.prepare(
+            _net(), qat.Recipe.from_dict(recipe), example_inputs=torch.randn(2, 1, 8, 8)
+        )
+        m.eval()
         qat.calibrate(m, [x])
         with torch.no_grad():
             return float(F.cross_entropy(m(x), y))
@@ -93,3 +102,5 @@ def test_bad_arguments_are_refused() -> None:
         qat.sensitivity(_prepared(), _data(), candidates=[4])
     with pytest.raises(ValueError, match="method='hessian' is invalid"):
         qat.sensitivity(_prepared(), _data(), method="hessian")
+    with pytest.raises(ValueError, match="context='all' is invalid"):
+        qat.sensitivity(_prepared(), _data(), context="all")
