@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -205,6 +206,11 @@ class _Proxy(fx.Proxy):
     def _value(self, what: str) -> Any:
         tracer = self.tracer
         return tracer._known(self, what) if isinstance(tracer, _Tracer) else _UNKNOWN
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # In-place writes into a slice (MViTv2's ``attn[:, :, 1:, 1:] = attn[...] + rel``):
+        # a node of its own, run in order; later reads of the tensor see the write.
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __len__(self) -> int:
         v = self._value("len()")

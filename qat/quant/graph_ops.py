@@ -24,9 +24,16 @@ RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 RELU_METHODS = ("relu", "relu_")
 #: Calls whose result is not a float tensor (sizes, shapes, flags): never quantized.
 NON_TENSOR_METHODS = frozenset({"size", "dim", "numel", "item", "tolist", "__len__"})
-#: Functions called for their checks, not a value (timm's ``_assert``, ``torch._check``).
+#: Functions called for their checks or effects, not a value (timm's ``_assert``, a slice write).
 NON_TENSOR_FUNCTIONS = frozenset(
-    {torch._assert, torch._assert_async, torch._check, torch.jit.is_scripting, torch.is_tensor}
+    {
+        torch._assert,
+        torch._assert_async,
+        torch._check,
+        torch.jit.is_scripting,
+        torch.is_tensor,
+        operator.setitem,
+    }
 )
 
 

@@ -96,3 +96,36 @@ def test_a_divisor_stays_float_so_a_zero_normalizer_stays_finite(tmp_path) -> No
     assert torch.isfinite(q(x)).all()
     report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
     assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+
+
+class _SliceWrite(nn.Module):
+    """MViTv2's relative positions: ``attn[:, :, 1:, 1:] = attn[:, :, 1:, 1:] + rel``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(4, 8)
+        self.rel = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.flatten(2).transpose(1, 2)  # (B, T, C)
+        q, k = self.qk(t).chunk(2, dim=-1)
+        attn = q @ k.transpose(1, 2)
+        attn[:, 1:, 1:] = attn[:, 1:, 1:] + self.rel(t[:, 1:]).mean(-1, keepdim=True)
+        return self.fc(attn.softmax(-1) @ t).mean(1)
+
+
+def test_a_slice_assignment_is_captured_and_exports(tmp_path) -> None:
+    from qat.export import export_model, verify_artifacts
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the module swap
+        q = qat.prepare(_SliceWrite().eval(), example_inputs=x, capture="graph")
+    assert "setitem" in q.qat_graph_code
+    qat.calibrate(q, [x])
+    q.train()(x).sum().backward()  # the write is in place on a quantized tensor: trains
+    q.eval()
+    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
