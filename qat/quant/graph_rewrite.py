@@ -221,7 +221,7 @@ class _Rewriter:
 
     def swap(self) -> None:
         """Quantize every remaining op (see the module docstring, step 2)."""
-        wrapped_calls: dict[str, int] = {}
+        wrapped_calls: dict[str, tuple[nn.Module, int]] = {}
         live = input_dependent(self.graph, self.is_float)
         for node in list(self.graph.nodes):
             if node in self.new or node.op not in ("call_module", "call_function", "call_method"):
@@ -256,14 +256,19 @@ class _Rewriter:
         setattr(self.root.get_submodule(parent) if parent else self.root, child, module)
         self.modules[name] = module
 
-    def _swap_module(self, node: fx.Node, mod: nn.Module, wrapped: dict[str, int]) -> None:
+    def _swap_module(
+        self, node: fx.Node, mod: nn.Module, wrapped: dict[str, tuple[nn.Module, int]]
+    ) -> None:
+        """``wrapped``: per float island made here, the float module and its calls so far."""
         if node.target in self.weighted:
             self._call_site_twin(node)
             return
-        if isinstance(mod, FakeQuantizer | FloatLayer) or type(mod) in GRID_PRESERVING:
+        if node.target in wrapped:
+            mod = wrapped[node.target][0]  # called again (CoaT's shared Mlp): the float module
+        elif isinstance(mod, FakeQuantizer | FloatLayer) or type(mod) in GRID_PRESERVING:
             return
-        if hasattr(mod, "output_quant") or hasattr(mod, "weight_quant"):
-            return  # already quantized (a module in the type map swapped at an earlier call)
+        elif hasattr(mod, "output_quant") or hasattr(mod, "weight_quant"):
+            return  # quantized before this rewrite
         embedding = isinstance(mod, nn.Embedding)
         weight, activation, skip = self.specs(node.target, embedding=embedding)
         qcls = quantized_type(mod, self.mapping, self.recipe)
@@ -284,8 +289,8 @@ class _Rewriter:
         if not self.is_float(node) or not self.single_tensor(node):
             return
         # A float island; each call of a module called twice gets its own output quantizer.
-        count = wrapped.get(node.target, 0)
-        wrapped[node.target] = count + 1
+        count = wrapped.get(node.target, (mod, 0))[1]
+        wrapped[node.target] = (mod, count + 1)
         inner = (
             mod if count == 0 or next(mod.parameters(), None) is not None else copy.deepcopy(mod)
         )

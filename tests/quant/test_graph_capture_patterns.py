@@ -129,3 +129,36 @@ def test_a_slice_assignment_is_captured_and_exports(tmp_path) -> None:
     q.eval()
     report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
     assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+
+
+class _SharedMlp(nn.Module):
+    """CoaT's ``self.mlp2 = self.mlp3 = Mlp(...)``: one module (a weightless GELU inside)
+    called on two branches with their own ranges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.GELU()
+        self.fc2 = self.fc  # one module under two names, as CoaT writes it
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        a = self.act(self.fc(t))
+        b = self.act(self.fc2(t * 4.0))  # another grid
+        return self.head(a + b).mean(1)
+
+
+def test_a_weightless_module_called_twice_gets_an_island_per_call(tmp_path) -> None:
+    from qat.export import export_model, verify_artifacts
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 3, 3)
+    q = qat.prepare(_SharedMlp().eval(), example_inputs=x, capture="graph")
+    assert q.act is not q.act_1 and q.act.output_quant is not q.act_1.output_quant
+    qat.calibrate(q, [x])
+    q.eval()
+    # Refused before: "layer act is called several times on different input grids".
+    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
