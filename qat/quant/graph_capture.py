@@ -201,7 +201,8 @@ class _Tracer(fx.Tracer):
 class _Proxy(fx.Proxy):
     """fx's proxy, where a shape-derived value must become a Python value known from the
     example: ``len()`` (``x.reshape(*x.shape[:2], -1)``: Python asks the length of what it
-    unpacks), ``int()`` / ``float()`` / an index (Nest's ``int(math.sqrt(T))``)."""
+    unpacks), ``int()`` / ``float()`` (Nest's ``int(math.sqrt(T))``). Not ``__index__``: torch
+    would read sizes through it (``torch.zeros((b, h, w))``) and bake the batch size."""
 
     def _value(self, what: str) -> Any:
         tracer = self.tracer
@@ -229,12 +230,6 @@ class _Proxy(fx.Proxy):
         if v is _UNKNOWN:
             raise TypeError(f"float() of {self.node.name}, a value computed from tensor data")
         return float(v)
-
-    def __index__(self) -> int:
-        v = self._value("an index")
-        if v is _UNKNOWN or not hasattr(v, "__index__"):
-            raise TypeError(f"{self.node.name} used as an index is computed from tensor data")
-        return v.__index__()
 
 
 class _NoAutocast:

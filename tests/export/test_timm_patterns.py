@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import onnxruntime as ort
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 import qat
 from qat.export import export_model, verify_artifacts
 from qat.export.onnx import export_float_onnx
+from qat.export.onnx.adaptive_pool import adaptive_avg_pool2d_unrolled
 
 
 def _export_and_verify(model: nn.Module, x: torch.Tensor, tmp_path) -> dict:
@@ -75,3 +77,36 @@ def test_a_forward_reading_a_quantized_layers_weight_exports(tmp_path) -> None:
     report = _export_and_verify(_ReadsConvWeight(), torch.randn(16, 3, 8, 8), tmp_path)
     for name, r in report["runtimes"].items():
         assert r["agreement"] == 1.0, name
+
+
+@pytest.mark.parametrize("size_in", [(8, 8), (4, 4), (1, 1), (13, 11)])
+def test_unrolled_adaptive_pooling_is_bitwise_torchs(size_in: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size_in) * 10
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = x.contiguous(memory_format=layout)
+        assert torch.equal(
+            adaptive_avg_pool2d_unrolled(x, (7, 5)), F.adaptive_avg_pool2d(x, (7, 5))
+        )
+
+
+class _PoolTo7(nn.Module):
+    """CSATv2's spatial attention: ``nn.AdaptiveAvgPool2d((7, 7))`` of an 8×8 map (windows
+    of unequal size), then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.pool(self.stem(x))).mean((2, 3)))
+
+
+def test_adaptive_pooling_to_a_fixed_grid_exports(tmp_path) -> None:
+    torch.manual_seed(0)
+    report = _export_and_verify(_PoolTo7(), torch.randn(16, 3, 8, 8), tmp_path)
+    for name, r in report["runtimes"].items():
+        assert r["agreement"] == 1.0 and r["max_abs_diff"] == 0.0, (name, r)

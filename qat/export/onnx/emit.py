@@ -21,6 +21,7 @@ from torch import nn
 from qat.export.convert import explicit_padding
 from qat.export.ir import ActGrid, ConvertedModel, LayerDesc, keep_parameter_reads
 from qat.export.lowering import FLOAT, lower
+from qat.export.onnx.adaptive_pool import adaptive_avg_pool2d_unrolled
 from qat.export.onnx.lookup import runs_exactly
 from qat.export.reference import float_forward, reference_forward
 from qat.quant.layers.functional import FunctionalOp
@@ -268,6 +269,24 @@ def _pooling(desc: LayerDesc) -> bool:
     return isinstance(op, FunctionalOp) and op.target in _POOLING_FUNCTIONS
 
 
+def _unrolled_pool_size(desc: LayerDesc) -> tuple[int, int] | None:
+    """The output size of an adaptive average pooling to other than 1×1 on a 4-D input of
+    known size (written out: :mod:`qat.export.onnx.adaptive_pool`); else None."""
+    op = getattr(desc.module, "act", None)
+    if isinstance(op, nn.AdaptiveAvgPool2d):
+        size: Any = op.output_size
+    elif isinstance(op, FunctionalOp) and op.target is F.adaptive_avg_pool2d:
+        size = op.args[1] if len(op.args) > 1 else op.kwargs.get("output_size")
+    else:
+        return None
+    if len(desc.input_shapes) != 1 or len(desc.input_shapes[0]) != 4:
+        return None
+    h, w = desc.input_shapes[0][-2:]
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    out = (pair[0] or h, pair[1] or w)
+    return None if out == (1, 1) or not all(isinstance(v, int) for v in out) else out
+
+
 class _FloatInputFn(torch.autograd.Function):
     """The input of a float island with weights: ``Q → DQ`` with the scale repeated per channel.
 
@@ -313,7 +332,10 @@ class _OnnxFloatIsland(nn.Module):
         super().__init__()
         self.desc = desc
         self.module = desc.module
-        self.fusable = _pooling(desc) or (desc.kind == "act" and runs_exactly(desc))
+        self.pool_size = _unrolled_pool_size(desc)
+        self.fusable = self.pool_size is None and (
+            _pooling(desc) or (desc.kind == "act" and runs_exactly(desc))
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         grids = self.desc.inputs
@@ -337,7 +359,11 @@ class _OnnxFloatIsland(nn.Module):
                     a if gr is None or len(shp) < 2 else _FloatInputFn.apply(a, gr, int(shp[1]))
                     for a, gr, shp in zip(args, grids, shapes, strict=True)
                 )
-        y = float_forward(self.desc, *args, **kwargs)
+        if self.pool_size is not None:
+            y = adaptive_avg_pool2d_unrolled(args[0], self.pool_size)
+            y = torch.relu(y) if self.desc.relu else y
+        else:
+            y = float_forward(self.desc, *args, **kwargs)
         if self.desc.output is None:
             return y
         return _QDQFn.apply(y, self.desc.output, fusable)
