@@ -9,15 +9,15 @@ fast export of its preset (:func:`qat.export.onnx.llm.build_lm_onnx` with
 ``float_islands="float32"``: fused float32 islands):
 
 - ``fp32``: the float model (``torch.onnx.export``);
-- ``int8_dyn``: quant=lm_w8da8, ``DynamicQuantizeLinear → MatMulInteger`` (fused into
-  ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat``), what ``+experiment=gpt_w8a8`` exports;
+- ``int8_dyn``: quant=lm_w8da8, per-token int8 codes → ``MatMulInteger`` (u8 × s8), what
+  ``+experiment=gpt_w8a8`` exports;
 - ``int4_q8``: the llama.cpp scheme (quant=lm_q4_0: Q4_0 weights, Q8_0 activations quantized
   by ``MatMulNBits``' int8 kernel, accuracy level 4), what ``+experiment=gpt_int4`` exports;
 - ``int4_w``: 4-bit weights per group of 32, float activations (quant=lm_w4g32): ``MatMulNBits``
   at accuracy level 0;
-- with ``--exact``, also ``int8_dyn_f64`` and ``int4_q8_f64``: the default files of the
-  dynamic presets, bit-exact (float64 islands, explicit Q8_0 rounding; docs/design.md says why
-  they are the default).
+- with ``--exact``, also ``int8_dyn_f64`` and ``int4_q8_f64``: the bit-exact opt-in files of
+  the dynamic presets (``export.float_islands=float64``: float64 islands, explicit Q8_0
+  rounding).
 
 The model: ``--model gpt`` (a fresh ``gpt``, ``--d-model`` / ``--layers``) or ``--model hf
 --path <folder>`` (a Hugging Face causal LM saved with ``save_pretrained``, e.g. the Llama of
@@ -52,9 +52,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-#: File name → the quant preset it is the default export of.
+#: File name → the quant preset it is the default (fast) export of.
 PRESETS = {"int8_dyn": "lm_w8da8", "int4_q8": "lm_q4_0", "int4_w": "lm_w4g32"}
-#: With ``--exact``: the default (bit-exact, float64) files of the presets with dynamic activations.
+#: With ``--exact``: the bit-exact (float64) files of the presets with dynamic activations.
 EXACT = {"int8_dyn_f64": "lm_w8da8", "int4_q8_f64": "lm_q4_0"}
 #: The weight kernels a table names (ONNX Runtime's names after its graph optimizations).
 KERNELS = (

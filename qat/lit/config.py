@@ -39,6 +39,7 @@ from qat.lit.errors import ConfigError
 from qat.lit.quant_auto import auto_options, check_budget, saved_recipe
 from qat.quant.control import iter_quantizers
 from qat.quant.prepare import prepare
+from qat.quant.runtime_matmul import int8_activations
 from qat.quant.schedule import ROLES, Schedule
 from qat.quant.spec import Recipe
 
@@ -184,9 +185,8 @@ def _check_lm_export(export: Any) -> None:
     islands = export.get("float_islands")
     if islands not in (None, "float64", "float32"):
         raise ConfigError(
-            f"export.float_islands={islands!r} is invalid: null (float64 where activations are "
-            "dynamic), float64 (bit-exact) or float32 (faster, rounds as ONNX Runtime's fused "
-            "float kernels do)"
+            f"export.float_islands={islands!r} is invalid: null or float32 (the default: ONNX "
+            "Runtime's fused float32 kernels), or float64 (the bit-exact file, 2-3x slower)"
         )
 
 
@@ -239,14 +239,12 @@ def _check_genai_target(targets: list[str], recipe: Recipe | None, model: nn.Mod
     act = recipe.activation if recipe is not None else None
     if act is None or not act.enabled or act.bits >= 32:
         return
-    if act.grid == "q8_0" or (
-        act.dynamic == "tensor" and act.bits == 8 and not act.signed and not act.symmetric
-    ):
+    if act.grid == "q8_0" or int8_activations(act):
         return
     raise ConfigError(
         f"export.targets={targets}: quant.activation.dynamic={act.dynamic} (grid {act.grid}) "
         "has no kernel in the genai graph: train with quant=lm_w4g32 (int4 weight-only), "
-        "lm_q4_0 (int4, Q8_0 activations) or lm_w8da8 (dynamic int8), or drop genai"
+        "lm_q4_0 (int4, Q8_0 activations) or lm_w8da8 (per-token int8), or drop genai"
     )
 
 

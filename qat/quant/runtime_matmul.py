@@ -8,6 +8,9 @@ their own order. Evaluated under :func:`qat.runtime_numerics` (``target="onnx"``
 - per-tensor uint8 activations × 8-bit per-channel weights (``DynamicQuantizeLinear →
   MatMulInteger``, fused into ``DynamicQuantizeMatMul``): ``fl(fl(acc) · fl(s_x · s_w))``,
   then the bias in float32;
+- per-token symmetric int8 activations × 8-bit per-channel weights (the row's codes plus 128
+  into ``MatMulInteger`` with zero point 128, then two ``Mul``): ``fl(fl(fl(acc) · s_x) · s_w)``,
+  then the bias;
 - Q8_0 activations (blocks of 32) × 4- or 8-bit weights in groups of 32 (``MatMulNBits`` at
   ``accuracy_level=4``, int8 compute, bias input): ORT re-quantizes the Q8_0 values to the
   same codes and scales, sums each block exactly with the weights stored unsigned
@@ -32,6 +35,7 @@ from torch import nn
 from qat.quant.blocks import GGUF_BLOCK, fp16_scale, gguf_codes, gguf_scale
 from qat.quant.dynamic import dynamic_qparams
 from qat.quant.qparams import qrange
+from qat.quant.spec import QuantSpec
 from qat.quant.weight_codes import weight_codes
 
 __all__ = ["ort_linear_kind", "runtime_dynamic_linear"]
@@ -40,16 +44,29 @@ __all__ = ["ort_linear_kind", "runtime_dynamic_linear"]
 _GROUP, _LANES = 128, 16
 
 
+def int8_activations(spec: QuantSpec | None) -> str | None:
+    """The ONNX Runtime integer GEMM that takes dynamic 8-bit activations on ``spec``'s grid:
+    ``"dynamic_int8"`` (per-tensor uint8, ``DynamicQuantizeLinear``'s grid), ``"token_int8"``
+    (per-token symmetric int8: torchao's and vLLM's W8A8), or None."""
+    if spec is None or spec.bits != 8 or spec.grid != "affine" or spec.reduce_range:
+        return None
+    if spec.dynamic == "tensor" and not spec.signed and not spec.symmetric:
+        return "dynamic_int8"
+    if spec.dynamic == "token" and spec.signed and spec.symmetric and not spec.group_size:
+        return "token_int8"
+    return None
+
+
 def ort_linear_kind(layer: nn.Module) -> str | None:
-    """``"dynamic_int8"``, ``"nbits_int8"`` (the kernels above) or None for ``layer``."""
+    """``"dynamic_int8"``, ``"token_int8"``, ``"nbits_int8"`` (the kernels above) or None."""
     aq, wq = getattr(layer, "act_quant", None), layer.weight_quant
     if aq is None or not (aq.enabled and bool(aq.fake_quant_enabled)) or not wq.enabled:
         return None
     a, w = aq.spec, wq.spec
     n, k = layer.weight.shape
-    tensor_u8 = a.dynamic == "tensor" and a.bits == 8 and not a.signed and not a.symmetric
-    if tensor_u8 and w.bits == 8 and w.grid == "affine" and not w.group_size:
-        return "dynamic_int8"
+    int8 = int8_activations(a)
+    if int8 and w.bits == 8 and w.grid == "affine" and not w.group_size:
+        return int8
     q8_blocks = a.grid == "q8_0" and w.group_size == GGUF_BLOCK
     if q8_blocks and wq.bits in (4, 8) and k % _GROUP == 0 and n % 4 == 0:
         return "nbits_int8"
@@ -143,11 +160,15 @@ def _nbits_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _dynamic_int8(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     spec = layer.act_quant.spec
     qmin, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
-    s_x, z_x = dynamic_qparams(x.float(), qmin, qmax, symmetric=False, dim=None)
+    token = spec.dynamic == "token"
+    s_x, z_x = dynamic_qparams(x.float(), qmin, qmax, spec.symmetric, dim=-1 if token else None)
     q = torch.clamp(torch.round(x.float() / s_x) + z_x, qmin, qmax) - z_x
     w_codes, s_w, _, _ = weight_codes(layer)
     acc = q.double() @ w_codes.t().double()  # exact: integers below 2^53
-    y = acc.float() * (s_x.reshape(()) * s_w.reshape(-1))[None]
+    if token:  # two Muls (qat.export.onnx.llm)
+        y = (acc.float() * s_x) * s_w.reshape(-1)[None]
+    else:  # DynamicQuantizeMatMul
+        y = acc.float() * (s_x.reshape(()) * s_w.reshape(-1))[None]
     if layer.bias is not None:
         y = y + layer.bias.detach().float()[None]
     return y

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from hf_folder import make_hf_folder
-from lm_helpers import fake_quant_hf
+from lm_helpers import fake_quant_hf, w8da8_per_tensor
 
 import qat
 from qat.export.lm_io import logits_of
@@ -18,12 +18,17 @@ from qat.export.onnx.genai_runtime import genai_generate, greedy_tokens, load_ge
 
 
 @pytest.mark.parametrize(
-    "recipe,op", [("lm_w4g32", "MatMulNBits"), ("lm_w8da8", "DynamicQuantizeMatMul")]
+    "recipe,op",
+    [
+        ("lm_w4g32", "MatMulNBits"),
+        ("lm_w8da8", "MatMulInteger"),
+        ("per_tensor", "DynamicQuantizeMatMul"),
+    ],
 )
 def test_genai_generates_the_fake_quant_models_greedy_tokens(
     hf_dir: Path, tmp_path: Path, recipe: str, op: str
 ) -> None:
-    qmodel = fake_quant_hf(hf_dir, recipe)
+    qmodel = fake_quant_hf(hf_dir, w8da8_per_tensor() if recipe == "per_tensor" else recipe)
     out = tmp_path / "genai"
     report = build_genai_folder(qmodel, out)
     assert {"model.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
@@ -44,7 +49,7 @@ def test_genai_generates_the_fake_quant_models_greedy_tokens(
     with torch.no_grad():
         ref = logits_of(qmodel, ids)
     got = load_genai_runtime(out)(ids)
-    if recipe == "lm_w4g32":  # per-tensor dynamic activations see the whole sequence here
+    if recipe != "per_tensor":  # per-tensor dynamic activations see the whole sequence here
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     assert bool((got.argmax(-1) == ref.argmax(-1)).all())
 
@@ -62,19 +67,21 @@ def test_genai_q4_0_runs_the_int8_kernel_on_q8_0_blocks(
 ) -> None:
     """llama.cpp's scheme (Q4_0 weights, Q8_0 activations): MatMulNBits at accuracy level 4
     (ORT's int8 kernel on blocks of 32), after the fake-quant model's Q8_0 rounding as float
-    ops (``q8_ops``) or on the float input (ORT rounds it to int8 blocks itself); logits of
-    the whole sequence match the fake-quant model's up to summation order / scale rounding."""
+    ops (``q8_ops``) or on the input rescaled to Q8_0's fp16 block scale (ORT rounds it to int8
+    blocks itself); logits of the whole sequence match the fake-quant model's up to summation
+    order and float32 rounding of the rescale."""
     qmodel = fake_quant_hf(hf_dir, "lm_q4_0", steps=0)
     out = tmp_path / "genai"
     report = build_genai_folder(qmodel, out, q8_ops=q8_ops)
-    ops = "q8_0+" if q8_ops else ""
+    ops = "q8_0+" if q8_ops else "d16+"
     assert set(report["nodes"].values()) == {f"{ops}nbits4_g32_acc4", f"{ops}nbits8_g32_acc4"}
     graph = onnx.load(str(out / "model.onnx")).graph
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute}
     assert 4 in levels
     # Four inputs per block (qkv, o, gate = up, down) and the lm_head's: gate and up read one
-    # input, rounded once.
+    # input, rounded (or rescaled) once.
     assert sum(n.op_type == "Sign" for n in graph.node) == (2 * 4 + 1 if q8_ops else 0)
+    assert sum(n.op_type == "ReduceMax" for n in graph.node) == 2 * 4 + 1
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = logits_of(qmodel, ids)

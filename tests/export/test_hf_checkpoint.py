@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_folder import make_hf_folder
-from lm_helpers import fake_quant_hf
+from lm_helpers import fake_quant_hf, w8da8_per_tensor
 
 from qat.export.hf_checkpoint import export_hf_checkpoint, load_hf_checkpoint
 from qat.export.lm_io import logits_of
@@ -22,13 +22,16 @@ pytest.importorskip("compressed_tensors")
     "recipe,formats,inputs",
     [
         ("lm_w4g32", {"pack-quantized", "int-quantized"}, None),  # lm_head: 8-bit
-        ("lm_w8da8", {"int-quantized"}, {"strategy": "tensor", "symmetric": False}),
+        # +experiment=hf_w8a8's grid: per-tensor, the one compressed-tensors rounds as qat does
+        ("w8da8_per_tensor", {"int-quantized"}, {"strategy": "tensor", "symmetric": False}),
     ],
 )
 def test_transformers_loads_the_fake_quant_model_back(
     hf_dir: Path, tmp_path: Path, recipe: str, formats: set[str], inputs: dict | None
 ) -> None:
-    qmodel = fake_quant_hf(hf_dir, recipe, steps=3)
+    qmodel = fake_quant_hf(
+        hf_dir, w8da8_per_tensor() if recipe == "w8da8_per_tensor" else recipe, steps=3
+    )
     out = export_hf_checkpoint(qmodel, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"

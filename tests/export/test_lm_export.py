@@ -20,7 +20,7 @@ from qat.export.verify_lm import check_lm_parity, verify_lm_artifacts
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("onnxruntime")
 
-from lm_helpers import float_gpt, lm_test_batches, qat_gpt  # noqa: E402
+from lm_helpers import float_gpt, lm_test_batches, qat_gpt, w8da8_per_tensor  # noqa: E402
 
 PARITY = {"min_agreement": 0.999, "max_ppl_rel_diff": 0.005}
 
@@ -86,21 +86,26 @@ def q4_model_for(preset: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    "preset,kind", [("lm_w8da8", "dynamic_int8"), ("lm_8da4w", "nbits"), ("lm_w4g32", "nbits")]
+    "preset,kernel",
+    [
+        ("lm_w8da8", "MatMulInteger"),  # per-token int8 codes, u8 x s8 GEMM
+        ("w8da8_per_tensor", "DynamicQuantizeMatMul"),
+        ("lm_8da4w", "MatMulNBits"),
+        ("lm_w4g32", "MatMulNBits"),
+    ],
 )
 def test_onnx_dynamic_int8_and_4bit_agree_with_the_fake_quant_model(
-    preset: str, kind: str, tmp_path: Path
+    preset: str, kernel: str, tmp_path: Path
 ) -> None:
     from qat.export.onnx.runtime import optimized_op_types
 
-    model = qat_gpt(preset, steps=10)
+    model = qat_gpt(w8da8_per_tensor() if preset == "w8da8_per_tensor" else preset, steps=10)
     paths = export_lm(model, tmp_path, lm_test_batches(1)[0][0][:1], targets=["onnx"])
     report = verify_lm_artifacts(model, paths, lm_test_batches(4))
     check_lm_parity(report, **PARITY)
     ops = optimized_op_types(paths["onnx"])
     linears = 2 * 4 + 1  # qkv, proj, fc, proj per block, and the output layer
-    fused = "DynamicQuantizeMatMul" if kind == "dynamic_int8" else "MatMulNBits"
-    assert ops[fused] == linears, ops
+    assert ops[kernel] == linears, ops
 
 
 def test_gguf_refuses_weights_it_cannot_store(tmp_path: Path) -> None:

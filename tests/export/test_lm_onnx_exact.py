@@ -2,10 +2,10 @@
 the fake-quant model computes, bit for bit.
 
 Under :func:`qat.runtime_numerics` a GPT's dynamically quantized linears compute ONNX Runtime's
-kernels (``MatMulNBits`` int8, ``DynamicQuantizeMatMul``; :mod:`qat.quant.runtime_matmul`) and
+kernels (``MatMulNBits`` int8, the int8 GEMMs; :mod:`qat.quant.runtime_matmul`) and
 its float islands in float64 (:mod:`qat.quant.float_island`), as the exported graph does: the
-logits are equal, not close. ``DynamicQuantizeMatMul`` sums exactly and rounds its epilogue
-in a fixed order, so that holds on every x86 CPU. ``MatMulNBits``' int8 kernel combines its
+logits are equal, not close. ``DynamicQuantizeMatMul`` sums exactly and rounds its epilogue in
+a fixed order, so that holds on every x86 CPU. ``MatMulNBits``' int8 kernel combines its
 blocks in float32 in an order the emulation takes from ONNX Runtime's AVX-512 VNNI kernel; on
 other CPUs (AVX2: the CI's class) it sums in another order, within float32 rounding of the
 same value, and where such a difference moves a later layer's Q8_0 code by one level the
@@ -29,7 +29,7 @@ from qat.quant.runtime_matmul import _fma32, ort_linear_kind
 
 ort = pytest.importorskip("onnxruntime")
 
-from lm_helpers import SEQ, lm_recipe, lm_test_batches  # noqa: E402
+from lm_helpers import SEQ, lm_recipe, lm_test_batches, w8da8_per_tensor  # noqa: E402
 
 
 def _has_avx512_vnni() -> bool:
@@ -74,34 +74,39 @@ def test_fma32_rounds_once_even_where_float64_lands_on_a_float32_midpoint() -> N
         assert float(got[i]) == want, (i, float(a[i]), float(b[i]), float(c[i]))
 
 
-def _gpt128(recipe: str) -> torch.nn.Module:
+def _gpt128(recipe: str | dict) -> torch.nn.Module:
     """A GPT whose layers ONNX Runtime's int8 kernel takes as emulated (K a multiple of 128)."""
     from qat.models import create_model
 
     torch.manual_seed(0)
     model = create_model("gpt", d_model=128, n_layers=1, n_heads=2, context_length=SEQ)
     x = lm_test_batches(1)[0][0]
-    model = qat.prepare(model, lm_recipe(recipe), example_inputs=x[:2])
+    rec = lm_recipe(recipe) if isinstance(recipe, str) else recipe
+    model = qat.prepare(model, rec, example_inputs=x[:2])
     model.train()
     with torch.no_grad():
         model(x)  # weight ranges; the activations are dynamic
     return model.eval()
 
 
-@pytest.mark.parametrize("recipe,kind", [("lm_q4_0", "nbits_int8"), ("lm_w8da8", "dynamic_int8")])
+@pytest.mark.parametrize(
+    "recipe,kind",
+    [("lm_q4_0", "nbits_int8"), ("lm_w8da8", "token_int8"), ("per_tensor", "dynamic_int8")],
+)
 def test_onnx_logits_equal_the_runtime_numerics_of_the_fake_quant_model(
     recipe: str, kind: str, tmp_path: Path
 ) -> None:
     """Bit for bit where this CPU runs the emulated kernels (``DynamicQuantizeMatMul``
-    everywhere, ``MatMulNBits`` on AVX-512 VNNI); elsewhere the contract in the docstring."""
-    model = _gpt128(recipe)
+    everywhere, ``MatMulNBits`` on AVX-512 VNNI); per-token int8 within float32 rounding;
+    elsewhere the contract in the docstring."""
+    model = _gpt128(w8da8_per_tensor() if recipe == "per_tensor" else recipe)
     kinds = {ort_linear_kind(m) for m in model.modules() if hasattr(m, "act_quant")}
     assert kind in kinds
     x = lm_test_batches(1)[0][0]
     path = export_lm(model, tmp_path, x[:1], targets=["onnx"], float_islands="float64")["onnx"]
     with torch.no_grad(), qat.runtime_numerics(model):
         ref = model(x)
-    exact = kind == "dynamic_int8" or VNNI
+    exact = kind == "dynamic_int8" or (kind == "nbits_int8" and VNNI)
     for level in (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -113,6 +118,13 @@ def test_onnx_logits_equal_the_runtime_numerics_of_the_fake_quant_model(
         diff = (out - ref).abs()
         if exact:
             assert torch.equal(out, ref), float(diff.max())
+            continue
+        if kind == "token_int8":
+            # ONNX Runtime's float64 LayerNorm rounds a few float32 outputs the other way
+            # (one ulp); where that element is its row's max, the row's int8 scale moves by
+            # an ulp too: the logits stay within float32 rounding, every top-1 the same.
+            assert float(diff.max()) <= 1e-6 * float(ref.abs().max()), float(diff.max())
+            assert torch.equal(out.argmax(-1), ref.argmax(-1))
             continue
         # AVX2 here (ORT 1.32, 16 x 64 tokens): 100% agreement, 0.6% of positions moved
         # beyond 1e-4 (a Q8_0 code one level off upstream), largest move 0.7% of max |logit|.

@@ -33,7 +33,15 @@ def lm_recipe(name: str) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("enabled", "bits", "name")}
 
 
-def fake_quant_hf(path: str | Path, recipe: str, steps: int = 2) -> nn.Module:
+def w8da8_per_tensor() -> dict[str, Any]:
+    """``lm_w8da8`` with per-tensor dynamic uint8 activations (``DynamicQuantizeLinear``'s grid,
+    exported as ``DynamicQuantizeMatMul``) instead of the preset's per-token int8."""
+    rec = copy.deepcopy(lm_recipe("lm_w8da8"))  # the cached recipe stays the preset's
+    rec["activation"].update(dynamic="tensor", signed=False, symmetric=False)
+    return rec
+
+
+def fake_quant_hf(path: str | Path, recipe: str | dict, steps: int = 2) -> nn.Module:
     """The Hugging Face model of ``path`` prepared with ``recipe``, calibrated on random ids and
     trained ``steps`` AdamW steps (the scales move), in eval mode."""
     import warnings
@@ -46,7 +54,8 @@ def fake_quant_hf(path: str | Path, recipe: str, steps: int = 2) -> nn.Module:
     ids = torch.randint(0, 512, (4, 32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the module-swap fallback warning
-        qmodel = qat.prepare(model, lm_recipe(recipe), example_inputs=ids[:2])
+        rec = lm_recipe(recipe) if isinstance(recipe, str) else recipe
+        qmodel = qat.prepare(model, rec, example_inputs=ids[:2])
     qat.calibrate(qmodel, [ids], num_batches=1)
     opt = torch.optim.AdamW(qmodel.parameters(), lr=1e-3)
     qmodel.train()

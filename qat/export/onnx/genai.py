@@ -20,21 +20,24 @@ builder's re-quantization (RTN) of the float weights:
   activations (weight-only recipes) at ``accuracy_level`` 0: float32 on the exact dequantized
   weights, what the model trained with. After Q8_0 activations (``lm_q4_0``, llama.cpp's
   scheme) at ``accuracy_level`` 4, ONNX Runtime's int8 kernel, the fast path on CPUs: it
-  quantizes its input to int8 blocks of 32 with Q8_0's scale ``amax / 127`` (kept in float32,
-  where Q8_0 rounds it to fp16), so it agrees with the model to the verify contract, not bit
-  for bit; ``q8_ops=True`` writes the fake-quant model's Q8_0 rounding as float ops before it
-  (as :mod:`qat.export.onnx.llm` does: the kernel re-quantizes those values to the same
+  quantizes its input to int8 blocks of 32 with the scale ``amax / 127`` in float32, where
+  Q8_0 stores it in fp16 (``d16``), so each block is first multiplied by ``d16 / d`` (``d16+``
+  kinds, as :mod:`qat.export.onnx.llm` does), after which the kernel takes ``d16`` and the
+  model's codes up to float32 rounding of the ratio: it agrees with the model to the verify
+  contract, not bit for bit. ``q8_ops=True`` writes the fake-quant model's whole Q8_0
+  rounding as float ops before it instead (the kernel re-quantizes those values to the same
   codes), exact up to summation order and slower. An explicit ``accuracy_level`` sets it for
   every grouped layer (4 on a weight-only model is faster and quantizes activations the model
   never saw: the verify step measures what that costs);
-- 8-bit per-channel weights after per-tensor dynamic uint8 activations (``lm_w8da8``):
-  ``DynamicQuantizeMatMul`` (what ONNX Runtime fuses ``DynamicQuantizeLinear → MatMulInteger``
-  into);
+- 8-bit per-channel weights after per-token symmetric int8 activations (``lm_w8da8``): each
+  row's codes into ``MatMulInteger`` (u8 × s8, zero point 128), times the row's and the
+  channel's scales, as :mod:`qat.export.onnx.llm` writes it; after per-tensor dynamic uint8
+  activations: ``DynamicQuantizeMatMul``;
 - other quantized weights (8-bit per channel with float activations): a float ``MatMul`` on the
   fake-quant weight (exact; not smaller).
 
 Quantized embeddings are gathered from their fake-quant table. Other dynamic activation
-grids (``lm_8da4w``'s per-token int8) are refused.
+grids (``lm_8da4w``'s asymmetric per-token int8) are refused.
 
 The decode loop quantizes each call's input: a per-tensor dynamic recipe sees one token per
 decode step, as the fake-quant model does when it generates with its KV cache
@@ -113,7 +116,8 @@ def genai_layer_kinds(
     model: nn.Module, accuracy_level: int | None = None, q8_ops: bool = False
 ) -> dict[str, str]:
     """How each quantized layer exports to the genai graph: ``nbits<bits>_g<group>_acc<level>``
-    (``q8_0+`` in front: after the Q8_0 rounding ops, ``q8_ops``), ``dynamic_int8``, ``float``
+    (``q8_0+`` in front: after the Q8_0 rounding ops, ``q8_ops``; ``d16+``: after the rescale
+    to Q8_0's fp16 scale, module docstring), ``dynamic_int8``, ``float``
     (fake-quant weight) or ``gather``.
 
     Raises:
@@ -129,8 +133,8 @@ def genai_layer_kinds(
         aq = getattr(layer, "act_quant", None)
         act_on = aq is not None and aq.enabled and bool(aq.fake_quant_enabled)
         q8 = act_on and aq.spec.grid == "q8_0"
-        if runtime == "dynamic_int8":
-            kinds[name] = "dynamic_int8"
+        if runtime in ("dynamic_int8", "token_int8"):
+            kinds[name] = runtime
         elif act_on and not (q8 and _nbits_ok(qw)):
             raise ValueError(
                 f"export target genai: layer {name!r} quantizes its inputs "
@@ -143,7 +147,11 @@ def genai_layer_kinds(
             level = accuracy_level
             if level is None:
                 level = 4 if q8 else 0
-            ops = "q8_0+" if q8 and q8_ops else ""
+            ops = ""
+            if q8 and q8_ops:
+                ops = "q8_0+"
+            elif q8 and level == 4:
+                ops = "d16+"
             kinds[name] = f"{ops}nbits{qw.bits}_g{qw.group}_acc{level}"
         else:
             kinds[name] = "float"
@@ -203,7 +211,7 @@ def _rewrite_matmuls(
     ]
     used: set[str] = set()
     done: dict[str, str] = {}
-    q8: dict[str, str] = {}
+    q8: dict[str, Any] = {}
     new_nodes = []
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
@@ -233,14 +241,14 @@ def _rewrite_matmuls(
 
 
 def _kernel(
-    node: onnx.NodeProto, parts: list[QuantWeight], kind: str, graph: Any, q8: dict[str, str]
+    node: onnx.NodeProto, parts: list[QuantWeight], kind: str, graph: Any, q8: dict[str, Any]
 ) -> list[onnx.NodeProto]:
     """The quantized node(s) that replace ``node`` (``MatMul(x, W)``); ``q8``: input → its
-    Q8_0 rounding already in the graph (gate and up read one input: rounded once)."""
+    quantization already in the graph (gate and up read one input: quantized once)."""
     base = node.input[1]
     n = sum(int(p.codes.shape[0]) for p in parts)
     k = int(parts[0].codes.shape[1])
-    if kind == "dynamic_int8":
+    if kind in ("dynamic_int8", "token_int8"):
         codes = torch.cat([p.codes for p in parts]).t().to(torch.int8).contiguous().numpy()
         scales = torch.cat([p.scales.reshape(-1) for p in parts]).float().numpy()
         graph.initializer.extend(
@@ -249,6 +257,17 @@ def _kernel(
                 numpy_helper.from_array(scales, f"{base}_scale"),
             ]
         )
+        if kind == "token_int8":
+            # As qat.export.onnx.llm writes it: fl(fl(acc)·s_x)·s_w, the same on every CPU.
+            x, nodes = node.input[0], []
+            if x not in q8:
+                q8[x], nodes = _token_int8_input(x, f"{node.name}/int8", graph)
+            codes_u8, row_scale, zero = q8[x]
+            w = _Writer(f"{node.name}_I8", graph, nodes)
+            acc = w.op("Cast", w.op("MatMulInteger", codes_u8, f"{base}_s8", zero), to=1)
+            scaled = w.op("Mul", acc, row_scale)
+            nodes.append(helper.make_node("Mul", [scaled, f"{base}_scale"], list(node.output)))
+            return nodes
         return [
             helper.make_node(
                 "DynamicQuantizeMatMul",
@@ -261,10 +280,11 @@ def _kernel(
     bits, group = parts[0].bits, parts[0].group
     level = int(kind.rsplit("acc", 1)[1])
     x, nodes = node.input[0], []
-    if kind.startswith("q8_0+") and x in q8:
+    if "+" in kind and x in q8:
         x = q8[x]
-    elif kind.startswith("q8_0+"):
-        q8[x], nodes = _q8_0_ops(x, f"{node.name}/q8_0", graph)
+    elif "+" in kind:
+        explicit = kind.startswith("q8_0+")
+        q8[x], nodes = _q8_0_input(x, f"{node.name}/q8_0", graph, explicit)
         x = q8[x]
     packed = [_pack(p) for p in parts]
     b = np.concatenate([p[0] for p in packed])
@@ -292,36 +312,71 @@ def _kernel(
     ]
 
 
-def _q8_0_ops(x: str, prefix: str, graph: Any) -> tuple[str, list[onnx.NodeProto]]:
-    """Append llama.cpp's Q8_0 rounding of ``x`` (blocks of 32 along the last axis: ``d =
-    amax / 127``, codes rounded half away from zero, ``d`` stored as fp16) as float ops: the
-    ops :mod:`qat.export.onnx.llm` writes, which compute :func:`qat.quant.dynamic.
-    dynamic_quantize` exactly. Returns the rounded tensor's name and the nodes."""
-    nodes = []
-    count = iter(range(1000))
+class _Writer:
+    """Appends ONNX nodes (named under ``prefix``) to ``nodes`` and constants to ``graph``."""
 
-    def op(kind: str, *inputs: str, **attrs: Any) -> str:
-        out = f"{prefix}/{kind}_{next(count)}"
-        nodes.append(helper.make_node(kind, list(inputs), [out], name=out, **attrs))
+    def __init__(self, prefix: str, graph: Any, nodes: list[onnx.NodeProto]) -> None:
+        self.prefix, self.graph, self.nodes = prefix, graph, nodes
+        self.count = iter(range(1000))
+
+    def op(self, kind: str, *inputs: str, **attrs: Any) -> str:
+        out = f"{self.prefix}/{kind}_{next(self.count)}"
+        self.nodes.append(helper.make_node(kind, list(inputs), [out], name=out, **attrs))
         return out
 
-    def const(value: Any, dtype: Any = np.float32) -> str:
-        name = f"{prefix}/c{next(count)}"
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        name = f"{self.prefix}/c{next(self.count)}"
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
         return name
 
-    v = op("Reshape", x, const([-1, 32], np.int64))
-    amax = op("ReduceMax", op("Abs", v), const([1], np.int64), keepdims=1)
-    d = op("Div", amax, const(127.0))
-    inv = op("Where", op("Equal", d, const(0.0)), const(0.0), op("Div", const(1.0), d))
-    scaled = op("Mul", v, inv)
-    a = op("Abs", scaled)
-    floored = op("Floor", a)
-    frac2 = op("Floor", op("Mul", const(2.0), op("Sub", a, floored)))
-    codes = op("Mul", op("Sign", scaled), op("Add", floored, frac2))
-    codes = op("Clip", codes, const(-127.0), const(127.0))
-    d16 = op("Cast", op("Cast", d, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
-    return op("Reshape", op("Mul", codes, d16), op("Shape", x)), nodes
+
+def _q8_0_input(
+    x: str, prefix: str, graph: Any, explicit: bool
+) -> tuple[str, list[onnx.NodeProto]]:
+    """The input ``MatMulNBits`` at accuracy level 4 reads after Q8_0 activations (blocks of 32
+    along the last axis, ``d = amax / 127``, ``d16`` its fp16 rounding, Q8_0's stored scale).
+    ``explicit``: llama.cpp's whole Q8_0 rounding as float ops (codes rounded half away from
+    zero, times ``d16``), the ops :mod:`qat.export.onnx.llm` writes for
+    :func:`qat.quant.dynamic.dynamic_quantize`; the kernel re-quantizes those values to the
+    same codes. Otherwise each block times ``d16 / d``: the kernel, which quantizes with the
+    float32 scale ``amax / 127``, then takes ``d16`` and the codes ``round(x / d)`` up to float32
+    rounding of the ratio, in three passes over ``x`` where the rounding takes a dozen.
+    Returns the new tensor's name and the nodes."""
+    nodes: list[onnx.NodeProto] = []
+    w = _Writer(prefix, graph, nodes)
+    v = w.op("Reshape", x, w.const([-1, 32], np.int64))
+    amax = w.op("ReduceMax", w.op("Abs", v), w.const([1], np.int64), keepdims=1)
+    d = w.op("Div", amax, w.const(127.0))
+    d16 = w.op("Cast", w.op("Cast", d, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
+    if explicit:
+        zero = w.op("Equal", d, w.const(0.0))
+        inv = w.op("Where", zero, w.const(0.0), w.op("Div", w.const(1.0), d))
+        scaled = w.op("Mul", v, inv)
+        a = w.op("Abs", scaled)
+        floored = w.op("Floor", a)
+        frac2 = w.op("Floor", w.op("Mul", w.const(2.0), w.op("Sub", a, floored)))
+        codes = w.op("Mul", w.op("Sign", scaled), w.op("Add", floored, frac2))
+        rounded = w.op("Mul", w.op("Clip", codes, w.const(-127.0), w.const(127.0)), d16)
+    else:
+        # An all-zero block (d = 0) gets ratio 0, not 0/0 (d16 is 0 wherever d is that small).
+        rounded = w.op("Mul", v, w.op("Div", d16, w.op("Max", d, w.const(1e-30))))
+    return w.op("Reshape", rounded, w.op("Shape", x)), nodes
+
+
+def _token_int8_input(
+    x: str, prefix: str, graph: Any
+) -> tuple[tuple[str, str, str], list[onnx.NodeProto]]:
+    """Per-token symmetric int8 codes of ``x`` plus 128 as uint8, each row's scale and the
+    zero point 128, for ``MatMulInteger`` (the ops :mod:`qat.export.onnx.llm` writes, op for op
+    :func:`qat.quant.dynamic.dynamic_quantize`)."""
+    nodes: list[onnx.NodeProto] = []
+    w = _Writer(prefix, graph, nodes)
+    amax = w.op("ReduceMax", w.op("Abs", x), w.const([-1], np.int64), keepdims=1)
+    scale = w.op("Div", amax, w.const(127.0))
+    scale = w.op("Where", w.op("Equal", scale, w.const(0.0)), w.const(1.0), scale)
+    codes = w.op("Round", w.op("Div", x, scale))
+    u8 = w.op("Cast", w.op("Add", codes, w.const(128.0)), to=onnx.TensorProto.UINT8)
+    return (u8, scale, w.const(128, np.uint8)), nodes
 
 
 @torch.no_grad()

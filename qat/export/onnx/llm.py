@@ -9,9 +9,12 @@ Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.expo
   the input per block of 32 with the scale ``amax/127``, the Q8_0 grid, after one rescale of
   each block that makes that scale Q8_0's fp16 ``d`` (:func:`_q8_0_rescale_ops`); the bias is
   the kernel's input. After float activations at ``accuracy_level=0`` (float32);
+- 8-bit per-channel weights with per-token symmetric int8 activations (``lm_w8da8``): each
+  row's codes ``round(x / s_x)`` (``s_x = max|x| / 127``) plus 128 as uint8, ``MatMulInteger``
+  with zero point 128 (ONNX Runtime's u8 × s8 GEMM, exact int32 sums), then ``· s_x · s_w``;
 - 8-bit per-channel weights with per-tensor dynamic uint8 activations:
   ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul(s_x · s_w)``, the pattern ONNX Runtime
-  fuses into ``DynamicQuantizeMatMul`` (u8 × s8 integer GEMM, exact int32 sums);
+  fuses into ``DynamicQuantizeMatMul``;
 - other per-channel weights: ``DequantizeLinear`` of int8 codes → ``MatMul``.
 
 Other dynamic activations (torchao's 8da4w per token) are emitted as the float ops of
@@ -22,15 +25,14 @@ model's own float code, exported by ``torch.onnx.export(dynamo=False)``, which c
 layers' ``symbolic``.
 
 Float islands (LayerNorm, attention, GELU: a ``QAct`` with a float output) come two ways.
-``float_islands="float32"``: the ops ONNX Runtime fuses (``LayerNormalization`` at opset 17,
-``FastGelu``, ``MultiHeadAttention``: :mod:`qat.export.onnx.llm_fused`), fast, agreeing with
-the fake-quant model statistically (:mod:`qat.export.verify_lm`). ``"float64"``: the bit-exact
-file: islands in float64 rounded to float32 (:mod:`qat.quant.float_island`) and the Q8_0
-rounding as explicit float ops, which the fake-quant model evaluated under
-:func:`qat.runtime_numerics` computes bit for bit (:mod:`qat.quant.runtime_matmul`); about
-2.5x slower. The default is float64 where activations are dynamic: a dynamic quantizer after a
-float32 island turns its one-ulp differences into other codes, and on a well-trained model
-that moved 0.2–0.5% of next tokens (docs/design.md).
+``float_islands="float32"`` (the default): the ops ONNX Runtime fuses (``LayerNormalization``
+at opset 17, ``FastGelu``, ``MultiHeadAttention``: :mod:`qat.export.onnx.llm_fused`), fast,
+agreeing with the fake-quant model to the statistical contract of :mod:`qat.export.verify_lm`
+on every CPU. ``"float64"`` (an opt-in): islands in float64 rounded to float32
+(:mod:`qat.quant.float_island`) and the Q8_0 rounding as explicit float ops, which the
+fake-quant model evaluated under :func:`qat.runtime_numerics` computes bit for bit
+(:mod:`qat.quant.runtime_matmul`); 2–3x slower, often slower than the float file
+(docs/design.md says why it is not the default).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from qat.quant.layers import QAct, QEmbedding
 from qat.quant.prepare import set_module
 from qat.quant.qparams import qrange
 from qat.quant.quantizer import FakeQuantizer
-from qat.quant.runtime_matmul import ort_linear_kind
+from qat.quant.runtime_matmul import int8_activations, ort_linear_kind
 from qat.quant.spec import QuantSpec
 
 __all__ = [
@@ -82,7 +84,7 @@ _MS = MS_DOMAIN
 class _Linear:
     """What one linear layer exports as (a plain object: it travels through the tracer)."""
 
-    kind: str  # "nbits", "dynamic_int8" or "dq_matmul"
+    kind: str  # "nbits", "dynamic_int8", "token_int8" or "dq_matmul"
     weight: QuantWeight
     bias: torch.Tensor | None
     act: QuantSpec | None  # dynamic activation spec, or None (float input)
@@ -94,18 +96,26 @@ class _Linear:
 
 def _kind(w: QuantWeight, act: QuantSpec | None) -> str:
     k = w.codes.shape[1]
-    tensor_u8 = (
-        act is not None
-        and act.dynamic == "tensor"
-        and act.bits == 8
-        and not act.signed
-        and not act.symmetric
-    )
-    if tensor_u8 and w.group == k and w.bits == 8 and w.grid == "affine":
-        return "dynamic_int8"
+    int8 = int8_activations(act)
+    if int8 and w.group == k and w.bits == 8 and w.grid == "affine":
+        return int8
     if w.group < k and w.bits in (4, 8) and w.group >= 16:
         return "nbits"
     return "dq_matmul"
+
+
+def _token_int8_ops(g: Any, x: Any, spec: QuantSpec) -> tuple[Any, Any]:
+    """Per-token symmetric int8 codes of ``x`` as ``uint8`` (``q + 128``, for ``MatMulInteger``
+    with the zero point 128: ONNX Runtime's fast u8 × s8 GEMM) and each row's scale, op for op
+    :func:`qat.quant.dynamic.dynamic_quantize` (``amax / qmax``, 1 where that is 0,
+    ``round(x / scale)`` half to even)."""
+    f32 = lambda v: _const(g, torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    _, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
+    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+    scale = g.op("Div", amax, f32(float(qmax)))
+    scale = g.op("Where", g.op("Equal", scale, f32(0.0)), f32(1.0), scale)
+    codes = g.op("Round", g.op("Div", x, scale))  # |codes| <= qmax: no clip needed
+    return g.op("Cast", g.op("Add", codes, f32(128.0)), to_i=2), scale  # 2: uint8
 
 
 def _act_spec(layer: nn.Module) -> QuantSpec | None:
@@ -188,7 +198,7 @@ def _emit_linear(g: Any, plan: _Linear, x: Any) -> Any:
     n, k = w.codes.shape
     if plan.act_in_kernel:
         x = _q8_0_rescale_ops(g, x)
-    elif plan.act is not None and plan.kind != "dynamic_int8":
+    elif plan.act is not None and plan.kind not in ("dynamic_int8", "token_int8"):
         x = _dynamic_ops(g, x, plan.act, k)
     if plan.kind == "nbits":
         packed, scales = _pack(w)
@@ -204,6 +214,14 @@ def _emit_linear(g: Any, plan: _Linear, x: Any) -> Any:
             accuracy_level_i=plan.accuracy_level,
         )
         _set_type(y, x, n)
+    elif plan.kind == "token_int8":
+        # fl(fl(acc)·s_x)·s_w, two Muls ONNX Runtime leaves unfused: its MatMulIntegerToFloat
+        # rounds another way, and these two are the same on every CPU (runtime_matmul).
+        xq, xs = _token_int8_ops(g, x, plan.act)
+        codes = _const(g, w.codes.t().to(torch.int8).contiguous())
+        acc = g.op("MatMulInteger", xq, codes, _const(g, torch.tensor(128, dtype=torch.uint8)))
+        y = g.op("Mul", g.op("Cast", acc, to_i=1), xs)
+        y = g.op("Mul", y, _const(g, w.scales.reshape(-1).float()))
     elif plan.kind == "dynamic_int8":
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
         codes = _const(g, w.codes.t().to(torch.int8).contiguous())
@@ -297,7 +315,8 @@ class _ExportEmbedding(nn.Module):
 
 
 def linear_kinds(model: nn.Module) -> dict[str, str]:
-    """How each quantized layer exports: ``nbits``, ``dynamic_int8``, ``dq_matmul``, ``gather``."""
+    """How each quantized layer exports: ``nbits``, ``dynamic_int8``, ``token_int8``,
+    ``dq_matmul``, ``gather``."""
     kinds = {}
     for name, layer in weighted_layers(model):
         if isinstance(layer, QEmbedding):
@@ -338,14 +357,13 @@ def build_lm_onnx(
             that computes the fake-quant model's arithmetic: 4 (int8) where the activations
             are Q8_0 blocks, else 0 (float32 on the exact dequantized weights). 0 or 4 sets
             it for every layer (0 after Q8_0 activations keeps their rounding as float ops).
-        float_islands: ``"float32"``: LayerNorm, attention and GELU in ONNX Runtime's fused
-            float32 kernels, Q8_0 activations quantized by ``MatMulNBits``' int8 kernel
-            (module docstring): fast, and statistically the fake-quant model. ``"float64"``:
-            the bit-exact file (islands in float64, the Q8_0 rounding as explicit float ops),
-            which the fake-quant model reproduces exactly under :func:`qat.runtime_numerics`
-            (``DynamicQuantizeMatMul`` files on every x86 CPU, ``MatMulNBits`` ones on AVX-512
-            VNNI); about 2.5x slower. None (the default): float64 where activations are
-            quantized dynamically, float32 for weight-only models. Recorded in the file's
+        float_islands: ``"float32"`` (None: the default): LayerNorm, attention and GELU in
+            ONNX Runtime's fused float32 kernels, Q8_0 activations quantized by
+            ``MatMulNBits``' int8 kernel (module docstring): fast, and statistically the
+            fake-quant model. ``"float64"``: the bit-exact file (islands in float64, the Q8_0
+            rounding as explicit float ops), which the fake-quant model reproduces under
+            :func:`qat.runtime_numerics` (``DynamicQuantizeMatMul`` files on every x86 CPU,
+            ``MatMulNBits`` ones on AVX-512 VNNI); 2–3x slower. Recorded in the file's
             metadata (``qat.float_islands``), which :func:`~qat.export.verify_lm_artifacts`
             reads to pick the reference.
 
@@ -361,10 +379,7 @@ def build_lm_onnx(
     if opset > LM_OPSET:
         raise ValueError(f"opset={opset} is invalid: 13–{LM_OPSET} (ReduceMax axes attribute)")
     if float_islands is None:
-        # Measured (docs/design.md): with dynamic activations float32 islands move next tokens
-        # of a well-trained model past the parity thresholds; weight-only models lose nothing.
-        dynamic = any(_act_spec(m) is not None for _, m in weighted_layers(model))
-        float_islands = "float64" if dynamic else "float32"
+        float_islands = "float32"
     if float_islands not in FLOAT_ISLANDS:
         raise ValueError(f"float_islands={float_islands!r} is invalid: one of {FLOAT_ISLANDS}")
     deploy = copy.deepcopy(model).cpu().eval()
