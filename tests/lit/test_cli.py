@@ -146,6 +146,7 @@ def test_multirun_sweeps_bits(tmp_path: Path) -> None:
         assert (sweep / str(i) / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow  # two trials, each a training run (~45 s)
 def test_optuna_sweep_over_bits_and_lr(tmp_path: Path) -> None:
     sweep = tmp_path / "optuna"
     proc = run(
@@ -172,6 +173,7 @@ def test_optuna_sweep_over_bits_and_lr(tmp_path: Path) -> None:
     assert bits <= {8, 6, 4, 3, 2}
 
 
+@pytest.mark.slow  # two ranks, gloo, a run each (~50 s)
 def test_ddp_cpu_keeps_quantizer_state_identical_across_ranks(tmp_path: Path) -> None:
     dump = tmp_path / "dump"
     proc = run(
