@@ -78,11 +78,11 @@ def render(
         "row's training and budget (W4A4: LSQ, lr 0.005, the last epoch with BN frozen; W2A2: "
         "the anneal, distillation, int32-grid biases), with each conv / linear layer's width "
         "(weights and output together) chosen from 2, 4 and 8 bits before QAT: every layer "
-        "alone dropped to each width on 2 training batches (the rest at 8, each width's ranges "
-        "calibrated), then the widths with the least summed loss change whose packed weights "
+        "alone dropped to each width on 2 training batches (the rest of the model at 8, the "
+        "residual adds and the pool included; each width's ranges calibrated), then the widths with the least summed loss change whose packed weights "
         "(Σ weights × bits / 8) fit in the uniform preset's own (the first conv and the "
         "classifier at 8 bits, the rest at 4 or 2), by an exact knapsack. The input, residual "
-        "adds and the pool stay at the uniform row's width. Exported files keep sub-8-bit "
+        "adds and the pool train at the uniform row's width. Exported files keep sub-8-bit "
         "values in int8 containers, so their KiB do not show the packed size.",
         "",
         "Columns: fake-quant = the trained model in PyTorch; ORT / TS = the exported ONNX "
