@@ -50,3 +50,13 @@ def test_the_page_counts_the_families_that_pass(sweep) -> None:
     page = sweep.render({"resnet": ok, "vgg": bad})
     assert "**1 of 2 families**" in page
     assert "| vgg | vgg11 | 5.0M" not in page and "export: X: y |" in page
+
+
+def test_float_training_stops_at_its_time_budget_after_the_minimum_steps(sweep) -> None:
+    import torch
+
+    model = torch.nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    assert sweep._train(model, batches, 100, 1e-3, True, budget_s=0.0) == sweep.MIN_FLOAT_STEPS
+    assert sweep._train(model, batches, 3, 1e-3, True, budget_s=0.0) == 3
+    assert sweep._train(model, batches, 7, 1e-3, True) == 7
