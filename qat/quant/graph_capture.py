@@ -88,6 +88,7 @@ class _Tracer(fx.Tracer):
         self.static: set[fx.Node] = set()  # Python values computed from shapes, never data
         self.specialized: list[str] = []
         self._eager = False  # computing a value: module calls and attributes stay concrete
+        self._tensor_names: dict[int, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (Add, Cat, FakeQuantizer, *QUANT_MODULES, *self.leaf_types)):
@@ -106,9 +107,19 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if self._eager:
+        if self._eager or not isinstance(attr_val, torch.Tensor):
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        # fx finds a parameter's name by scanning all of them at every read (a third of the
+        # capture time of a 400-module model); the names by identity, built once.
+        if self._tensor_names is None:
+            self._tensor_names = {id(b): n for n, b in self.root.named_buffers()}
+            self._tensor_names.update({id(p): n for n, p in self.root.named_parameters()})
+        name = self._tensor_names.get(id(attr_val))
+        if name is None or self.param_shapes_constant:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def create_proxy(
         self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
