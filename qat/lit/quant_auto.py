@@ -383,7 +383,7 @@ def _choose_for_latency(
         "target": opts.target,
         "threads": opts.threads,
         "latency_ms_by_bits": measured["ms_by_bits"],
-        "method": f"timed on {opts.target}",
+        "method": f"timed on {opts.target}; calibrated",
         "batches": opts.batches,
         "layers": [
             {

@@ -54,7 +54,7 @@ def bits_table_lines(report: Mapping[str, Any]) -> list[str]:
     key, unit = UNITS[report["cost"]]
     lines = [
         f"mixed precision: {key} {report['used'] / unit:.6g} of "
-        f"{report['budget'] / unit:.6g} ({report['method']}, {report['batches']} batches)",
+        f"{report['budget'] / unit:.6g} ({report['method']} on {report['batches']} batches)",
         f"  {'layer':<28} {'bits':>4} {'weights':>9} {'Δloss chosen':>13}",
     ]
     for row in report["layers"]:
