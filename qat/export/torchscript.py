@@ -222,7 +222,13 @@ class _FloatIsland(nn.Module):
     def __init__(self, desc: LayerDesc, channels_last: tuple[bool, ...] = ()) -> None:
         super().__init__()
         self.desc = desc
-        self.module = desc.module  # registered, so its parameters travel with the model
+        # The computation's own module (a LayerNorm, a FunctionalOp), registered so its
+        # parameters travel with the model; not the fake-quant wrapper, whose quantizers the
+        # island does not run and torch.jit.trace would script one by one (a third of
+        # CoaT's 2,000 modules).
+        inner = {"act": "act", "float": "module"}.get(desc.kind)
+        if inner is not None and isinstance(getattr(desc.module, inner, None), nn.Module):
+            self.module = getattr(desc.module, inner)
         self.channels_last = channels_last
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
