@@ -110,3 +110,28 @@ def test_adaptive_pooling_to_a_fixed_grid_exports(tmp_path) -> None:
     report = _export_and_verify(_PoolTo7(), torch.randn(16, 3, 8, 8), tmp_path)
     for name, r in report["runtimes"].items():
         assert r["agreement"] == 1.0 and r["max_abs_diff"] == 0.0, (name, r)
+
+
+def test_the_torchscript_add_of_mixed_layouts_rounds_as_the_fake_quant_model() -> None:
+    """An island's NCHW output plus a conv's channels-last output (FastViT's stem): on mixed
+    layouts ``quantized::add`` runs its scalar loop, which rounds this level pair otherwise."""
+    from qat.export.ir import ActGrid, LayerDesc
+    from qat.export.torchscript import _IntAdd  # the add alone: one level pair shows it
+    from qat.quant.runtime_add import quantized_add_levels
+
+    def grid(scale: float, zero: int) -> ActGrid:
+        return ActGrid(scale, zero, 0, 255, 8, False, "test")
+
+    ga, gb, gc = (0.016889065504074097, 126), (0.031396232545375824, 149), (0.0381070673, 124)
+    desc = LayerDesc(name="add", kind="add", inputs=(grid(*ga), grid(*gb)), output=grid(*gc))
+    a = torch.full((2, 8, 4, 4), 61, dtype=torch.uint8)
+    b = torch.full((2, 8, 4, 4), 187, dtype=torch.uint8)
+    qa = torch._make_per_tensor_quantized_tensor(a, *ga)
+    qb = torch._make_per_tensor_quantized_tensor(b, *gb).contiguous(
+        memory_format=torch.channels_last
+    )
+    expected = quantized_add_levels(a, b, ga, gb, gc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _IntAdd(desc)(qa, qb).int_repr().float()
+    assert torch.equal(got, expected)
