@@ -9,6 +9,9 @@ run by ``onnxruntime-genai`` (CPU, KV cache, batch 1):
 - ``qat_int4``: quant=lm_q4_0 (llama.cpp's scheme: Q4_0 weights, Q8_0 activations) after
   ``--qat-steps`` QAT steps, exported by ``export.targets=[genai]``: ``MatMulNBits`` at
   accuracy level 4 (ONNX Runtime's int8 kernel, which rounds its input to int8 blocks of 32);
+- ``qat_w4a8``: quant=lm_w4a8 (4-bit weights per group of 32, int8 activation blocks with a
+  float32 scale: the kernel's own input grid) after the same steps: ``MatMulNBits`` at
+  accuracy level 4 with no op before it, the builder's int4 layout (4-bit output layer too);
 - ``qat_int4_q8ops``: the same model with the fake-quant model's Q8_0 rounding as float ops
   before each kernel (``build_genai_folder(..., q8_ops=True)``: exact up to summation order);
 - ``qat_int4_head4``: ``qat_int4`` with a 4-bit output layer too (``quant.overrides=[]``:
@@ -17,8 +20,8 @@ run by ``onnxruntime-genai`` (CPU, KV cache, batch 1):
   same steps: ``MatMulNBits`` at accuracy level 0 (float32 on the exact trained weights);
 - ``qat_int4_w_acc4``: the same file at accuracy level 4 (``export.accuracy_level=4``: the
   builder's kernel; the activations are quantized, which the weight-only model never saw);
-- ``qat_int8``: quant=lm_w8da8 (8-bit weights, per-tensor dynamic uint8 activations) after the
-  same steps: ``DynamicQuantizeMatMul``.
+- ``qat_int8``: quant=lm_w8da8 (8-bit weights, per-token int8 activations) after the same
+  steps: ``MatMulInteger``.
 
 Speed: every folder in the same interleaved rounds (each round runs each once, the order
 rotating), medians: ``prompt`` = ms to process a ``--prompt`` token prompt (128),
@@ -61,6 +64,7 @@ ROWS = {
     "builder_int4": ("qat_int4", "int4"),
     "qat_int8": ("qat_int8", None),
     "qat_int4": ("qat_int4", None),
+    "qat_w4a8": ("qat_w4a8", None),
     "qat_int4_q8ops": ("qat_int4", None),
     "qat_int4_head4": ("qat_int4_head4", None),
     "qat_int4_w": ("qat_int4_w", None),
@@ -69,6 +73,7 @@ ROWS = {
 #: qat model → (preset, recipe keys replaced).
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "qat_int4": ("lm_q4_0", {}),
+    "qat_w4a8": ("lm_w4a8", {}),
     "qat_int4_head4": ("lm_q4_0", {"overrides": []}),
     "qat_int4_w": ("lm_w4g32", {}),
     "qat_int8": ("lm_w8da8", {}),

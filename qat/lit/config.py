@@ -39,7 +39,7 @@ from qat.lit.errors import ConfigError
 from qat.lit.quant_auto import auto_options, check_budget, saved_recipe
 from qat.quant.control import iter_quantizers
 from qat.quant.prepare import prepare
-from qat.quant.runtime_matmul import int8_activations
+from qat.quant.runtime_matmul import int8_activations, int8_blocks
 from qat.quant.schedule import ROLES, Schedule
 from qat.quant.spec import Recipe
 
@@ -239,12 +239,13 @@ def _check_genai_target(targets: list[str], recipe: Recipe | None, model: nn.Mod
     act = recipe.activation if recipe is not None else None
     if act is None or not act.enabled or act.bits >= 32:
         return
-    if act.grid == "q8_0" or int8_activations(act):
+    if act.grid == "q8_0" or int8_activations(act) or int8_blocks(act, recipe.weight.group_size):
         return
     raise ConfigError(
         f"export.targets={targets}: quant.activation.dynamic={act.dynamic} (grid {act.grid}) "
         "has no kernel in the genai graph: train with quant=lm_w4g32 (int4 weight-only), "
-        "lm_q4_0 (int4, Q8_0 activations) or lm_w8da8 (per-token int8), or drop genai"
+        "lm_w4a8 (int4, int8 blocks), lm_q4_0 (int4, Q8_0 activations) or lm_w8da8 (int8), "
+        "or drop genai"
     )
 
 

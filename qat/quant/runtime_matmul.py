@@ -57,6 +57,23 @@ def int8_activations(spec: QuantSpec | None) -> str | None:
     return None
 
 
+def int8_blocks(spec: QuantSpec | None, group: int) -> bool:
+    """Whether ``spec`` is the grid ``MatMulNBits``' int8 compute (``accuracy_level=4``) puts
+    its input on by itself: symmetric int8 per block of the weight's ``group`` inputs, scale
+    ``max|x| / 127`` in float32 (``lm_w4a8``). Exported, such a layer needs no op before the
+    kernel; Q8_0 (fp16 scales) needs a rescale."""
+    return (
+        spec is not None
+        and spec.bits == 8
+        and spec.grid == "affine"
+        and spec.dynamic == "token"
+        and spec.signed
+        and spec.symmetric
+        and not spec.reduce_range
+        and spec.group_size == group
+    )
+
+
 def ort_linear_kind(layer: nn.Module) -> str | None:
     """``"dynamic_int8"``, ``"token_int8"``, ``"nbits_int8"`` (the kernels above) or None."""
     aq, wq = getattr(layer, "act_quant", None), layer.weight_quant

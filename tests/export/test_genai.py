@@ -92,6 +92,21 @@ def test_genai_q4_0_runs_the_int8_kernel_on_q8_0_blocks(
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.95
 
 
+def test_genai_w4a8_runs_the_int8_kernel_with_nothing_before_it(
+    hf_dir: Path, tmp_path: Path
+) -> None:
+    """lm_w4a8 trains on the grid MatMulNBits' int8 compute rounds its input to (int8 blocks of
+    32, float32 scale): the builder's int4 layout, no op before the kernel, the model's tokens."""
+    qmodel = fake_quant_hf(hf_dir, "lm_w4a8")
+    out = tmp_path / "genai"
+    report = build_genai_folder(qmodel, out)
+    assert set(report["nodes"].values()) == {"nbits4_g32_acc4"}  # the output layer too
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 5 + 1 and "ReduceMax" not in ops
+    prompt = qat.hf_folder.load_hf_tokenizer(hf_dir)("import os\nclass A:")["input_ids"]
+    assert genai_generate(out, prompt, 32) == greedy_tokens(qmodel, prompt, 32)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma"])
 def test_genai_other_families_generate_the_fake_quant_models_tokens(
     tmp_path: Path, family: str

@@ -23,7 +23,7 @@ def _attr(node: onnx.NodeProto, name: str) -> int | None:
     return next((a.i for a in node.attribute if a.name == name), None)
 
 
-@pytest.mark.parametrize("recipe", ["lm_q4_0", "lm_w8da8"])
+@pytest.mark.parametrize("recipe", ["lm_q4_0", "lm_w8da8", "lm_w4a8"])
 def test_float32_file_is_fused_and_meets_the_default_contract(recipe: str, tmp_path: Path) -> None:
     model = qat_gpt(recipe, steps=10)
     batches = lm_test_batches(4)
@@ -37,13 +37,15 @@ def test_float32_file_is_fused_and_meets_the_default_contract(recipe: str, tmp_p
     assert ops["LayerNormalization"] == 2 * 2 + 1  # opset 17's fused op, per block and final
     assert ops["MultiHeadAttention"] == 2 and ops["FastGelu"] == 2  # one per block
     assert not ops["Softmax"] and not ops["Tanh"]
-    if recipe == "lm_q4_0":
-        # The Q8_0 rounding is the kernel's (no Floor / Sign chain), at accuracy level 4.
+    if recipe in ("lm_q4_0", "lm_w4a8"):
+        # The int8 rounding is the kernel's (no Floor / Sign chain), at accuracy level 4;
+        # Q8_0 rescales each block to its fp16 scale first, lm_w4a8 needs nothing before it.
         assert not ops["Floor"] and not ops["Sign"], ops
         levels = {
             _attr(n, "accuracy_level") for n in proto.graph.node if n.op_type == "MatMulNBits"
         }
         assert levels == {4}
+        assert ops["ReduceMax"] == (2 * 4 + 1 if recipe == "lm_q4_0" else 0), ops
     else:
         # Per-token int8 codes into the u8 x s8 GEMM, the row and channel scales after it.
         assert ops["MatMulInteger"] == 2 * 4 + 1 and not ops["DynamicQuantizeLinear"], ops

@@ -29,6 +29,9 @@ builder's re-quantization (RTN) of the float weights:
   codes), exact up to summation order and slower. An explicit ``accuracy_level`` sets it for
   every grouped layer (4 on a weight-only model is faster and quantizes activations the model
   never saw: the verify step measures what that costs);
+- 4-bit weights per group after int8 blocks of the group's size with a float32 scale
+  (``lm_w4a8``): ``MatMulNBits`` at ``accuracy_level`` 4 with nothing before it, the kernel's
+  own rounding of its input (the builder's int4 file's kernel, as fast);
 - 8-bit per-channel weights after per-token symmetric int8 activations (``lm_w8da8``): each
   row's codes into ``MatMulInteger`` (u8 × s8, zero point 128), times the row's and the
   channel's scales, as :mod:`qat.export.onnx.llm` writes it; after per-tensor dynamic uint8
@@ -64,7 +67,7 @@ from qat.export.lm_io import is_hf_model
 from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
 from qat.export.onnx.genai_builder import builder_folder, builder_module
 from qat.quant.layers import QEmbedding
-from qat.quant.runtime_matmul import ort_linear_kind
+from qat.quant.runtime_matmul import int8_blocks, ort_linear_kind
 
 __all__ = [
     "GENAI_CONFIG",
@@ -133,20 +136,21 @@ def genai_layer_kinds(
         aq = getattr(layer, "act_quant", None)
         act_on = aq is not None and aq.enabled and bool(aq.fake_quant_enabled)
         q8 = act_on and aq.spec.grid == "q8_0"
+        blocks = act_on and int8_blocks(aq.spec, qw.group)  # the kernel's own input grid
         if runtime in ("dynamic_int8", "token_int8"):
             kinds[name] = runtime
-        elif act_on and not (q8 and _nbits_ok(qw)):
+        elif act_on and not ((q8 or blocks) and _nbits_ok(qw)):
             raise ValueError(
                 f"export target genai: layer {name!r} quantizes its inputs "
                 f"(dynamic={aq.spec.dynamic}, grid={aq.spec.grid}), which the genai graph "
-                "cannot reproduce: train with quant=lm_w4g32 (int4 weight-only), lm_q4_0 "
-                "(int4, Q8_0 activations) or lm_w8da8 (dynamic int8), or drop genai from "
-                "export.targets"
+                "cannot reproduce: train with quant=lm_w4a8 (int4, int8 blocks), lm_w4g32 "
+                "(int4 weight-only), lm_q4_0 (int4, Q8_0 activations) or lm_w8da8 (int8), or "
+                "drop genai from export.targets"
             )
         elif _nbits_ok(qw):
             level = accuracy_level
             if level is None:
-                level = 4 if q8 else 0
+                level = 4 if q8 or blocks else 0
             ops = ""
             if q8 and q8_ops:
                 ops = "q8_0+"

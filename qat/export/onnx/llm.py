@@ -7,8 +7,10 @@ Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.expo
   scale per block (``block_size`` = the group size), so ORT dequantizes exactly the fake-quant
   weight. After Q8_0 activations it runs at ``accuracy_level=4``: its int8 kernel quantizes
   the input per block of 32 with the scale ``amax/127``, the Q8_0 grid, after one rescale of
-  each block that makes that scale Q8_0's fp16 ``d`` (:func:`_q8_0_rescale_ops`); the bias is
-  the kernel's input. After float activations at ``accuracy_level=0`` (float32);
+  each block that makes that scale Q8_0's fp16 ``d`` (:func:`_q8_0_rescale_ops`); after
+  ``lm_w4a8``'s int8 blocks (float32 scale ``amax/127``: the kernel's own grid) at level 4
+  with nothing before it; the bias is the kernel's input. After float activations at
+  ``accuracy_level=0`` (float32);
 - 8-bit per-channel weights with per-token symmetric int8 activations (``lm_w8da8``): each
   row's codes ``round(x / s_x)`` (``s_x = max|x| / 127``) plus 128 as uint8, ``MatMulInteger``
   with zero point 128 (ONNX Runtime's u8 × s8 GEMM, exact int32 sums), then ``· s_x · s_w``;
@@ -61,7 +63,7 @@ from qat.quant.layers import QAct, QEmbedding
 from qat.quant.prepare import set_module
 from qat.quant.qparams import qrange
 from qat.quant.quantizer import FakeQuantizer
-from qat.quant.runtime_matmul import int8_activations, ort_linear_kind
+from qat.quant.runtime_matmul import int8_activations, int8_blocks, ort_linear_kind
 from qat.quant.spec import QuantSpec
 
 __all__ = [
@@ -89,9 +91,11 @@ class _Linear:
     bias: torch.Tensor | None
     act: QuantSpec | None  # dynamic activation spec, or None (float input)
     accuracy_level: int
-    # Q8_0 activations left to MatMulNBits' int8 kernel (accuracy level 4, blocks of 32), which
-    # quantizes its input on the same grid itself, instead of explicit float ops before it.
+    # Activations left to MatMulNBits' int8 kernel (accuracy level 4), which quantizes its
+    # input per block itself, instead of explicit float ops before it: Q8_0 blocks after a
+    # rescale to their fp16 scale (``rescale``), lm_w4a8's float32-scale blocks as they are.
     act_in_kernel: bool = False
+    rescale: bool = False
 
 
 def _kind(w: QuantWeight, act: QuantSpec | None) -> str:
@@ -197,7 +201,7 @@ def _emit_linear(g: Any, plan: _Linear, x: Any) -> Any:
     w = plan.weight
     n, k = w.codes.shape
     if plan.act_in_kernel:
-        x = _q8_0_rescale_ops(g, x)
+        x = _q8_0_rescale_ops(g, x) if plan.rescale else x
     elif plan.act is not None and plan.kind not in ("dynamic_int8", "token_int8"):
         x = _dynamic_ops(g, x, plan.act, k)
     if plan.kind == "nbits":
@@ -394,13 +398,14 @@ def build_lm_onnx(
         kind = _kind(qw, act)
         q8_blocks = kind == "nbits" and act is not None and act.grid == "q8_0"
         q8_blocks = q8_blocks and qw.group == GGUF_BLOCK
+        blocks = q8_blocks or (kind == "nbits" and int8_blocks(act, qw.group))
         exact = float_islands == "float64"
         level = accuracy_level
         if level is None:
-            int8 = ort_linear_kind(layer) == "nbits_int8" if exact else q8_blocks
+            int8 = ort_linear_kind(layer) == "nbits_int8" if exact else blocks
             level = 4 if int8 else 0
-        in_kernel = q8_blocks and level == 4 and not exact
-        plan = _Linear(kind, qw, bias, act, level, act_in_kernel=in_kernel)
+        in_kernel = blocks and level == 4 and not exact
+        plan = _Linear(kind, qw, bias, act, level, in_kernel, rescale=q8_blocks)
         set_module(deploy, name, _ExportLinear(plan))
     islands = [
         name
