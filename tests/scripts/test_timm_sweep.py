@@ -60,3 +60,10 @@ def test_float_training_stops_at_its_time_budget_after_the_minimum_steps(sweep) 
     assert sweep._train(model, batches, 100, 1e-3, True, budget_s=0.0) == sweep.MIN_FLOAT_STEPS
     assert sweep._train(model, batches, 3, 1e-3, True, budget_s=0.0) == 3
     assert sweep._train(model, batches, 7, 1e-3, True) == 7
+
+
+def test_a_model_verified_before_the_time_limit_keeps_its_row(sweep) -> None:
+    out = 'STAGE 3 32 build\nPARTIAL {"model": "m", "status": "pass"}\nSTAGE 290 32 bench\n'
+    assert sweep._partial(out.encode()) == {"model": "m", "status": "pass"}
+    assert sweep._partial("STAGE 3 32 build\n") is None
+    assert sweep._last_stage(out) == " (in bench at 32×32, 290 s in)"
