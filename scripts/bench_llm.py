@@ -11,6 +11,8 @@ fast export of its preset (:func:`qat.export.onnx.llm.build_lm_onnx` with
 - ``fp32``: the float model (``torch.onnx.export``);
 - ``int8_dyn``: quant=lm_w8da8, per-token int8 codes → ``MatMulInteger`` (u8 × s8), what
   ``+experiment=gpt_w8a8`` exports;
+- ``int4_a8``: quant=lm_w4a8 (4-bit groups, int8 activation blocks: ``MatMulNBits`` at accuracy
+  level 4 with nothing before it), what ``+experiment=hf_w4a8_ort`` exports;
 - ``int4_q8``: the llama.cpp scheme (quant=lm_q4_0: Q4_0 weights, Q8_0 activations quantized
   by ``MatMulNBits``' int8 kernel, accuracy level 4), what ``+experiment=gpt_int4`` exports;
 - ``int4_w``: 4-bit weights per group of 32, float activations (quant=lm_w4g32): ``MatMulNBits``
@@ -25,7 +27,8 @@ The model: ``--model gpt`` (a fresh ``gpt``, ``--d-model`` / ``--layers``) or ``
 quantized to nearest; ``--onnx NAME=PATH`` adds (or replaces) files of trained runs.
 
 The report is a list of sections, each a table of rows with the same columns
-(:func:`table`); a new measurement (e.g. decode tokens/s) adds a section.
+(:func:`table`); a new measurement adds a section. Generation with a KV cache (decode
+tokens/s) and onnxruntime-genai's builder files beside qat's: ``scripts/bench_genai.py``.
 
     python scripts/bench_llm.py [--model hf --path models/stdlib-llama-33m] [--rounds 9]
         [--threads 2] [--exact] [--onnx int4_q8=<run>/export/model.onnx]
@@ -53,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 #: File name → the quant preset it is the default (fast) export of.
-PRESETS = {"int8_dyn": "lm_w8da8", "int4_q8": "lm_q4_0", "int4_w": "lm_w4g32"}
+PRESETS = {"int8_dyn": "lm_w8da8", "int4_a8": "lm_w4a8", "int4_q8": "lm_q4_0", "int4_w": "lm_w4g32"}
 #: With ``--exact``: the bit-exact (float64) files of the presets with dynamic activations.
 EXACT = {"int8_dyn_f64": "lm_w8da8", "int4_q8_f64": "lm_q4_0"}
 #: The weight kernels a table names (ONNX Runtime's names after its graph optimizations).

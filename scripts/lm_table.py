@@ -4,8 +4,8 @@ One float GPT (``+experiment=gpt_float``) is the starting point of every row:
 
 - PTQ rows quantize it with ``qat.quant.ptq`` (rtn, gptq, awq) under the same recipes the QAT
   rows train with: W4 g32 = ``quant=lm_q4_0`` (GGUF Q4_0 weights, Q8_0 activation rounding: what
-  llama.cpp computes), W8 = ``quant=lm_w8da8`` (int8 per-channel weights, dynamic int8
-  activations: ONNX Runtime's DynamicQuantizeMatMul);
+  llama.cpp computes), W8 = ``quant=lm_w8da8`` (int8 per-channel weights, per-token dynamic
+  int8 activations: ONNX Runtime's MatMulInteger);
 - QAT rows fine-tune it (``+experiment=gpt_int4`` / ``gpt_w8a8`` with ``init_from=``) and export
   and verify GGUF / ONNX in the run;
 - "float, trained as long" continues the float model for the QAT rows' steps (the same

@@ -128,7 +128,7 @@ def gpt_section(report: dict[str, Any]) -> list[str]:
         "embeddings and the output layer on Q8_0, and the input of every matmul rounded to Q8_0 "
         "blocks, as llama.cpp computes Q4_0 models; the PTQ rows use the same grids.",
         "- **W8** = `quant=lm_w8da8`: int8 per-channel weights (7-bit grid, `reduce_range`), "
-        "per-tensor dynamic uint8 activations (ONNX Runtime's `DynamicQuantizeMatMul`).",
+        "per-token dynamic int8 activations (ONNX Runtime's `MatMulInteger`).",
         "- QAT: `+experiment=gpt_int4` / `gpt_w8a8` with `init_from=` the float model, 2 epochs "
         "of 300 steps at lr 3e-4. *float, trained as long as QAT*: the same 600 steps in float; "
         "RTN, GPTQ, AWQ (`qat.quant.ptq`, 16 training batches) quantize it, so every quantized "
@@ -156,9 +156,8 @@ def gpt_section(report: dict[str, Any]) -> list[str]:
         f"Exported models are checked on {tokens} test tokens: `gguf` is the GGUF file run in "
         "PyTorch as llama.cpp's CPU graph (`qat.export.gguf_runner`: dequantized tensors from "
         "the file, Q8_0 rounding of matmul inputs), against the fake-quant model; `onnx` is "
-        "the ONNX file in ONNX Runtime (the default: float64 islands), against the fake-quant "
-        "model under `qat.runtime_numerics` (ONNX Runtime's integer kernels' float epilogues, "
-        "float islands in float64, as the file computes them): next-token agreement, mean KL "
+        "the ONNX file in ONNX Runtime (the default: float32 islands in its fused kernels), "
+        "against the fake-quant model: next-token agreement, mean KL "
         "divergence of the next-token distributions and perplexity.",
         "",
     ]
@@ -193,13 +192,15 @@ def latency_lines(
             )
         lines.append("")
     lines += [
-        "`fp32`: the float model; `int8_dyn`: `quant=lm_w8da8` (`DynamicQuantizeMatMul`); "
+        "`fp32`: the float model; `int8_dyn`: `quant=lm_w8da8` (per-token int8, `MatMulInteger`); "
+        "`int4_a8`: `quant=lm_w4a8` (4-bit groups, int8 activation blocks, `MatMulNBits` at "
+        "accuracy level 4 with nothing before it); "
         "`int4_q8`: `quant=lm_q4_0` (Q4_0 weights in `MatMulNBits`, the Q8_0 activations "
         "quantized by its int8 kernel, accuracy level 4); `int4_w`: 4-bit weight-only "
         "(`quant=lm_w4g32`, accuracy level 0). Each is the fast export "
         "(`export.float_islands=float32`: `LayerNormalization`, `MultiHeadAttention`, `FastGelu`, "
-        "as in the FP32 file); `*_f64`: the default files of the dynamic presets (float64 "
-        "islands, bit-exact); timings do not depend on the weights. Without VNNI the 4-bit files' int8 kernel is not faster "
+        "as in the FP32 file); `*_f64`: the bit-exact opt-in files of the dynamic presets "
+        "(float64 islands); timings do not depend on the weights. Without VNNI the 4-bit files' int8 kernel is not faster "
         "than FP32 on a prompt; they are 5x smaller (8-bit embeddings and output layer, one "
         "float32 scale per 32 weights).",
     ]
