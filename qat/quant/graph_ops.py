@@ -37,6 +37,18 @@ NON_TENSOR_FUNCTIONS = frozenset(
 )
 
 
+#: Tensor methods that cast a float activation (identities on the values of a quint8 one).
+CAST_METHODS = frozenset({"float", "to", "type_as"})
+
+
+def cast_activation(x: torch.Tensor, method: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``getattr(x, method)(*args, **kwargs)``; a quantized ``x`` (the integer TorchScript
+    model's activation, on its grid) is returned as it is."""
+    if x.is_quantized:
+        return x
+    return getattr(x, method)(*args, **kwargs)
+
+
 def target_name(node: fx.Node) -> str:
     """A module-name part for the op: an identifier that is no keyword (``_assert`` → ``assert_``)."""
     t = node.target
@@ -104,3 +116,19 @@ def input_dependent(graph: fx.Graph, is_float: Callable[[fx.Node], bool]) -> set
         ):
             live.add(node)
     return live
+
+
+def route_casts(graph: fx.Graph, is_float: Callable[[fx.Node], bool]) -> None:
+    """``x.float()`` / ``x.to(dtype)`` / ``x.type_as(y)`` of an activation call
+    :func:`cast_activation`: in the integer TorchScript model the activation is a quint8
+    tensor already holding its values, which such a cast refuses (EfficientViT's
+    ``v.float()`` in its float32 attention block)."""
+    live = input_dependent(graph, is_float)
+    for node in list(graph.nodes):
+        if node.op == "call_method" and node.target in CAST_METHODS and node.args[0] in live:
+            with graph.inserting_before(node):
+                args = (node.args[0], node.target, *node.args[1:])
+                cast = graph.call_function(cast_activation, args, dict(node.kwargs))
+            cast.meta = dict(node.meta)
+            node.replace_all_uses_with(cast)
+            graph.erase_node(node)

@@ -44,6 +44,7 @@ from qat.quant.graph_ops import (
     is_float,
     only_divisor,
     only_user,
+    route_casts,
     single_tensor,
     target_name,
 )
@@ -439,4 +440,5 @@ def rewrite_graph(
     rw.fuse()
     rw.swap()
     rw.requantize()
+    route_casts(graph, rw.is_float)
     check_overrides(recipe, rw.quantized_names() + extra_names, rw.specs)

@@ -75,8 +75,10 @@ class _LinearAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b, 3, 4, h * w).transpose(-1, -2).unbind(1)
         q, k = q.relu(), k.relu()
         v = F.pad(v, (0, 1), mode="constant", value=1.0)
-        out = q @ (k.transpose(-1, -2) @ v)
+        # Its float32 block: casts of tensors that are quint8 in the integer TorchScript model.
+        out = q.float() @ (k.float().transpose(-1, -2) @ v.float())
         out = out[..., :-1] / (out[..., -1:] + 1e-15)
+        out = out.to(v.dtype)
         return self.proj(out.transpose(-1, -2).reshape(b, 4, h, w)).mean((2, 3))
 
 
