@@ -54,9 +54,11 @@ def test_genai_generates_the_fake_quant_models_greedy_tokens(
     assert bool((got.argmax(-1) == ref.argmax(-1)).all())
 
 
-def test_genai_refuses_per_token_activations_before_any_work(hf_dir: Path, tmp_path: Path) -> None:
+def test_genai_refuses_asymmetric_per_token_activations_before_any_work(
+    hf_dir: Path, tmp_path: Path
+) -> None:
     qmodel = fake_quant_hf(hf_dir, "lm_8da4w", steps=0)
-    with pytest.raises(ValueError, match="cannot reproduce: train with quant=lm_w4g32"):
+    with pytest.raises(ValueError, match="cannot reproduce: train with quant=lm_w4a8"):
         build_genai_folder(qmodel, tmp_path / "genai")
     assert not (tmp_path / "genai").exists()
 
