@@ -118,17 +118,39 @@ def input_dependent(graph: fx.Graph, is_float: Callable[[fx.Node], bool]) -> set
     return live
 
 
+def on_grid_values(op: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``torch.<op>(x, ...)`` for an op that only moves values (``roll``); a quantized ``x``
+    (the integer TorchScript model's activation, where torch has no quantized kernel) is
+    dequantized, moved and requantized to its own grid: exactly its levels, moved."""
+    fn = getattr(torch, op)
+    if not x.is_quantized:
+        return fn(x, *args, **kwargs)
+    y = fn(x.dequantize(), *args, **kwargs)
+    return torch.quantize_per_tensor(y, x.q_scale(), x.q_zero_point(), x.dtype)
+
+
 def route_casts(graph: fx.Graph, is_float: Callable[[fx.Node], bool]) -> None:
     """``x.float()`` / ``x.to(dtype)`` / ``x.type_as(y)`` of an activation call
     :func:`cast_activation`: in the integer TorchScript model the activation is a quint8
     tensor already holding its values, which such a cast refuses (EfficientViT's
-    ``v.float()`` in its float32 attention block)."""
+    ``v.float()`` in its float32 attention block). ``torch.roll`` (Swin's shifted windows),
+    which has no quantized kernel, calls :func:`on_grid_values`."""
     live = input_dependent(graph, is_float)
     for node in list(graph.nodes):
-        if node.op == "call_method" and node.target in CAST_METHODS and node.args[0] in live:
+        roll = (node.op == "call_function" and node.target is torch.roll) or (
+            node.op == "call_method" and node.target == "roll"
+        )
+        if roll and node.args and node.args[0] in live:
+            with graph.inserting_before(node):
+                args = ("roll", *node.args)
+                cast = graph.call_function(on_grid_values, args, dict(node.kwargs))
+        elif node.op == "call_method" and node.target in CAST_METHODS and node.args[0] in live:
             with graph.inserting_before(node):
                 args = (node.args[0], node.target, *node.args[1:])
                 cast = graph.call_function(cast_activation, args, dict(node.kwargs))
-            cast.meta = dict(node.meta)
-            node.replace_all_uses_with(cast)
-            graph.erase_node(node)
+        else:
+            continue
+        cast.meta = dict(node.meta)
+        live.add(cast)
+        node.replace_all_uses_with(cast)
+        graph.erase_node(node)

@@ -164,3 +164,29 @@ def test_a_weightless_module_called_twice_gets_an_island_per_call(tmp_path) -> N
     # Refused before: "layer act is called several times on different input grids".
     report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
     assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+
+
+class _ShiftedWindows(nn.Module):
+    """Swin's shifted windows: ``torch.roll`` of an activation (no quantized kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.proj = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.roll(self.conv(x), shifts=(1, -1), dims=(2, 3))
+        return self.proj(h.roll(1, 2)).mean((2, 3))
+
+
+def test_a_rolled_activation_exports_on_its_grid(tmp_path) -> None:
+    from qat.export import export_model, verify_artifacts
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    q = qat.prepare(_ShiftedWindows().eval(), example_inputs=x, capture="graph")
+    qat.calibrate(q, [x])
+    q.eval()
+    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+    assert report["runtimes"]["torchscript"]["max_abs_diff"] == 0.0  # refused roll before
