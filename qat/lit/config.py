@@ -218,8 +218,8 @@ def _check_hf_target(targets: list[str], recipe: Recipe | None, model: nn.Module
         return
     raise ConfigError(
         f"export.targets={targets}: {why} has no exact compressed-tensors form; export it "
-        "as gguf / onnx, or train for hf with quant=lm_w4g32 (int4 weight-only) or lm_w8da8 "
-        "(W8A8, per-tensor asymmetric activations): +experiment=hf_w4g32 / hf_w8a8"
+        "as gguf / onnx, or train for hf with +experiment=hf_w4g32 (int4 weight-only) or "
+        "hf_w8a8 (W8A8 with per-tensor asymmetric activations)"
     )
 
 
