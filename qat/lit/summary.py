@@ -226,8 +226,11 @@ def _mixed_rows(mixed: Mapping[str, Any], run_dir: Any) -> list[tuple[str, str]]
     """quant=auto's choice: the budget and what it used, then the per-layer bits table."""
     if not mixed:
         return []
-    mb = mixed.get("cost") == "size"
-    scale, unit = (1e6, "MB packed weights") if mb else (1.0, "BOPs per sample")
+    units = {
+        "size": (1e6, "MB packed weights"),
+        "latency": (1.0, f"ms per sample on {mixed.get('target')}"),
+    }
+    scale, unit = units.get(mixed.get("cost"), (1.0, "BOPs per sample"))
     rows = [
         (
             "mixed precision",

@@ -183,3 +183,27 @@ def test_summary_survives_missing_parts(results: dict[str, Any]) -> None:
     for key in ("export", "checkpoints", "history", "machine"):
         results.pop(key, None)
     assert "wall time" in text(results)
+
+
+@pytest.mark.parametrize(
+    "cost,budget,used,unit",
+    [
+        ("size", 2e5, 1.5e5, "0.15 of 0.2 MB packed weights"),
+        ("bops", 3e9, 2e9, "2e+09 of 3e+09 BOPs per sample"),
+        ("latency", 5.0, 0.1, "0.1 of 5 ms per sample on onnx"),
+    ],
+)
+def test_mixed_precision_budget_is_named_in_its_own_unit(
+    cost: str, budget: float, used: float, unit: str
+) -> None:
+    results = classification()
+    results["mixed_precision"] = {
+        "cost": cost,
+        "budget": budget,
+        "used": used,
+        "target": "onnx",
+        "method": "measure",
+        "batches": 2,
+        "layers": [],
+    }
+    assert unit in text(results)
