@@ -100,6 +100,17 @@ def only_divisor(node: fx.Node) -> bool:
     return bool(node.users) and all(divides_by(u) for u in node.users)
 
 
+def only_max_pooled(node: fx.Node) -> bool:
+    """True for an ``F.pad`` whose every use is a max-pool (its ``-inf`` never reaches a grid)."""
+    pads = node.op == "call_function" and node.target is F.pad
+    pools = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool2d)
+    return (
+        pads
+        and bool(node.users)
+        and all(u.op == "call_function" and u.target in pools for u in node.users)
+    )
+
+
 def cat_args(node: fx.Node) -> tuple[Any, int]:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)

@@ -43,6 +43,7 @@ from qat.quant.graph_ops import (
     input_dependent,
     is_float,
     only_divisor,
+    only_max_pooled,
     only_user,
     route_casts,
     single_tensor,
@@ -382,10 +383,11 @@ class _Rewriter:
 
         A divisor feeds only the float division after it: it stays float. On a grid, a
         normalizer near zero (EfficientViT's linear attention ``out / (den + eps)``, where a
-        ReLU kernel zeroes ``den``) rounds to 0 and the division returns inf or NaN.
+        ReLU kernel zeroes ``den``) rounds to 0 and the division returns inf or NaN. So does a
+        ``-inf`` padding read only by a max-pool (timm's ``MaxPool2dSame``): no grid holds it.
         """
         _, activation, skip = self.specs(name)
-        if activation.enabled and only_divisor(node):
+        if activation.enabled and (only_divisor(node) or only_max_pooled(node)):
             activation = dataclasses.replace(activation, bits=32)
         return activation, skip
 

@@ -190,3 +190,29 @@ def test_a_rolled_activation_exports_on_its_grid(tmp_path) -> None:
     report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
     assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
     assert report["runtimes"]["torchscript"]["max_abs_diff"] == 0.0  # refused roll before
+
+
+class _MaxPoolSame(nn.Module):
+    """timm's ``MaxPool2dSame``: ``F.pad(x, pad, value=-inf)`` then ``F.max_pool2d``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.proj = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.pad(self.conv(x), (0, 1, 0, 1), value=-float("inf"))
+        return self.proj(F.max_pool2d(h, 2)).mean((2, 3))
+
+
+def test_a_minus_inf_padding_before_a_max_pool_stays_float(tmp_path) -> None:
+    from qat.export import export_model, verify_artifacts
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    q = qat.prepare(_MaxPoolSame().eval(), example_inputs=x, capture="graph")
+    qat.calibrate(q, [x])  # raised NonFiniteError: -inf on the pad's grid
+    q.eval()
+    assert torch.isfinite(q(x)).all()
+    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
