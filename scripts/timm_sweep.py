@@ -106,7 +106,9 @@ def run_one(arch: str, out_dir: Path, bench: bool = True) -> dict:
         size = next((s for s in sizes(arch)[1:] if fits(arch, s)), None)
         if size is not None:
             rec = _flow(arch, out_dir, bench, size, batch_size=16, steps=20)
-        rec["note"] = f"at {IMAGE_SIZE}×{IMAGE_SIZE}: {small}"
+        rec["note"] = "; ".join(
+            x for x in (rec.get("note"), f"at {IMAGE_SIZE}×{IMAGE_SIZE}: {small}") if x
+        )
     return rec
 
 
