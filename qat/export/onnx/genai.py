@@ -66,6 +66,7 @@ from qat.export.hf_checkpoint import HF_FILES, float_state_dict
 from qat.export.lm_io import is_hf_model
 from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
 from qat.export.onnx.genai_builder import builder_folder, builder_module
+from qat.export.onnx.genai_inputs import NodeWriter, q8_0_input, token_int8_input
 from qat.quant.layers import QEmbedding
 from qat.quant.runtime_matmul import int8_blocks, ort_linear_kind
 
@@ -265,9 +266,9 @@ def _kernel(
             # As qat.export.onnx.llm writes it: fl(fl(acc)·s_x)·s_w, the same on every CPU.
             x, nodes = node.input[0], []
             if x not in q8:
-                q8[x], nodes = _token_int8_input(x, f"{node.name}/int8", graph)
+                q8[x], nodes = token_int8_input(x, f"{node.name}/int8", graph)
             codes_u8, row_scale, zero = q8[x]
-            w = _Writer(f"{node.name}_I8", graph, nodes)
+            w = NodeWriter(f"{node.name}_I8", graph, nodes)
             acc = w.op("Cast", w.op("MatMulInteger", codes_u8, f"{base}_s8", zero), to=1)
             scaled = w.op("Mul", acc, row_scale)
             nodes.append(helper.make_node("Mul", [scaled, f"{base}_scale"], list(node.output)))
@@ -288,7 +289,7 @@ def _kernel(
         x = q8[x]
     elif "+" in kind:
         explicit = kind.startswith("q8_0+")
-        q8[x], nodes = _q8_0_input(x, f"{node.name}/q8_0", graph, explicit)
+        q8[x], nodes = q8_0_input(x, f"{node.name}/q8_0", graph, explicit)
         x = q8[x]
     packed = [_pack(p) for p in parts]
     b = np.concatenate([p[0] for p in packed])
@@ -314,73 +315,6 @@ def _kernel(
             accuracy_level=level,
         ),
     ]
-
-
-class _Writer:
-    """Appends ONNX nodes (named under ``prefix``) to ``nodes`` and constants to ``graph``."""
-
-    def __init__(self, prefix: str, graph: Any, nodes: list[onnx.NodeProto]) -> None:
-        self.prefix, self.graph, self.nodes = prefix, graph, nodes
-        self.count = iter(range(1000))
-
-    def op(self, kind: str, *inputs: str, **attrs: Any) -> str:
-        out = f"{self.prefix}/{kind}_{next(self.count)}"
-        self.nodes.append(helper.make_node(kind, list(inputs), [out], name=out, **attrs))
-        return out
-
-    def const(self, value: Any, dtype: Any = np.float32) -> str:
-        name = f"{self.prefix}/c{next(self.count)}"
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
-        return name
-
-
-def _q8_0_input(
-    x: str, prefix: str, graph: Any, explicit: bool
-) -> tuple[str, list[onnx.NodeProto]]:
-    """The input ``MatMulNBits`` at accuracy level 4 reads after Q8_0 activations (blocks of 32
-    along the last axis, ``d = amax / 127``, ``d16`` its fp16 rounding, Q8_0's stored scale).
-    ``explicit``: llama.cpp's whole Q8_0 rounding as float ops (codes rounded half away from
-    zero, times ``d16``), the ops :mod:`qat.export.onnx.llm` writes for
-    :func:`qat.quant.dynamic.dynamic_quantize`; the kernel re-quantizes those values to the
-    same codes. Otherwise each block times ``d16 / d``: the kernel, which quantizes with the
-    float32 scale ``amax / 127``, then takes ``d16`` and the codes ``round(x / d)`` up to float32
-    rounding of the ratio, in three passes over ``x`` where the rounding takes a dozen.
-    Returns the new tensor's name and the nodes."""
-    nodes: list[onnx.NodeProto] = []
-    w = _Writer(prefix, graph, nodes)
-    v = w.op("Reshape", x, w.const([-1, 32], np.int64))
-    amax = w.op("ReduceMax", w.op("Abs", v), w.const([1], np.int64), keepdims=1)
-    d = w.op("Div", amax, w.const(127.0))
-    d16 = w.op("Cast", w.op("Cast", d, to=onnx.TensorProto.FLOAT16), to=onnx.TensorProto.FLOAT)
-    if explicit:
-        zero = w.op("Equal", d, w.const(0.0))
-        inv = w.op("Where", zero, w.const(0.0), w.op("Div", w.const(1.0), d))
-        scaled = w.op("Mul", v, inv)
-        a = w.op("Abs", scaled)
-        floored = w.op("Floor", a)
-        frac2 = w.op("Floor", w.op("Mul", w.const(2.0), w.op("Sub", a, floored)))
-        codes = w.op("Mul", w.op("Sign", scaled), w.op("Add", floored, frac2))
-        rounded = w.op("Mul", w.op("Clip", codes, w.const(-127.0), w.const(127.0)), d16)
-    else:
-        # An all-zero block (d = 0) gets ratio 0, not 0/0 (d16 is 0 wherever d is that small).
-        rounded = w.op("Mul", v, w.op("Div", d16, w.op("Max", d, w.const(1e-30))))
-    return w.op("Reshape", rounded, w.op("Shape", x)), nodes
-
-
-def _token_int8_input(
-    x: str, prefix: str, graph: Any
-) -> tuple[tuple[str, str, str], list[onnx.NodeProto]]:
-    """Per-token symmetric int8 codes of ``x`` plus 128 as uint8, each row's scale and the
-    zero point 128, for ``MatMulInteger`` (the ops :mod:`qat.export.onnx.llm` writes, op for op
-    :func:`qat.quant.dynamic.dynamic_quantize`)."""
-    nodes: list[onnx.NodeProto] = []
-    w = _Writer(prefix, graph, nodes)
-    amax = w.op("ReduceMax", w.op("Abs", x), w.const([-1], np.int64), keepdims=1)
-    scale = w.op("Div", amax, w.const(127.0))
-    scale = w.op("Where", w.op("Equal", scale, w.const(0.0)), w.const(1.0), scale)
-    codes = w.op("Round", w.op("Div", x, scale))
-    u8 = w.op("Cast", w.op("Add", codes, w.const(128.0)), to=onnx.TensorProto.UINT8)
-    return (u8, scale, w.const(128, np.uint8)), nodes
 
 
 @torch.no_grad()

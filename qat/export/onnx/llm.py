@@ -7,7 +7,7 @@ Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.expo
   scale per block (``block_size`` = the group size), so ORT dequantizes exactly the fake-quant
   weight. After Q8_0 activations it runs at ``accuracy_level=4``: its int8 kernel quantizes
   the input per block of 32 with the scale ``amax/127``, the Q8_0 grid, after one rescale of
-  each block that makes that scale Q8_0's fp16 ``d`` (:func:`_q8_0_rescale_ops`); after
+  each block that makes that scale Q8_0's fp16 ``d`` (:func:`~qat.export.onnx.llm_inputs.q8_0_rescale_ops`); after
   ``lm_w4a8``'s int8 blocks (float32 scale ``amax/127``: the kernel's own grid) at level 4
   with nothing before it; the bias is the kernel's input. After float activations at
   ``accuracy_level=0`` (float32);
@@ -55,13 +55,13 @@ from qat.export.lm_io import LogitsModule
 from qat.export.lm_weights import QuantWeight, quant_weight, weighted_layers
 from qat.export.onnx.emit import _const, _tracing_off
 from qat.export.onnx.llm_fused import MS_DOMAIN, fused_ops
+from qat.export.onnx.llm_inputs import dynamic_ops, q8_0_rescale_ops, token_int8_ops
 from qat.export.onnx.passes import bias_into_matmulnbits, compact_names
 from qat.quant.blocks import GGUF_BLOCK
 from qat.quant.dynamic import dynamic_quantize
 from qat.quant.float_island import to_float64
 from qat.quant.layers import QAct, QEmbedding
 from qat.quant.prepare import set_module
-from qat.quant.qparams import qrange
 from qat.quant.quantizer import FakeQuantizer
 from qat.quant.runtime_matmul import int8_activations, int8_blocks, ort_linear_kind
 from qat.quant.spec import QuantSpec
@@ -108,83 +108,11 @@ def _kind(w: QuantWeight, act: QuantSpec | None) -> str:
     return "dq_matmul"
 
 
-def _token_int8_ops(g: Any, x: Any, spec: QuantSpec) -> tuple[Any, Any]:
-    """Per-token symmetric int8 codes of ``x`` as ``uint8`` (``q + 128``, for ``MatMulInteger``
-    with the zero point 128: ONNX Runtime's fast u8 × s8 GEMM) and each row's scale, op for op
-    :func:`qat.quant.dynamic.dynamic_quantize` (``amax / qmax``, 1 where that is 0,
-    ``round(x / scale)`` half to even)."""
-    f32 = lambda v: _const(g, torch.tensor(v, dtype=torch.float32))  # noqa: E731
-    _, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
-    amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
-    scale = g.op("Div", amax, f32(float(qmax)))
-    scale = g.op("Where", g.op("Equal", scale, f32(0.0)), f32(1.0), scale)
-    codes = g.op("Round", g.op("Div", x, scale))  # |codes| <= qmax: no clip needed
-    return g.op("Cast", g.op("Add", codes, f32(128.0)), to_i=2), scale  # 2: uint8
-
-
 def _act_spec(layer: nn.Module) -> QuantSpec | None:
     aq = getattr(layer, "act_quant", None)
     if isinstance(aq, FakeQuantizer) and aq.enabled and bool(aq.fake_quant_enabled):
         return aq.spec
     return None
-
-
-def _dynamic_ops(g: Any, x: Any, spec: QuantSpec, k: int) -> Any:
-    """:func:`qat.quant.dynamic.dynamic_quantize` as ONNX float ops (the same op order)."""
-    f32 = lambda v: _const(g, torch.tensor(v, dtype=torch.float32))  # noqa: E731
-    block = 32 if spec.grid == "q8_0" else (spec.group_size or k)
-    if spec.dynamic == "tensor":
-        v = g.op("Reshape", x, _const(g, torch.tensor([1, -1], dtype=torch.int64)))
-    else:
-        v = g.op("Reshape", x, _const(g, torch.tensor([-1, block], dtype=torch.int64)))
-    if spec.grid == "q8_0":
-        amax = g.op("ReduceMax", g.op("Abs", v), axes_i=[1], keepdims_i=1)
-        d = g.op("Div", amax, f32(127.0))
-        zero = g.op("Equal", d, f32(0.0))
-        inv = g.op("Where", zero, f32(0.0), g.op("Div", f32(1.0), d))
-        scaled = g.op("Mul", v, inv)
-        a = g.op("Abs", scaled)
-        floored = g.op("Floor", a)
-        frac2 = g.op("Floor", g.op("Mul", f32(2.0), g.op("Sub", a, floored)))
-        codes = g.op("Mul", g.op("Sign", scaled), g.op("Add", floored, frac2))
-        codes = g.op("Clip", codes, f32(-127.0), f32(127.0))
-        d16 = g.op("Cast", g.op("Cast", d, to_i=10), to_i=1)  # fp16, as the file stores d
-        out = g.op("Mul", codes, d16)
-    else:
-        qmin, qmax = qrange(spec.bits, spec.signed, spec.narrow_range, spec.reduce_range)
-        lo = g.op("Min", g.op("ReduceMin", v, axes_i=[1], keepdims_i=1), f32(0.0))
-        hi = g.op("Max", g.op("ReduceMax", v, axes_i=[1], keepdims_i=1), f32(0.0))
-        if spec.symmetric:
-            amax = g.op("Max", g.op("Neg", lo), hi) if qmin < 0 else hi
-            scale = g.op("Div", amax, f32(float(qmax)))
-            scale = g.op("Where", g.op("Equal", scale, f32(0.0)), f32(1.0), scale)
-            zp = f32(0.0)
-        else:
-            scale = g.op("Div", g.op("Sub", hi, lo), f32(float(qmax - qmin)))
-            scale = g.op("Where", g.op("Equal", hi, lo), f32(1.0), scale)
-            zp = g.op("Sub", f32(float(qmin)), g.op("Div", lo, scale))
-            zp = g.op("Round", g.op("Clip", zp, f32(float(qmin)), f32(float(qmax))))
-        q = g.op("Add", g.op("Round", g.op("Div", v, scale)), zp)
-        q = g.op("Clip", q, f32(float(qmin)), f32(float(qmax)))
-        out = g.op("Mul", g.op("Sub", q, zp), scale)
-    return g.op("Reshape", out, g.op("Shape", x))
-
-
-def _q8_0_rescale_ops(g: Any, x: Any) -> Any:
-    """``x`` with each block of 32 scaled by ``d16 / d`` (``d = amax / 127``, ``d16`` its fp16
-    rounding: Q8_0's stored scale), so that ``MatMulNBits``' int8 kernel, which quantizes its
-    input per block with the float32 scale ``amax / 127``, takes the Q8_0 scale ``d16`` and the
-    codes ``round(x / d)`` of the fake-quant model (up to float32 rounding of the ratio and
-    round-half-to-even ties). Three passes over ``x`` where the explicit rounding
-    (:func:`_dynamic_ops`) takes a dozen."""
-    f32 = lambda v: _const(g, torch.tensor(v, dtype=torch.float32))  # noqa: E731
-    v = g.op("Reshape", x, _const(g, torch.tensor([-1, GGUF_BLOCK], dtype=torch.int64)))
-    d = g.op("Div", g.op("ReduceMax", g.op("Abs", v), axes_i=[1], keepdims_i=1), f32(127.0))
-    d16 = g.op("Cast", g.op("Cast", d, to_i=10), to_i=1)
-    # An all-zero block (d = 0) gets ratio 0, not 0/0: d16 is 0 for every d below fp16's
-    # smallest subnormal, so the floor changes nothing else (and saves an Equal / Where).
-    ratio = g.op("Div", d16, g.op("Max", d, f32(1e-30)))
-    return g.op("Reshape", g.op("Mul", v, ratio), g.op("Shape", x))
 
 
 def _pack(w: QuantWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,9 +129,9 @@ def _emit_linear(g: Any, plan: _Linear, x: Any) -> Any:
     w = plan.weight
     n, k = w.codes.shape
     if plan.act_in_kernel:
-        x = _q8_0_rescale_ops(g, x) if plan.rescale else x
+        x = q8_0_rescale_ops(g, x) if plan.rescale else x
     elif plan.act is not None and plan.kind not in ("dynamic_int8", "token_int8"):
-        x = _dynamic_ops(g, x, plan.act, k)
+        x = dynamic_ops(g, x, plan.act, k)
     if plan.kind == "nbits":
         packed, scales = _pack(w)
         y = g.op(
@@ -221,7 +149,7 @@ def _emit_linear(g: Any, plan: _Linear, x: Any) -> Any:
     elif plan.kind == "token_int8":
         # fl(fl(acc)·s_x)·s_w, two Muls ONNX Runtime leaves unfused: its MatMulIntegerToFloat
         # rounds another way, and these two are the same on every CPU (runtime_matmul).
-        xq, xs = _token_int8_ops(g, x, plan.act)
+        xq, xs = token_int8_ops(g, x, plan.act)
         codes = _const(g, w.codes.t().to(torch.int8).contiguous())
         acc = g.op("MatMulInteger", xq, codes, _const(g, torch.tensor(128, dtype=torch.uint8)))
         y = g.op("Mul", g.op("Cast", acc, to_i=1), xs)
