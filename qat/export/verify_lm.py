@@ -261,10 +261,11 @@ def verify_lm_artifacts(
 #: The contract an exported language model meets on any CPU (module docstring).
 DEFAULT_MIN_AGREEMENT = 0.999
 DEFAULT_MAX_PPL_REL_DIFF = 0.001
-# Measured on AVX2 (docs/design.md): the default (float32-island) ONNX files of a well-trained gpt
-# 1.1e-5 (lm_w8da8) and 1.8e-5 nats (lm_q4_0); real llama.cpp on qat's Q4_0 GGUF files of the test
-# families 1.0e-5 to 2.0e-5 with every top-1 agreeing. A 0.1% perplexity change needs ~1e-3 nats: 1e-4
-# passes what agrees and still catches a shifted distribution whose arg-max did not move.
+# Measured on AVX2 (docs/design.md): the default (float32-island) ONNX files of a well-trained
+# gpt 1.1e-5 (lm_w8da8) and 1.8e-5 nats (lm_q4_0); real llama.cpp on qat's Q4_0 GGUF files of the
+# test families 1.0e-5 to 2.0e-5 with every top-1 agreeing. A 0.1% perplexity change needs ~1e-3
+# nats: 1e-4 passes what agrees and still catches a shifted distribution whose arg-max did not
+# move.
 DEFAULT_MAX_KL = 1e-4
 
 

@@ -7,9 +7,10 @@ Each quantized linear layer becomes, from its trained quantizers (:mod:`qat.expo
   scale per block (``block_size`` = the group size), so ORT dequantizes exactly the fake-quant
   weight. After Q8_0 activations it runs at ``accuracy_level=4``: its int8 kernel quantizes
   the input per block of 32 with the scale ``amax/127``, the Q8_0 grid, after one rescale of
-  each block that makes that scale Q8_0's fp16 ``d`` (:func:`~qat.export.onnx.llm_inputs.q8_0_rescale_ops`); after
-  ``lm_w4a8``'s int8 blocks (float32 scale ``amax/127``: the kernel's own grid) at level 4
-  with nothing before it; the bias is the kernel's input. After float activations at
+  each block that makes that scale Q8_0's fp16 ``d``
+  (:func:`~qat.export.onnx.llm_inputs.q8_0_rescale_ops`); after ``lm_w4a8``'s int8 blocks
+  (float32 scale ``amax/127``: the kernel's own grid) at level 4 with nothing before it; the
+  bias is the kernel's input. After float activations at
   ``accuracy_level=0`` (float32);
 - 8-bit per-channel weights with per-token symmetric int8 activations (``lm_w8da8``): each
   row's codes ``round(x / s_x)`` (``s_x = max|x| / 127``) plus 128 as uint8, ``MatMulInteger``
