@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import qat
+
+
+def _exports_with_full_agreement(q: nn.Module, x: torch.Tensor, tmp_path: Path) -> dict:
+    """``q`` (calibrated, in eval mode) exported to every target and verified on ``x``: each
+    runtime agrees with it on every input. Returns the verify report."""
+    from qat.export import export_model, verify_artifacts
+
+    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
+    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+    return report
 
 
 class _StarShape(nn.Module):
@@ -83,8 +94,6 @@ class _LinearAttention(nn.Module):
 
 
 def test_a_divisor_stays_float_so_a_zero_normalizer_stays_finite(tmp_path) -> None:
-    from qat.export import export_model, verify_artifacts
-
     torch.manual_seed(0)
     model = _LinearAttention().eval()
     with torch.no_grad():
@@ -96,8 +105,7 @@ def test_a_divisor_stays_float_so_a_zero_normalizer_stays_finite(tmp_path) -> No
     qat.calibrate(q, [x])
     q.eval()
     assert torch.isfinite(q(x)).all()
-    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
-    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+    _exports_with_full_agreement(q, x, tmp_path)
 
 
 class _SliceWrite(nn.Module):
@@ -118,8 +126,6 @@ class _SliceWrite(nn.Module):
 
 
 def test_a_slice_assignment_is_captured_and_exports(tmp_path) -> None:
-    from qat.export import export_model, verify_artifacts
-
     torch.manual_seed(0)
     x = torch.randn(8, 4, 3, 3)
     with warnings.catch_warnings():
@@ -129,8 +135,7 @@ def test_a_slice_assignment_is_captured_and_exports(tmp_path) -> None:
     qat.calibrate(q, [x])
     q.train()(x).sum().backward()  # the write is in place on a quantized tensor: trains
     q.eval()
-    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
-    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+    _exports_with_full_agreement(q, x, tmp_path)
 
 
 class _SharedMlp(nn.Module):
@@ -153,8 +158,6 @@ class _SharedMlp(nn.Module):
 
 
 def test_a_weightless_module_called_twice_gets_an_island_per_call(tmp_path) -> None:
-    from qat.export import export_model, verify_artifacts
-
     torch.manual_seed(0)
     x = torch.randn(8, 3, 3, 3)
     q = qat.prepare(_SharedMlp().eval(), example_inputs=x, capture="graph")
@@ -162,8 +165,7 @@ def test_a_weightless_module_called_twice_gets_an_island_per_call(tmp_path) -> N
     qat.calibrate(q, [x])
     q.eval()
     # Refused before: "layer act is called several times on different input grids".
-    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
-    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+    _exports_with_full_agreement(q, x, tmp_path)
 
 
 class _ShiftedWindows(nn.Module):
@@ -180,15 +182,12 @@ class _ShiftedWindows(nn.Module):
 
 
 def test_a_rolled_activation_exports_on_its_grid(tmp_path) -> None:
-    from qat.export import export_model, verify_artifacts
-
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4)
     q = qat.prepare(_ShiftedWindows().eval(), example_inputs=x, capture="graph")
     qat.calibrate(q, [x])
     q.eval()
-    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
-    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+    report = _exports_with_full_agreement(q, x, tmp_path)
     assert report["runtimes"]["torchscript"]["max_abs_diff"] == 0.0  # refused roll before
 
 
@@ -206,13 +205,10 @@ class _MaxPoolSame(nn.Module):
 
 
 def test_a_minus_inf_padding_before_a_max_pool_stays_float(tmp_path) -> None:
-    from qat.export import export_model, verify_artifacts
-
     torch.manual_seed(0)
     x = torch.randn(8, 3, 6, 6)
     q = qat.prepare(_MaxPoolSame().eval(), example_inputs=x, capture="graph")
     qat.calibrate(q, [x])  # raised NonFiniteError: -inf on the pad's grid
     q.eval()
     assert torch.isfinite(q(x)).all()
-    report = verify_artifacts(q, export_model(q, tmp_path, x[:1]), [x])
-    assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report["runtimes"]
+    _exports_with_full_agreement(q, x, tmp_path)
