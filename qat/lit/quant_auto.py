@@ -41,16 +41,21 @@ from qat.lit.config_recipe import container
 from qat.lit.errors import ConfigError
 from qat.lit.quant_auto_report import UNITS, auto_report, bits_table_lines, plot_sensitivity
 from qat.lit.quant_latency import LATENCY_TARGETS, check_latency, latency_table
-from qat.quant.bit_allocation import Allocation, allocate_bits
+from qat.quant.bit_allocation import SCALE_BYTES, Allocation, allocate_bits
 from qat.quant.prepare import prepare
 from qat.quant.sensitivity import (
     CONTEXTS,
     METHODS,
+    Candidate,
+    check_candidates,
+    check_groups,
     layer_macs,
+    parse_candidate,
     quant_units,
+    scale_count,
     sensitivity,
 )
-from qat.quant.spec import QUANT_BITS, Recipe
+from qat.quant.spec import Recipe
 
 __all__ = [
     "OVERRIDES_FILE",
@@ -81,7 +86,7 @@ MATCH = ("size", "bops")
 class AutoOptions:
     """The validated ``quant.auto`` / ``quant.budget`` blocks."""
 
-    candidates: tuple[int, ...]
+    candidates: tuple[Candidate, ...]  # least precise first (4, "4g32", ...)
     batches: int
     method: str
     seed: int
@@ -142,14 +147,21 @@ def auto_options(quant: Any) -> AutoOptions | None:
     elif isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigError(f"quant.budget.{key}={value!r} is invalid: expected a positive number")
     cands = auto.get("candidates", [2, 4, 8])
-    if (
-        not isinstance(cands, list)
-        or len(set(cands)) < 2
-        or any(isinstance(b, bool) or b not in QUANT_BITS for b in cands)
-    ):
+    try:
+        if not isinstance(cands, list | tuple):
+            raise ValueError
+        candidates = check_candidates(cands)
+    except ValueError:
         raise ConfigError(
             f"quant.auto.candidates={cands!r} is invalid: two or more bit widths from 2–8, "
-            "e.g. [2,4,8]"
+            "e.g. [2,4,8], or widths with a weight group size (linear layers), e.g. "
+            "[4g32,4g128,4g0,8g0] (g0: per channel)"
+        ) from None
+    if key == "latency_ms" and any(parse_candidate(c)[1] is not None for c in candidates):
+        raise ConfigError(
+            f"quant.auto.candidates={cands!r}: a latency budget takes plain bit widths (its "
+            "int8 kernels run every width alike), e.g. [4,8]; group sizes go with size_mb / "
+            "match"
         )
     method = auto.get("method", "measure")
     if method not in METHODS:
@@ -162,7 +174,7 @@ def auto_options(quant: Any) -> AutoOptions | None:
     target, threads = _latency_options(key, budget)
     cost, unit = (value, None) if key == "match" else BUDGET_KEYS[key]
     return AutoOptions(
-        candidates=tuple(sorted(set(cands))),
+        candidates=candidates,
         batches=_positive_int("quant.auto.batches", auto.get("batches", 2)),
         method=method,
         seed=int(auto.get("seed", 0)),
@@ -200,11 +212,14 @@ def _unit_value(opts: AutoOptions, cost: float) -> str:
 
 def preset_cost(qmodel: nn.Module, cost: str, example: Any) -> float:
     """The size / BOPs of ``qmodel`` at the weight widths it was prepared with (the preset's
-    uniform model), by the rule :func:`qat.allocate_bits` counts with."""
+    uniform model), by the rule :func:`qat.allocate_bits` counts with (size: packed weights
+    and their float32 scales)."""
     units = quant_units(qmodel)
     if cost == "size":
         return sum(
-            qmodel.get_submodule(n).weight.numel() * q[0].bits / 8.0 for n, q in units.items()
+            qmodel.get_submodule(n).weight.numel() * q[0].bits / 8.0
+            + SCALE_BYTES * q[0].scale.numel()
+            for n, q in units.items()
         )
     macs = _macs(qmodel, list(units), example)
     return float(sum(macs[n] * q[0].bits ** 2 for n, q in units.items()))
@@ -238,18 +253,31 @@ def check_budget(opts: AutoOptions, qmodel: nn.Module, example: torch.Tensor | N
                 "model; budget size_mb instead"
             )
         return  # measured on the target when the run starts (qat.lit.quant_latency)
-    low = opts.candidates[0]
+    try:
+        check_groups(qmodel, units, opts.candidates)
+    except ValueError as err:
+        raise ConfigError(f"quant.auto.candidates: {err}") from None
     if opts.cost == "size":
-        floor = sum(qmodel.get_submodule(n).weight.numel() * low / 8.0 for n in units)
+        floor = sum(
+            min(_size(qmodel.get_submodule(n).weight, q[0], c) for c in opts.candidates)
+            for n, q in units.items()
+        )
     else:
+        low = min(parse_candidate(c)[0] for c in opts.candidates)
         macs = _macs(qmodel, list(units), example)
         floor = float(sum(m * low * low for m in macs.values()))
     budget = opts.budget if opts.budget is not None else preset_cost(qmodel, opts.cost, example)
     if budget < floor * (1 - 1e-9):
         raise ConfigError(
             f"quant.budget.{_unit_value(opts, budget)} is below the model with every layer "
-            f"at {low} bits ({_unit_value(opts, floor)}): raise it to at least that"
+            f"at its cheapest candidate ({_unit_value(opts, floor)}): raise it to at least that"
         )
+
+
+def _size(weight: torch.Tensor, wq: Any, cand: Candidate) -> float:
+    """Bytes of a layer's packed weights and scales at ``cand`` (qat.allocate_bits' rule)."""
+    bits, group = parse_candidate(cand)
+    return weight.numel() * bits / 8.0 + SCALE_BYTES * scale_count(wq, weight, group)
 
 
 def saved_recipe(run_dir: Path, recipe: Recipe) -> Recipe | None:

@@ -7,16 +7,19 @@ loss changes are minimized, and the summed cost stays within the budget. Costs a
 
 Costs (one per call):
 
-- ``size``: bytes of the packed integer weights of the allocated layers, ``weights × bits / 8``
-  (biases, the input quantizer and float parts are the same whatever the widths, and not
-  counted). The exported ONNX / TorchScript files store sub-8-bit values in int8 containers,
-  so this is the size a packed format (or a GGUF-style block file) would take, not the file's.
+- ``size``: bytes of the packed integer weights of the allocated layers and their float32
+  scales, ``weights × bits / 8 + 4 × scales`` (one scale per channel, or per group of a grouped
+  candidate such as ``"4g32"``: groups of 32 add an eighth of a byte per weight); biases, the
+  input quantizer and float parts are the same whatever the widths, and not counted. The
+  exported ONNX / TorchScript files store sub-8-bit values in int8 containers, so this is the
+  size a packed format (or a GGUF-style block file) would take, not the file's.
 - ``bops``: bit operations ``MACs × bits × bits`` per sample (HAWQ-V3's measure), the unit's
   weights and its input taken at the unit's width. The input's real width is its producer's
   (an approximation: the exact count needs the graph).
 
 The result is ordinary ``quant.overrides`` (:meth:`Allocation.overrides`): one per layer,
-exact name as the pattern, weight and (where quantized) output at the chosen width.
+exact name as the pattern, weight and (where quantized) output at the chosen width, and the
+weight's ``group_size`` where the chosen candidate sets one.
 """
 
 from __future__ import annotations
@@ -28,23 +31,26 @@ from typing import Any
 
 import numpy as np
 
-from qat.quant.sensitivity import LayerSensitivity, Sensitivity
+from qat.quant.sensitivity import Candidate, LayerSensitivity, Sensitivity, parse_candidate
 
-__all__ = ["COSTS", "Allocation", "allocate_bits", "layer_cost", "model_cost"]
+__all__ = ["COSTS", "SCALE_BYTES", "Allocation", "allocate_bits", "layer_cost", "model_cost"]
 
 COSTS = ("size", "bops")
+#: Bytes a weight scale takes in the size cost (float32, as the exported files store them).
+SCALE_BYTES = 4
 
 
-def layer_cost(layer: LayerSensitivity, bits: int, cost: str) -> float:
-    """``layer``'s cost at ``bits``: bytes (``size``) or bit operations (``bops``)."""
+def layer_cost(layer: LayerSensitivity, cand: Candidate, cost: str) -> float:
+    """``layer``'s cost at a candidate: bytes (``size``) or bit operations (``bops``)."""
+    bits = parse_candidate(cand)[0]
     if cost == "size":
-        return layer.weights * bits / 8.0
+        return layer.weights * bits / 8.0 + SCALE_BYTES * layer.scales.get(cand, 0)
     if cost == "bops":
         return float(layer.macs) * bits * bits
     raise ValueError(f"cost={cost!r} is invalid: allowed: {', '.join(COSTS)}")
 
 
-def model_cost(sens: Sensitivity, bits: Mapping[str, int], cost: str) -> float:
+def model_cost(sens: Sensitivity, bits: Mapping[str, Candidate], cost: str) -> float:
     """The summed cost of every unit at ``bits[name]``."""
     return sum(layer_cost(layer, bits[layer.name], cost) for layer in sens.layers)
 
@@ -58,7 +64,7 @@ def uniform_bits(sens: Sensitivity, bits: int, keep: Mapping[str, int] | None = 
 class Allocation:
     """The chosen width of each unit, what it costs, and the loss change it predicts."""
 
-    bits: dict[str, int]
+    bits: dict[str, Candidate]
     cost: str
     budget: float
     total: float
@@ -66,10 +72,15 @@ class Allocation:
     activation: dict[str, bool]
 
     def overrides(self) -> list[dict[str, Any]]:
-        """``quant.overrides`` entries: one per layer, weight (and output) at its width."""
+        """``quant.overrides`` entries: one per layer, weight (and output) at its width, the
+        weight's group size where the candidate sets one."""
         rows = []
-        for name, b in self.bits.items():
-            row: dict[str, Any] = {"pattern": name, "weight": {"bits": b}}
+        for name, cand in self.bits.items():
+            b, group = parse_candidate(cand)
+            weight: dict[str, Any] = {"bits": b}
+            if group is not None:
+                weight["group_size"] = group
+            row: dict[str, Any] = {"pattern": name, "weight": weight}
             if self.activation.get(name):
                 row["activation"] = {"bits": b}
             rows.append(row)
@@ -110,8 +121,8 @@ def allocate_bits(
     floor = float(costs.min(axis=1).sum())
     if budget < floor * (1 - 1e-9):
         raise ValueError(
-            f"budget {budget:.6g} ({cost}) is below the model at {cands[0]} bits in every layer "
-            f"({floor:.6g}): raise it to at least that"
+            f"budget {budget:.6g} ({cost}) is below the model with every layer at its cheapest "
+            f"candidate ({floor:.6g}): raise it to at least that"
         )
     spare = budget - floor
     extra = costs - costs.min(axis=1, keepdims=True)

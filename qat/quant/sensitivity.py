@@ -22,14 +22,22 @@ candidate, so each unit is measured alone against the model at full width. With
 its ten 2-bit residual adds alone took the "everything at 8 bits" reference from 91% to 63%
 top-1, and every unit's cost was then measured on a model already 28 points down.
 
-Each unit also records its weight count and multiply-accumulates per sample (from one forward),
-which :mod:`qat.quant.bit_allocation` turns into size and BOPs costs.
+Candidates are bit widths (``4``: the layer keeps its preset's granularity) or bit widths with
+a weight group size, ``"4g32"`` (one scale per 32 inputs of a row; ``"4g0"``: one per row,
+per channel), for 2-D (linear) weights: a language model's layers can then also choose
+between 4 bits in groups of 32, of 128, per channel, and 8 bits. A grouped candidate replaces
+the unit's weight quantizer by one on that grid while it is measured.
+
+Each unit also records its weight count, its number of weight scales at each candidate, and its
+multiply-accumulates per sample (from one forward), which :mod:`qat.quant.bit_allocation`
+turns into size and BOPs costs.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,16 +48,22 @@ from torch import nn
 
 from qat.quant.calibrate import _default_forward, _model_device, _to_device, calibrate
 from qat.quant.control import is_prepared
+from qat.quant.layers.base import weight_quantizer
 from qat.quant.quantizer import FakeQuantizer
-from qat.quant.spec import QUANT_BITS
+from qat.quant.spec import GROUP_SIZES, QUANT_BITS
 
 __all__ = [
     "CONTEXTS",
     "METHODS",
+    "Candidate",
     "LayerSensitivity",
     "Sensitivity",
+    "check_candidates",
+    "check_groups",
     "layer_macs",
+    "parse_candidate",
     "quant_units",
+    "scale_count",
     "sensitivity",
 ]
 
@@ -58,30 +72,35 @@ METHODS = ("measure", "fisher")
 CONTEXTS = ("top", "preset")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+#: A width a unit may take: bits (``4``), or bits and a weight group size (``"4g32"``).
+Candidate = int | str
+_GROUPED = re.compile(r"^([2-8])g(\d+)$")
 
 
 @dataclass
 class LayerSensitivity:
     """One unit: its name, size, work and the loss change at each candidate width.
 
-    ``loss_delta[b]``: loss with this unit alone at ``b`` bits minus the loss with every unit
-    at the highest candidate (0 at the highest). ``acc_delta[b]``: the same for top-1 accuracy
-    in points (``measure`` on classifier batches only).
+    ``loss_delta[b]``: loss with this unit alone at candidate ``b`` minus the loss with every
+    unit at the highest candidate (0 at the highest). ``acc_delta[b]``: the same for top-1
+    accuracy in points (``measure`` on classifier batches only). ``scales[b]``: the number of
+    weight scales at ``b`` (one per channel, or per group of a grouped candidate).
     """
 
     name: str
     weights: int
     macs: int
     activation: bool  # its output is quantized (and takes the unit's width)
-    loss_delta: dict[int, float]
-    acc_delta: dict[int, float] = field(default_factory=dict)
+    loss_delta: dict[Candidate, float]
+    acc_delta: dict[Candidate, float] = field(default_factory=dict)
+    scales: dict[Candidate, int] = field(default_factory=dict)
 
 
 @dataclass
 class Sensitivity:
     """The result of :func:`sensitivity`: one :class:`LayerSensitivity` per unit."""
 
-    candidates: tuple[int, ...]
+    candidates: tuple[Candidate, ...]
     method: str
     batches: int
     reference_loss: float
@@ -100,13 +119,14 @@ class Sensitivity:
                 weights=int(row["weights"]),
                 macs=int(row["macs"]),
                 activation=bool(row["activation"]),
-                loss_delta={int(k): float(v) for k, v in row["loss_delta"].items()},
-                acc_delta={int(k): float(v) for k, v in (row.get("acc_delta") or {}).items()},
+                loss_delta={_key(k): float(v) for k, v in row["loss_delta"].items()},
+                acc_delta={_key(k): float(v) for k, v in (row.get("acc_delta") or {}).items()},
+                scales={_key(k): int(v) for k, v in (row.get("scales") or {}).items()},
             )
             for row in data["layers"]
         ]
         return cls(
-            candidates=tuple(int(b) for b in data["candidates"]),
+            candidates=tuple(_key(b) for b in data["candidates"]),
             method=str(data["method"]),
             batches=int(data["batches"]),
             reference_loss=float(data["reference_loss"]),
@@ -135,15 +155,109 @@ def quant_units(model: nn.Module) -> dict[str, list[FakeQuantizer]]:
     return units
 
 
-def _check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
-    cands = tuple(sorted({int(b) for b in candidates}))
-    bad = [b for b in candidates if isinstance(b, bool) or b not in QUANT_BITS]
-    if bad or len(cands) < 2:
-        raise ValueError(
-            f"candidates={list(candidates)} is invalid: give two or more bit widths from "
-            f"{', '.join(map(str, QUANT_BITS))}, e.g. [2, 4, 8]"
-        )
-    return cands
+def _key(c: Any) -> Candidate:
+    """A candidate as JSON keys spell it (``"4"``, ``"4g32"``) → its own form (4, "4g32")."""
+    return int(c) if isinstance(c, str) and c.isdigit() else c
+
+
+def parse_candidate(c: Candidate) -> tuple[int, int | None]:
+    """``(bits, group size)`` of a candidate; the group is None for plain bits (the layer's
+    preset granularity), 0 for per channel."""
+    if isinstance(c, int) and not isinstance(c, bool):
+        return c, None
+    m = _GROUPED.match(str(c))
+    if not m:
+        raise ValueError(f"candidate {c!r} is invalid: write bits (4) or bits g group ('4g32')")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _rank(c: Candidate) -> tuple[int, float]:
+    """Order of precision: bits first, then finer groups (a plain width is the coarsest)."""
+    bits, group = parse_candidate(c)
+    return bits, (-1.0 if group is None else (0.0 if group == 0 else 1.0 / group))
+
+
+def check_candidates(candidates: Sequence[Any]) -> tuple[Candidate, ...]:
+    """The candidates, validated, deduplicated and sorted from the least precise to the most.
+
+    Raises:
+        ValueError: fewer than two, a width outside 2–8, a group size not in GROUP_SIZES.
+    """
+    fail = ValueError(
+        f"candidates={list(candidates)} is invalid: give two or more widths from "
+        f"{', '.join(map(str, QUANT_BITS))}, each optionally with a weight group size from "
+        f"{', '.join(map(str, GROUP_SIZES))} ('4g32'; 'g0': per channel), e.g. [2, 4, 8] or "
+        "['4g32', '4g128', '4g0', '8g0']"
+    )
+    cands: list[Candidate] = []
+    for c in candidates:
+        c = _key(c.strip().lower()) if isinstance(c, str) else c
+        try:
+            bits, group = parse_candidate(c)
+        except ValueError:
+            raise fail from None
+        if bits not in QUANT_BITS or (group is not None and group not in GROUP_SIZES):
+            raise fail
+        cands.append(c)
+    unique = sorted(set(cands), key=_rank)
+    if len(unique) < 2:
+        raise fail
+    return tuple(unique)
+
+
+def _weight_axis(q: FakeQuantizer) -> int:
+    """The channel (output) axis of the weight ``q`` quantizes."""
+    return 1 - q.group_axis if q.spec.group_size else q.axis
+
+
+def scale_count(q: FakeQuantizer, weight: torch.Tensor, group: int | None) -> int:
+    """Weight scales of a layer at a candidate's ``group`` (None: as ``q`` is prepared)."""
+    if group is None:
+        return int(q.scale.numel())
+    if group == 0:
+        return int(weight.shape[_weight_axis(q)])
+    return int(weight.numel() // group)
+
+
+def check_groups(
+    model: nn.Module, units: Mapping[str, list[FakeQuantizer]], candidates: Sequence[Candidate]
+) -> None:
+    """Refuse a grouped candidate a unit cannot take (before any measurement).
+
+    Raises:
+        ValueError: a unit whose weight is not 2-D or not per channel, or whose input size the
+            candidate's group size does not divide; the message names both.
+    """
+    for c in candidates:
+        group = parse_candidate(c)[1]
+        if group is None:
+            continue
+        for name, quants in units.items():
+            weight = model.get_submodule(name).weight
+            q = quants[0]
+            if weight.dim() != 2 or not q.spec.per_channel:
+                raise ValueError(
+                    f"candidate '{c}': layer '{name}' (weight {tuple(weight.shape)}"
+                    f"{'' if q.spec.per_channel else ', per tensor'}) takes no weight groups: "
+                    "groups apply to per-channel linear weights; use plain widths for this model"
+                )
+            inputs = int(weight.shape[1 - _weight_axis(q)])
+            if group and inputs % group:
+                raise ValueError(
+                    f"candidate '{c}': group size {group} does not divide the input size "
+                    f"{inputs} of layer '{name}': use a group size that divides every layer's "
+                    "input size"
+                )
+
+
+def _grouped(q: FakeQuantizer, weight: torch.Tensor, bits: int, group: int) -> FakeQuantizer:
+    """A weight quantizer like ``q`` at ``bits`` with one scale per ``group`` inputs."""
+    axis = _weight_axis(q)
+    spec = q.spec.replace(bits=bits, group_size=group)
+    new = weight_quantizer(spec, int(weight.shape[axis]), axis=axis, shape=tuple(weight.shape))
+    new.name = q.name
+    new.enable_observer(q.observer_enabled).enable_fake_quant(q.fake_quant_enabled)
+    return new.to(weight.device).train(q.training)
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -237,31 +351,60 @@ def _raise_others(
     return raised
 
 
-def _snapshot(quants: Iterable[FakeQuantizer]) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.detach().clone() for k, v in q.state_dict().items()} for q in quants]
+#: One unit at one candidate: its weight quantizer (a module of its own, calibrated at the
+#: candidate) and the state of its output quantizer (the same module at every width).
+_UnitState = tuple[FakeQuantizer, list[dict[str, torch.Tensor]]]
 
 
-def _restore(quants: Sequence[FakeQuantizer], states: Sequence[dict[str, torch.Tensor]]) -> None:
-    for q, state in zip(quants, states, strict=True):
-        q.load_state_dict(state)
+def _swap_weight_quant(model: nn.Module, old: FakeQuantizer, new: FakeQuantizer) -> None:
+    """Every layer quantizing its weight with ``old`` (twins share one) takes ``new``."""
+    if new is old:
+        return
+    for module in model.modules():
+        if getattr(module, "weight_quant", None) is old:
+            module.weight_quant = new
+
+
+def _restore(
+    model: nn.Module, units: dict[str, list[FakeQuantizer]], name: str, state: _UnitState
+) -> None:
+    """Put unit ``name`` at a candidate's calibrated state."""
+    wq, out_states = state
+    _swap_weight_quant(model, units[name][0], wq)
+    units[name][0] = wq
+    for q, st in zip(units[name][1:], out_states, strict=True):
+        q.load_state_dict(st)
 
 
 def _states_at(
     model: nn.Module,
-    units: Mapping[str, list[FakeQuantizer]],
-    bits: int,
+    units: dict[str, list[FakeQuantizer]],
+    preset: Mapping[str, FakeQuantizer],
+    cand: Candidate,
     batches: list[Any],
     forward_fn: Any,
-) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """Every unit's quantizer state calibrated at ``bits``. Calibration observes with fake
-    quantization off, so each range depends on the float activations only, and every unit
-    can be calibrated at once."""
-    for quants in units.values():
+) -> dict[str, _UnitState]:
+    """Every unit calibrated at ``cand``: its weight quantizer a copy of the preset's (or one
+    on the candidate's groups). Calibration observes with fake quantization off, so each range
+    depends on the float activations only, and every unit can be calibrated at once."""
+    bits, group = parse_candidate(cand)
+    for name, quants in units.items():
+        weight = model.get_submodule(name).weight
+        base = preset[name]
+        wq = copy.deepcopy(base) if group is None else _grouped(base, weight, bits, group)
+        _swap_weight_quant(model, quants[0], wq)
+        quants[0] = wq
         for q in quants:
             q.set_bits(bits)
             q.reset_observer()
     calibrate(model, batches, forward_fn=forward_fn)
-    return {name: _snapshot(quants) for name, quants in units.items()}
+    return {
+        name: (
+            quants[0],
+            [{k: v.detach().clone() for k, v in q.state_dict().items()} for q in quants[1:]],
+        )
+        for name, quants in units.items()
+    }
 
 
 def _evaluate(
@@ -306,7 +449,7 @@ def sensitivity(
         raise ValueError("sensitivity() needs a prepared model: call qat.prepare(model, recipe)")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is invalid: allowed: {', '.join(METHODS)}")
-    cands = _check_candidates(candidates)
+    cands = check_candidates(candidates)
     if context not in CONTEXTS:
         raise ValueError(f"context={context!r} is invalid: allowed: {', '.join(CONTEXTS)}")
     if num_batches < 1:
@@ -323,29 +466,31 @@ def sensitivity(
         raise ValueError(
             "sensitivity(): the model has no conv / linear layer with quantized weights"
         )
+    check_groups(work, units, cands)
     macs = layer_macs(work, list(units), batches[0], forward_fn)
     if context == "top":
-        _raise_others(work, units, cands[-1])
-    states = {b: _states_at(work, units, b, batches, forward_fn) for b in cands}
+        _raise_others(work, units, _rank(cands[-1])[0])
+    preset = {name: quants[0] for name, quants in units.items()}
+    states = {c: _states_at(work, units, preset, c, batches, forward_fn) for c in cands}
     top = cands[-1]
-    for name, quants in units.items():
-        _restore(quants, states[top][name])
+    for name in units:
+        _restore(work, units, name, states[top][name])
     classify = method == "measure"
     ref_loss, ref_acc = _evaluate(work, batches, loss_fn, classify)
     if method == "fisher":
         deltas = _fisher(work, units, states, batches, loss_fn)
-        accs: dict[str, dict[int, float]] = {n: {} for n in units}
+        accs: dict[str, dict[Candidate, float]] = {n: {} for n in units}
     else:
         deltas, accs = {}, {}
-        for name, quants in units.items():
+        for name in units:
             deltas[name], accs[name] = {top: 0.0}, ({top: 0.0} if ref_acc is not None else {})
-            for b in cands[:-1]:
-                _restore(quants, states[b][name])
+            for c in cands[:-1]:
+                _restore(work, units, name, states[c][name])
                 loss, acc = _evaluate(work, batches, loss_fn, classify)
-                deltas[name][b] = loss - ref_loss
+                deltas[name][c] = loss - ref_loss
                 if acc is not None and ref_acc is not None:
-                    accs[name][b] = acc - ref_acc
-            _restore(quants, states[top][name])
+                    accs[name][c] = acc - ref_acc
+            _restore(work, units, name, states[top][name])
     layers = [
         LayerSensitivity(
             name=name,
@@ -354,6 +499,7 @@ def sensitivity(
             activation=len(quants) > 1,
             loss_delta=deltas[name],
             acc_delta=accs[name],
+            scales={c: int(states[c][name][0].scale.numel()) for c in cands},
         )
         for name, quants in units.items()
     ]
@@ -362,11 +508,11 @@ def sensitivity(
 
 def _fisher(
     model: nn.Module,
-    units: Mapping[str, list[FakeQuantizer]],
-    states: Mapping[int, Mapping[str, list[dict[str, torch.Tensor]]]],
+    units: dict[str, list[FakeQuantizer]],
+    states: Mapping[Candidate, Mapping[str, _UnitState]],
     batches: list[Any],
     loss_fn: LossFn,
-) -> dict[str, dict[int, float]]:
+) -> dict[str, dict[Candidate, float]]:
     """``½ Σ E[g²] (w − Q_b(w))²`` per unit: ``g`` the loss gradient at the quantized weight
     (everything at the highest width), ``w`` the weight the quantizer sees (the BN-folded one
     for a conv+BN)."""
@@ -398,19 +544,17 @@ def _fisher(
         for p, r in grads.items():
             p.requires_grad_(r)
         model.zero_grad(set_to_none=True)
-    top = max(states)
-    out: dict[str, dict[int, float]] = {}
-    for name, quants in units.items():
+    top = max(states, key=_rank)
+    out: dict[str, dict[Candidate, float]] = {}
+    for name in units:
         w, fisher = seen[name], sq.get(name)
-        wq = quants[0]
         out[name] = {}
-        for b in sorted(states):
-            if fisher is None or b == top:
-                out[name][b] = 0.0
+        for c in states:
+            if fisher is None or c == top:
+                out[name][c] = 0.0
                 continue
-            _restore([wq], states[b][name][:1])
+            wq = states[c][name][0]
             with torch.no_grad():
                 err = (w - wq(w)).float() ** 2
-            out[name][b] = float(0.5 * (fisher / len(batches) * err).sum())
-        _restore([wq], states[top][name][:1])
+            out[name][c] = float(0.5 * (fisher / len(batches) * err).sum())
     return out

@@ -88,7 +88,10 @@ def test_auto_chooses_trains_and_exports_per_layer_bits(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["quant.budget.size_mb=0.0000001"], r"below the model with every layer at 2 bits"),
+        (
+            ["quant.budget.size_mb=0.0000001"],
+            r"below the model with every layer at its cheapest candidate",
+        ),
         (["+quant.budget.latency=3"], r"quant.budget has no key\(s\) \['latency'\]"),
         (["quant.budget.match=null"], r"quant=auto needs one budget, got none"),
         (["quant.budget.size_mb=1", "quant.budget.bops=5"], r"needs one budget, got 2"),
@@ -104,6 +107,17 @@ def test_auto_chooses_trains_and_exports_per_layer_bits(tmp_path: Path) -> None:
             r"target='onnx' applies to a latency budget only",
         ),
         (["quant.auto.context=all"], r"quant.auto.context='all' is invalid"),
+        (["quant.auto.candidates=[4g33,8]"], r"candidates=\['4g33', 8\] is invalid"),
+        # lenet5's convs have 4-D weights: weight groups are for linear layers.
+        (["quant.auto.candidates=[4g32,8]"], r"layer 'stem.0' .* takes no weight groups"),
+        (
+            [
+                "quant.budget.latency_ms=5",
+                "quant.budget.target=onnx",
+                "quant.auto.candidates=[4g32,8]",
+            ],
+            r"a latency budget takes plain bit widths",
+        ),
     ],
 )
 def test_bad_budgets_fail_in_validation(extra: list[str], message: str, tmp_path: Path) -> None:
@@ -144,6 +158,7 @@ def test_latency_budget_is_timed_on_the_target(tmp_path: Path) -> None:
     [
         ("quant.budget.size_mb=0.0000001", "quant.budget.size_mb=1e-07 is below"),
         ("quant.budget.latency_ms=5", "latency_ms needs the export target"),
+        ("quant.auto.candidates=[4g32,8]", "takes no weight groups"),
     ],
 )
 def test_bad_budget_is_one_line_and_exit_2(bad: str, message: str, tmp_path: Path) -> None:

@@ -61,7 +61,9 @@ def test_generous_budget_keeps_every_layer_at_its_best_width() -> None:
 def test_budget_below_the_lowest_width_is_refused() -> None:
     sens = _sens(1)
     floor = model_cost(sens, {u.name: 2 for u in sens.layers}, "size")
-    with pytest.raises(ValueError, match="below the model at 2 bits in every layer"):
+    with pytest.raises(
+        ValueError, match="below the model with every layer at its cheapest candidate"
+    ):
         allocate_bits(sens, floor * 0.99, "size")
     alloc = allocate_bits(sens, floor, "size")  # exactly the floor: everything at 2
     assert set(alloc.bits.values()) == {2}

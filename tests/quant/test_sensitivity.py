@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat
+from qat.quant.bit_allocation import SCALE_BYTES, allocate_bits, layer_cost
 from qat.quant.sensitivity import quant_units
 
 
@@ -104,3 +105,68 @@ def test_bad_arguments_are_refused() -> None:
         qat.sensitivity(_prepared(), _data(), method="hessian")
     with pytest.raises(ValueError, match="context='all' is invalid"):
         qat.sensitivity(_prepared(), _data(), context="all")
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+def _mlp_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 64, generator=g), torch.randint(0, 4, (16,), generator=g))]
+
+
+def _mlp_prepared(extra: list[dict] | None = None) -> nn.Module:
+    recipe = {
+        "weight": {"bits": 4, "per_channel": True, "group_size": 32},
+        "activation": {"bits": 8},
+        "overrides": [{"pattern": "@last", "activation": {"bits": 32}}, *(extra or [])],
+    }
+    return qat.prepare(_mlp(), qat.Recipe.from_dict(recipe), example_inputs=torch.randn(2, 64))
+
+
+def test_grouped_candidates_measure_that_grid_and_count_its_scales() -> None:
+    sens = qat.sensitivity(_mlp_prepared(), _mlp_data(), candidates=["8g0", "4g0", "4G32"])
+    # Least precise first: bits, then finer groups.
+    assert sens.candidates == ("4g0", "4g32", "8g0")
+    first, head = sens.layers
+    assert first.scales == {"4g0": 32, "4g32": 64, "8g0": 32}  # 32 rows, 64 inputs
+    assert head.scales == {"4g0": 4, "4g32": 4, "8g0": 4}  # 4 rows, 32 inputs: one group
+    x, y = _mlp_data()[0]
+
+    # By hand: both layers at 8 bits per channel, one at the candidate's grid.
+    def loss_with(layer: str | None, bits: int = 8, group: int = 0) -> float:
+        every = [{"pattern": n, "weight": {"bits": 8, "group_size": 0}} for n in ("0", "2")]
+        every.append({"pattern": "0", "activation": {"bits": 8}})
+        if layer is not None:
+            every.append({"pattern": layer, "weight": {"bits": bits, "group_size": group}})
+            if layer == "0":
+                every.append({"pattern": layer, "activation": {"bits": bits}})
+        m = _mlp_prepared(every).eval()
+        qat.calibrate(m, [x])
+        with torch.no_grad():
+            return float(F.cross_entropy(m(x), y))
+
+    ref = loss_with(None)
+    assert sens.reference_loss == pytest.approx(ref, abs=1e-6)
+    for u in sens.layers:
+        for cand, bits, group in (("4g0", 4, 0), ("4g32", 4, 32)):
+            want = loss_with(u.name, bits, group) - ref
+            assert u.loss_delta[cand] == pytest.approx(want, abs=1e-5), (u.name, cand)
+    assert qat.Sensitivity.from_dict(sens.to_dict()) == sens
+    # The size cost counts each candidate's float32 scales; the overrides carry the group.
+    assert layer_cost(first, "4g32", "size") == 64 * 32 / 2 + SCALE_BYTES * 64
+    alloc = allocate_bits(sens, sum(layer_cost(u, "4g32", "size") for u in sens.layers))
+    for row in alloc.overrides():
+        bits, _, group = str(alloc.bits[row["pattern"]]).partition("g")
+        assert row["weight"] == {"bits": int(bits), "group_size": int(group)}
+
+
+def test_grouped_candidates_a_layer_cannot_take_are_refused() -> None:
+    with pytest.raises(ValueError, match="group size 64 does not divide the input size 32 of "):
+        qat.sensitivity(_mlp_prepared(), _mlp_data(), candidates=["4g64", 8])
+    with pytest.raises(ValueError, match=r"layer '0' .* takes no weight groups"):
+        qat.sensitivity(_prepared(), _data(), candidates=["4g32", 8])
+    with pytest.raises(ValueError, match="candidates=\\['4g3', 8\\] is invalid"):
+        qat.sensitivity(_mlp_prepared(), _mlp_data(), candidates=["4g3", 8])
