@@ -97,7 +97,7 @@ class Allocation:
 
 
 def allocate_bits(
-    sens: Sensitivity, budget: float, cost: str = "size", steps: int = 4000
+    sens: Sensitivity, budget: float, cost: str = "size", steps: int = 100_000
 ) -> Allocation:
     """The widths minimizing the summed ``loss_delta`` with the summed ``cost`` ≤ ``budget``.
 
@@ -105,7 +105,10 @@ def allocate_bits(
         sens: per-unit loss changes and sizes (:func:`qat.quant.sensitivity.sensitivity`).
         budget: bytes for ``size``, bit operations per sample for ``bops``.
         cost: ``size`` or ``bops``.
-        steps: grid points between the all-lowest-width cost and the budget.
+        steps: grid points between the all-lowest-width cost and the budget. Each layer's
+            cost is rounded up onto the grid, so up to one step per layer goes unused: at
+            4,000 steps ResNet-20's W4A4-size budget (22 layers) lost 370 of its bytes that
+            way, more than a small layer needs to go from 4 to 8 bits.
 
     Raises:
         ValueError: an unknown cost, or a budget below every unit at its lowest width.
@@ -133,10 +136,10 @@ def allocate_bits(
         weight = np.ceil(extra / (spare / steps) - 1e-9).astype(np.int64)
     n = steps + 1
     dp = np.zeros(n)
-    choice = np.zeros((len(layers), n), dtype=np.int64)
+    choice = np.zeros((len(layers), n), dtype=np.int16)  # candidate indices
     for i in range(len(layers)):
         new = np.full(n, np.inf)
-        pick = np.zeros(n, dtype=np.int64)
+        pick = np.zeros(n, dtype=np.int16)
         # Highest width first: on a tie (equal measured loss) the wider one is kept.
         for j in reversed(range(len(cands))):
             w = int(weight[i, j])
