@@ -79,8 +79,9 @@ def render(
         "the anneal, distillation, int32-grid biases), with each conv / linear layer's width "
         "(weights and output together) chosen from 2, 4 and 8 bits before QAT: every layer "
         "alone dropped to each width on 2 training batches (the rest of the model at 8, the "
-        "residual adds and the pool included; each width's ranges calibrated), then the widths with the least summed loss change whose packed weights "
-        "(Σ weights × bits / 8) fit in the uniform preset's own (the first conv and the "
+        "residual adds and the pool included; each width's ranges calibrated), then the widths "
+        "with the least summed loss change whose packed weights and float32 scales "
+        "(Σ weights × bits / 8 + 4 × scales) fit in the uniform preset's own (the first conv and the "
         "classifier at 8 bits, the rest at 4 or 2), by an exact knapsack. The input, residual "
         "adds and the pool train at the uniform row's width. Exported files keep sub-8-bit "
         "values in int8 containers, so their KiB do not show the packed size.",
@@ -251,4 +252,16 @@ def _short_section(short: list[dict[str, Any]], machines: dict[str, str]) -> lis
                 f"({100 * (f - u['acc']):.2f} pt{goal})"
             )
         lines.append(text)
+    agree = [
+        (i[f"{t}_agree"], i["model"], i["row"], name)
+        for i in short
+        for t, name in (("ort", "ONNX Runtime"), ("ts", "TorchScript"))
+        if i.get(f"{t}_agree") is not None
+    ]
+    if agree:
+        low = min(agree)
+        lines.append(
+            f"- {'✓' if low[0] >= 0.999 else '✗'} exported with parity, top-1 agreement ≥ 99.9% "
+            f"in every row: lowest {100 * low[0]:.2f}% ({low[1]} {low[2]}, {low[3]})"
+        )
     return lines

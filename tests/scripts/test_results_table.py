@@ -358,4 +358,5 @@ def test_mixed_rows_goals_and_the_short_budget_section(results_script, tmp_path:
     assert "| mobilenetv2 | mixed 2/4/8 by measurement (LSQ, distilled) | ≤ W2A2 size |" in section
     assert "✓ mobilenetv2: mixed at qat_w2a2_anneal's size 60.00% vs uniform 50.00%" in section
     assert "closes 25% of this budget's uniform gap to float (40.00 pt; goal ≥ 50%: ✗)" in section
+    assert "✓ exported with parity, top-1 agreement ≥ 99.9% in every row: lowest 100.00%" in section
     assert results_script.short_rows(None, ["mobilenetv2"], items, docs) == short
