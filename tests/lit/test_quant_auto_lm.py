@@ -4,6 +4,8 @@ trained with and exported to ONNX (MatMulNBits per layer at its own block size).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -34,6 +36,7 @@ GPT = [
     "trainer.limit_train_batches=20",
 ]
 LINEARS = ("MatMulNBits", "MatMul", "MatMulInteger", "DynamicQuantizeMatMul")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_any_work(
@@ -44,6 +47,22 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_any_work(
     with pytest.raises(ConfigError, match=match):
         validate_config(cfg)
     assert not (tmp_path / "quant_overrides.yaml").exists()
+
+
+@pytest.mark.slow  # a fresh process (~15 s); the message is checked in-process above
+def test_the_refusal_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *GPT, f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid config" in line]
+    assert len(errors) == 1 and "group size 128 does not divide" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.slow  # ~20 s: measure, train 20 steps, export and verify ONNX
