@@ -155,6 +155,9 @@ def test_grouped_candidates_measure_that_grid_and_count_its_scales() -> None:
             want = loss_with(u.name, bits, group) - ref
             assert u.loss_delta[cand] == pytest.approx(want, abs=1e-5), (u.name, cand)
     assert qat.Sensitivity.from_dict(sens.to_dict()) == sens
+    # The Fisher estimate sees the finer grid's smaller rounding error.
+    fisher = qat.sensitivity(_mlp_prepared(), _mlp_data(), ["4g0", "4g32", "8g0"], method="fisher")
+    assert 0.0 < fisher.layers[0].loss_delta["4g32"] < fisher.layers[0].loss_delta["4g0"]
     # The size cost counts each candidate's float32 scales; the overrides carry the group.
     assert layer_cost(first, "4g32", "size") == 64 * 32 / 2 + SCALE_BYTES * 64
     alloc = allocate_bits(sens, sum(layer_cost(u, "4g32", "size") for u in sens.layers))
