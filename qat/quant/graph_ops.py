@@ -16,6 +16,7 @@ from torch import fx
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+CONV2D_FUNCTIONS = (F.conv2d, torch.conv2d)
 MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
 MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
 DIV_FUNCTIONS = (operator.truediv, torch.div, torch.true_divide, torch.divide)

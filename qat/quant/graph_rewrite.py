@@ -49,8 +49,19 @@ from qat.quant.graph_ops import (
     single_tensor,
     target_name,
 )
+from qat.quant.graph_weights import computed_convs, conv2d_call, replace_computed_conv
 from qat.quant.grids import GRID_PRESERVING
-from qat.quant.layers import FloatLayer, QAct, QAdd, QCat, QConv2d, QConvBn2d, QLinear, QMatMul
+from qat.quant.layers import (
+    FloatLayer,
+    QAct,
+    QAdd,
+    QCat,
+    QComputedConv2d,
+    QConv2d,
+    QConvBn2d,
+    QLinear,
+    QMatMul,
+)
 from qat.quant.layers.functional import (
     GRID_PRESERVING_FUNCTIONS,
     GRID_PRESERVING_METHODS,
@@ -91,6 +102,10 @@ class _Rewriter:
         self.new: dict[fx.Node, str] = {}  # nodes whose module this rewrite made
         # Weighted layers swapped at their first call: (float module, quantized type, skip).
         self.weighted: dict[str, tuple[nn.Module, type, bool]] = {}
+        self.live = input_dependent(graph, self.is_float)
+        # F.conv2d calls whose weight a conv module computes (weight standardization): the
+        # call → (that module's name, the weight's computation as a graph of its own).
+        self.computed = computed_convs(graph, self.modules, self.live)
         self.specs = LayerSpecs(recipe, self._weighted_names())
 
     # ------------------------------------------------------------------ node queries
@@ -135,6 +150,9 @@ class _Rewriter:
     def _weighted_names(self) -> list[str]:
         names: list[str] = []
         for node in self.graph.nodes:
+            if node in self.computed:
+                names.append(self.computed[node][0])
+                continue
             mod = self.module(node)
             weighted = has_weight_spec(mod) and not isinstance(mod, nn.Embedding)
             if weighted and node.target not in names:
@@ -185,6 +203,8 @@ class _Rewriter:
             head = self.module(node)
             if type(head) not in (nn.Conv2d, nn.Linear) or calls[node.target] > 1:
                 continue
+            if node not in self.live:
+                continue  # computed from constants alone: stays float (see swap())
             chain, bn = [node], None
             user = only_user(node)
             if (
@@ -224,18 +244,21 @@ class _Rewriter:
     def swap(self) -> None:
         """Quantize every remaining op (see the module docstring, step 2)."""
         wrapped_calls: dict[str, tuple[nn.Module, int]] = {}
-        live = input_dependent(self.graph, self.is_float)
         for node in list(self.graph.nodes):
             if node in self.new or node.op not in ("call_module", "call_function", "call_method"):
                 continue
             mod = self.module(node)
-            if node not in live and not isinstance(getattr(mod, "weight", None), nn.Parameter):
+            if node in self.computed and not self.specs(self.computed[node][0])[2]:
+                self._swap_computed_conv(node)
+                continue
+            if node not in self.live and not isinstance(mod, nn.Embedding):
                 # Computed from constants alone (buffers, parameters, shapes: positional
-                # encodings, normalization statistics): the same for every input, so it stays
-                # float, as exact as the model wrote it. An 8-bit grid would round small values
-                # to zero (CSATv2's ``var ** 0.5 + 1e-8`` and EdgeNeXt's Fourier ``dim_t`` then
-                # divided by 0). Where an integer op reads the result, requantize() puts it on
-                # a grid.
+                # encodings, normalization statistics, SwinV2's position-bias MLP): the same
+                # for every input, so it stays float, as exact as the model wrote it. An 8-bit
+                # grid would round small values to zero (CSATv2's ``var ** 0.5 + 1e-8`` and
+                # EdgeNeXt's Fourier ``dim_t`` then divided by 0). Where an integer op reads
+                # the result, requantize() puts it on a grid. Embeddings of positions are
+                # quantized: the recipe's ``embedding`` spec says so, and the files store them.
                 continue
             if mod is not None:
                 self._swap_module(node, mod, wrapped_calls)
@@ -288,7 +311,7 @@ class _Rewriter:
             self.new[node] = node.target
             self.weighted[node.target] = (mod, qcls, skip)
             return
-        if not self.is_float(node) or not self.single_tensor(node):
+        if not self.is_float(node):
             return
         # A float island; each call of a module called twice gets its own output quantizer.
         count = wrapped.get(node.target, (mod, 0))[1]
@@ -298,6 +321,11 @@ class _Rewriter:
         )
         name = node.target if count == 0 else self.fresh_name(node, node.target.rpartition(".")[2])
         activation, skip = self.island_spec(node, name)
+        if not self.single_tensor(node):
+            # A tuple (an LSTM's output and state): the island runs on dequantized inputs (the
+            # integer runtimes' LSTM has no quantized kernel), its items stay float and are
+            # requantized where an integer op reads them.
+            activation = dataclasses.replace(activation, bits=32)
         island = qcls or QAct
         new = FloatLayer(inner, activation) if skip else island.from_float(inner, activation)
         if count == 0:
@@ -305,6 +333,17 @@ class _Rewriter:
             self.new[node] = name
         else:
             self.replace_with_module(node, name, new, node.args, node.kwargs)
+
+    def _swap_computed_conv(self, node: fx.Node) -> None:
+        """The conv module whose forward computed this call's weight becomes a
+        :class:`QComputedConv2d` under its own name, called on the input."""
+        owner, weight_graph = self.computed[node]
+        x, conv = conv2d_call(node, self.modules[owner])
+        weight, activation, _ = self.specs(owner)
+        self._set(
+            owner, QComputedConv2d(self.modules[owner], weight_graph, conv, weight, activation)
+        )
+        self.new[replace_computed_conv(node, owner, x)] = owner
 
     def _call_site_twin(self, node: fx.Node) -> None:
         """Another call of a weighted layer gets its own layer: the same weight and bias

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat
+from qat.export.convert import convert
+from qat.export.lowering import placement
+from qat.quant.control import set_fake_quant
 
 
 def _exports_with_full_agreement(q: nn.Module, x: torch.Tensor, tmp_path: Path) -> dict:
@@ -212,3 +215,152 @@ def test_a_minus_inf_padding_before_a_max_pool_stays_float(tmp_path) -> None:
     q.eval()
     assert torch.isfinite(q(x)).all()
     _exports_with_full_agreement(q, x, tmp_path)
+
+
+class _ScaledStdConv(nn.Conv2d):
+    """timm's ``ScaledStdConv2d``: the weight is standardized per output channel (a batch
+    norm over it) and scaled by a learned gain in ``forward``, before ``F.conv2d``."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1) -> None:
+        super().__init__(cin, cout, k, stride=stride, padding=k // 2)
+        self.gain = nn.Parameter(torch.full((cout, 1, 1, 1), 1.5))
+        self.scale = (cin * k * k) ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _NormFreeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _ScaledStdConv(3, 8, 3, stride=2)
+        self.conv = _ScaledStdConv(8, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.stem(x))
+        return self.fc((y + F.gelu(self.conv(y))).mean((2, 3)))
+
+
+def test_a_weight_standardized_conv_runs_on_integer_kernels(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _NormFreeNet().eval()
+    x = torch.randn(16, 3, 8, 8)
+    expected = model(x)
+    q = qat.prepare(model, example_inputs=x, capture="graph")
+    stem = q.get_submodule("stem")
+    assert isinstance(stem, qat.quant.layers.QComputedConv2d)
+    # The raw parameters, under their own names, trained through the standardization.
+    assert {"stem.weight", "stem.gain", "stem.bias"} <= set(dict(q.named_parameters()))
+    assert torch.equal(stem.weight, model.stem.weight)
+    assert "batch_norm" not in q.qat_graph_code  # the weight's computation is the layer's own
+    q.train()(x).sum().backward()
+    assert stem.weight.grad is not None and stem.gain.grad is not None
+    set_fake_quant(q, False)
+    torch.testing.assert_close(q.eval()(x), expected)  # the float forward, unchanged
+    set_fake_quant(q, True)
+    qat.calibrate(q, [x])
+    q.eval()
+    _exports_with_full_agreement(q, x, tmp_path)
+    lowered = placement(convert(q, x[:1]), "onnx")
+    assert lowered["stem"] == lowered["conv"] == "conv", lowered
+
+
+class _RowLSTM(nn.Module):
+    """Sequencer's ``v, _ = self.rnn_v(v)``: an LSTM over rows, whose output is a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.rnn = nn.LSTM(4, 3, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        rows = self.proj(x.permute(0, 2, 3, 1)).reshape(b * h, w, c)
+        out, _ = self.rnn(rows)
+        return self.fc(out.reshape(b, h * w, -1)).mean(1)
+
+
+def test_a_module_returning_a_tuple_runs_as_a_float_island(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the module swap
+        q = qat.prepare(_RowLSTM().eval(), example_inputs=x, capture="graph")
+    rnn = q.get_submodule("rnn")
+    assert isinstance(rnn, qat.quant.layers.QAct) and not rnn.output_quant.enabled
+    qat.calibrate(q, [x])
+    q.eval()
+    _exports_with_full_agreement(q, x, tmp_path)  # TorchScript's LSTM reads a float input
+
+
+class _FoldBack(nn.Module):
+    """VOLO's outlook attention: ``F.unfold`` patches, then ``F.fold`` back to an image size
+    taken from the input's shape (ONNX ``Col2Im``, opset 18)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        h, w = y.shape[2:]
+        patches = F.unfold(y, 3, padding=1) * 0.5
+        y = F.fold(patches, output_size=(h, w), kernel_size=3, padding=1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_fold_exports_at_the_opset_it_needs(tmp_path) -> None:
+    import onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5)
+    q = qat.prepare(_FoldBack().eval(), example_inputs=x, capture="graph")
+    qat.calibrate(q, [x])
+    q.eval()
+    _exports_with_full_agreement(q, x, tmp_path)
+    (path,) = tmp_path.glob("*.onnx")
+    proto = onnx.load(path)
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    assert "Col2Im" in {n.op_type for n in proto.graph.node}
+
+
+class _PositionBiasMLP(nn.Module):
+    """SwinV2's continuous position bias: an MLP (Linear → ReLU → Linear) of a constant
+    coordinate table, then ``16 * sigmoid(...)`` added to the attention logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(4, 8)
+        self.register_buffer("coords", torch.linspace(-1, 1, 18).reshape(9, 2))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.flatten(2).transpose(1, 2)  # (B, 9, 4)
+        q, k = self.qk(t).chunk(2, dim=-1)
+        bias = 16 * torch.sigmoid(self.cpb_mlp(self.coords))  # (9, 1): the same for every input
+        attn = (q @ k.transpose(1, 2) + bias.view(1, 9, 1)).softmax(-1)
+        return self.fc(attn @ t).mean(1)
+
+
+def test_a_layer_of_constants_alone_stays_float(tmp_path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3)
+    q = qat.prepare(_PositionBiasMLP().eval(), example_inputs=x, capture="graph")
+    assert type(q.get_submodule("cpb_mlp.0")) is nn.Linear  # not fused with its ReLU either
+    assert type(q.get_submodule("cpb_mlp.2")) is nn.Linear
+    qat.calibrate(q, [x])
+    q.eval()
+    _exports_with_full_agreement(q, x, tmp_path)  # TorchScript: float MLP on float constants

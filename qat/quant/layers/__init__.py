@@ -12,6 +12,7 @@ activations) get one here.
 
 from qat.quant.layers.act import FloatLayer, QAct
 from qat.quant.layers.combine import QAdd, QCat
+from qat.quant.layers.computed_conv import QComputedConv2d
 from qat.quant.layers.conv import QConv2d
 from qat.quant.layers.conv1d import QConv1D, is_hf_conv1d
 from qat.quant.layers.conv_bn import QConvBn2d
@@ -42,6 +43,7 @@ __all__ = [
     "QAct",
     "QAdd",
     "QCat",
+    "QComputedConv2d",
     "QConv1D",
     "QConv2d",
     "QConvBn2d",

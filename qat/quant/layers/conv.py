@@ -31,8 +31,12 @@ class QConv2d(nn.Conv2d, RuntimeNumerics):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_output(
-            self, self._conv_forward, x, self.weight_quant(self.weight), self.bias
+            self, self._conv_forward, x, self.weight_quant(self.effective_weight()), self.bias
         )
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the weight quantizer rounds (the exporters store its levels)."""
+        return self.weight
 
     @classmethod
     def from_float(
