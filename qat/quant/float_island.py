@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 __all__ = ["float64_call", "to_float64"]
 
@@ -42,6 +43,8 @@ def float64_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         tuple(to_float64(a) for a in args),
         {k: to_float64(v) for k, v in kwargs.items()},
     )
-    if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
-        return out.float()
-    return out
+    # A tuple too (an LSTM's output and state).
+    return tree_map(
+        lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t,
+        out,
+    )

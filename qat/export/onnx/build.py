@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qat.export.convert import convert
@@ -82,6 +84,25 @@ def _export_torch(module: nn.Module, example_input: Any, opset: int) -> onnx.Mod
     return onnx.load_from_string(buf.getvalue())
 
 
+def _export_at_needed_opset(
+    module: nn.Module, example_input: Any, opset: int, chosen: bool
+) -> tuple[onnx.ModelProto, int]:
+    """``_export_torch`` at ``opset``; unless the user ``chosen`` it, at the opset an op of the
+    model needs where that is higher (timm's VOLO: ``F.fold`` is ``Col2Im``, opset 18).
+    Returns the model and the opset it has."""
+    if not chosen and any(
+        isinstance(m, nn.Fold) or getattr(m, "target", None) is F.fold for m in module.modules()
+    ):
+        opset = max(opset, 18)  # known ahead: torch's exporter prints its graph on the retry
+    try:
+        return _export_torch(module, example_input, opset), opset
+    except torch.onnx.errors.UnsupportedOperatorError as err:
+        needed = re.search(r"added in (?:opset )?version (\d+)", str(err))
+        if chosen or needed is None or not opset < int(needed[1]) <= _EXPORTER_MAX_OPSET:
+            raise
+        return _export_torch(module, example_input, int(needed[1])), int(needed[1])
+
+
 def resolve_opset(opset: int | None, int4_packed: bool) -> int:
     if opset is None:
         return INT4_OPSET if int4_packed else DEFAULT_OPSET
@@ -111,18 +132,20 @@ def build_onnx_model(
         example_input: one batch (a tensor or a tuple of positional tensors); the batch
             dimension is dynamic in the exported graph.
         converted: :func:`qat.export.convert.convert` of the same model and input, if at hand.
-        opset: ONNX opset (default 17; 21 with ``int4_packed``).
+        opset: ONNX opset (default 17, or the one an op of the model needs, up to 20; 21
+            with ``int4_packed``).
         int4_packed: store weights whose levels fit 4 bits as INT4 (half the bytes of int8),
             each widened by a ``Cast`` to int8 that ONNX Runtime folds at load, so it runs the
             same integer kernels and outputs as the int8 file.
     """
+    chosen = opset is not None
     opset = resolve_opset(opset, int4_packed)
     if converted is None:
         converted = convert(model, example_input)
     if isinstance(example_input, dict):
         raise ValueError("ONNX export takes positional inputs (a tensor or a tuple)")
     deploy = deploy_model(model, converted)
-    proto = _export_torch(deploy, example_input, opset)
+    proto, opset = _export_at_needed_opset(deploy, example_input, opset, chosen)
     return finalize(proto, opset, int4_packed)
 
 
@@ -142,17 +165,19 @@ def export_onnx(
 
 
 @torch.no_grad()
-def float_onnx_bytes(model: nn.Module, example_input: Any, opset: int = DEFAULT_OPSET) -> bytes:
-    """A float model as ONNX bytes (eval mode: the exporter folds BN into the convs)."""
+def float_onnx_bytes(model: nn.Module, example_input: Any, opset: int | None = None) -> bytes:
+    """A float model as ONNX bytes (eval mode: the exporter folds BN into the convs); at
+    ``opset``, by default 17 or the one an op of the model needs."""
     module = copy.deepcopy(model).cpu().eval()
-    proto = _export_torch(module, example_input, opset)
+    chosen = opset is not None
+    proto, _ = _export_at_needed_opset(module, example_input, opset or DEFAULT_OPSET, chosen)
     compact_names(proto.graph)  # as for the integer files, so their sizes compare fairly
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
 
 def export_float_onnx(
-    model: nn.Module, path: str | Path, example_input: Any, opset: int = DEFAULT_OPSET
+    model: nn.Module, path: str | Path, example_input: Any, opset: int | None = None
 ) -> Path:
     """Export a float (unprepared) model to ONNX, BN folded: the FP32 baseline."""
     path = Path(path)

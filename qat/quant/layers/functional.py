@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -80,10 +81,21 @@ class FunctionalOp(nn.Module):
         kwargs = fill(self.kwargs, it)
         if self.is_method:
             return getattr(args[0], self.target)(*args[1:], **kwargs)
+        if self.target is F.fold:
+            args, kwargs = _static_fold_size(args, kwargs)
         return self.target(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return self.op_name
+
+
+def _static_fold_size(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``F.fold``'s image size as Python ints: ONNX's ``Col2Im`` (torch's exporter) takes only
+    a constant one, and a model computing it from its input's shape (VOLO) would pass traced
+    sizes. The size is the image's, never the batch's, so the exported batch stays dynamic."""
+    if len(args) > 1:
+        return (args[0], tuple(int(v) for v in args[1]), *args[2:]), kwargs
+    return args, {**kwargs, "output_size": tuple(int(v) for v in kwargs["output_size"])}
 
 
 #: The ops whose result lies on the grid of their (first) input: they move or select values.
