@@ -90,6 +90,38 @@ __all__ = [
 
 
 SHORT_SAVED = "results_short.json"
+#: Overrides every short row runs with (the budget, the float model, no benchmark); others a
+#: row ran with are listed under the short table.
+SHORT_SHARED = (
+    "+experiment",
+    "model",
+    "model.width_mult",
+    "~callbacks.rich_progress_bar",
+    "trainer.enable_progress_bar",
+    "init_from",
+    "export.fail_on_parity",
+    "trainer.max_epochs",
+    "trainer.limit_train_batches",
+    "trainer.limit_val_batches",
+    "schedule.bn_reestimate_batches",
+    "export.bench",
+)
+
+
+def _extra_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides of a short row beyond :data:`SHORT_SHARED` (a long value
+    elided: its run's .hydra/overrides.yaml has it)."""
+    import yaml
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    extra = []
+    for o in yaml.safe_load(path.read_text()) or []:
+        key = str(o).split("=", 1)[0]
+        if key not in SHORT_SHARED:
+            extra.append(str(o) if len(str(o)) <= 60 else f"{key}=…")
+    return extra
 
 
 def short_rows(
@@ -106,6 +138,7 @@ def short_rows(
     floats = {i["model"]: i.get("acc") for i in items if i["row"] == "float" and i["done"]}
     for i in rows:
         i["float_acc"] = floats.get(i["model"])
+        i["extra"] = _extra_overrides(_row_dir(root.resolve(), i["model"], i["row"]))
     saved.write_text(json.dumps({"items": rows}, indent=1) + "\n")
     return rows
 

@@ -258,6 +258,12 @@ def _short_section(short: list[dict[str, Any]], machines: dict[str, str]) -> lis
         for t, name in (("ort", "ONNX Runtime"), ("ts", "TorchScript"))
         if i.get(f"{t}_agree") is not None
     ]
+    for i in short:
+        if i.get("extra"):
+            lines.append(
+                f"- {i['model']} {i['row']} also ran with `{' '.join(i['extra'])}` (its run's "
+                ".hydra/overrides.yaml)"
+            )
     if agree:
         low = min(agree)
         lines.append(

@@ -350,6 +350,9 @@ def test_mixed_rows_goals_and_the_short_budget_section(results_script, tmp_path:
     short_root = tmp_path / "short"
     for row, acc in (("qat_w2a2_anneal", 0.5), ("qat_auto_w2a2", 0.6)):
         _fake_run(results_script._row_dir(short_root, "mobilenetv2", row), acc)
+    hydra = results_script._row_dir(short_root, "mobilenetv2", "qat_auto_w2a2") / ".hydra"
+    hydra.mkdir()
+    (hydra / "overrides.yaml").write_text("- model=mobilenetv2\n- quant.auto.batches=8\n")
     docs = tmp_path / "docs"
     short = results_script.short_rows(short_root, ["mobilenetv2"], items, docs)
     assert [i["row"] for i in short] == ["qat_w2a2_anneal", "qat_auto_w2a2"]
@@ -359,4 +362,6 @@ def test_mixed_rows_goals_and_the_short_budget_section(results_script, tmp_path:
     assert "✓ mobilenetv2: mixed at qat_w2a2_anneal's size 60.00% vs uniform 50.00%" in section
     assert "closes 25% of this budget's uniform gap to float (40.00 pt; goal ≥ 50%: ✗)" in section
     assert "✓ exported with parity, top-1 agreement ≥ 99.9% in every row: lowest 100.00%" in section
+    # What a row ran with beyond the shared short budget is named under the table.
+    assert "- mobilenetv2 qat_auto_w2a2 also ran with `quant.auto.batches=8`" in section
     assert results_script.short_rows(None, ["mobilenetv2"], items, docs) == short
