@@ -17,6 +17,36 @@ from onnx import TensorProto, helper, numpy_helper
 INT4_OPSET = 21  # INT4 tensors in DequantizeLinear
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds (``If`` branches, ``Loop`` / ``Scan`` bodies)."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _nested_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of the subgraphs of ``graph``'s nodes, at any depth (not ``graph``'s own)."""
+    out = []
+    for n in graph.node:
+        for g in _subgraphs(n):
+            out.extend(g.node)
+            out.extend(_nested_nodes(g))
+    return out
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node reads, in ``graph`` or a subgraph of it (a branch reads outer
+    values by name, not as an input of its ``If``)."""
+    names = {i for n in graph.node for i in n.input}
+    for n in _nested_nodes(graph):
+        names.update(n.input)
+    return names
+
+
 class _Graph:
     """Small helpers over a GraphProto: producers, consumers, initializer arrays."""
 
@@ -89,7 +119,7 @@ def _remove_redundant_dq_q(graph: onnx.GraphProto) -> int:
             name = rename[name]
         return name
 
-    for node in graph.node:
+    for node in [*graph.node, *_nested_nodes(graph)]:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = resolve(name)
@@ -104,13 +134,13 @@ def _prune(graph: onnx.GraphProto) -> None:
     """Remove nodes whose outputs nobody reads, then unused initializers."""
     outputs = {o.name for o in graph.output}
     while True:
-        used = {i for n in graph.node for i in n.input} | outputs
+        used = _reads(graph) | outputs
         keep = [n for n in graph.node if any(o in used for o in n.output)]
         if len(keep) == len(graph.node):
             break
         del graph.node[:]
         graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input}
+    used = _reads(graph)
     inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(inits)
@@ -128,7 +158,7 @@ def _dedupe_initializers(graph: onnx.GraphProto) -> None:
             rename[t.name] = seen[key]
         else:
             seen[key] = t.name
-    for node in graph.node:
+    for node in [*graph.node, *_nested_nodes(graph)]:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
@@ -205,11 +235,16 @@ def compact_names(graph: onnx.GraphProto) -> None:
 
     for t in graph.initializer:
         t.name = short(t.name, "c")
-    for node in graph.node:
+    for node in [*graph.node, *_nested_nodes(graph)]:
         for i, name in enumerate(node.input):
             node.input[i] = short(name, "v")
         for i, name in enumerate(node.output):
             node.output[i] = short(name, "v")
+        for sub in _subgraphs(node):
+            for v in [*sub.input, *sub.output, *sub.value_info]:
+                v.name = short(v.name, "v")
+            for t in sub.initializer:
+                t.name = short(t.name, "c")
     for v in graph.value_info:
         v.name = short(v.name, "v")
 
