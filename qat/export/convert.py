@@ -179,6 +179,8 @@ def _describe(
             w, b = mod.folded_params()
         else:
             w, b = mod.weight, mod.bias
+            if isinstance(mod, QConv2d):
+                w = mod.effective_weight()  # a weight its model computes (QComputedConv2d)
         # Plain tensors (not Parameters), detached from the model: the exporters trace with them.
         w = w.detach().float().clone()
         b = None if b is None else b.detach().float().clone()

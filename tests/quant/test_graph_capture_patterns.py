@@ -270,7 +270,12 @@ def test_a_weight_standardized_conv_runs_on_integer_kernels(tmp_path) -> None:
     set_fake_quant(q, True)
     qat.calibrate(q, [x])
     q.eval()
-    _exports_with_full_agreement(q, x, tmp_path)
+    report = _exports_with_full_agreement(q, x, tmp_path)
+    # The files store the standardized weight's levels: the logits match to within the one
+    # output level a float bias's rounding may move (not only the top-1; the raw weight's
+    # levels were 118 levels off here).
+    worst = max(r["max_abs_diff"] for r in report["runtimes"].values())
+    assert worst <= 1.5 * report["output_scale"], report
     lowered = placement(convert(q, x[:1]), "onnx")
     assert lowered["stem"] == lowered["conv"] == "conv", lowered
 
