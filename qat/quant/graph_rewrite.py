@@ -106,6 +106,7 @@ class _Rewriter:
         # F.conv2d calls whose weight a conv module computes (weight standardization): the
         # call → (that module's name, the weight's computation as a graph of its own).
         self.computed = computed_convs(graph, self.modules, self.live)
+        self.computed_owners = {owner for owner, _ in self.computed.values()}
         self.specs = LayerSpecs(recipe, self._weighted_names())
 
     # ------------------------------------------------------------------ node queries
@@ -165,6 +166,10 @@ class _Rewriter:
         scope = next(reversed(stack.values()))[0] if stack else ""
         if node.op == "call_module":
             scope = node.target.rpartition(".")[0]
+        if scope in self.computed_owners:
+            # Not inside a conv that becomes a QComputedConv2d (a StdConv2dSame's padding):
+            # the integer layer that replaces it at export has no children.
+            scope = scope.rpartition(".")[0]
         parent = self.root.get_submodule(scope)
         stem = f"{scope}.{base}" if scope else base
         name, i = stem, 1

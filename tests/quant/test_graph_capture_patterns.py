@@ -239,11 +239,26 @@ class _ScaledStdConv(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class _StdConvSame(nn.Conv2d):
+    """timm's ``StdConv2dSame``: TF "same" padding (``F.pad``) and a standardized weight,
+    both in its forward."""
+
+    def __init__(self, cin: int, cout: int, k: int) -> None:
+        super().__init__(cin, cout, k, padding=0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, self.kernel_size[1] - 1, 0, self.kernel_size[0] - 1))
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class _NormFreeNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = _ScaledStdConv(3, 8, 3, stride=2)
-        self.conv = _ScaledStdConv(8, 8, 3)
+        self.conv = _StdConvSame(8, 8, 2)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,6 +278,7 @@ def test_a_weight_standardized_conv_runs_on_integer_kernels(tmp_path) -> None:
     assert {"stem.weight", "stem.gain", "stem.bias"} <= set(dict(q.named_parameters()))
     assert torch.equal(stem.weight, model.stem.weight)
     assert "batch_norm" not in q.qat_graph_code  # the weight's computation is the layer's own
+    assert isinstance(q.get_submodule("conv"), qat.quant.layers.QComputedConv2d)
     q.train()(x).sum().backward()
     assert stem.weight.grad is not None and stem.gain.grad is not None
     set_fake_quant(q, False)
