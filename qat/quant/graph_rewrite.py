@@ -68,6 +68,7 @@ from qat.quant.layers.functional import (
     SLOT,
     FunctionalOp,
 )
+from qat.quant.layers.resize import SeparableResize, is_separable_resize
 from qat.quant.module_swap import (
     DEFAULT_TYPE_MAP,
     from_float_named,
@@ -416,7 +417,9 @@ class _Rewriter:
             return arg
 
         args, kwargs = slot(node.args), slot(dict(node.kwargs))
-        op = FunctionalOp(node.target, args, kwargs)
+        op: nn.Module = FunctionalOp(node.target, args, kwargs)
+        if is_separable_resize(op):
+            op = SeparableResize(op)  # the same bits in torch and every runtime
         name = self.fresh_name(node, target_name(node))
         activation, skip = self.island_spec(node, name)
         new = FloatLayer(op, activation) if skip else QAct(op, activation)

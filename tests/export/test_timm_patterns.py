@@ -138,15 +138,15 @@ def test_the_torchscript_add_of_mixed_layouts_rounds_as_the_fake_quant_model() -
 
 
 @pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
-def test_separable_resize_is_torchs_to_a_few_ulps(mode: str) -> None:
-    from qat.export.onnx.resize import resize_matrices, separable_resize
+@pytest.mark.parametrize("kwargs", [{"size": (56, 45)}, {"scale_factor": 1.7}])
+def test_a_resize_by_taps_is_torchs_to_an_ulp(mode: str, kwargs: dict) -> None:
     from qat.quant.layers.functional import SLOT, FunctionalOp
+    from qat.quant.layers.resize import SeparableResize
 
-    op = FunctionalOp(F.interpolate, (SLOT,), {"size": (56, 45), "mode": mode})
+    op = FunctionalOp(F.interpolate, (SLOT,), {**kwargs, "mode": mode})
     x = torch.randn(2, 3, 60, 50)
-    y = separable_resize(x, *resize_matrices(op, x.shape))
     # ONNX Runtime's own cubic Resize was 1.4e-4 off on a 240 → 224 image of this range.
-    torch.testing.assert_close(y, op(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(SeparableResize(op)(x), op(x), rtol=0, atol=2e-6)
 
 
 class _TwoScales(nn.Module):
@@ -163,7 +163,7 @@ class _TwoScales(nn.Module):
         return self.fc(self.a(x).mean((2, 3)) + self.b(small).mean((2, 3)))
 
 
-def test_a_bicubic_resize_exports_as_two_matmuls(tmp_path) -> None:
+def test_a_bicubic_resize_exports_as_gathers_and_multiplies(tmp_path) -> None:
     import onnx
 
     torch.manual_seed(0)
@@ -176,4 +176,6 @@ def test_a_bicubic_resize_exports_as_two_matmuls(tmp_path) -> None:
     assert all(r["agreement"] == 1.0 for r in report["runtimes"].values()), report
     (path,) = tmp_path.glob("*.onnx")
     ops = {n.op_type for n in onnx.load(path).graph.node}
-    assert "Resize" not in ops and "MatMul" in ops
+    assert "Resize" not in ops and "Gather" in ops
+    # The island's codes are ONNX Runtime's to the bit: the logits too (biases snapped).
+    assert max(r["max_abs_diff"] for r in report["runtimes"].values()) == 0.0, report

@@ -23,7 +23,6 @@ from qat.export.ir import ActGrid, ConvertedModel, LayerDesc, keep_parameter_rea
 from qat.export.lowering import FLOAT, lower
 from qat.export.onnx.adaptive_pool import adaptive_avg_pool2d_unrolled
 from qat.export.onnx.lookup import runs_exactly
-from qat.export.onnx.resize import resize_matrices, separable_resize
 from qat.export.reference import float_forward, reference_forward
 from qat.quant.layers.functional import FunctionalOp
 from qat.quant.prepare import remove_input_quant_hook, set_module
@@ -334,13 +333,8 @@ class _OnnxFloatIsland(nn.Module):
         self.desc = desc
         self.module = desc.module
         self.pool_size = _unrolled_pool_size(desc)
-        shapes = desc.input_shapes
-        resize = getattr(desc.module, "act", None)
-        self.resize = resize_matrices(resize, shapes[0]) if len(shapes) == 1 else None
-        self.fusable = (
-            self.pool_size is None
-            and self.resize is None
-            and (_pooling(desc) or (desc.kind == "act" and runs_exactly(desc)))
+        self.fusable = self.pool_size is None and (
+            _pooling(desc) or (desc.kind == "act" and runs_exactly(desc))
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -367,9 +361,6 @@ class _OnnxFloatIsland(nn.Module):
                 )
         if self.pool_size is not None:
             y = adaptive_avg_pool2d_unrolled(args[0], self.pool_size)
-            y = torch.relu(y) if self.desc.relu else y
-        elif self.resize is not None:
-            y = separable_resize(args[0], *self.resize)
             y = torch.relu(y) if self.desc.relu else y
         else:
             y = float_forward(self.desc, *args, **kwargs)
