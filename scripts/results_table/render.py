@@ -41,7 +41,8 @@ def render(
         [
             "",
             "Rows with a config of their own for one model (configs/experiment/table/<model>/"
-            "<row>.yaml, a longer budget; the epochs × batches column shows it): "
+            "<row>.yaml: a longer budget, which the epochs × batches column shows, or for the "
+            "mixed rows the first conv's and classifier's weight ranges; each file says why): "
             f"{', '.join(f'{m} {r}' for m, r in own)}.",
         ]
         if own
