@@ -9,6 +9,7 @@ do.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -152,6 +153,14 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
     on_grid = bool((getattr(model, "qat_recipe", None) or {}).get("quantize_bias", False))
     snapped = []
     coarse: list[tuple[float, float, str]] = []  # (mean, max shift in output steps, layer)
+    # A bias several call sites share (CoaT's convs called on differently quantized tensors)
+    # can sit on one int32 grid only: it stays where it is, and each site's runtime numerics
+    # round it to its own grid, as the exporter writes it for that site.
+    sharers = Counter(
+        id(b)
+        for b in (getattr(model.get_submodule(n), "bias", None) for n in grids)
+        if isinstance(b, torch.Tensor)
+    )
     for name, grid in grids.items():
         mod = model.get_submodule(name)
         wq = mod.weight_quant
@@ -181,6 +190,9 @@ def snap_bias(model: nn.Module, example_input: Any) -> list[str]:
             bn.bias.copy_(target.to(f) - (conv_b - bn.running_mean) * f)
             # What the folded forward computes from it: on the grid to within one ulp.
             mod.runtime_bias = fold_bn_bias(mod.bias, bn).detach().clone()
+        elif sharers[id(mod.bias)] > 1:
+            mod.runtime_bias = mod.bias.detach().clone()
+            continue
         else:
             mod.bias.copy_(target.to(mod.bias))
             mod.runtime_bias = mod.bias.detach().clone()
