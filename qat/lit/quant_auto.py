@@ -133,7 +133,7 @@ def auto_options(quant: Any) -> AutoOptions | None:
         raise ConfigError(
             "quant=auto needs one budget, "
             + (f"got {len(given)} ({', '.join(given)})" if given else "got none")
-            + ": set quant.budget.size_mb=<MB of packed weights>, quant.budget.bops=<bit "
+            + ": set quant.budget.size_mb=<MB of packed weights and scales>, quant.budget.bops=<bit "
             "operations per sample>, quant.budget.latency_ms=<ms> with quant.budget.target=onnx "
             "or quant.budget.match=size (the preset's uniform model's)"
         )

@@ -227,7 +227,7 @@ def _mixed_rows(mixed: Mapping[str, Any], run_dir: Any) -> list[tuple[str, str]]
     if not mixed:
         return []
     units = {
-        "size": (1e6, "MB packed weights"),
+        "size": (1e6, "MB packed weights and scales"),
         "latency": (1.0, f"ms per sample on {mixed.get('target')}"),
     }
     scale, unit = units.get(mixed.get("cost"), (1.0, "BOPs per sample"))

@@ -188,7 +188,7 @@ def test_summary_survives_missing_parts(results: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "cost,budget,used,unit",
     [
-        ("size", 2e5, 1.5e5, "0.15 of 0.2 MB packed weights"),
+        ("size", 2e5, 1.5e5, "0.15 of 0.2 MB packed weights and scales"),
         ("bops", 3e9, 2e9, "2e+09 of 3e+09 BOPs per sample"),
         ("latency", 5.0, 0.1, "0.1 of 5 ms per sample on onnx"),
     ],
