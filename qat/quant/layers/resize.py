@@ -53,6 +53,14 @@ def _along(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, dim: int)
     return y
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, tuple | list):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
 class SeparableResize(nn.Module):
     """``op`` (a bilinear / bicubic ``F.interpolate`` call) along the columns, then the rows,
     with the taps of torch's kernel for each input size (computed once per size)."""
@@ -63,15 +71,26 @@ class SeparableResize(nn.Module):
         self._cache: dict[Any, tuple] = {}
 
     def _taps_for(self, h: int, w: int, rest: tuple) -> tuple:
+        rest = _plain(rest)  # an image size an exporter traced: its Python value
         key = (h, w, repr(rest))
         if key not in self._cache:
-            with torch.no_grad():
-                rows = torch.eye(h).reshape(h, 1, h, 1).expand(h, 1, h, w).contiguous()
-                cols = torch.eye(w).reshape(w, 1, 1, w).expand(w, 1, h, w).contiguous()
-                a_h = self.op(rows, *rest)[:, 0, :, 0].t()  # (H_out, H): row j's response
-                a_w = self.op(cols, *rest)[:, 0, 0, :].t()
-            self._cache[key] = (*_taps(a_h), *_taps(a_w))
+            # Constants of the traced graph, not ops in it (torch's exporter died on their
+            # slice writes): built with tracing off.
+            state = torch._C._get_tracing_state()
+            torch._C._set_tracing_state(None)
+            try:
+                self._cache[key] = self._build(h, w, rest)
+            finally:
+                torch._C._set_tracing_state(state)
         return self._cache[key]
+
+    @torch.no_grad()
+    def _build(self, h: int, w: int, rest: tuple) -> tuple:
+        rows = torch.eye(h).reshape(h, 1, h, 1).expand(h, 1, h, w).contiguous()
+        cols = torch.eye(w).reshape(w, 1, 1, w).expand(w, 1, h, w).contiguous()
+        a_h = self.op(rows, *rest)[:, 0, :, 0].t()  # (H_out, H): row j's response
+        a_w = self.op(cols, *rest)[:, 0, 0, :].t()
+        return (*_taps(a_h), *_taps(a_w))
 
     def forward(self, x: torch.Tensor, *rest: Any) -> torch.Tensor:
         if x.dim() != 4:
