@@ -39,7 +39,14 @@ from torch.utils.data import DataLoader
 from qat.lit.calibration import seeded_shuffle
 from qat.lit.config_recipe import container
 from qat.lit.errors import ConfigError
-from qat.lit.quant_auto_report import UNITS, auto_report, bits_table_lines, plot_sensitivity
+from qat.lit.quant_auto_report import (
+    UNITS,
+    auto_report,
+    bits_table_lines,
+    plain_override,
+    plot_sensitivity,
+    write_overrides,
+)
 from qat.lit.quant_latency import LATENCY_TARGETS, check_latency, latency_table
 from qat.quant.bit_allocation import SCALE_BYTES, Allocation, allocate_bits
 from qat.quant.prepare import prepare
@@ -336,12 +343,13 @@ def choose_bits(
         log.info("quant=auto: budget %s, the preset's uniform model's", _unit_value(opts, budget))
     assert opts.budget is not None
     alloc = allocate_bits(sens, opts.budget, opts.cost)
-    overrides = [_plain_override(o) for o in recipe.to_dict()["overrides"]]
+    overrides = [plain_override(o) for o in recipe.to_dict()["overrides"]]
     overrides += alloc.overrides()
     chosen = Recipe.from_dict({**recipe.to_dict(), "overrides": overrides})
     run_dir.mkdir(parents=True, exist_ok=True)
     how = f"{opts.method} on {opts.batches} batches"
-    _write_overrides(run_dir / OVERRIDES_FILE, overrides, opts, alloc, how)
+    spelled = _unit_value(opts, opts.budget), _unit_value(opts, alloc.total)
+    write_overrides(run_dir / OVERRIDES_FILE, overrides, *spelled, how)
     (run_dir / SENSITIVITY_FILE).write_text(json.dumps(sens.to_dict(), indent=1) + "\n")
     report = auto_report(sens, alloc, opts)
     try:
@@ -386,11 +394,12 @@ def _choose_for_latency(
         predicted_loss_delta=0.0,
         activation={n: len(q) > 1 for n, q in units.items()},
     )
-    overrides = [_plain_override(o) for o in recipe.to_dict()["overrides"]] + alloc.overrides()
+    overrides = [plain_override(o) for o in recipe.to_dict()["overrides"]] + alloc.overrides()
     chosen = Recipe.from_dict({**recipe.to_dict(), "overrides": overrides})
     run_dir.mkdir(parents=True, exist_ok=True)
     how = f"timed on {opts.target}, 1 image, {opts.threads} thread(s)"
-    _write_overrides(run_dir / OVERRIDES_FILE, overrides, opts, alloc, how)
+    spelled = _unit_value(opts, opts.budget), _unit_value(opts, alloc.total)
+    write_overrides(run_dir / OVERRIDES_FILE, overrides, *spelled, how)
     measured = {
         "target": opts.target,
         "threads": opts.threads,
@@ -430,26 +439,3 @@ def _choose_for_latency(
     for line in bits_table_lines(report):
         log.info("%s", line)
     return chosen, report
-
-
-def _plain_override(ov: Mapping[str, Any]) -> dict[str, Any]:
-    """A recipe override as a user writes it (no null fields)."""
-    out: dict[str, Any] = {"pattern": ov["pattern"]}
-    for key in ("weight", "activation"):
-        if ov.get(key):
-            out[key] = dict(ov[key])
-    if ov.get("skip"):
-        out["skip"] = True
-    return out
-
-
-def _write_overrides(
-    path: Path, overrides: list[dict[str, Any]], opts: AutoOptions, alloc: Allocation, how: str
-) -> None:
-    head = (
-        f"# Chosen by quant=auto under quant.budget.{_unit_value(opts, opts.budget)} "
-        f"(uses {_unit_value(opts, alloc.total)}; {how}).\n"
-        "# The run's whole quant.overrides: the preset's, then one entry per layer. Paste it\n"
-        "# under `overrides:` in a quant preset (or edit it) to train with these widths.\n"
-    )
-    path.write_text(head + yaml.safe_dump({"overrides": overrides}, sort_keys=False))

@@ -7,10 +7,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from qat.quant.bit_allocation import Allocation, layer_cost
 from qat.quant.sensitivity import Sensitivity
 
-__all__ = ["UNITS", "auto_report", "bits_table_lines", "plot_sensitivity"]
+__all__ = [
+    "UNITS",
+    "auto_report",
+    "bits_table_lines",
+    "plain_override",
+    "plot_sensitivity",
+    "write_overrides",
+]
 
 #: Each cost's budget key and the factor from that key's unit to the cost's own.
 UNITS = {"size": ("size_mb", 1e6), "bops": ("bops", 1.0), "latency": ("latency_ms", 1.0)}
@@ -86,3 +95,27 @@ def plot_sensitivity(sens: Sensitivity, alloc: Allocation, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plain_override(ov: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe override as a user writes it (no null fields)."""
+    out: dict[str, Any] = {"pattern": ov["pattern"]}
+    for key in ("weight", "activation"):
+        if ov.get(key):
+            out[key] = dict(ov[key])
+    if ov.get("skip"):
+        out["skip"] = True
+    return out
+
+
+def write_overrides(
+    path: Path, overrides: list[dict[str, Any]], budget: str, used: str, how: str
+) -> None:
+    """The run's whole ``quant.overrides`` as a YAML file a user can paste into a preset;
+    ``budget`` / ``used``: the budget and its use as the user's key spells them."""
+    head = (
+        f"# Chosen by quant=auto under quant.budget.{budget} (uses {used}; {how}).\n"
+        "# The run's whole quant.overrides: the preset's, then one entry per layer. Paste it\n"
+        "# under `overrides:` in a quant preset (or edit it) to train with these widths.\n"
+    )
+    path.write_text(head + yaml.safe_dump({"overrides": overrides}, sort_keys=False))

@@ -31,6 +31,7 @@ from typing import Any
 from torch import fx, nn
 
 from qat.ops import Add, Cat
+from qat.quant.graph_fuse import fuse_layers
 from qat.quant.graph_ops import (
     ADD_FUNCTIONS,
     ADD_METHODS,
@@ -201,51 +202,7 @@ class _Rewriter:
     # ------------------------------------------------------------------ passes
     def fuse(self) -> None:
         """Conv → BN (→ ReLU), conv / linear → ReLU, wherever the modules live."""
-        calls: dict[str, int] = {}
-        for node in self.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        for node in list(self.graph.nodes):
-            head = self.module(node)
-            if type(head) not in (nn.Conv2d, nn.Linear) or calls[node.target] > 1:
-                continue
-            if node not in self.live:
-                continue  # computed from constants alone: stays float (see swap())
-            chain, bn = [node], None
-            user = only_user(node)
-            if (
-                type(head) is nn.Conv2d
-                and self.recipe.fuse_bn
-                and user is not None
-                and type(self.module(user)) is nn.BatchNorm2d
-                and calls[user.target] == 1
-                and self.module(user).track_running_stats
-            ):
-                bn = self.module(user)
-                chain.append(user)
-                user = only_user(user)
-            relu = user is not None and self.is_relu(user)
-            if relu:
-                chain.append(user)
-            if len(chain) == 1:
-                continue
-            weight, activation, skip = self.specs(node.target)
-            if skip:
-                parts = [head] + ([bn] if bn is not None else []) + ([nn.ReLU()] if relu else [])
-                new: nn.Module = FloatLayer(nn.Sequential(*parts), activation)
-            elif bn is not None:
-                new = QConvBn2d.from_float(head, bn, weight, activation, relu=relu)
-            else:
-                qcls = QConv2d if isinstance(head, nn.Conv2d) else QLinear
-                new = qcls.from_float(head, weight, activation, relu=relu)
-            self._set(node.target, new)
-            chain[-1].replace_all_uses_with(node)
-            for member in reversed(chain[1:]):
-                if member.op == "call_module" and calls[member.target] == 1:
-                    # As a module swap does: the tree (and the state_dict) keeps its names.
-                    self._set(member.target, nn.Identity())
-                self.graph.erase_node(member)
-            self.new[node] = node.target
+        fuse_layers(self)
 
     def swap(self) -> None:
         """Quantize every remaining op (see the module docstring, step 2)."""

@@ -22,11 +22,9 @@ candidate, so each unit is measured alone against the model at full width. With
 its ten 2-bit residual adds alone took the "everything at 8 bits" reference from 91% to 63%
 top-1, and every unit's cost was then measured on a model already 28 points down.
 
-Candidates are bit widths (``4``: the layer keeps its preset's granularity) or bit widths with
-a weight group size, ``"4g32"`` (one scale per 32 inputs of a row; ``"4g0"``: one per row,
-per channel), for 2-D (linear) weights: a language model's layers can then also choose
-between 4 bits in groups of 32, of 128, per channel, and 8 bits. A grouped candidate replaces
-the unit's weight quantizer by one on that grid while it is measured.
+Candidates are bit widths, or bit widths with a weight group size for linear weights
+(:mod:`qat.quant.candidates`); a grouped candidate replaces the unit's weight quantizer by one
+on that grid while it is measured.
 
 Each unit also records its weight count, its number of weight scales at each candidate, and its
 multiply-accumulates per sample (from one forward), which :mod:`qat.quant.bit_allocation`
@@ -37,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,10 +44,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.quant.calibrate import _default_forward, _model_device, _to_device, calibrate
+from qat.quant.candidates import (
+    Candidate,
+    candidate_key,
+    check_candidates,
+    check_groups,
+    grouped_quantizer,
+    parse_candidate,
+    precision_rank,
+    scale_count,
+)
 from qat.quant.control import is_prepared
-from qat.quant.layers.base import weight_quantizer
+from qat.quant.layer_macs import layer_macs
 from qat.quant.quantizer import FakeQuantizer
-from qat.quant.spec import GROUP_SIZES, QUANT_BITS
 
 __all__ = [
     "CONTEXTS",
@@ -72,9 +78,6 @@ METHODS = ("measure", "fisher")
 CONTEXTS = ("top", "preset")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-#: A width a unit may take: bits (``4``), or bits and a weight group size (``"4g32"``).
-Candidate = int | str
-_GROUPED = re.compile(r"^([2-8])g(\d+)$")
 
 
 @dataclass
@@ -119,14 +122,16 @@ class Sensitivity:
                 weights=int(row["weights"]),
                 macs=int(row["macs"]),
                 activation=bool(row["activation"]),
-                loss_delta={_key(k): float(v) for k, v in row["loss_delta"].items()},
-                acc_delta={_key(k): float(v) for k, v in (row.get("acc_delta") or {}).items()},
-                scales={_key(k): int(v) for k, v in (row.get("scales") or {}).items()},
+                loss_delta={candidate_key(k): float(v) for k, v in row["loss_delta"].items()},
+                acc_delta={
+                    candidate_key(k): float(v) for k, v in (row.get("acc_delta") or {}).items()
+                },
+                scales={candidate_key(k): int(v) for k, v in (row.get("scales") or {}).items()},
             )
             for row in data["layers"]
         ]
         return cls(
-            candidates=tuple(_key(b) for b in data["candidates"]),
+            candidates=tuple(candidate_key(b) for b in data["candidates"]),
             method=str(data["method"]),
             batches=int(data["batches"]),
             reference_loss=float(data["reference_loss"]),
@@ -153,111 +158,6 @@ def quant_units(model: nn.Module) -> dict[str, list[FakeQuantizer]]:
             quants.append(oq)
         units[name] = quants
     return units
-
-
-def _key(c: Any) -> Candidate:
-    """A candidate as JSON keys spell it (``"4"``, ``"4g32"``) → its own form (4, "4g32")."""
-    return int(c) if isinstance(c, str) and c.isdigit() else c
-
-
-def parse_candidate(c: Candidate) -> tuple[int, int | None]:
-    """``(bits, group size)`` of a candidate; the group is None for plain bits (the layer's
-    preset granularity), 0 for per channel."""
-    if isinstance(c, int) and not isinstance(c, bool):
-        return c, None
-    m = _GROUPED.match(str(c))
-    if not m:
-        raise ValueError(f"candidate {c!r} is invalid: write bits (4) or bits g group ('4g32')")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _rank(c: Candidate) -> tuple[int, float]:
-    """Order of precision: bits first, then finer groups (a plain width is the coarsest)."""
-    bits, group = parse_candidate(c)
-    return bits, (-1.0 if group is None else (0.0 if group == 0 else 1.0 / group))
-
-
-def check_candidates(candidates: Sequence[Any]) -> tuple[Candidate, ...]:
-    """The candidates, validated, deduplicated and sorted from the least precise to the most.
-
-    Raises:
-        ValueError: fewer than two, a width outside 2–8, a group size not in GROUP_SIZES.
-    """
-    fail = ValueError(
-        f"candidates={list(candidates)} is invalid: give two or more widths from "
-        f"{', '.join(map(str, QUANT_BITS))}, each optionally with a weight group size from "
-        f"{', '.join(map(str, GROUP_SIZES))} ('4g32'; 'g0': per channel), e.g. [2, 4, 8] or "
-        "['4g32', '4g128', '4g0', '8g0']"
-    )
-    cands: list[Candidate] = []
-    for c in candidates:
-        c = _key(c.strip().lower()) if isinstance(c, str) else c
-        try:
-            bits, group = parse_candidate(c)
-        except ValueError:
-            raise fail from None
-        if bits not in QUANT_BITS or (group is not None and group not in GROUP_SIZES):
-            raise fail
-        cands.append(c)
-    unique = sorted(set(cands), key=_rank)
-    if len(unique) < 2:
-        raise fail
-    return tuple(unique)
-
-
-def _weight_axis(q: FakeQuantizer) -> int:
-    """The channel (output) axis of the weight ``q`` quantizes."""
-    return 1 - q.group_axis if q.spec.group_size else q.axis
-
-
-def scale_count(q: FakeQuantizer, weight: torch.Tensor, group: int | None) -> int:
-    """Weight scales of a layer at a candidate's ``group`` (None: as ``q`` is prepared)."""
-    if group is None:
-        return int(q.scale.numel())
-    if group == 0:
-        return int(weight.shape[_weight_axis(q)])
-    return int(weight.numel() // group)
-
-
-def check_groups(
-    model: nn.Module, units: Mapping[str, list[FakeQuantizer]], candidates: Sequence[Candidate]
-) -> None:
-    """Refuse a grouped candidate a unit cannot take (before any measurement).
-
-    Raises:
-        ValueError: a unit whose weight is not 2-D or not per channel, or whose input size the
-            candidate's group size does not divide; the message names both.
-    """
-    for c in candidates:
-        group = parse_candidate(c)[1]
-        if group is None:
-            continue
-        for name, quants in units.items():
-            weight = model.get_submodule(name).weight
-            q = quants[0]
-            if weight.dim() != 2 or not q.spec.per_channel:
-                raise ValueError(
-                    f"candidate '{c}': layer '{name}' (weight {tuple(weight.shape)}"
-                    f"{'' if q.spec.per_channel else ', per tensor'}) takes no weight groups: "
-                    "groups apply to per-channel linear weights; use plain widths for this model"
-                )
-            inputs = int(weight.shape[1 - _weight_axis(q)])
-            if group and inputs % group:
-                raise ValueError(
-                    f"candidate '{c}': group size {group} does not divide the input size "
-                    f"{inputs} of layer '{name}': use a group size that divides every layer's "
-                    "input size"
-                )
-
-
-def _grouped(q: FakeQuantizer, weight: torch.Tensor, bits: int, group: int) -> FakeQuantizer:
-    """A weight quantizer like ``q`` at ``bits`` with one scale per ``group`` inputs."""
-    axis = _weight_axis(q)
-    spec = q.spec.replace(bits=bits, group_size=group)
-    new = weight_quantizer(spec, int(weight.shape[axis]), axis=axis, shape=tuple(weight.shape))
-    new.name = q.name
-    new.enable_observer(q.observer_enabled).enable_fake_quant(q.fake_quant_enabled)
-    return new.to(weight.device).train(q.training)
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -303,32 +203,6 @@ class _Recorder:
             self.correct += float((logits.argmax(1) == target).sum())
             self.count += int(target.numel())
         return loss
-
-
-def layer_macs(
-    model: nn.Module, names: Sequence[str], batch: Any, forward_fn: Any
-) -> dict[str, int]:
-    """Multiply-accumulates per sample of each named layer, from one forward of ``batch``:
-    weight elements × output positions (conv: output pixels; linear: tokens)."""
-    macs: dict[str, int] = {}
-    hooks = []
-    for name in names:
-        module = model.get_submodule(name)
-
-        def hook(mod: nn.Module, _inp: Any, out: Any, name: str = name) -> None:
-            if isinstance(out, torch.Tensor) and out.dim() >= 1:
-                per_sample = out[0].numel() if out.dim() > 1 else out.numel()
-                channels = max(int(mod.weight.shape[0]), 1)
-                macs[name] = int(mod.weight.numel() * max(per_sample // channels, 1))
-
-        hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            (forward_fn or _default_forward)(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return macs
 
 
 def _raise_others(
@@ -391,7 +265,7 @@ def _states_at(
     for name, quants in units.items():
         weight = model.get_submodule(name).weight
         base = preset[name]
-        wq = copy.deepcopy(base) if group is None else _grouped(base, weight, bits, group)
+        wq = copy.deepcopy(base) if group is None else grouped_quantizer(base, weight, bits, group)
         _swap_weight_quant(model, quants[0], wq)
         quants[0] = wq
         for q in quants:
@@ -469,7 +343,7 @@ def sensitivity(
     check_groups(work, units, cands)
     macs = layer_macs(work, list(units), batches[0], forward_fn)
     if context == "top":
-        _raise_others(work, units, _rank(cands[-1])[0])
+        _raise_others(work, units, precision_rank(cands[-1])[0])
     preset = {name: quants[0] for name, quants in units.items()}
     states = {c: _states_at(work, units, preset, c, batches, forward_fn) for c in cands}
     top = cands[-1]
@@ -544,7 +418,7 @@ def _fisher(
         for p, r in grads.items():
             p.requires_grad_(r)
         model.zero_grad(set_to_none=True)
-    top = max(states, key=_rank)
+    top = max(states, key=precision_rank)
     out: dict[str, dict[Candidate, float]] = {}
     for name in units:
         w, fisher = seen[name], sq.get(name)

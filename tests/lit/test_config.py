@@ -108,7 +108,7 @@ def test_resnet_int4_keeps_first_and_last_layer_at_8_bits(
 @pytest.mark.parametrize("preset", QUANT_PRESETS)
 def test_quant_presets_build_recipes(preset: str, tmp_path: Path) -> None:
     # The language-model presets (dynamic / weight-only) with the LM experiment's task and data.
-    lm = ["+experiment=gpt_float"] if preset.startswith("lm_") else []
+    lm = ["+experiment=gpt_float"] if preset.startswith("lm_") or preset == "auto_lm" else []
     if preset.startswith(("lm_q4_k", "lm_q6_k")):  # k-quant blocks of 256: a d_model they fit
         lm.append("model.d_model=256")
     if preset == "lm_q4_k_m":  # its overrides name Llama modules (tests/export/test_gguf_*)

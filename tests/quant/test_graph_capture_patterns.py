@@ -26,6 +26,15 @@ def _exports_with_full_agreement(q: nn.Module, x: torch.Tensor, tmp_path: Path) 
     return report
 
 
+def _calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model`` captured as a graph (no module-swap fallback), calibrated on ``x``, in eval."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the module swap
+        q = qat.prepare(model.eval(), example_inputs=x, capture="graph")
+    qat.calibrate(q, [x])
+    return q.eval()
+
+
 class _StarShape(nn.Module):
     """``y.reshape(*y.shape[:2], -1)``: Python asks the length of the shape it unpacks."""
 
@@ -187,9 +196,7 @@ class _ShiftedWindows(nn.Module):
 def test_a_rolled_activation_exports_on_its_grid(tmp_path) -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 3, 4, 4)
-    q = qat.prepare(_ShiftedWindows().eval(), example_inputs=x, capture="graph")
-    qat.calibrate(q, [x])
-    q.eval()
+    q = _calibrated(_ShiftedWindows(), x)
     report = _exports_with_full_agreement(q, x, tmp_path)
     assert report["runtimes"]["torchscript"]["max_abs_diff"] == 0.0  # refused roll before
 
@@ -315,13 +322,9 @@ class _RowLSTM(nn.Module):
 def test_a_module_returning_a_tuple_runs_as_a_float_island(tmp_path) -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 4, 3, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback to the module swap
-        q = qat.prepare(_RowLSTM().eval(), example_inputs=x, capture="graph")
+    q = _calibrated(_RowLSTM(), x)
     rnn = q.get_submodule("rnn")
     assert isinstance(rnn, qat.quant.layers.QAct) and not rnn.output_quant.enabled
-    qat.calibrate(q, [x])
-    q.eval()
     _exports_with_full_agreement(q, x, tmp_path)  # TorchScript's LSTM reads a float input
 
 
@@ -347,9 +350,7 @@ def test_fold_exports_at_the_opset_it_needs(tmp_path) -> None:
 
     torch.manual_seed(0)
     x = torch.randn(8, 3, 5, 5)
-    q = qat.prepare(_FoldBack().eval(), example_inputs=x, capture="graph")
-    qat.calibrate(q, [x])
-    q.eval()
+    q = _calibrated(_FoldBack(), x)
     _exports_with_full_agreement(q, x, tmp_path)
     (path,) = tmp_path.glob("*.onnx")
     proto = onnx.load(path)
@@ -379,9 +380,7 @@ class _PositionBiasMLP(nn.Module):
 def test_a_layer_of_constants_alone_stays_float(tmp_path) -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 4, 3, 3)
-    q = qat.prepare(_PositionBiasMLP().eval(), example_inputs=x, capture="graph")
+    q = _calibrated(_PositionBiasMLP(), x)
     assert type(q.get_submodule("cpb_mlp.0")) is nn.Linear  # not fused with its ReLU either
     assert type(q.get_submodule("cpb_mlp.2")) is nn.Linear
-    qat.calibrate(q, [x])
-    q.eval()
     _exports_with_full_agreement(q, x, tmp_path)  # TorchScript: float MLP on float constants
