@@ -194,3 +194,24 @@ class NaNBatchOnRank(Callback):
     ) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             batch[0].fill_(float("nan"))
+
+
+def refused_in_one_line(overrides: Sequence[str], run_dir: Path | str) -> str:
+    """``python train.py <overrides>`` in a fresh process, which must exit 2 with exactly one
+    ``invalid config`` line and no traceback: that line."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(repo / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "invalid config" in line]
+    assert len(errors) == 1, errors
+    return errors[0]
