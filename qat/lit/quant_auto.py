@@ -48,7 +48,7 @@ from qat.lit.quant_auto_report import (
     write_overrides,
 )
 from qat.lit.quant_latency import LATENCY_TARGETS, check_latency, latency_table
-from qat.quant.bit_allocation import SCALE_BYTES, Allocation, allocate_bits
+from qat.quant.bit_allocation import Allocation, allocate_bits, packed_bytes
 from qat.quant.prepare import prepare
 from qat.quant.sensitivity import (
     CONTEXTS,
@@ -224,8 +224,7 @@ def preset_cost(qmodel: nn.Module, cost: str, example: Any) -> float:
     units = quant_units(qmodel)
     if cost == "size":
         return sum(
-            qmodel.get_submodule(n).weight.numel() * q[0].bits / 8.0
-            + SCALE_BYTES * q[0].scale.numel()
+            packed_bytes(qmodel.get_submodule(n).weight.numel(), q[0].bits, q[0].scale.numel())
             for n, q in units.items()
         )
     macs = _macs(qmodel, list(units), example)
@@ -284,7 +283,7 @@ def check_budget(opts: AutoOptions, qmodel: nn.Module, example: torch.Tensor | N
 def _size(weight: torch.Tensor, wq: Any, cand: Candidate) -> float:
     """Bytes of a layer's packed weights and scales at ``cand`` (qat.allocate_bits' rule)."""
     bits, group = parse_candidate(cand)
-    return weight.numel() * bits / 8.0 + SCALE_BYTES * scale_count(wq, weight, group)
+    return packed_bytes(weight.numel(), bits, scale_count(wq, weight, group))
 
 
 def saved_recipe(run_dir: Path, recipe: Recipe) -> Recipe | None:

@@ -33,18 +33,31 @@ import numpy as np
 
 from qat.quant.sensitivity import Candidate, LayerSensitivity, Sensitivity, parse_candidate
 
-__all__ = ["COSTS", "SCALE_BYTES", "Allocation", "allocate_bits", "layer_cost", "model_cost"]
+__all__ = [
+    "COSTS",
+    "SCALE_BYTES",
+    "Allocation",
+    "allocate_bits",
+    "layer_cost",
+    "model_cost",
+    "packed_bytes",
+]
 
 COSTS = ("size", "bops")
 #: Bytes a weight scale takes in the size cost (float32, as the exported files store them).
 SCALE_BYTES = 4
 
 
+def packed_bytes(weights: int, bits: int, scales: int) -> float:
+    """The ``size`` cost: ``weights`` packed at ``bits`` and ``scales`` float32 scales."""
+    return weights * bits / 8.0 + SCALE_BYTES * scales
+
+
 def layer_cost(layer: LayerSensitivity, cand: Candidate, cost: str) -> float:
     """``layer``'s cost at a candidate: bytes (``size``) or bit operations (``bops``)."""
     bits = parse_candidate(cand)[0]
     if cost == "size":
-        return layer.weights * bits / 8.0 + SCALE_BYTES * layer.scales.get(cand, 0)
+        return packed_bytes(layer.weights, bits, layer.scales.get(cand, 0))
     if cost == "bops":
         return float(layer.macs) * bits * bits
     raise ValueError(f"cost={cost!r} is invalid: allowed: {', '.join(COSTS)}")

@@ -115,9 +115,11 @@ def replace_computed_conv(node: fx.Node, owner: str, x: fx.Node) -> fx.Node:
     dead = [a for a in node.all_input_nodes if a is not x]
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    erased: set[fx.Node] = set()
     while dead:
         n = dead.pop()
-        if not n.users and n in graph.nodes:
+        if not n.users and n not in erased:
             dead.extend(n.all_input_nodes)
             graph.erase_node(n)
+            erased.add(n)
     return new

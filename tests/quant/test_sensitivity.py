@@ -43,6 +43,14 @@ def _prepared(overrides: list[dict] | None = None) -> nn.Module:
     return qat.prepare(_net(), qat.Recipe.from_dict(recipe), example_inputs=torch.randn(2, 1, 8, 8))
 
 
+def _calibrated_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The cross-entropy of ``model`` on ``(x, y)``, calibrated on ``x``: the loss a
+    measurement compares with, computed by hand."""
+    qat.calibrate(model, [x])
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
 @pytest.mark.parametrize("context", ["top", "preset"])
 def test_measure_is_the_loss_of_that_layer_alone_at_that_width(context: str) -> None:
     model = _prepared()
@@ -75,10 +83,7 @@ def test_measure_is_the_loss_of_that_layer_alone_at_that_width(context: str) -> 
         m = qat.prepare(
             _net(), qat.Recipe.from_dict(recipe), example_inputs=torch.randn(2, 1, 8, 8)
         )
-        m.eval()
-        qat.calibrate(m, [x])
-        with torch.no_grad():
-            return float(F.cross_entropy(m(x), y))
+        return _calibrated_loss(m.eval(), x, y)
 
     ref = loss_with(None)
     assert sens.reference_loss == pytest.approx(ref, abs=1e-6)
@@ -143,10 +148,7 @@ def test_grouped_candidates_measure_that_grid_and_count_its_scales() -> None:
             every.append({"pattern": layer, "weight": {"bits": bits, "group_size": group}})
             if layer == "0":
                 every.append({"pattern": layer, "activation": {"bits": bits}})
-        m = _mlp_prepared(every).eval()
-        qat.calibrate(m, [x])
-        with torch.no_grad():
-            return float(F.cross_entropy(m(x), y))
+        return _calibrated_loss(_mlp_prepared(every).eval(), x, y)
 
     ref = loss_with(None)
     assert sens.reference_loss == pytest.approx(ref, abs=1e-6)
