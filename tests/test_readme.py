@@ -25,6 +25,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from lit_helpers import CONFIG_DIR, REPO, compose_train
 
 README = REPO / "README.md"
+#: The README's Python example lives on its own page; the checks read both.
+PYTHON_API = REPO / "docs" / "python_api.md"
 RESULTS = REPO / "docs" / "results.md"
 
 #: Keys whose README value may be a placeholder (``<run>``, ``<float ckpt>``): paths the
@@ -38,7 +40,7 @@ YOUR_MODEL = "model._target_=zoo.resnet_basic"
 
 
 def _text() -> str:
-    return README.read_text()
+    return README.read_text() + "\n" + PYTHON_API.read_text()
 
 
 def code_blocks(lang: str) -> list[str]:
